@@ -1,0 +1,225 @@
+"""Handler settings: argument, then environment variable, then default, validated up front.
+
+Everything here runs in the handler's constructor, so a bad setting raises
+:class:`~cio_logging.errors.ConfigurationError` while ``dictConfig`` runs, never at
+the first event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError
+
+ENV_SITE_ID = "CUSTOMERIO_SITE_ID"
+ENV_API_KEY = "CUSTOMERIO_API_KEY"
+ENV_REGION = "CUSTOMERIO_REGION"
+ENV_QUEUE_DIR = "CIO_LOGGING_QUEUE_DIR"
+ENV_TRACK_URL = "CIO_LOGGING_TRACK_URL"
+ENV_CA_BUNDLE = "CIO_LOGGING_CA_BUNDLE"
+
+TRACK_HOSTS = {"us": "track.customer.io", "eu": "track-eu.customer.io"}
+
+# Tunables that may be passed as keyword options (dictConfig passes every unknown
+# handler key as a keyword). name -> (default, minimum, maximum).
+_NUMERIC_OPTIONS: dict[str, tuple[float, float, float]] = {
+    # How long flush() waits for the queue to empty.
+    "flush_timeout": (10.0, 0.0, 3600.0),
+    # How long close() waits for an in-flight request before leaving it to the WAL.
+    "close_timeout": (5.0, 0.0, 600.0),
+    # The reference design's call timeout: one HTTP request to Customer.io.
+    "request_timeout": (5.0, 0.1, 300.0),
+    # How often the worker looks at the queue when nothing wakes it (other processes'
+    # events, retries that came due).
+    "flush_interval": (1.0, 0.01, 60.0),
+    # Events per v2 batch request; the 500 KB request limit applies as well.
+    "batch_size": (500, 1, 10_000),
+    # Longest wait between two attempts while Customer.io is failing.
+    "max_backoff": (60.0, 0.01, 3600.0),
+}
+_BOOLEAN_OPTIONS: dict[str, bool] = {
+    # fsync every commit (SQLite synchronous=FULL): survives power loss, costs ~4x per
+    # write. Without it a committed event survives any process crash, not an OS crash.
+    "fsync": False,
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the Track API lives: ``https://host[:port]`` (the SDK builds the paths)."""
+
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"https://{self.host}" if self.port == 443 else f"https://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated handler settings. The API key never appears in the repr."""
+
+    site_id: str
+    api_key: str = field(repr=False)
+    region: str
+    endpoint: Endpoint
+    queue_dir: Path
+    ca_bundle: Path | None
+    flush_timeout: float
+    close_timeout: float
+    request_timeout: float
+    flush_interval: float
+    batch_size: int
+    max_backoff: float
+    fsync: bool
+
+
+def resolve_settings(
+    site_id: str | None,
+    api_key: str | None,
+    *,
+    region: str | None,
+    queue_dir: str | os.PathLike[str] | None,
+    track_url: str | None,
+    ca_bundle: str | os.PathLike[str] | None,
+    options: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from the constructor's arguments and the environment.
+
+    Raises:
+        ConfigurationError: a credential is missing, or a value is out of range or of
+            the wrong type, or an option is unknown.
+    """
+    env = os.environ if environ is None else environ
+    unknown = sorted(set(options) - set(_NUMERIC_OPTIONS) - set(_BOOLEAN_OPTIONS))
+    if unknown:
+        known = ", ".join(sorted([*_NUMERIC_OPTIONS, *_BOOLEAN_OPTIONS]))
+        raise ConfigurationError(f"unknown option(s) {', '.join(unknown)}; known: {known}")
+
+    site = _credential("site_id", site_id, env.get(ENV_SITE_ID), ENV_SITE_ID)
+    key = _credential("api_key", api_key, env.get(ENV_API_KEY), ENV_API_KEY)
+    region_name = _region(region if region is not None else env.get(ENV_REGION, "us"))
+    endpoint = _endpoint(track_url or env.get(ENV_TRACK_URL) or None, region_name)
+    bundle = _ca_bundle(ca_bundle if ca_bundle is not None else env.get(ENV_CA_BUNDLE) or None)
+    chosen_dir = queue_dir if queue_dir is not None else env.get(ENV_QUEUE_DIR) or None
+    directory = (
+        Path(chosen_dir).expanduser() if chosen_dir else default_queue_dir(site, endpoint, env)
+    )
+
+    numbers = {name: _number(name, options.get(name, spec[0]), spec) for name, spec in
+               _NUMERIC_OPTIONS.items()}
+    flags = {name: _boolean(name, options.get(name, default)) for name, default in
+             _BOOLEAN_OPTIONS.items()}
+    return Settings(
+        site_id=site,
+        api_key=key,
+        region=region_name,
+        endpoint=endpoint,
+        queue_dir=directory,
+        ca_bundle=bundle,
+        flush_timeout=numbers["flush_timeout"],
+        close_timeout=numbers["close_timeout"],
+        request_timeout=numbers["request_timeout"],
+        flush_interval=numbers["flush_interval"],
+        batch_size=int(numbers["batch_size"]),
+        max_backoff=numbers["max_backoff"],
+        fsync=flags["fsync"],
+    )
+
+
+def default_queue_dir(site_id: str, endpoint: Endpoint, environ: Mapping[str, str]) -> Path:
+    """A persistent per-user directory, one per workspace and endpoint.
+
+    Never a temporary directory: the queue must outlive the process and a reboot.
+    Keyed by site id and endpoint so that two applications sending to different
+    workspaces (or a demo against the simulator) never deliver each other's events
+    with the wrong credentials.
+    """
+    state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    digest = hashlib.sha256(f"{site_id}\0{endpoint.base_url}".encode()).hexdigest()[:16]
+    return Path(state_home) / "cio_logging" / digest
+
+
+def _credential(name: str, given: str | None, from_env: str | None, env_name: str) -> str:
+    value = given if given is not None else from_env
+    if value is None or not str(value).strip():
+        raise ConfigurationError(f"{name} is missing: pass {name}= or set {env_name}")
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a string, not {type(value).__name__}")
+    return value.strip()
+
+
+def _region(value: object) -> str:
+    region = str(value).strip().lower()
+    if region not in TRACK_HOSTS:
+        raise ConfigurationError(f"region must be 'us' or 'eu', not {value!r}")
+    return region
+
+
+_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.\-]+$|^\[[0-9A-Fa-f:.]+\]$")
+
+
+def _endpoint(track_url: str | None, region: str) -> Endpoint:
+    if track_url is None:
+        return Endpoint(TRACK_HOSTS[region], 443)
+    if not isinstance(track_url, str):
+        raise ConfigurationError(f"track_url must be a string, not {type(track_url).__name__}")
+    parts = urlsplit(track_url.strip())
+    if parts.scheme != "https":
+        # The SDK always speaks https; saying so here beats a confusing TLS error later.
+        raise ConfigurationError(f"track_url must start with https://, got {track_url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # The SDK builds /api/v1 and /api/v2 itself and ignores any prefix for batches.
+        raise ConfigurationError(f"track_url takes a scheme, host and port only, not a path: "
+                                 f"{track_url!r}")
+    if parts.username or parts.password:
+        raise ConfigurationError("track_url must not carry credentials; use site_id/api_key")
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise ConfigurationError(f"track_url has an invalid port: {track_url!r}") from exc
+    host = parts.hostname or ""
+    if not host or not _HOST_PATTERN.match(host if ":" not in host else f"[{host}]"):
+        raise ConfigurationError(f"track_url has no valid host: {track_url!r}")
+    return Endpoint(host if ":" not in host else f"[{host}]", port)
+
+
+def _ca_bundle(value: str | os.PathLike[str] | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigurationError(f"ca_bundle {str(path)!r} does not exist")
+    return path
+
+
+def _number(name: str, value: object, spec: tuple[float, float, float]) -> float:
+    _, low, high = spec
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be a number, not a boolean")
+    try:
+        number = float(value)  # type: ignore[arg-type]  # dictConfig may hand us "2.5"
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name} must be a number, not {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigurationError(f"{name} must be between {low:g} and {high:g}, not {value!r}")
+    return number
+
+
+def _boolean(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "1", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"false", "0", "no", "off"}:
+        return False
+    raise ConfigurationError(f"{name} must be true or false, not {value!r}")

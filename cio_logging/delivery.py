@@ -1,0 +1,339 @@
+"""Sending events to the Track API: the only module that touches the customerio SDK.
+
+Every request goes through the SDK (``CustomerIO.batch``, ``track``,
+``track_anonymous``), with three changes to the session it builds:
+
+* no urllib3 retries: the SDK's default retries a POST three times inside one call
+  and sleeps on Retry-After for up to six hours; the worker owns the one retry policy;
+* a CA bundle given in the settings wins over ``REQUESTS_CA_BUNDLE`` from the
+  environment (requests would otherwise let the environment override it);
+* a response hook keeps the last response, because ``CustomerIOException`` carries no
+  status code and its text holds the request data (personal data). That text is never
+  logged: failures are described from the status, the response body and the
+  exception's type.
+
+Routing: identified events go in v2 ``/api/v2/batch`` requests (at most 500 KB a
+request, 32 KB an item, 207 answers read item by item); anonymous events, which v2
+batches cannot carry, and items over 32 KB go one by one through v1.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import requests
+from customerio import CustomerIO, CustomerIOException
+from requests.adapters import HTTPAdapter
+
+from .config import Settings
+from .wal import QueuedEvent
+
+MAX_BATCH_BYTES = 500 * 1024
+MAX_ITEM_BYTES = 32 * 1024
+# Headroom for the {"batch":[...]} wrapper and the SDK's own serialisation.
+_BATCH_BUDGET = MAX_BATCH_BYTES - 4 * 1024
+# Answers that mean the payload is at fault: retrying the same bytes cannot succeed.
+PAYLOAD_STATUSES = frozenset({400, 413, 422})
+# Longest Retry-After we honour; beyond it the worker's own backoff decides.
+MAX_RETRY_AFTER_SECONDS = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a request failed, in words that are safe to log: no request data, no keys."""
+
+    status: int | None
+    error_type: str
+    message: str
+    retry_after: float | None = None
+
+    @property
+    def is_payload_error(self) -> bool:
+        return self.status in PAYLOAD_STATUSES or self.error_type == "item_rejected"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    """The outcome of delivering a list of events.
+
+    ``accepted`` were taken by Customer.io; ``rejected`` never will be (dead-letter
+    them); ``deferred`` could not be sent now, for the reason in ``failure``.
+    """
+
+    accepted: list[QueuedEvent] = field(default_factory=list)
+    rejected: list[tuple[QueuedEvent, Failure]] = field(default_factory=list)
+    deferred: list[QueuedEvent] = field(default_factory=list)
+    failure: Failure | None = None
+    requests: int = 0
+
+
+class _PinnedCASession(requests.Session):
+    """A Session whose ``verify`` the environment cannot override."""
+
+    def __init__(self, verify: str | bool) -> None:
+        super().__init__()
+        self.verify = verify
+        self._pinned = verify
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self._pinned is not True:
+            settings["verify"] = self._pinned
+        return settings
+
+
+class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
+    """The SDK client with our session: no hidden retries, pinned CA, response capture."""
+
+    def __init__(self, settings: Settings, on_response: Any) -> None:
+        super().__init__(
+            settings.site_id, settings.api_key,
+            host=settings.endpoint.host, port=settings.endpoint.port,
+            retries=0, timeout=settings.request_timeout,
+        )
+        self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
+        self._on_response = on_response
+
+    def _build_session(self) -> requests.Session:
+        session = _PinnedCASession(self._verify)
+        session.headers["User-Agent"] = (f"cio-logging/{version('cio-logging')} "
+                                         f"Customer.io Python Client/{version('customerio')}")
+        session.auth = (self.site_id, self.api_key)
+        session.mount("https://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=4))
+        session.hooks["response"].append(self._on_response)
+        return session
+
+    def __repr__(self) -> str:  # the SDK's default repr is harmless, but be explicit
+        return f"<cio_logging SDK client for {self.host}:{self.port}>"
+
+
+class TrackClient:
+    """Delivers queued events to the Track API and classifies every answer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._local = threading.local()
+        self._sdk = _SDKClient(settings, self._remember_response)
+
+    def close(self) -> None:
+        self._sdk.close()
+
+    def deliver(self, events: Sequence[QueuedEvent]) -> DeliveryReport:
+        """Send ``events``; stop at the first failure that is not the payload's fault."""
+        report = DeliveryReport()
+        batchable: list[tuple[QueuedEvent, dict[str, Any], int]] = []
+        singles: list[QueuedEvent] = []
+        for queued in events:
+            if queued.event.customer_id is None:
+                singles.append(queued)
+                continue
+            item = _batch_item(queued)
+            size = len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
+            if size > MAX_ITEM_BYTES:
+                singles.append(queued)  # v1 takes up to 100 KB of data
+            else:
+                batchable.append((queued, item, size))
+        for chunk in _chunks_by_size(batchable):
+            if report.failure is not None:
+                report.deferred.extend(queued for queued, _, _ in chunk)
+            else:
+                self._send_batch(chunk, report)
+        for queued in singles:
+            if report.failure is not None:
+                report.deferred.append(queued)
+            else:
+                self._send_single(queued, report)
+        return report
+
+    def _send_batch(self, chunk: list[tuple[QueuedEvent, dict[str, Any], int]],
+                    report: DeliveryReport) -> None:
+        failure, response = self._call(lambda: self._sdk.batch([item for _, item, _ in chunk]),
+                                       chunk)
+        report.requests += 1
+        if failure is None and response is not None:
+            rejected = _rejected_items(response, len(chunk))
+            for index, (queued, _, _) in enumerate(chunk):
+                if index in rejected:
+                    report.rejected.append((queued, rejected[index]))
+                else:
+                    report.accepted.append(queued)
+        elif failure is not None and failure.is_payload_error and len(chunk) > 1:
+            # One poison item condemns the whole request: bisect to find it, so its
+            # neighbours are delivered and only it is dead-lettered.
+            middle = len(chunk) // 2
+            self._send_batch(chunk[:middle], report)
+            if report.failure is None:
+                self._send_batch(chunk[middle:], report)
+            else:
+                report.deferred.extend(queued for queued, _, _ in chunk[middle:])
+        elif failure is not None and failure.is_payload_error:
+            report.rejected.append((chunk[0][0], failure))
+        else:
+            report.failure = failure
+            report.deferred.extend(queued for queued, _, _ in chunk)
+
+    def _send_single(self, queued: QueuedEvent, report: DeliveryReport) -> None:
+        event = queued.event
+        if event.customer_id is not None:
+            def send() -> Any:
+                return self._sdk.track(event.customer_id, event.name, event.data,
+                                       id=event.id, timestamp=event.timestamp)
+        else:
+            def send() -> Any:
+                return self._sdk.track_anonymous(event.anonymous_id, event.name, event.data,
+                                                 id=event.id, timestamp=event.timestamp)
+        failure, _ = self._call(send, [(queued, {}, 0)])
+        report.requests += 1
+        if failure is None:
+            report.accepted.append(queued)
+        elif failure.is_payload_error:
+            report.rejected.append((queued, failure))
+        else:
+            report.failure = failure
+            report.deferred.append(queued)
+
+    def _call(self, send: Any, chunk: Sequence[tuple[QueuedEvent, Any, int]]
+              ) -> tuple[Failure | None, requests.Response | None]:
+        self._local.response = None
+        try:
+            return None, send()
+        except CustomerIOException as exc:
+            response: requests.Response | None = self._local.response
+            if response is not None:
+                return self._http_failure(response, chunk), None
+            return _transport_failure(exc.__cause__, self._settings.request_timeout), None
+        except requests.RequestException as exc:  # raised outside the SDK's wrapper
+            return _transport_failure(exc, self._settings.request_timeout), None
+
+    def _remember_response(self, response: requests.Response, *args: Any,
+                           **kwargs: Any) -> requests.Response:
+        self._local.response = response
+        return response
+
+    def _http_failure(self, response: requests.Response,
+                      chunk: Sequence[tuple[QueuedEvent, Any, int]]) -> Failure:
+        secrets = {self._settings.api_key, self._settings.site_id}
+        for queued, _, _ in chunk:
+            secrets.add(queued.event.customer_id or queued.event.anonymous_id or "")
+        detail = _scrub(_error_text(response), secrets)
+        status = response.status_code
+        message = f"HTTP {status}" + (f": {detail}" if detail else "")
+        return Failure(status, f"http_{status}", message, _retry_after(response))
+
+
+def _batch_item(queued: QueuedEvent) -> dict[str, Any]:
+    event = queued.event
+    return {
+        "type": "person",
+        "identifiers": {"id": event.customer_id},
+        "action": "event",
+        "name": event.name,
+        "id": event.id,
+        "timestamp": event.timestamp,
+        "attributes": event.data,
+    }
+
+
+def _chunks_by_size(items: list[tuple[QueuedEvent, dict[str, Any], int]]
+                    ) -> list[list[tuple[QueuedEvent, dict[str, Any], int]]]:
+    chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]] = []
+    current: list[tuple[QueuedEvent, dict[str, Any], int]] = []
+    used = 0
+    for entry in items:
+        if current and used + entry[2] + 1 > _BATCH_BUDGET:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(entry)
+        used += entry[2] + 1
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _rejected_items(response: requests.Response, count: int) -> dict[int, Failure]:
+    """Per-item errors of a 207 answer (the SDK treats 207 as plain success)."""
+    if response.status_code != 207:
+        return {}
+    try:
+        errors = response.json().get("errors") or []
+    except (ValueError, AttributeError):
+        errors = []
+    rejected: dict[int, Failure] = {}
+    for error in errors:
+        if not isinstance(error, dict):
+            continue
+        index = error.get("batch_index")
+        if isinstance(index, int) and 0 <= index < count:
+            # reason and field only: the message may quote the offending value.
+            words = " ".join(str(error.get(k)) for k in ("reason", "field") if error.get(k))
+            rejected[index] = Failure(207, "item_rejected",
+                                      f"rejected in a 207 batch answer: {words or 'no reason'}")
+    if errors and not rejected:
+        # A 207 we cannot map to items: better to resend (ids deduplicate) than guess.
+        return {}
+    return rejected
+
+
+def _error_text(response: requests.Response) -> str:
+    """The server's own error words, from either 400 body shape found in the wild."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    meta = body.get("meta")
+    parts: list[str] = []
+    if isinstance(meta, dict):
+        if isinstance(meta.get("error"), str):
+            parts.append(meta["error"])
+        if isinstance(meta.get("errors"), list):
+            parts.extend(str(e) for e in meta["errors"])
+    if isinstance(body.get("errors"), list):
+        parts.extend(str(e.get("reason", e)) if isinstance(e, dict) else str(e)
+                     for e in body["errors"])
+    return "; ".join(parts)[:200]
+
+
+def _scrub(text: str, secrets: set[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None  # neither seconds nor an HTTP date: ignore it
+    return max(0.0, min(seconds, MAX_RETRY_AFTER_SECONDS))
+
+
+def _transport_failure(cause: BaseException | None, timeout: float) -> Failure:
+    """Describe a failure without a response by its type: its text holds the URL."""
+    if isinstance(cause, requests.Timeout):
+        return Failure(None, type(cause).__name__, f"no answer within {timeout:g} s")
+    if isinstance(cause, requests.exceptions.SSLError):
+        return Failure(None, "SSLError", "TLS handshake or certificate verification failed")
+    if isinstance(cause, requests.ConnectionError):
+        return Failure(None, type(cause).__name__, "connection refused, reset or unreachable")
+    name = type(cause).__name__ if cause is not None else "CustomerIOException"
+    return Failure(None, name, f"request failed ({name})")

@@ -1,0 +1,49 @@
+"""The exceptions cio_logging raises, in one tree.
+
+::
+
+    CIOLoggingError
+    ├── ConfigurationError      bad or missing settings; raised at construction
+    ├── InvalidEventError       a record's ``cio`` extra cannot become an event
+    └── QueueError              the write-ahead log or dead-letter store failed
+        └── CorruptEntryError   a stored row is not the JSON we wrote (never unpickled)
+
+Only ``ConfigurationError`` ever reaches application code: it is raised by the
+handler's constructor so that ``logging.config.dictConfig`` fails at start-up.
+Everything else is caught inside the handler and reported through
+``Handler.handleError`` or the ``cio_logging`` logger, because logging must never
+raise into the caller.
+"""
+
+from __future__ import annotations
+
+
+class CIOLoggingError(Exception):
+    """Base class of every cio_logging exception."""
+
+
+class ConfigurationError(CIOLoggingError, ValueError):
+    """A setting is missing or invalid.
+
+    A ``ValueError`` too, so that ``logging.config`` reports it like any other
+    bad handler argument.
+    """
+
+
+class InvalidEventError(CIOLoggingError, ValueError):
+    """A log record's ``cio`` extra cannot be turned into a Track API event.
+
+    The message names the field and the rule it breaks, never the field's value:
+    event data is personal data.
+    """
+
+
+class QueueError(CIOLoggingError):
+    """The write-ahead log or the dead-letter store could not be read or written."""
+
+
+class CorruptEntryError(QueueError):
+    """A stored row is not a JSON text written by cio_logging.
+
+    Raised instead of decoding it: a planted pickle must never be loaded.
+    """

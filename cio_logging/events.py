@@ -1,0 +1,271 @@
+"""The event model: tagging a log record, mapping it to a Track API event, validating it.
+
+Pure functions, no I/O. An event leaves here as one compact JSON text, which is what
+the write-ahead log stores and what the sender reads back.
+
+Limits are Customer.io's published ones (``../shared/docs/facts.md``): an event that
+breaks one is refused at emit, where the application's developer can see why, rather
+than rejected by the API hours later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import logging
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ulid import ULID
+
+from .errors import InvalidEventError
+
+#: The ``extra`` key that marks a log record as a Customer.io event.
+EXTRA_KEY = "cio"
+
+MAX_NAME_BYTES = 100
+MAX_IDENTIFIER_BYTES = 150
+MAX_DATA_BYTES = 100_000
+
+_ALLOWED_KEYS = frozenset({"customer_id", "anonymous_id", "name", "data", "timestamp", "id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One Track API event, as stored in the write-ahead log.
+
+    Exactly one of ``customer_id`` and ``anonymous_id`` is set. ``data_json`` is the
+    event data already encoded, so the data is encoded once, at emit.
+    """
+
+    id: str
+    name: str
+    customer_id: str | None
+    anonymous_id: str | None
+    data_json: str
+    timestamp: int
+    logged_at: float
+
+    def to_json(self) -> str:
+        """The event as the compact JSON object the write-ahead log stores."""
+        head = json.dumps(
+            {
+                "id": self.id,
+                "name": self.name,
+                "customer_id": self.customer_id,
+                "anonymous_id": self.anonymous_id,
+                "timestamp": self.timestamp,
+                "logged_at": self.logged_at,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        # Splice the data in rather than decode and re-encode it.
+        return f'{head[:-1]},"data":{self.data_json}}}'
+
+    @property
+    def data(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.data_json)
+        return decoded
+
+
+def cio_event(
+    customer_id: str | int | None = None,
+    *,
+    anonymous_id: str | None = None,
+    name: str | None = None,
+    **data: Any,
+) -> dict[str, dict[str, Any]]:
+    """Build the ``extra`` dict that tags a log record as a Customer.io event.
+
+    Args:
+        customer_id: the person's identifier (``identifiers.id`` in Customer.io).
+        anonymous_id: for an event from someone not yet identified, instead of
+            ``customer_id``.
+        name: the event name; by default the record's formatted message.
+        **data: the event's data (attributes).
+
+    Example::
+
+        log.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
+    """
+    tag: dict[str, Any] = {"data": data}
+    if customer_id is not None:
+        tag["customer_id"] = customer_id
+    if anonymous_id is not None:
+        tag["anonymous_id"] = anonymous_id
+    if name is not None:
+        tag["name"] = name
+    return {EXTRA_KEY: tag}
+
+
+def event_from_record(record: logging.LogRecord) -> Event | None:
+    """Map a log record to an :class:`Event`, or ``None`` if it is not tagged.
+
+    Raises:
+        InvalidEventError: the record is tagged but the tag breaks a rule; the
+            message names the field and the rule, never the value.
+    """
+    tag = record.__dict__.get(EXTRA_KEY)
+    if tag is None:
+        return None
+    if not isinstance(tag, Mapping):
+        raise InvalidEventError(f"extra[{EXTRA_KEY!r}] must be a dict, not {type(tag).__name__}")
+    unknown = set(tag) - _ALLOWED_KEYS
+    if unknown:
+        names = ", ".join(sorted(map(str, unknown)))
+        raise InvalidEventError(
+            f"unknown key(s) {names} in extra[{EXTRA_KEY!r}]; event data goes under 'data' "
+            f"(allowed: {', '.join(sorted(_ALLOWED_KEYS))})"
+        )
+    customer_id = _identifier("customer_id", tag.get("customer_id"))
+    anonymous_id = _identifier("anonymous_id", tag.get("anonymous_id"))
+    if (customer_id is None) == (anonymous_id is None):
+        raise InvalidEventError("an event needs exactly one of customer_id and anonymous_id")
+    name = tag.get("name")
+    return Event(
+        id=_event_id(tag.get("id")),
+        name=_name(record.getMessage() if name is None else name),
+        customer_id=customer_id,
+        anonymous_id=anonymous_id,
+        data_json=encode_data(tag.get("data")),
+        timestamp=_timestamp(tag.get("timestamp"), record.created),
+        logged_at=record.created,
+    )
+
+
+def event_from_dict(raw: Mapping[str, Any]) -> Event:
+    """Rebuild an event from the decoded object :meth:`Event.to_json` wrote.
+
+    Raises:
+        InvalidEventError: the object is not such an event.
+    """
+    try:
+        return Event(
+            id=str(raw["id"]),
+            name=str(raw["name"]),
+            customer_id=raw["customer_id"],
+            anonymous_id=raw["anonymous_id"],
+            data_json=json.dumps(raw["data"], ensure_ascii=False, separators=(",", ":")),
+            timestamp=int(raw["timestamp"]),
+            logged_at=float(raw["logged_at"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidEventError(f"stored event is malformed ({type(exc).__name__})") from None
+
+
+def encode_data(data: object) -> str:
+    """Encode event data as compact JSON, refusing what the Track API cannot take.
+
+    Datetimes become Unix seconds (as the Customer.io SDK does), dates ISO strings,
+    Decimals numbers, UUIDs and sets strings and lists. NaN and infinity, cycles,
+    non-JSON objects, lone surrogates and data over 100,000 bytes are refused.
+    """
+    if data is None:
+        return "{}"
+    if not isinstance(data, Mapping):
+        raise InvalidEventError(f"data must be a dict, not {type(data).__name__}")
+    try:
+        text = json.dumps(
+            data, default=_json_default, ensure_ascii=False, allow_nan=False,
+            separators=(",", ":"),
+        )
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidEventError("data contains text that is not valid Unicode "
+                                "(a lone surrogate)") from None
+    except RecursionError:
+        raise InvalidEventError("data is nested too deeply to encode") from None
+    except (TypeError, ValueError) as exc:
+        # json's messages name the type or the rule ("Circular reference detected",
+        # "Out of range float values"), not the data itself.
+        raise InvalidEventError(f"data cannot be encoded as JSON: {exc}") from None
+    if size > MAX_DATA_BYTES:
+        raise InvalidEventError(
+            f"data is {size:,} bytes as JSON; Customer.io accepts at most {MAX_DATA_BYTES:,}"
+        )
+    return text
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        return int(aware.timestamp())
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("Decimal NaN or infinity is not JSON compliant")
+        return number
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _identifier(field_name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidEventError(f"{field_name} must be a string or an integer, "
+                                f"not {type(value).__name__}")
+    text = str(value)
+    if not text.strip():
+        raise InvalidEventError(f"{field_name} must not be empty")
+    size = _utf8_size(field_name, text)
+    if size > MAX_IDENTIFIER_BYTES:
+        raise InvalidEventError(f"{field_name} is {size} bytes; Customer.io accepts at most "
+                                f"{MAX_IDENTIFIER_BYTES}")
+    return text
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidEventError(f"name must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidEventError("name must not be empty")
+    size = _utf8_size("name", value)
+    if size > MAX_NAME_BYTES:
+        raise InvalidEventError(f"name is {size} bytes; Customer.io accepts at most "
+                                f"{MAX_NAME_BYTES}")
+    return value
+
+
+def _event_id(value: object) -> str:
+    if value is None:
+        return str(ULID())
+    if not isinstance(value, str):
+        raise InvalidEventError(f"id must be a ULID string, not {type(value).__name__}")
+    try:
+        return str(ULID.from_str(value.upper()))
+    except ValueError:
+        raise InvalidEventError("id is not a valid ULID (26 Crockford base32 characters)") \
+            from None
+
+
+def _timestamp(value: object, created: float) -> int:
+    if value is None:
+        return int(created)
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        value = aware.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidEventError(f"timestamp must be Unix seconds or a datetime, "
+                                f"not {type(value).__name__}")
+    if not math.isfinite(value) or not 0 <= value < 2**32:
+        raise InvalidEventError("timestamp is outside the range of Unix seconds")
+    return int(value)
+
+
+def _utf8_size(field_name: str, text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidEventError(f"{field_name} is not valid Unicode (a lone surrogate)") \
+            from None

@@ -1,0 +1,326 @@
+"""The write-ahead log and the dead-letter store: the only module that touches diskcache.
+
+Both are diskcache caches in the queue directory, opened so that:
+
+* nothing is ever evicted or expired (diskcache evicts by default once over 1 GiB);
+* values are JSON texts we wrote, stored inline in SQLite, and anything else read
+  back (a pickle, a blob, a file) raises :class:`CorruptEntryError` instead of
+  being decoded: a planted pickle never runs;
+* the directory is 0700 and every file 0600, whatever the process umask, because
+  events carry personal data.
+
+An event is appended before ``emit`` returns and deleted only after Customer.io
+accepted it (or it was moved to the dead-letter store), so the log is at-least-once.
+Keys are the events' ULIDs, so key order is logging order and a resend keeps its id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import diskcache
+
+from .errors import CorruptEntryError, InvalidEventError, QueueError
+from .events import Event, event_from_dict
+
+_ENTRY_VERSION = 1
+_DIRECTORY_MODE = 0o700
+_FILE_MODE = 0o600
+# Values above this size would go to separate files that diskcache creates with the
+# process umask; events are at most ~100 KB, so keep everything inside SQLite.
+_INLINE_LIMIT = 1 << 30
+# How long a writer waits for another process's transaction before giving up.
+_LOCK_TIMEOUT_SECONDS = 5.0
+
+
+class _JSONTextDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache is untyped
+    """A diskcache Disk that stores only ``str`` keys and JSON texts, inline.
+
+    The stock Disk pickles anything that is not a plain type and unpickles whatever a
+    row says it holds. This one refuses both directions.
+    """
+
+    def put(self, key: object) -> tuple[object, bool]:
+        if type(key) is not str:
+            raise TypeError("queue keys are strings")
+        return key, True
+
+    def get(self, key: object, raw: bool) -> object:
+        if not raw or type(key) is not str:
+            raise CorruptEntryError("a queue key is not a plain string (refused, not decoded)")
+        return key
+
+    def store(self, value: object, read: bool, key: object = diskcache.UNKNOWN) -> object:
+        if read or type(value) is not str:
+            raise TypeError("queue values are JSON texts")
+        return 0, diskcache.core.MODE_RAW, None, value
+
+    def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:
+        if mode != diskcache.core.MODE_RAW or filename is not None or type(value) is not str:
+            raise CorruptEntryError(f"a stored row has mode {mode}, not inline JSON text "
+                                    f"(refused, not decoded)")
+        return value
+
+
+def secure_directory(directory: Path) -> None:
+    """Create ``directory`` as 0700 and tighten it if it already exists.
+
+    Missing parents are created 0700 too (``mkdir(parents=True)`` would give them the
+    umask's default): the queue directory may be a parent of the log's own directory.
+    """
+    missing = [directory, *directory.parents]
+    missing = [path for path in missing if not path.exists()]
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=_DIRECTORY_MODE)
+        except FileExistsError:  # another process made it meanwhile
+            pass
+        path.chmod(_DIRECTORY_MODE)
+    if stat.S_IMODE(directory.stat().st_mode) != _DIRECTORY_MODE:
+        directory.chmod(_DIRECTORY_MODE)
+
+
+def secure_file(path: Path) -> None:
+    """Create ``path`` as 0600 if missing, and tighten it if it exists."""
+    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, _FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(descriptor).st_mode) != _FILE_MODE:
+            os.fchmod(descriptor, _FILE_MODE)
+    finally:
+        os.close(descriptor)
+
+
+def _open_cache(directory: Path, *, fsync: bool) -> diskcache.Cache:
+    secure_directory(directory)
+    # SQLite gives its -wal and -shm files the database file's mode, so creating the
+    # database 0600 first covers all three.
+    secure_file(directory / diskcache.core.DBNAME)
+    try:
+        cache = diskcache.Cache(
+            str(directory),
+            timeout=_LOCK_TIMEOUT_SECONDS,
+            disk=_JSONTextDisk,
+            # Settings persist in the database and a later open reuses them: pass every
+            # one that matters, every time.
+            eviction_policy="none",
+            size_limit=2**62,
+            cull_limit=0,
+            statistics=0,
+            tag_index=0,
+            sqlite_synchronous=2 if fsync else 1,
+            disk_min_file_size=_INLINE_LIMIT,
+        )
+    except (sqlite3.Error, OSError) as exc:
+        raise QueueError(f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}") \
+            from exc
+    for entry in directory.iterdir():
+        if entry.is_file():
+            secure_file(entry)
+    return cache
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEvent:
+    """An event in the write-ahead log, with its delivery history."""
+
+    key: str
+    event: Event
+    attempts: int
+    first_failure_at: float | None
+    last_error: str | None
+    next_attempt_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptEntry:
+    """A row that could not be read as an event; it is taken out of the log."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one read of the log found: events due now, and rows taken out as corrupt."""
+
+    events: list[QueuedEvent]
+    corrupt: list[CorruptEntry]
+
+
+class WriteAheadLog:
+    """Events waiting for Customer.io, on disk, in logging order."""
+
+    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+        self.directory = directory
+        self._cache = _open_cache(directory, fsync=fsync)
+
+    def append(self, event: Event) -> None:
+        """Write ``event`` durably (committed to SQLite) before returning."""
+        entry = (f'{{"v":{_ENTRY_VERSION},"attempts":0,"first_failure_at":null,'
+                 f'"last_error":null,"next_attempt_at":0,"event":{event.to_json()}}}')
+        self._cache.set(event.id, entry)
+
+    def read_due(self, limit: int, now: float | None = None) -> Batch:
+        """Up to ``limit`` events whose next attempt is due, oldest first.
+
+        Rows that are not our JSON are deleted from the log and returned as
+        :class:`CorruptEntry` so the caller can dead-letter them.
+        """
+        moment = time.time() if now is None else now
+        events: list[QueuedEvent] = []
+        corrupt: list[CorruptEntry] = []
+        for key in self._cache.iterkeys():
+            try:
+                text = self._cache.get(key)
+            except CorruptEntryError as exc:
+                corrupt.append(CorruptEntry(key, str(exc)))
+                self._cache.delete(key)
+                continue
+            if text is None:  # delivered by another process since the key was listed
+                continue
+            try:
+                queued = _decode_entry(key, text)
+            except InvalidEventError as exc:
+                corrupt.append(CorruptEntry(key, str(exc)))
+                self._cache.delete(key)
+                continue
+            if queued.next_attempt_at <= moment:
+                events.append(queued)
+                if len(events) >= limit:
+                    break
+        return Batch(events, corrupt)
+
+    def remove(self, keys: Iterable[str]) -> None:
+        """Delete delivered (or dead-lettered) events, in one transaction."""
+        with self._cache.transact():
+            for key in keys:
+                self._cache.delete(key)
+
+    def record_failure(self, events: Iterable[QueuedEvent], error: str, next_attempt_at: float,
+                       now: float | None = None) -> None:
+        """Count one more failed attempt for each event and keep it for later."""
+        moment = time.time() if now is None else now
+        with self._cache.transact():
+            for queued in events:
+                if queued.key not in self._cache:
+                    continue  # accepted via another path meanwhile: never resurrect it
+                entry = {
+                    "v": _ENTRY_VERSION,
+                    "attempts": queued.attempts + 1,
+                    "first_failure_at": queued.first_failure_at or moment,
+                    "last_error": error,
+                    "next_attempt_at": next_attempt_at,
+                    "event": json.loads(queued.event.to_json()),
+                }
+                self._cache.set(queued.key, json.dumps(entry, ensure_ascii=False,
+                                                       separators=(",", ":")))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._cache
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+def _decode_entry(key: str, text: str) -> QueuedEvent:
+    try:
+        raw = json.loads(text)
+        if raw.get("v") != _ENTRY_VERSION:
+            raise InvalidEventError(f"unknown entry version {raw.get('v')!r}")
+        return QueuedEvent(
+            key=key,
+            event=event_from_dict(raw["event"]),
+            attempts=int(raw["attempts"]),
+            first_failure_at=raw["first_failure_at"],
+            last_error=raw["last_error"],
+            next_attempt_at=float(raw["next_attempt_at"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidEventError(f"queue entry is not valid JSON of ours ({type(exc).__name__})") \
+            from None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event Customer.io will never accept, kept with why."""
+
+    key: str
+    event: dict[str, Any] | None  # None when the stored row could not even be read
+    status: int | None
+    error_type: str
+    message: str
+    attempts: int
+    first_failure_at: float
+    last_failure_at: float
+
+    @property
+    def event_name(self) -> str | None:
+        return None if self.event is None else str(self.event.get("name"))
+
+
+class DeadLetterStore:
+    """Events that failed for good, with the reason (status, error type, scrubbed text)."""
+
+    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+        self.directory = directory
+        self._cache = _open_cache(directory, fsync=fsync)
+
+    def add(self, key: str, event: Event | None, *, status: int | None, error_type: str,
+            message: str, attempts: int, first_failure_at: float | None = None,
+            now: float | None = None) -> None:
+        moment = time.time() if now is None else now
+        entry = {
+            "v": _ENTRY_VERSION,
+            "key": key,
+            "event": None if event is None else json.loads(event.to_json()),
+            "status": status,
+            "error_type": error_type,
+            "message": message,
+            "attempts": attempts,
+            "first_failure_at": first_failure_at or moment,
+            "last_failure_at": moment,
+        }
+        self._cache.set(key, json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        for key in self._cache.iterkeys():
+            text = self._cache.get(key)
+            if text is None:
+                continue
+            raw = json.loads(text)
+            yield DeadLetter(
+                key=raw["key"], event=raw["event"], status=raw["status"],
+                error_type=raw["error_type"], message=raw["message"],
+                attempts=raw["attempts"], first_failure_at=raw["first_failure_at"],
+                last_failure_at=raw["last_failure_at"],
+            )
+
+    def count(self, by: Literal["event", "reason"] | None = None) -> Counter[str]:
+        """Count entries, grouped by event name or by error type (the operator's GROUP BY)."""
+        counts: Counter[str] = Counter()
+        for letter in self:
+            if by == "event":
+                counts[letter.event_name or "<unreadable>"] += 1
+            elif by == "reason":
+                counts[letter.error_type] += 1
+            else:
+                counts["total"] += 1
+        return counts
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def close(self) -> None:
+        self._cache.close()

@@ -1,0 +1,178 @@
+"""The write-ahead log and dead-letter store on real diskcache: order, safety, permissions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from cio_logging import cio_event
+from cio_logging.events import Event, event_from_record
+from cio_logging.wal import DeadLetterStore, WriteAheadLog
+
+from .conftest import PROJECT_ROOT
+
+
+def make_event(number: int = 0, name: str = "purchase") -> Event:
+    record = logging.getLogger("t").makeRecord("t", logging.INFO, "f.py", 1, name, (), None,
+                                                extra=cio_event(f"user-{number}", n=number))
+    event = event_from_record(record)
+    assert event is not None
+    return event
+
+
+class TestWriteAheadLog:
+    """Append, read in order, remove only what was delivered."""
+
+    def test_append_read_remove(self, tmp_path: Path) -> None:
+        wal = WriteAheadLog(tmp_path / "wal")
+        events = [make_event(n) for n in range(5)]
+        for event in events:
+            wal.append(event)
+        batch = wal.read_due(10)
+        assert [q.event for q in batch.events] == events
+        assert all(q.attempts == 0 for q in batch.events)
+        wal.remove([events[0].id, events[2].id])
+        assert [q.event.id for q in wal.read_due(10).events] == [
+            events[1].id, events[3].id, events[4].id]
+        wal.close()
+
+    def test_survives_reopen(self, tmp_path: Path) -> None:
+        wal = WriteAheadLog(tmp_path / "wal")
+        event = make_event()
+        wal.append(event)
+        wal.close()
+        assert WriteAheadLog(tmp_path / "wal").read_due(10).events[0].event == event
+
+    def test_failures_are_recorded_and_delay_the_event(self, tmp_path: Path) -> None:
+        wal = WriteAheadLog(tmp_path / "wal")
+        wal.append(make_event())
+        queued = wal.read_due(10).events
+        wal.record_failure(queued, "HTTP 503", next_attempt_at=2_000.0, now=1_000.0)
+        assert wal.read_due(10, now=1_500.0).events == []
+        again = wal.read_due(10, now=2_000.0).events[0]
+        assert (again.attempts, again.last_error, again.first_failure_at) == (
+            1, "HTTP 503", 1_000.0)
+
+    def test_failure_never_resurrects_a_delivered_event(self, tmp_path: Path) -> None:
+        wal = WriteAheadLog(tmp_path / "wal")
+        wal.append(make_event())
+        queued = wal.read_due(10).events
+        wal.remove([queued[0].key])
+        wal.record_failure(queued, "late", next_attempt_at=0.0)
+        assert len(wal) == 0
+
+    def test_never_evicts(self, tmp_path: Path) -> None:
+        wal = WriteAheadLog(tmp_path / "wal")
+        settings = diskcache.Cache(str(tmp_path / "wal"))
+        assert settings.eviction_policy == "none"
+        wal.close()
+        settings.close()
+
+    def test_stores_json_text_only(self, tmp_path: Path) -> None:
+        wal = WriteAheadLog(tmp_path / "wal")
+        event = make_event()
+        wal.append(event)
+        raw = diskcache.Cache(str(tmp_path / "wal"))
+        stored = raw.get(event.id)
+        assert isinstance(stored, str)
+        assert json.loads(stored)["event"]["id"] == event.id
+        raw.close()
+
+
+class _PlantedPickle:
+    """Unpickling this writes a marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (str(self.marker), "pickle ran"))  # type: ignore[return-value]
+
+
+class TestRefusesPickles:
+    """A pickled row planted in the queue is refused and never loaded."""
+
+    def test_planted_pickle_in_wal_is_quarantined_not_loaded(self, tmp_path: Path) -> None:
+        marker = tmp_path / "pwned"
+        wal = WriteAheadLog(tmp_path / "wal")
+        good = make_event()
+        wal.append(good)
+        planter = diskcache.Cache(str(tmp_path / "wal"))  # the stock Disk pickles objects
+        planter.set("00000000000000000000000000", _PlantedPickle(marker))
+        planter.close()
+
+        batch = wal.read_due(10)
+        assert not marker.exists()
+        assert [c.key for c in batch.corrupt] == ["00000000000000000000000000"]
+        assert "not decoded" in batch.corrupt[0].reason
+        assert [q.event for q in batch.events] == [good]
+        assert "00000000000000000000000000" not in wal
+
+    def test_planted_pickle_in_dead_letters_is_refused(self, tmp_path: Path) -> None:
+        marker = tmp_path / "pwned"
+        store = DeadLetterStore(tmp_path / "dead")
+        planter = diskcache.Cache(str(tmp_path / "dead"))
+        planter.set("k", _PlantedPickle(marker))
+        planter.close()
+        with pytest.raises(Exception, match="not decoded"):
+            list(store)
+        assert not marker.exists()
+
+
+class TestDeadLetterStore:
+    """Entries keep the event, the reason and the attempts."""
+
+    def test_add_list_count(self, tmp_path: Path) -> None:
+        store = DeadLetterStore(tmp_path / "dead")
+        first, second = make_event(1, "purchase"), make_event(2, "signup")
+        store.add(first.id, first, status=400, error_type="http_400", message="HTTP 400",
+                  attempts=1, now=10.0)
+        store.add(second.id, second, status=207, error_type="item_rejected",
+                  message="rejected", attempts=3, first_failure_at=5.0, now=12.0)
+        letters = {letter.key: letter for letter in store}
+        assert letters[second.id].event == json.loads(second.to_json())
+        assert (letters[second.id].attempts, letters[second.id].first_failure_at,
+                letters[second.id].last_failure_at) == (3, 5.0, 12.0)
+        assert store.count(by="event") == {"purchase": 1, "signup": 1}
+        assert store.count(by="reason") == {"http_400": 1, "item_rejected": 1}
+        assert len(store) == 2
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """Directories 0700, files 0600: checked in a child so the umask is really in force."""
+    queue = tmp_path / "queue"
+    script = textwrap.dedent(f"""
+        import os, logging
+        os.umask({umask})
+        from cio_logging.wal import WriteAheadLog, DeadLetterStore
+        from cio_logging.process_lock import DeliveryLock
+        from cio_logging import cio_event
+        from cio_logging.events import event_from_record
+        from pathlib import Path
+        q = Path({str(queue)!r})
+        wal = WriteAheadLog(q / "wal")
+        record = logging.getLogger().makeRecord("t", 20, "f", 1, "m", (), None,
+                                                 extra=cio_event("u"))
+        wal.append(event_from_record(record))
+        DeadLetterStore(q / "dead")
+        assert DeliveryLock(q / "delivery.lock").try_acquire()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT_ROOT,
+                   env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    seen = 0
+    for path in [queue, *queue.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        expected = 0o700 if path.is_dir() else 0o600
+        assert mode == expected, f"{path} is {oct(mode)}"
+        seen += 1
+    assert seen >= 6  # queue, wal, dead, two databases with their -wal/-shm, the lock
