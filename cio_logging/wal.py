@@ -20,6 +20,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -71,6 +72,65 @@ class _JSONTextDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache is untyp
         return value
 
 
+# Connections a forked child inherited. They are kept referenced for the life of the
+# child so that they are never closed there (see _ForkSafeCache).
+_INHERITED_CONNECTIONS: list[object] = []
+
+
+class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is untyped
+    """A diskcache Cache whose child processes never close the parent's connections.
+
+    diskcache notices a fork and *closes* the connection it inherited before opening a
+    new one. SQLite forbids exactly that: closing, in a child, a connection opened in
+    the parent runs clean-up that can delete the parent's write-ahead content. Here
+    that lost every event a forked child logged. This class keeps one connection per
+    thread in its own table; in a child it sets the inherited table aside, referenced
+    forever and never closed, and opens fresh connections.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._connections: dict[int, sqlite3.Connection] = {}
+        self._connections_pid = os.getpid()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def _con(self) -> sqlite3.Connection:
+        if self._connections_pid != os.getpid():
+            _INHERITED_CONNECTIONS.append(self._connections)
+            self._connections = {}
+            self._connections_pid = os.getpid()
+            self._txn_id = None  # a transaction of a parent's thread is not ours
+        ident = threading.get_ident()
+        connection = self._connections.get(ident)
+        if connection is None:
+            self._close_connections_of_finished_threads()
+            # check_same_thread=False: a new thread may reuse a finished thread's ident,
+            # and with it the connection; one live thread per ident keeps that safe.
+            connection = sqlite3.connect(
+                os.path.join(self._directory, diskcache.core.DBNAME),
+                timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            self._connections[ident] = connection
+            try:
+                settings = connection.execute("SELECT key, value FROM Settings").fetchall()
+            except sqlite3.OperationalError:  # a new database: __init__ creates it
+                settings = []
+            for key, value in settings:
+                if key.startswith("sqlite_"):
+                    self.reset(key, value, update=False)
+        return connection
+
+    def _close_connections_of_finished_threads(self) -> None:
+        alive = {thread.ident for thread in threading.enumerate()}
+        for ident in [ident for ident in self._connections if ident not in alive]:
+            self._connections.pop(ident).close()
+
+    def close(self) -> None:
+        if self._connections_pid == os.getpid():
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
+
+
 def secure_directory(directory: Path) -> None:
     """Create ``directory`` as 0700 and tighten it if it already exists.
 
@@ -90,11 +150,21 @@ def secure_directory(directory: Path) -> None:
 
 
 def secure_file(path: Path) -> None:
-    """Create ``path`` as 0600 if missing, and tighten it if it exists."""
-    descriptor = os.open(path, os.O_CREAT | os.O_RDWR, _FILE_MODE)
+    """Create ``path`` as 0600 if missing, and tighten it if it exists.
+
+    An existing file is changed by path, never opened: closing any descriptor of an
+    SQLite file drops every POSIX lock this process holds on it, including the lock
+    that tells other processes this one still uses the database. Without it, another
+    process closing its last connection deletes the write-ahead files under us.
+    """
     try:
-        if stat.S_IMODE(os.fstat(descriptor).st_mode) != _FILE_MODE:
-            os.fchmod(descriptor, _FILE_MODE)
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+    except FileExistsError:
+        if stat.S_IMODE(path.stat().st_mode) != _FILE_MODE:
+            path.chmod(_FILE_MODE)
+        return
+    try:
+        os.fchmod(descriptor, _FILE_MODE)  # the umask may have taken bits away
     finally:
         os.close(descriptor)
 
@@ -105,7 +175,7 @@ def _open_cache(directory: Path, *, fsync: bool) -> diskcache.Cache:
     # database 0600 first covers all three.
     secure_file(directory / diskcache.core.DBNAME)
     try:
-        cache = diskcache.Cache(
+        cache = _ForkSafeCache(
             str(directory),
             timeout=_LOCK_TIMEOUT_SECONDS,
             disk=_JSONTextDisk,
@@ -123,8 +193,8 @@ def _open_cache(directory: Path, *, fsync: bool) -> diskcache.Cache:
         raise QueueError(f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}") \
             from exc
     for entry in directory.iterdir():
-        if entry.is_file():
-            secure_file(entry)
+        if entry.is_file() and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE:
+            entry.chmod(_FILE_MODE)  # by path: see secure_file
     return cache
 
 

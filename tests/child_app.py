@@ -42,7 +42,9 @@ def main() -> int:
         event_id = str(ULID())
         logger.info(args.name, extra={"cio": {"customer_id": f"child-{os.getpid()}",
                                               "id": event_id, "data": {"n": number}}})
-        print(event_id, flush=True)
+        # One write per line: several processes share this pipe.
+        sys.stdout.write(f"{event_id}\n")
+        sys.stdout.flush()
         if args.pause:
             time.sleep(args.pause)
     print("done", flush=True)

@@ -88,6 +88,48 @@ class TestWriteAheadLog:
         raw.close()
 
 
+def test_a_forked_child_appends_without_losing_anything(tmp_path: Path) -> None:
+    """The child must not close the SQLite connection it inherited (that lost its writes)."""
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.append(make_event(0))
+    pid = os.fork()
+    if pid == 0:  # the child: append, then leave without any clean-up
+        try:
+            for number in range(1, 6):
+                wal.append(make_event(number))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(wal) == 6
+    fresh = WriteAheadLog(tmp_path / "wal")
+    assert len(fresh.read_due(10).events) == 6
+
+
+def test_another_process_closing_does_not_pull_the_log_away(tmp_path: Path) -> None:
+    """Opening the log must keep this process's SQLite locks (an os.close dropped them)."""
+    wal = WriteAheadLog(tmp_path / "wal")
+    for number in range(3):
+        wal.append(make_event(number))
+    script = textwrap.dedent(f"""
+        import logging
+        from pathlib import Path
+        from cio_logging import cio_event
+        from cio_logging.events import event_from_record
+        from cio_logging.wal import WriteAheadLog
+        wal = WriteAheadLog(Path({str(tmp_path / "wal")!r}))
+        record = logging.getLogger().makeRecord("t", 20, "f", 1, "m", (), None,
+                                                 extra=cio_event("other"))
+        wal.append(event_from_record(record))
+        wal.close()
+    """)
+    for _ in range(3):
+        subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT_ROOT,
+                       env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert len(wal.read_due(10).events) == 6
+    wal.append(make_event(9))
+    assert len(WriteAheadLog(tmp_path / "wal").read_due(10).events) == 7
+
+
 class _PlantedPickle:
     """Unpickling this writes a marker file: proof that a pickle was loaded."""
 

@@ -1,0 +1,857 @@
+"""A local stand-in for the Customer.io Track API, served over real HTTPS on loopback.
+
+The demo, the test suite and the benchmarks point the customerio SDK at it instead of
+track.customer.io::
+
+    with TrackAPISimulator() as sim:
+        client = CustomerIO(sim.site_id, sim.api_key, host="127.0.0.1", port=sim.port, retries=0)
+        client.http.trust_env = False  # REQUESTS_CA_BUNDLE would override `verify`
+        client.http.verify = sim.ca_file
+        client.track("42", "purchase", {"price": 9.5})
+        assert sim.wait_for_events(1)
+
+It answers the four event routes (`/api/v1/customers/{identifier}/events`, `/api/v1/events`,
+`/api/v2/batch`, `/api/v2/entity`) the way the published OpenAPI description and the documented
+limits say: Basic auth, ULID deduplication, per-item 207 errors, whole-request 400s. Tests drive
+it from the same process through its methods (`fail`, `set_latency`, `reset_connections`,
+`refuse_connections`, `poison_names`, ...) and read what it accepted from `accepted` and
+`requests`; another process can do the same through the unauthenticated control routes under
+`/_simulator/`. `python -m cio_logging.simulator` runs one until interrupted.
+
+The TLS certificate comes from a throwaway CA made by trustme; its PEM is at `ca_file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hmac
+import json
+import re
+import shlex
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple, cast
+from urllib.parse import unquote
+
+import trustme
+
+__all__ = ["AcceptedEvent", "RequestRecord", "TrackAPISimulator", "run_from_command_line"]
+
+# Limits from Customer.io's documentation. Sizes are measured on compact UTF-8 JSON
+# (separators without spaces, no ASCII escaping): the smallest form of the same content.
+MAX_NAME_BYTES = 100
+MAX_DATA_BYTES = 100_000
+MAX_IDENTIFIER_BYTES = 150
+MAX_V2_ITEM_BYTES = 32_768
+MAX_V2_REQUEST_BYTES = 512_000
+_MAX_READ_BYTES = 16 * 1024 * 1024  # beyond this the body is not even read (413)
+
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
+_V1_EVENT_TYPES = frozenset({"event", "page", "screen"})
+_PERSON_IDENTIFIERS = frozenset({"id", "email", "phone", "cio_id"})
+_ACTIONS = {
+    "person": frozenset({"identify", "delete", "event", "page", "screen", "merge", "suppress"})
+    | {"unsuppress", "add_relationships", "delete_relationships", "add_device", "delete_device"},
+    "object": frozenset({"identify", "identify_anonymous", "delete", "add_relationships"})
+    | {"delete_relationships"},
+    "delivery": frozenset({"event"}),
+}
+_ROUTES = {
+    "/api/v1/events": "v1_anonymous",
+    "/api/v2/batch": "v2_batch",
+    "/api/v2/entity": "v2_entity",
+}
+_V1_IDENTIFIED = re.compile(r"/api/v1/customers/([^/]*)/events")
+_CONTROL_PREFIX = "/_simulator/"
+_UNAUTHORIZED = "Unauthorized request. Make sure that you provided the right credentials."
+_CHALLENGE = (("WWW-Authenticate", 'Basic realm="Customer.io Track API"'),)
+_CONTROL_METHODS = dict.fromkeys(["events", "requests"], "GET") | dict.fromkeys(
+    ["faults", "clear_faults", "clear"], "POST"
+)
+_FAULT_KEYS = frozenset({"status", "latency", "reset_connections"})
+_NOT_JSON = object()  # stands for a body that did not parse
+
+
+@dataclass(frozen=True)
+class AcceptedEvent:
+    """One event the simulator accepted (duplicates are not recorded again)."""
+
+    id: str | None
+    name: str
+    customer_id: str | None
+    anonymous_id: str | None
+    data: dict[str, Any]
+    timestamp: int | None
+    route: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One Track request as the simulator answered it (status 0: connection dropped)."""
+
+    time: float
+    method: str
+    path: str
+    status: int
+    body_bytes: int
+    item_count: int
+
+
+class _Answer(NamedTuple):
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class _Draft(NamedTuple):
+    """An event that passed validation, before deduplication stamps it as accepted."""
+
+    id: str | None
+    name: str
+    customer_id: str | None
+    anonymous_id: str | None
+    data: dict[str, Any]
+    timestamp: int | None
+    route: str
+
+
+@dataclass
+class _Fault:
+    """A fault that lasts `remaining` more requests and/or until a monotonic deadline."""
+
+    remaining: int | None
+    until: float | None
+    status: int = 0
+    retry_after: str | None = None
+    body: dict[str, Any] | None = None
+
+    def take(self, now: float) -> bool:
+        if self.until is not None and now >= self.until:
+            return False
+        if self.remaining is not None:
+            if self.remaining <= 0:
+                return False
+            self.remaining -= 1
+        return True
+
+
+class _ValidationError(Exception):
+    def __init__(self, field: str, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.field, self.reason, self.message = field, reason, message
+
+    def detail(self) -> dict[str, str]:
+        return {"reason": self.reason, "field": self.field, "message": self.message}
+
+
+def _utf8_size(text: str, field: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate sent as a JSON \ud800 escape
+        raise _ValidationError(field, f"{field} is not valid UTF-8") from None
+
+
+def _json_size(value: Any, field: str) -> int:
+    return _utf8_size(json.dumps(value, separators=(",", ":"), ensure_ascii=False), field)
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")  # json.loads would accept NaN and Infinity
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except ValueError:  # also UnicodeDecodeError
+        return _NOT_JSON
+
+
+def _check_identifier(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _ValidationError(field, f"{field} must be a string")
+    if not value:
+        raise _ValidationError(field, f"{field} must not be empty", "required")
+    size = _utf8_size(value, field)
+    if size > MAX_IDENTIFIER_BYTES:
+        raise _ValidationError(field, f"{field} is {size} bytes, over 150", "too_long")
+    return value
+
+
+def _event_fields(
+    obj: dict[str, Any], data_key: str, poison: Collection[str]
+) -> tuple[str, str | None, int | None, dict[str, Any]]:
+    """Check name, id, timestamp and data/attributes, common to v1 and v2 events."""
+    if "name" not in obj:
+        raise _ValidationError("name", "name is required", "required")
+    name = obj["name"]
+    if not isinstance(name, str):
+        raise _ValidationError("name", "name must be a string")
+    if not name.strip():  # Customer.io trims names, so blank is empty
+        raise _ValidationError("name", "name must not be empty", "required")
+    size = _utf8_size(name, "name")
+    if size > MAX_NAME_BYTES:
+        raise _ValidationError("name", f"name is {size} bytes, over 100", "too_long")
+    if name in poison:
+        raise _ValidationError("name", f"event name {name!r} is rejected (poison name)")
+    event_id = obj.get("id")
+    if "id" in obj and not (isinstance(event_id, str) and _ULID.fullmatch(event_id)):
+        raise _ValidationError("id", "id must be a ULID (26 Crockford base32 characters)")
+    timestamp = obj.get("timestamp")
+    if "timestamp" in obj and (not isinstance(timestamp, int) or isinstance(timestamp, bool)):
+        raise _ValidationError("timestamp", "timestamp must be an integer (Unix seconds)")
+    data = obj.get(data_key, {})
+    if not isinstance(data, dict):
+        raise _ValidationError(data_key, f"{data_key} must be an object")
+    size = _json_size(data, data_key)
+    if size > MAX_DATA_BYTES:
+        raise _ValidationError(data_key, f"{data_key} is {size} bytes, over 100000", "too_long")
+    return name, event_id, timestamp, data
+
+
+def _v1_draft(payload: Any, customer_id: str | None, route: str, poison: Collection[str]) -> _Draft:
+    if not isinstance(payload, dict):
+        raise _ValidationError("body", "the body must be a JSON object")
+    name, event_id, timestamp, data = _event_fields(payload, "data", poison)
+    if "type" in payload and payload["type"] not in _V1_EVENT_TYPES:
+        raise _ValidationError("type", "type must be one of event, page, screen")
+    anonymous_id = None
+    if route == "v1_anonymous" and "anonymous_id" in payload:
+        anonymous_id = _check_identifier(payload["anonymous_id"], "anonymous_id")
+    return _Draft(event_id, name, customer_id, anonymous_id, data, timestamp, route)
+
+
+def _v2_draft(item: Any, route: str, poison: Collection[str]) -> _Draft | None:
+    """Validate one v2 operation; return the event it carries (None for other operations)."""
+    if not isinstance(item, dict):
+        raise _ValidationError("item", "each operation must be a JSON object")
+    size = _json_size(item, "item")
+    if size > MAX_V2_ITEM_BYTES:
+        raise _ValidationError("item", f"the operation is {size} bytes, over 32768", "too_long")
+    kind, action = item.get("type"), item.get("action")
+    if kind not in _ACTIONS:
+        raise _ValidationError("type", "type must be one of person, object, delivery")
+    if action not in _ACTIONS[kind]:
+        raise _ValidationError("action", f"action {action!r} is not valid for type {kind}")
+    if action == "merge":  # the one operation that names two people instead of identifiers
+        if not (isinstance(item.get("primary"), dict) and isinstance(item.get("secondary"), dict)):
+            raise _ValidationError("primary", "merge needs primary and secondary", "required")
+        return None
+    identifiers = item.get("identifiers")
+    if not isinstance(identifiers, dict) or not identifiers:
+        raise _ValidationError("identifiers", "identifiers must be a non-empty object", "required")
+    if kind != "person":
+        return None  # objects and deliveries are accepted but are not person events
+    if len(identifiers) != 1 or not identifiers.keys() <= _PERSON_IDENTIFIERS:
+        raise _ValidationError("identifiers", "give exactly one of id, email, phone, cio_id")
+    ((key, value),) = identifiers.items()
+    person = _check_identifier(value, f"identifiers.{key}")
+    if action not in ("event", "page", "screen"):
+        if "attributes" in item and not isinstance(item["attributes"], dict):
+            raise _ValidationError("attributes", "attributes must be an object")
+        return None
+    name, event_id, timestamp, data = _event_fields(item, "attributes", poison)
+    if action != "event":
+        return None  # page and screen views are valid but are not what the handler sends
+    return _Draft(event_id, name, person, None, data, timestamp, route)
+
+
+def _whole_request_error(message: str, field: str = "body", reason: str = "invalid") -> _Answer:
+    # facts.md's {"meta": {"errors": [...]}} plus the spec's v2 400 shape {"errors": [{...}]}
+    detail = {"reason": reason, "field": field, "message": message}
+    return _Answer(400, {"meta": {"errors": [f"{field}: {message}"]}, "errors": [detail]})
+
+
+def _fault_answer(fault: _Fault) -> _Answer:
+    status = fault.status
+    if fault.body is not None:
+        body = fault.body
+    elif status < 300:
+        body = {}
+    elif status == 400:
+        body = {"meta": {"errors": ["simulated bad request"]}}
+    elif status == 401:
+        body = {"meta": {"error": _UNAUTHORIZED}}
+    else:
+        body = {"meta": {"error": f"{_phrase(status)} (simulated)"}}
+    headers = (("Retry-After", fault.retry_after),) if fault.retry_after is not None else ()
+    return _Answer(status, body, headers)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def _item_count(route: str | None, payload: Any) -> int:
+    if route == "v2_batch":
+        batch = payload.get("batch") if isinstance(payload, dict) else None
+        return len(batch) if isinstance(batch, list) else 0
+    return 1 if isinstance(payload, dict) else 0
+
+
+def _new_fault(count: int | None, duration: float | None, status: int = 0) -> _Fault:
+    if count is not None and count < 1:
+        raise ValueError("count must be at least 1")
+    if duration is not None and duration <= 0:
+        raise ValueError("duration must be positive")
+    return _Fault(count, None if duration is None else time.monotonic() + duration, status)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so the SDK's connection pool is exercised
+    server_version = "cio-track-simulator/1"
+    disable_nagle_algorithm = True
+    wbufsize = -1  # buffer each answer so it leaves in one TLS write (handle_one_request flushes)
+    reset_requested = False
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay quiet: the stdlib writes every request to stderr."""
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer protocol errors (bad request line, 501, ...) in JSON too, then hang up."""
+        self.close_connection = True
+        self._send(_Answer(code, {"meta": {"error": message or _phrase(code)}}))
+
+    def _send(self, answer: _Answer) -> None:
+        payload = json.dumps(answer.body, separators=(",", ":")).encode()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in answer.headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _read_body(self) -> bytes | None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.send_error(HTTPStatus.LENGTH_REQUIRED)
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            if length < 0:
+                raise ValueError(length)
+        except ValueError:
+            self.send_error(HTTPStatus.BAD_REQUEST, "invalid Content-Length")
+            return None
+        if length > _MAX_READ_BYTES:
+            self.send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return None
+        body = self.rfile.read(length)
+        if len(body) < length:  # the client went away mid-body
+            self.close_connection = True
+            return None
+        return body
+
+    def _dispatch(self) -> None:
+        simulator = cast(_Server, self.server).simulator
+        path = self.path.partition("?")[0]
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            if path.startswith(_CONTROL_PREFIX):
+                answer: _Answer | None = simulator._control(self.command, path, body)
+            else:
+                authorization = self.headers.get("Authorization")
+                answer = simulator._track(self.command, path, authorization, body)
+        except Exception as exc:  # a simulator bug: say so to the client rather than hang up
+            answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
+        if answer is None:
+            self.reset_requested = self.close_connection = True
+            return
+        self._send(answer)
+
+    # http.server dispatches on these names; HEAD falls through to its 501.
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch  # noqa: N815
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(
+        self, address: tuple[str, int], simulator: TrackAPISimulator, context: ssl.SSLContext
+    ) -> None:
+        self.simulator, self.ssl_context = simulator, context
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the host's FQDN, which can stall on DNS; skip it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, on the connection's own thread, so a slow or broken
+        # client cannot hold up the accept loop.
+        request.settimeout(10)
+        try:
+            conn = self.ssl_context.wrap_socket(request, server_side=True)
+        except OSError:
+            return
+        conn.settimeout(None)
+        reset = False
+        try:
+            if self.simulator._track_connection(conn, True):
+                reset = _Handler(conn, client_address, self).reset_requested
+        finally:
+            self.simulator._track_connection(conn, False)
+            if reset:  # linger 0: close() sends RST, as a crashing proxy would
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet: clients hanging up mid-request are routine in fault tests."""
+
+
+class TrackAPISimulator:
+    """A local HTTPS Track API with inspectable records and injectable faults."""
+
+    def __init__(
+        self,
+        site_id: str = "sim-site",
+        api_key: str = "sim-key",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        state_dir: str | Path | None = None,
+    ) -> None:
+        self.site_id, self.api_key = site_id, api_key
+        self.poison_names: set[str] = set()
+        self._host, self._port = host, port
+        self._owned_dir = state_dir is None  # a directory we made is ours to remove on close
+        directory = Path(tempfile.mkdtemp(prefix="cio-sim-") if state_dir is None else state_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._dir = directory
+        ca = trustme.CA()
+        self._ca_file = directory / "cio-track-simulator-ca.pem"
+        ca.cert_pem.write_to_path(self._ca_file)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        names = dict.fromkeys(["127.0.0.1", "localhost", host])  # ordered, without repeats
+        ca.issue_cert(*names).configure_cert(self._context)
+        # One lock guards records, faults and credentials; the condition wakes wait_for_events.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._accepted: list[AcceptedEvent] = []
+        self._requests: list[RequestRecord] = []
+        self._seen_ids: set[str] = set()
+        self._duplicates = 0
+        self._failure: _Fault | None = None
+        self._reset: _Fault | None = None
+        self._latency = 0.0
+        self._connections: set[ssl.SSLSocket] = set()
+        # Start, stop and the refusal timer serialise on their own lock, never held by requests.
+        self._lifecycle = threading.RLock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._refusal_timer: threading.Timer | None = None
+        self._refusing = False
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    @property
+    def ca_file(self) -> str:
+        return str(self._ca_file)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def start(self) -> TrackAPISimulator:
+        """Listen (on the same port as before, after a stop); idempotent."""
+        with self._lifecycle:
+            if self._closed:
+                raise RuntimeError("the simulator is closed")
+            if self._server is None:
+                server = self._server = _Server((self._host, self._port), self, self._context)
+                self._port = server.server_address[1]
+                self._thread = threading.Thread(
+                    target=server.serve_forever,
+                    kwargs={"poll_interval": 0.05},  # stop() waits up to one poll interval
+                    name=f"cio-track-simulator:{self._port}",
+                    daemon=True,
+                )
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and drop open connections; start() listens again on the same port."""
+        with self._lifecycle:
+            self._cancel_refusal()
+            self._stop_listening()
+
+    def close(self) -> None:
+        """Stop and remove the temporary directory (when the simulator made it); idempotent."""
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+            self.stop()
+            if self._owned_dir:
+                shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> TrackAPISimulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _stop_listening(self) -> None:
+        server, thread, self._server, self._thread = self._server, self._thread, None, None
+        if server is None or thread is None:
+            return
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        with self._lock:
+            connections = list(self._connections)
+        # Kept-alive connections would otherwise go on being served by a "stopped" server.
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
+
+    def _track_connection(self, conn: ssl.SSLSocket, is_open: bool) -> bool:
+        """Register or forget a connection; refuse one that raced with stop()."""
+        with self._lock:
+            if not is_open:
+                self._connections.discard(conn)
+            elif self._server is None:
+                return False
+            else:
+                self._connections.add(conn)
+        return True
+
+    def _cancel_refusal(self) -> None:
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._refusal_timer = None
+        self._refusing = False
+
+    def _end_refusal(self) -> None:
+        with self._lifecycle:
+            if self._refusing and not self._closed:
+                self._refusing, self._refusal_timer = False, None
+                self.start()
+
+    # -- records -------------------------------------------------------------------------
+
+    @property
+    def accepted(self) -> list[AcceptedEvent]:
+        with self._lock:
+            return list(self._accepted)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def duplicates(self) -> int:
+        with self._lock:
+            return self._duplicates
+
+    def accepted_ids(self) -> set[str]:
+        with self._lock:
+            return {event.id for event in self._accepted if event.id is not None}
+
+    def wait_for_events(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until at least `count` events were accepted; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._accepted) >= count, timeout)
+
+    def clear(self) -> None:
+        """Forget accepted events, requests and seen ids (faults stay)."""
+        with self._lock:
+            self._accepted.clear()
+            self._requests.clear()
+            self._seen_ids.clear()
+            self._duplicates = 0
+
+    # -- faults --------------------------------------------------------------------------
+
+    def fail(
+        self,
+        status: int,
+        *,
+        count: int | None = None,
+        duration: float | None = None,
+        retry_after: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        """Answer the next `count` requests, or all for `duration` s, or all until cleared."""
+        if not 200 <= status <= 599:
+            raise ValueError(f"status must be 200-599, not {status}")
+        fault = _new_fault(count, duration, status)
+        fault.retry_after, fault.body = retry_after, body
+        with self._lock:
+            self._failure = fault
+
+    def set_latency(self, seconds: float) -> None:
+        """Sleep this long before answering every Track request (0 turns it off)."""
+        if seconds < 0:
+            raise ValueError("latency must not be negative")
+        with self._lock:
+            self._latency = seconds
+
+    def reset_connections(self, *, count: int | None = None, duration: float | None = None) -> None:
+        """Read requests, then close the connection without answering."""
+        fault = _new_fault(count, duration)
+        with self._lock:
+            self._reset = fault
+
+    def refuse_connections(self, duration: float | None = None) -> None:
+        """Stop listening (ECONNREFUSED); listen again after `duration` s if given."""
+        if duration is not None and duration <= 0:
+            raise ValueError("duration must be positive")
+        with self._lifecycle:
+            self.stop()
+            self._refusing = True
+            if duration is not None:
+                self._refusal_timer = threading.Timer(duration, self._end_refusal)
+                self._refusal_timer.daemon = True
+                self._refusal_timer.start()
+
+    def set_credentials(self, site_id: str, api_key: str) -> None:
+        """Accept only these Basic-auth credentials from now on."""
+        with self._lock:
+            self.site_id, self.api_key = site_id, api_key
+
+    def clear_faults(self) -> None:
+        """Remove every fault: failures, latency, resets, poison names, a refusal."""
+        with self._lock:
+            self._failure = self._reset = None
+            self._latency = 0.0
+            self.poison_names.clear()
+        with self._lifecycle:
+            if self._refusing and not self._closed:
+                self._cancel_refusal()
+                self.start()
+
+    # -- request handling (called from connection threads) -------------------------------
+
+    def _track(
+        self, method: str, path: str, authorization: str | None, body: bytes
+    ) -> _Answer | None:
+        """Answer one Track request; None means drop the connection unanswered."""
+        received = time.time()
+        match = _V1_IDENTIFIED.fullmatch(path)
+        route = "v1" if match else _ROUTES.get(path)
+        payload = _loads(body) if route else None
+        with self._lock:
+            latency = self._latency
+        if latency:
+            time.sleep(latency)
+        failure = None
+        with self._lock:  # faults come first: an outage answers whatever the credentials
+            now = time.monotonic()
+            if self._reset is not None and not self._reset.take(now):
+                self._reset = None
+            if self._reset is None and self._failure is not None:
+                if self._failure.take(now):
+                    failure = self._failure
+                else:
+                    self._failure = None
+            reset = self._reset is not None
+        if reset:
+            answer = None
+        elif failure is not None:
+            answer = _fault_answer(failure)
+        elif route is None:
+            answer = _Answer(404, {"meta": {"error": "Not Found"}})
+        elif method != "POST":
+            answer = _Answer(405, {"meta": {"error": "Method Not Allowed"}}, (("Allow", "POST"),))
+        elif not self._authorized(authorization):
+            answer = _Answer(401, {"meta": {"error": _UNAUTHORIZED}}, _CHALLENGE)
+        else:
+            answer = self._route(route, match.group(1) if match else None, payload, len(body))
+        status = 0 if answer is None else answer.status
+        record = RequestRecord(
+            received, method, path, status, len(body), _item_count(route, payload)
+        )
+        with self._lock:  # recorded before the answer leaves, so a client never outruns it
+            self._requests.append(record)
+        return answer
+
+    def _authorized(self, authorization: str | None) -> bool:
+        scheme, _, credentials = (authorization or "").partition(" ")
+        try:
+            given = base64.b64decode(credentials.strip(), validate=True)
+        except ValueError:  # binascii.Error, or non-ASCII text
+            return False
+        with self._lock:
+            expected = f"{self.site_id}:{self.api_key}".encode()
+        return scheme.lower() == "basic" and hmac.compare_digest(given, expected)
+
+    def _route(self, route: str, raw_identifier: str | None, payload: Any, size: int) -> _Answer:
+        poison = self.poison_names
+        if route.startswith("v1"):
+            try:
+                customer_id = None
+                if raw_identifier is not None:
+                    try:
+                        decoded = unquote(raw_identifier, errors="strict")
+                    except UnicodeDecodeError:
+                        raise _ValidationError("identifier", "identifier is not UTF-8") from None
+                    customer_id = _check_identifier(decoded, "identifier")
+                if payload is _NOT_JSON:
+                    raise _ValidationError("body", "the body is not valid JSON")
+                draft = _v1_draft(payload, customer_id, route, poison)
+            except _ValidationError as exc:
+                return _Answer(400, {"meta": {"error": exc.message}})
+            self._accept([draft])
+            return _Answer(200, {})
+        if size > MAX_V2_REQUEST_BYTES:
+            return _whole_request_error(f"the request is {size} bytes, over 512000")
+        if payload is _NOT_JSON or not isinstance(payload, dict):
+            return _whole_request_error("the body must be a JSON object")
+        if route == "v2_entity":
+            try:
+                entity = _v2_draft(payload, route, poison)
+            except _ValidationError as exc:
+                return _whole_request_error(exc.message, exc.field, exc.reason)
+            self._accept([] if entity is None else [entity])
+            return _Answer(200, {})
+        batch = payload.get("batch")
+        if not isinstance(batch, list) or not batch:
+            return _whole_request_error("batch must be a non-empty array")
+        drafts: list[_Draft] = []
+        errors: list[dict[str, Any]] = []
+        for index, item in enumerate(batch):
+            try:
+                item_draft = _v2_draft(item, route, poison)
+            except _ValidationError as exc:
+                errors.append({"batch_index": index, **exc.detail()})
+                continue
+            if item_draft is not None:
+                drafts.append(item_draft)
+        self._accept(drafts)
+        return _Answer(207, {"errors": errors}) if errors else _Answer(200, {})
+
+    def _accept(self, drafts: list[_Draft]) -> None:
+        with self._changed:
+            now = time.time()
+            for draft in drafts:
+                if draft.id is not None:
+                    key = draft.id.upper()  # ULIDs are case-insensitive
+                    if key in self._seen_ids:
+                        self._duplicates += 1
+                        continue
+                    self._seen_ids.add(key)
+                self._accepted.append(AcceptedEvent(*draft, received_at=now))
+            self._changed.notify_all()
+
+    def _control(self, method: str, path: str, body: bytes) -> _Answer:
+        """The unauthenticated /_simulator/ routes: never recorded, never faulted."""
+        action = path[len(_CONTROL_PREFIX) :]
+        expected = _CONTROL_METHODS.get(action)
+        if expected is None:
+            return _Answer(404, {"meta": {"error": "Not Found"}})
+        if method != expected:
+            return _Answer(405, {"meta": {"error": "Method Not Allowed"}}, (("Allow", expected),))
+        if action == "events":
+            with self._lock:
+                events, duplicates = list(self._accepted), self._duplicates
+            return _Answer(200, {"events": [asdict(e) for e in events], "duplicates": duplicates})
+        if action == "requests":
+            return _Answer(200, {"requests": [asdict(r) for r in self.requests]})
+        if action == "clear":
+            self.clear()
+        elif action == "clear_faults":
+            self.clear_faults()
+        else:
+            spec = _loads(body)
+            try:
+                self._apply_faults(spec)
+            except (TypeError, ValueError, AttributeError) as exc:
+                return _Answer(400, {"meta": {"error": f"bad fault request: {exc}"}})
+        return _Answer(200, {})
+
+    def _apply_faults(self, spec: Any) -> None:
+        if not isinstance(spec, dict) or not spec.keys() & _FAULT_KEYS:
+            raise ValueError("expected status, latency or reset_connections")
+        if "status" in spec:
+            retry_after = spec.get("retry_after")
+            self.fail(
+                int(spec["status"]),
+                count=spec.get("count"),
+                duration=spec.get("duration"),
+                retry_after=None if retry_after is None else str(retry_after),
+                body=spec.get("body"),
+            )
+        if "latency" in spec:
+            self.set_latency(float(spec["latency"]))
+        if "reset_connections" in spec:
+            reset = spec["reset_connections"] or {}
+            self.reset_connections(count=reset.get("count"), duration=reset.get("duration"))
+
+
+def run_from_command_line(argv: list[str] | None = None) -> int:
+    """Serve a simulator until SIGINT or SIGTERM; print what a client needs to reach it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cio_logging.simulator", description="Local Customer.io Track API."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8443, help="0 picks a free port")
+    parser.add_argument("--site-id", default="sim-site")
+    parser.add_argument("--api-key", default="sim-key")
+    parser.add_argument("--state-dir", help="where to write the CA file (default: a temp dir)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    simulator = TrackAPISimulator(
+        args.site_id, args.api_key, host=args.host, port=args.port, state_dir=args.state_dir
+    )
+    try:
+        simulator.start()
+        exports = {
+            "CUSTOMERIO_SITE_ID": simulator.site_id,
+            "CUSTOMERIO_API_KEY": simulator.api_key,  # printed on purpose: a local test key
+            "CIO_LOGGING_TRACK_URL": simulator.url,
+            "CIO_LOGGING_CA_BUNDLE": simulator.ca_file,
+        }
+        print(f"Customer.io Track API simulator listening on {simulator.url}", flush=True)
+        print(f"CA file: {simulator.ca_file}", flush=True)
+        print(f"site id: {simulator.site_id}  api key: {simulator.api_key}", flush=True)
+        line = " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items())
+        print(f"export {line}", flush=True)
+        while not stop.wait(0.5):  # wake now and then so a signal is handled promptly
+            pass
+    finally:
+        simulator.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_from_command_line())
