@@ -14,14 +14,17 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="cio-logging",
-        description="Customer.io events through Python logging: demo and tools.")
+        prog="cio-logging", description="Customer.io events through Python logging: demo and tools."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
-    demo.add_argument("--outage-seconds", type=float, default=4.0,
-                      help="how long the simulated outage lasts (default 4)")
-    commands.add_parser("simulator", help="run the Track API simulator",
-                        add_help=False)
+    demo.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=4.0,
+        help="how long the simulated outage lasts (default 4)",
+    )
+    commands.add_parser("simulator", help="run the Track API simulator", add_help=False)
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "simulator":
@@ -34,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         # Show the library's own warnings (delivery failures, refused events) briefly.
-        logging.basicConfig(level=logging.WARNING, format="  (%(name)s) %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING,
+            stream=sys.stdout,
+            format="[%(asctime)s]   (%(name)s log) %(message)s",
+            datefmt="%H:%M:%S",
+        )
         return run_demo(outage_seconds=args.outage_seconds)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -115,10 +115,14 @@ def resolve_settings(
         Path(chosen_dir).expanduser() if chosen_dir else default_queue_dir(site, endpoint, env)
     )
 
-    numbers = {name: _number(name, options.get(name, spec[0]), spec) for name, spec in
-               _NUMERIC_OPTIONS.items()}
-    flags = {name: _boolean(name, options.get(name, default)) for name, default in
-             _BOOLEAN_OPTIONS.items()}
+    numbers = {
+        name: _number(name, options.get(name, spec[0]), spec)
+        for name, spec in _NUMERIC_OPTIONS.items()
+    }
+    flags = {
+        name: _boolean(name, options.get(name, default))
+        for name, default in _BOOLEAN_OPTIONS.items()
+    }
     return Settings(
         site_id=site,
         api_key=key,
@@ -179,8 +183,9 @@ def _endpoint(track_url: str | None, region: str) -> Endpoint:
         raise ConfigurationError(f"track_url must start with https://, got {track_url!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         # The SDK builds /api/v1 and /api/v2 itself and ignores any prefix for batches.
-        raise ConfigurationError(f"track_url takes a scheme, host and port only, not a path: "
-                                 f"{track_url!r}")
+        raise ConfigurationError(
+            f"track_url takes a scheme, host and port only, not a path: {track_url!r}"
+        )
     if parts.username or parts.password:
         raise ConfigurationError("track_url must not carry credentials; use site_id/api_key")
     try:

@@ -85,8 +85,9 @@ class _PinnedCASession(requests.Session):
         self.verify = verify
         self._pinned = verify
 
-    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
-                                   cert: Any) -> Any:
+    def merge_environment_settings(
+        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> Any:
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
         if self._pinned is not True:
             settings["verify"] = self._pinned
@@ -98,17 +99,22 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
 
     def __init__(self, settings: Settings, on_response: Any) -> None:
         super().__init__(
-            settings.site_id, settings.api_key,
-            host=settings.endpoint.host, port=settings.endpoint.port,
-            retries=0, timeout=settings.request_timeout,
+            settings.site_id,
+            settings.api_key,
+            host=settings.endpoint.host,
+            port=settings.endpoint.port,
+            retries=0,
+            timeout=settings.request_timeout,
         )
         self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
         self._on_response = on_response
 
     def _build_session(self) -> requests.Session:
         session = _PinnedCASession(self._verify)
-        session.headers["User-Agent"] = (f"cio-logging/{version('cio-logging')} "
-                                         f"Customer.io Python Client/{version('customerio')}")
+        session.headers["User-Agent"] = (
+            f"cio-logging/{version('cio-logging')} "
+            f"Customer.io Python Client/{version('customerio')}"
+        )
         session.auth = (self.site_id, self.api_key)
         session.mount("https://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=4))
         session.hooks["response"].append(self._on_response)
@@ -156,10 +162,12 @@ class TrackClient:
                 self._send_single(queued, report)
         return report
 
-    def _send_batch(self, chunk: list[tuple[QueuedEvent, dict[str, Any], int]],
-                    report: DeliveryReport) -> None:
-        failure, response = self._call(lambda: self._sdk.batch([item for _, item, _ in chunk]),
-                                       chunk)
+    def _send_batch(
+        self, chunk: list[tuple[QueuedEvent, dict[str, Any], int]], report: DeliveryReport
+    ) -> None:
+        failure, response = self._call(
+            lambda: self._sdk.batch([item for _, item, _ in chunk]), chunk
+        )
         report.requests += 1
         if failure is None and response is not None:
             rejected = _rejected_items(response, len(chunk))
@@ -186,13 +194,26 @@ class TrackClient:
     def _send_single(self, queued: QueuedEvent, report: DeliveryReport) -> None:
         event = queued.event
         if event.customer_id is not None:
+
             def send() -> Any:
-                return self._sdk.track(event.customer_id, event.name, event.data,
-                                       id=event.id, timestamp=event.timestamp)
+                return self._sdk.track(
+                    event.customer_id,
+                    event.name,
+                    event.data,
+                    id=event.id,
+                    timestamp=event.timestamp,
+                )
         else:
+
             def send() -> Any:
-                return self._sdk.track_anonymous(event.anonymous_id, event.name, event.data,
-                                                 id=event.id, timestamp=event.timestamp)
+                return self._sdk.track_anonymous(
+                    event.anonymous_id,
+                    event.name,
+                    event.data,
+                    id=event.id,
+                    timestamp=event.timestamp,
+                )
+
         failure, _ = self._call(send, [(queued, {}, 0)])
         report.requests += 1
         if failure is None:
@@ -203,8 +224,9 @@ class TrackClient:
             report.failure = failure
             report.deferred.append(queued)
 
-    def _call(self, send: Any, chunk: Sequence[tuple[QueuedEvent, Any, int]]
-              ) -> tuple[Failure | None, requests.Response | None]:
+    def _call(
+        self, send: Any, chunk: Sequence[tuple[QueuedEvent, Any, int]]
+    ) -> tuple[Failure | None, requests.Response | None]:
         self._local.response = None
         try:
             return None, send()
@@ -216,13 +238,15 @@ class TrackClient:
         except requests.RequestException as exc:  # raised outside the SDK's wrapper
             return _transport_failure(exc, self._settings.request_timeout), None
 
-    def _remember_response(self, response: requests.Response, *args: Any,
-                           **kwargs: Any) -> requests.Response:
+    def _remember_response(
+        self, response: requests.Response, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         self._local.response = response
         return response
 
-    def _http_failure(self, response: requests.Response,
-                      chunk: Sequence[tuple[QueuedEvent, Any, int]]) -> Failure:
+    def _http_failure(
+        self, response: requests.Response, chunk: Sequence[tuple[QueuedEvent, Any, int]]
+    ) -> Failure:
         secrets = {self._settings.api_key, self._settings.site_id}
         for queued, _, _ in chunk:
             secrets.add(queued.event.customer_id or queued.event.anonymous_id or "")
@@ -245,8 +269,9 @@ def _batch_item(queued: QueuedEvent) -> dict[str, Any]:
     }
 
 
-def _chunks_by_size(items: list[tuple[QueuedEvent, dict[str, Any], int]]
-                    ) -> list[list[tuple[QueuedEvent, dict[str, Any], int]]]:
+def _chunks_by_size(
+    items: list[tuple[QueuedEvent, dict[str, Any], int]],
+) -> list[list[tuple[QueuedEvent, dict[str, Any], int]]]:
     chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]] = []
     current: list[tuple[QueuedEvent, dict[str, Any], int]] = []
     used = 0
@@ -277,8 +302,9 @@ def _rejected_items(response: requests.Response, count: int) -> dict[int, Failur
         if isinstance(index, int) and 0 <= index < count:
             # reason and field only: the message may quote the offending value.
             words = " ".join(str(error.get(k)) for k in ("reason", "field") if error.get(k))
-            rejected[index] = Failure(207, "item_rejected",
-                                      f"rejected in a 207 batch answer: {words or 'no reason'}")
+            rejected[index] = Failure(
+                207, "item_rejected", f"rejected in a 207 batch answer: {words or 'no reason'}"
+            )
     if errors and not rejected:
         # A 207 we cannot map to items: better to resend (ids deduplicate) than guess.
         return {}
@@ -301,8 +327,9 @@ def _error_text(response: requests.Response) -> str:
         if isinstance(meta.get("errors"), list):
             parts.extend(str(e) for e in meta["errors"])
     if isinstance(body.get("errors"), list):
-        parts.extend(str(e.get("reason", e)) if isinstance(e, dict) else str(e)
-                     for e in body["errors"])
+        parts.extend(
+            str(e.get("reason", e)) if isinstance(e, dict) else str(e) for e in body["errors"]
+        )
     return "; ".join(parts)[:200]
 
 

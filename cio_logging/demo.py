@@ -23,8 +23,9 @@ from .handler import CustomerIOHandler
 _EVENTS = ("signup", "page_viewed", "purchase", "subscription_changed", "search")
 
 
-def run_demo(*, out: TextIO = sys.stdout, queue_dir: Path | None = None,
-             outage_seconds: float = 4.0) -> int:
+def run_demo(
+    *, out: TextIO = sys.stdout, queue_dir: Path | None = None, outage_seconds: float = 4.0
+) -> int:
     """Run the demo; returns the process exit code (0 when every event is accounted for)."""
     try:
         from .simulator import TrackAPISimulator
@@ -40,30 +41,31 @@ def run_demo(*, out: TextIO = sys.stdout, queue_dir: Path | None = None,
     simulator = TrackAPISimulator(state_dir=workdir / "simulator")
     simulator.poison_names = {"poison_pill"}
     simulator.start()
-    logger = logging.getLogger("cio_logging.demo.app")
+    logger = logging.getLogger("demo.shop")
     try:
         say(f"Track API simulator listening on {simulator.url} (CA {simulator.ca_file})")
-        logging.config.dictConfig({
-            "version": 1,
-            "disable_existing_loggers": False,
-            "handlers": {
-                "customerio": {
-                    "class": "cio_logging.CustomerIOHandler",
-                    "site_id": simulator.site_id,
-                    "api_key": simulator.api_key,
-                    "track_url": simulator.url,
-                    "ca_bundle": simulator.ca_file,
-                    "queue_dir": str(directory),
-                    "flush_interval": 0.2,
-                    "max_backoff": 1.0,
-                    "request_timeout": 2,
+        logging.config.dictConfig(
+            {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "handlers": {
+                    "customerio": {
+                        "class": "cio_logging.CustomerIOHandler",
+                        "site_id": simulator.site_id,
+                        "api_key": simulator.api_key,
+                        "track_url": simulator.url,
+                        "ca_bundle": simulator.ca_file,
+                        "queue_dir": str(directory),
+                        "flush_interval": 0.2,
+                        "max_backoff": 1.0,
+                        "request_timeout": 2,
+                    },
                 },
-            },
-            "loggers": {
-                "cio_logging.demo.app": {"handlers": ["customerio"], "level": "INFO",
-                                         "propagate": False},
-            },
-        })
+                "loggers": {
+                    "demo.shop": {"handlers": ["customerio"], "level": "INFO", "propagate": False},
+                },
+            }
+        )
         handler = next(h for h in logger.handlers if isinstance(h, CustomerIOHandler))
         say(f"handler configured with dictConfig; write-ahead log in {directory}")
         logged = 0
@@ -71,41 +73,61 @@ def run_demo(*, out: TextIO = sys.stdout, queue_dir: Path | None = None,
         def log_events(count: int, start: int) -> int:
             for number in range(start, start + count):
                 name = _EVENTS[number % len(_EVENTS)]
-                logger.info(name, extra=cio_event(f"user-{number % 7}", order=number,
-                                                  amount=round(number * 1.5, 2)))
+                logger.info(
+                    name,
+                    extra=cio_event(
+                        f"user-{number % 7}", order=number, amount=round(number * 1.5, 2)
+                    ),
+                )
             return count
 
         say("phase 1: Customer.io is up; logging 30 events")
         logged += log_events(30, 0)
         _wait_until(lambda: len(simulator.accepted) >= logged, 10)
+        for event in simulator.accepted[:3]:
+            say(
+                f"  Customer.io received {event.name!r} for {event.customer_id} "
+                f"(id {event.id}, data {event.data}, via {event.route})"
+            )
         say(f"  delivered {len(simulator.accepted)}, queued on disk {handler.status()['queued']}")
 
-        say(f"phase 2: outage (every request answered 503 for {outage_seconds:g} s); "
-            "logging 30 more")
+        say(
+            f"phase 2: outage (every request answered 503 for {outage_seconds:g} s); "
+            "logging 30 more"
+        )
         simulator.fail(503, duration=outage_seconds)
         outage_ends = time.monotonic() + outage_seconds
         logged += log_events(30, 30)
         while time.monotonic() < outage_ends:
             time.sleep(1.0)
             status = handler.status()
-            say(f"  accepted so far {len(simulator.accepted)}, waiting on disk "
-                f"{status['queued']}, last error: {status['last_error']}")
+            say(
+                f"  accepted so far {len(simulator.accepted)}, waiting on disk "
+                f"{status['queued']}, last error: {status['last_error']}"
+            )
 
         say("phase 3: Customer.io is back; the worker retries what waited on disk")
-        logger.info("poison_pill", extra=cio_event("user-1", note="the simulator rejects "
-                                                   "this name: it goes to the dead-letter store"))
+        logger.info(
+            "poison_pill",
+            extra=cio_event(
+                "user-1", note="the simulator rejects this name: it goes to the dead-letter store"
+            ),
+        )
         logger.info("bad_data", extra=cio_event("user-1", ratio=float("nan")))
         logged += 1
         handler.flush()
         _wait_until(lambda: handler.status()["queued"] == 0, 15)
         status = handler.status()
         delivered = len(simulator.accepted)
-        say(f"  accepted {delivered}, queued {status['queued']}, "
-            f"dead-lettered {status['dead_letters']}")
+        say(
+            f"  accepted {delivered}, queued {status['queued']}, "
+            f"dead-lettered {status['dead_letters']}"
+        )
         print(file=out)
         print("summary", file=out)
-        print(f"  logged          {logged + 1}  (one of them refused at emit: NaN in data)",
-              file=out)
+        print(
+            f"  logged          {logged + 1}  (one of them refused at emit: NaN in data)", file=out
+        )
         print(f"  delivered       {delivered}", file=out)
         print(f"  queued on disk  {status['queued']}", file=out)
         print(f"  dead-lettered   {status['dead_letters']}", file=out)

@@ -171,13 +171,17 @@ def encode_data(data: object) -> str:
         raise InvalidEventError(f"data must be a dict, not {type(data).__name__}")
     try:
         text = json.dumps(
-            data, default=_json_default, ensure_ascii=False, allow_nan=False,
+            data,
+            default=_json_default,
+            ensure_ascii=False,
+            allow_nan=False,
             separators=(",", ":"),
         )
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise InvalidEventError("data contains text that is not valid Unicode "
-                                "(a lone surrogate)") from None
+        raise InvalidEventError(
+            "data contains text that is not valid Unicode (a lone surrogate)"
+        ) from None
     except RecursionError:
         raise InvalidEventError("data is nested too deeply to encode") from None
     except (TypeError, ValueError) as exc:
@@ -213,15 +217,17 @@ def _identifier(field_name: str, value: object) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise InvalidEventError(f"{field_name} must be a string or an integer, "
-                                f"not {type(value).__name__}")
+        raise InvalidEventError(
+            f"{field_name} must be a string or an integer, not {type(value).__name__}"
+        )
     text = str(value)
     if not text.strip():
         raise InvalidEventError(f"{field_name} must not be empty")
     size = _utf8_size(field_name, text)
     if size > MAX_IDENTIFIER_BYTES:
-        raise InvalidEventError(f"{field_name} is {size} bytes; Customer.io accepts at most "
-                                f"{MAX_IDENTIFIER_BYTES}")
+        raise InvalidEventError(
+            f"{field_name} is {size} bytes; Customer.io accepts at most {MAX_IDENTIFIER_BYTES}"
+        )
     return text
 
 
@@ -232,8 +238,9 @@ def _name(value: object) -> str:
         raise InvalidEventError("name must not be empty")
     size = _utf8_size("name", value)
     if size > MAX_NAME_BYTES:
-        raise InvalidEventError(f"name is {size} bytes; Customer.io accepts at most "
-                                f"{MAX_NAME_BYTES}")
+        raise InvalidEventError(
+            f"name is {size} bytes; Customer.io accepts at most {MAX_NAME_BYTES}"
+        )
     return value
 
 
@@ -245,8 +252,7 @@ def _event_id(value: object) -> str:
     try:
         return str(ULID.from_str(value.upper()))
     except ValueError:
-        raise InvalidEventError("id is not a valid ULID (26 Crockford base32 characters)") \
-            from None
+        raise InvalidEventError("id is not a valid ULID (26 Crockford base32 characters)") from None
 
 
 def _timestamp(value: object, created: float) -> int:
@@ -256,8 +262,9 @@ def _timestamp(value: object, created: float) -> int:
         aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
         value = aware.timestamp()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidEventError(f"timestamp must be Unix seconds or a datetime, "
-                                f"not {type(value).__name__}")
+        raise InvalidEventError(
+            f"timestamp must be Unix seconds or a datetime, not {type(value).__name__}"
+        )
     if not math.isfinite(value) or not 0 <= value < 2**32:
         raise InvalidEventError("timestamp is outside the range of Unix seconds")
     return int(value)
@@ -267,5 +274,4 @@ def _utf8_size(field_name: str, text: str) -> int:
     try:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise InvalidEventError(f"{field_name} is not valid Unicode (a lone surrogate)") \
-            from None
+        raise InvalidEventError(f"{field_name} is not valid Unicode (a lone surrogate)") from None

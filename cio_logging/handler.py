@@ -65,8 +65,14 @@ class CustomerIOHandler(logging.Handler):
         **options: Any,
     ) -> None:
         self.settings: Settings = resolve_settings(
-            site_id, api_key, region=region, queue_dir=queue_dir, track_url=track_url,
-            ca_bundle=ca_bundle, options=options)
+            site_id,
+            api_key,
+            region=region,
+            queue_dir=queue_dir,
+            track_url=track_url,
+            ca_bundle=ca_bundle,
+            options=options,
+        )
         super().__init__(level)
         queue_dir_path = self.settings.queue_dir
         secure_directory(queue_dir_path)
@@ -83,10 +89,12 @@ class CustomerIOHandler(logging.Handler):
             self._worker.ensure_started()
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} site_id={self.settings.site_id!r} "
-                f"endpoint={self.settings.endpoint.base_url} "
-                f"queue_dir={str(self.settings.queue_dir)!r} "
-                f"level={logging.getLevelName(self.level)}>")
+        return (
+            f"<{type(self).__name__} site_id={self.settings.site_id!r} "
+            f"endpoint={self.settings.endpoint.base_url} "
+            f"queue_dir={str(self.settings.queue_dir)!r} "
+            f"level={logging.getLevelName(self.level)}>"
+        )
 
     def handle(self, record: logging.LogRecord) -> Any:
         """Filter and emit, without the handler lock.
@@ -120,8 +128,13 @@ class CustomerIOHandler(logging.Handler):
                 self._worker.notify()
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID)
-            internal_log.warning("cio_logging: event refused at emit (logger %s, %s:%d): %s",
-                                 record.name, record.filename, record.lineno, exc)
+            internal_log.warning(
+                "cio_logging: event refused at emit (logger %s, %s:%d): %s",
+                record.name,
+                record.filename,
+                record.lineno,
+                exc,
+            )
         except Exception:
             self._count_drop(DROP_QUEUE_ERROR)
             self.handleError(record)
@@ -135,9 +148,12 @@ class CustomerIOHandler(logging.Handler):
         with self._counts_guard:
             last_key = self._last_key
         if not self._worker.flush(self.settings.flush_timeout, last_key):
-            internal_log.warning("cio_logging: flush timed out after %gs; %d event(s) wait on "
-                                 "disk and will be sent later", self.settings.flush_timeout,
-                                 len(self._wal))
+            internal_log.warning(
+                "cio_logging: flush timed out after %gs; %d event(s) wait on "
+                "disk and will be sent later",
+                self.settings.flush_timeout,
+                len(self._wal),
+            )
 
     def close(self) -> None:
         """Stop the worker within ``close_timeout``; unsent events stay on disk. Idempotent."""
@@ -147,9 +163,11 @@ class CustomerIOHandler(logging.Handler):
             self._closed = True
         try:
             if not self._worker.close(self.settings.close_timeout):
-                internal_log.warning("cio_logging: the flush thread did not stop within %gs; "
-                                     "its unsent events stay on disk",
-                                     self.settings.close_timeout)
+                internal_log.warning(
+                    "cio_logging: the flush thread did not stop within %gs; "
+                    "its unsent events stay on disk",
+                    self.settings.close_timeout,
+                )
         finally:
             super().close()
 

@@ -23,8 +23,9 @@ class Backoff:
     def next_delay(self, retry_after: float | None = None) -> float:
         """Record one more failure and return how long to wait before the next try."""
         self.failures += 1
-        policy = wait_exponential_jitter(initial=self.initial, max=self.maximum,
-                                         jitter=min(self.jitter, self.initial))
+        policy = wait_exponential_jitter(
+            initial=self.initial, max=self.maximum, jitter=min(self.jitter, self.initial)
+        )
         state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         state.attempt_number = self.failures
         delay = float(policy(state))

@@ -16,6 +16,7 @@ Keys are the events' ULIDs, so key order is logging order and a resend keeps its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -67,8 +68,9 @@ class _JSONTextDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache is untyp
 
     def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:
         if mode != diskcache.core.MODE_RAW or filename is not None or type(value) is not str:
-            raise CorruptEntryError(f"a stored row has mode {mode}, not inline JSON text "
-                                    f"(refused, not decoded)")
+            raise CorruptEntryError(
+                f"a stored row has mode {mode}, not inline JSON text (refused, not decoded)"
+            )
         return value
 
 
@@ -108,7 +110,10 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
             # and with it the connection; one live thread per ident keeps that safe.
             connection = sqlite3.connect(
                 os.path.join(self._directory, diskcache.core.DBNAME),
-                timeout=self._timeout, isolation_level=None, check_same_thread=False)
+                timeout=self._timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             self._connections[ident] = connection
             try:
                 settings = connection.execute("SELECT key, value FROM Settings").fetchall()
@@ -140,10 +145,8 @@ def secure_directory(directory: Path) -> None:
     missing = [directory, *directory.parents]
     missing = [path for path in missing if not path.exists()]
     for path in reversed(missing):
-        try:
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
             path.mkdir(mode=_DIRECTORY_MODE)
-        except FileExistsError:  # another process made it meanwhile
-            pass
         path.chmod(_DIRECTORY_MODE)
     if stat.S_IMODE(directory.stat().st_mode) != _DIRECTORY_MODE:
         directory.chmod(_DIRECTORY_MODE)
@@ -190,8 +193,9 @@ def _open_cache(directory: Path, *, fsync: bool) -> diskcache.Cache:
             disk_min_file_size=_INLINE_LIMIT,
         )
     except (sqlite3.Error, OSError) as exc:
-        raise QueueError(f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}") \
-            from exc
+        raise QueueError(
+            f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}"
+        ) from exc
     for entry in directory.iterdir():
         if entry.is_file() and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE:
             entry.chmod(_FILE_MODE)  # by path: see secure_file
@@ -235,8 +239,10 @@ class WriteAheadLog:
 
     def append(self, event: Event) -> None:
         """Write ``event`` durably (committed to SQLite) before returning."""
-        entry = (f'{{"v":{_ENTRY_VERSION},"attempts":0,"first_failure_at":null,'
-                 f'"last_error":null,"next_attempt_at":0,"event":{event.to_json()}}}')
+        entry = (
+            f'{{"v":{_ENTRY_VERSION},"attempts":0,"first_failure_at":null,'
+            f'"last_error":null,"next_attempt_at":0,"event":{event.to_json()}}}'
+        )
         self._cache.set(event.id, entry)
 
     def read_due(self, limit: int, now: float | None = None) -> Batch:
@@ -275,8 +281,13 @@ class WriteAheadLog:
             for key in keys:
                 self._cache.delete(key)
 
-    def record_failure(self, events: Iterable[QueuedEvent], error: str, next_attempt_at: float,
-                       now: float | None = None) -> None:
+    def record_failure(
+        self,
+        events: Iterable[QueuedEvent],
+        error: str,
+        next_attempt_at: float,
+        now: float | None = None,
+    ) -> None:
         """Count one more failed attempt for each event and keep it for later."""
         moment = time.time() if now is None else now
         with self._cache.transact():
@@ -291,8 +302,9 @@ class WriteAheadLog:
                     "next_attempt_at": next_attempt_at,
                     "event": json.loads(queued.event.to_json()),
                 }
-                self._cache.set(queued.key, json.dumps(entry, ensure_ascii=False,
-                                                       separators=(",", ":")))
+                self._cache.set(
+                    queued.key, json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+                )
 
     def __contains__(self, key: object) -> bool:
         return key in self._cache
@@ -318,8 +330,9 @@ def _decode_entry(key: str, text: str) -> QueuedEvent:
             next_attempt_at=float(raw["next_attempt_at"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InvalidEventError(f"queue entry is not valid JSON of ours ({type(exc).__name__})") \
-            from None
+        raise InvalidEventError(
+            f"queue entry is not valid JSON of ours ({type(exc).__name__})"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,9 +360,18 @@ class DeadLetterStore:
         self.directory = directory
         self._cache = _open_cache(directory, fsync=fsync)
 
-    def add(self, key: str, event: Event | None, *, status: int | None, error_type: str,
-            message: str, attempts: int, first_failure_at: float | None = None,
-            now: float | None = None) -> None:
+    def add(
+        self,
+        key: str,
+        event: Event | None,
+        *,
+        status: int | None,
+        error_type: str,
+        message: str,
+        attempts: int,
+        first_failure_at: float | None = None,
+        now: float | None = None,
+    ) -> None:
         moment = time.time() if now is None else now
         entry = {
             "v": _ENTRY_VERSION,
@@ -371,9 +393,13 @@ class DeadLetterStore:
                 continue
             raw = json.loads(text)
             yield DeadLetter(
-                key=raw["key"], event=raw["event"], status=raw["status"],
-                error_type=raw["error_type"], message=raw["message"],
-                attempts=raw["attempts"], first_failure_at=raw["first_failure_at"],
+                key=raw["key"],
+                event=raw["event"],
+                status=raw["status"],
+                error_type=raw["error_type"],
+                message=raw["message"],
+                attempts=raw["attempts"],
+                first_failure_at=raw["first_failure_at"],
                 last_failure_at=raw["last_failure_at"],
             )
 

@@ -95,7 +95,8 @@ class DeliveryWorker:
         with self._start_guard:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
-                    target=self._run, name="cio_logging-flush", daemon=True)
+                    target=self._run, name="cio_logging-flush", daemon=True
+                )
                 self._thread.start()
 
     def notify(self) -> None:
@@ -159,8 +160,10 @@ class DeliveryWorker:
                     self._complete(generation)
                     self._wait(self._settings.flush_interval)
         except Exception:  # the thread must never die silently
-            internal_log.exception("cio_logging flush thread stopped by an unexpected error; "
-                                   "events stay on disk and a new process will send them")
+            internal_log.exception(
+                "cio_logging flush thread stopped by an unexpected error; "
+                "events stay on disk and a new process will send them"
+            )
         finally:
             if client is not None:
                 client.close()
@@ -168,15 +171,22 @@ class DeliveryWorker:
             with self._progress:
                 self._progress.notify_all()
 
-    def _deliver_once(self, client: TrackClient, backoff: Backoff,
-                      generation: int) -> float | None:
+    def _deliver_once(self, client: TrackClient, backoff: Backoff, generation: int) -> float | None:
         """Deliver one batch; return how long to back off, or None to go on."""
         batch = self._wal.read_due(self._settings.batch_size, self._clock())
         for corrupt in batch.corrupt:
-            self._dead_letter(corrupt.key, None, Failure(None, "corrupt_entry", corrupt.reason),
-                              attempts=1, first_failure_at=None)
-            internal_log.error("cio_logging: a queue entry could not be read and was moved to "
-                               "the dead-letter store: %s", corrupt.reason)
+            self._dead_letter(
+                corrupt.key,
+                None,
+                Failure(None, "corrupt_entry", corrupt.reason),
+                attempts=1,
+                first_failure_at=None,
+            )
+            internal_log.error(
+                "cio_logging: a queue entry could not be read and was moved to "
+                "the dead-letter store: %s",
+                corrupt.reason,
+            )
         if not batch.events:
             return None
         report = client.deliver(batch.events)
@@ -185,15 +195,21 @@ class DeliveryWorker:
             backoff.reset()
             return None
         delay = backoff.next_delay(report.failure.retry_after)
-        self._wal.record_failure(report.deferred, report.failure.message,
-                                 self._clock() + delay, self._clock())
+        self._wal.record_failure(
+            report.deferred, report.failure.message, self._clock() + delay, self._clock()
+        )
         self._complete(generation)  # flush() waits for "delivered or could not be"
         return delay
 
     def _apply(self, report: DeliveryReport) -> None:
         for queued, failure in report.rejected:
-            self._dead_letter(queued.key, queued.event, failure, attempts=queued.attempts + 1,
-                              first_failure_at=queued.first_failure_at)
+            self._dead_letter(
+                queued.key,
+                queued.event,
+                failure,
+                attempts=queued.attempts + 1,
+                first_failure_at=queued.first_failure_at,
+            )
         # Dead letters are written before the log entries are removed: a crash in
         # between leaves an event in both places, never in neither.
         self._wal.remove([q.key for q in report.accepted] + [q.key for q, _ in report.rejected])
@@ -204,16 +220,34 @@ class DeliveryWorker:
             stats.failed_requests += 1
             self._report_failure(report.failure, len(report.deferred))
 
-    def _dead_letter(self, key: str, event: Event | None, failure: Failure, *, attempts: int,
-                     first_failure_at: float | None) -> None:
-        self._dead_letters.add(key, event, status=failure.status, error_type=failure.error_type,
-                               message=failure.message, attempts=attempts,
-                               first_failure_at=first_failure_at, now=self._clock())
+    def _dead_letter(
+        self,
+        key: str,
+        event: Event | None,
+        failure: Failure,
+        *,
+        attempts: int,
+        first_failure_at: float | None,
+    ) -> None:
+        self._dead_letters.add(
+            key,
+            event,
+            status=failure.status,
+            error_type=failure.error_type,
+            message=failure.message,
+            attempts=attempts,
+            first_failure_at=first_failure_at,
+            now=self._clock(),
+        )
         self.stats.dead_lettered += 1
         reasons = self.stats.dead_letter_reasons
         reasons[failure.error_type] = reasons.get(failure.error_type, 0) + 1
-        internal_log.warning("cio_logging: event %s (%s) moved to the dead-letter store: %s",
-                             key, event.name if event else "unreadable", failure.message)
+        internal_log.warning(
+            "cio_logging: event %s (%s) moved to the dead-letter store: %s",
+            key,
+            event.name if event else "unreadable",
+            failure.message,
+        )
 
     def _report_failure(self, failure: Failure, waiting: int) -> None:
         now = self._clock()
@@ -224,8 +258,12 @@ class DeliveryWorker:
         if repeated and previous is not None and now - previous[1] < _ERROR_REPEAT_SECONDS:
             return
         self._last_reported = (failure.message, now)
-        internal_log.warning("cio_logging: Customer.io delivery failed (%s); %d event(s) wait on "
-                             "disk and will be retried", failure.message, waiting)
+        internal_log.warning(
+            "cio_logging: Customer.io delivery failed (%s); %d event(s) wait on "
+            "disk and will be retried",
+            failure.message,
+            waiting,
+        )
 
     def _nothing_due(self) -> bool:
         return not self._wal.read_due(1, self._clock()).events

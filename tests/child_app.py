@@ -24,13 +24,15 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("count", type=int)
     parser.add_argument("--pause", type=float, default=0.0)
-    parser.add_argument("--no-close", action="store_true",
-                        help="leave without flush/close (os._exit), like a crash")
+    parser.add_argument(
+        "--no-close", action="store_true", help="leave without flush/close (os._exit), like a crash"
+    )
     parser.add_argument("--name", default="child_event")
     args = parser.parse_args()
 
-    handler = CustomerIOHandler(flush_interval=0.05, max_backoff=0.2, request_timeout=2,
-                                flush_timeout=10)
+    handler = CustomerIOHandler(
+        flush_interval=0.05, max_backoff=0.2, request_timeout=2, flush_timeout=10
+    )
     logger = logging.getLogger("child.events")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -40,8 +42,16 @@ def main() -> int:
         # An explicit id (a ULID, as the handler would make) lets the parent match what
         # this process printed against what the simulator accepted.
         event_id = str(ULID())
-        logger.info(args.name, extra={"cio": {"customer_id": f"child-{os.getpid()}",
-                                              "id": event_id, "data": {"n": number}}})
+        logger.info(
+            args.name,
+            extra={
+                "cio": {
+                    "customer_id": f"child-{os.getpid()}",
+                    "id": event_id,
+                    "data": {"n": number},
+                }
+            },
+        )
         # One write per line: several processes share this pipe.
         sys.stdout.write(f"{event_id}\n")
         sys.stdout.flush()
@@ -56,4 +66,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

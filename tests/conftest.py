@@ -95,14 +95,16 @@ def event_logger(make_handler: HandlerFactory) -> tuple[logging.Logger, Customer
 def child_environment(sim: TrackAPISimulator, queue_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for a subprocess that configures its handler from variables only."""
     env = dict(os.environ)
-    env.update({
-        "CUSTOMERIO_SITE_ID": sim.site_id,
-        "CUSTOMERIO_API_KEY": sim.api_key,
-        "CIO_LOGGING_TRACK_URL": sim.url,
-        "CIO_LOGGING_CA_BUNDLE": sim.ca_file,
-        "CIO_LOGGING_QUEUE_DIR": str(queue_dir),
-        "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]),
-    })
+    env.update(
+        {
+            "CUSTOMERIO_SITE_ID": sim.site_id,
+            "CUSTOMERIO_API_KEY": sim.api_key,
+            "CIO_LOGGING_TRACK_URL": sim.url,
+            "CIO_LOGGING_CA_BUNDLE": sim.ca_file,
+            "CIO_LOGGING_QUEUE_DIR": str(queue_dir),
+            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]),
+        }
+    )
     env.update(extra)
     return env
 

@@ -22,8 +22,9 @@ logger = logging.getLogger("fork.events")
 
 
 def configure() -> None:
-    handler = CustomerIOHandler(flush_interval=0.05, max_backoff=0.2, request_timeout=2,
-                                flush_timeout=15)
+    handler = CustomerIOHandler(
+        flush_interval=0.05, max_backoff=0.2, request_timeout=2, flush_timeout=15
+    )
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.addHandler(handler)
@@ -32,8 +33,16 @@ def configure() -> None:
 def log_events(label: str, count: int) -> None:
     for number in range(count):
         event_id = str(ULID())
-        logger.info("forked_event", extra={"cio": {
-            "customer_id": f"{label}-{os.getpid()}", "id": event_id, "data": {"n": number}}})
+        logger.info(
+            "forked_event",
+            extra={
+                "cio": {
+                    "customer_id": f"{label}-{os.getpid()}",
+                    "id": event_id,
+                    "data": {"n": number},
+                }
+            },
+        )
         # One write per line: several processes share this pipe.
         sys.stdout.write(f"{event_id}\n")
         sys.stdout.flush()
@@ -53,7 +62,10 @@ def main() -> int:
         log_events("parent", 1)
     if mode.startswith("mp-"):
         context = multiprocessing.get_context(mode[3:])
-        processes = [context.Process(target=child_main, args=(count,)) for _ in range(children)]
+        processes: list[multiprocessing.process.BaseProcess] = [
+            context.Process(target=child_main, args=(count,))  # type: ignore[attr-defined]
+            for _ in range(children)
+        ]
         for process in processes:
             process.start()
         for process in processes:

@@ -15,13 +15,19 @@ ENV = {"CUSTOMERIO_SITE_ID": "site-env", "CUSTOMERIO_API_KEY": "key-env-123456"}
 
 
 def resolve(environ: dict[str, str] | None = None, **kwargs: Any) -> Settings:
-    arguments: dict[str, Any] = {"region": None, "queue_dir": None, "track_url": None,
-                                 "ca_bundle": None, "options": {}}
+    arguments: dict[str, Any] = {
+        "region": None,
+        "queue_dir": None,
+        "track_url": None,
+        "ca_bundle": None,
+        "options": {},
+    }
     site_id = kwargs.pop("site_id", None)
     api_key = kwargs.pop("api_key", None)
     arguments.update(kwargs)
-    return resolve_settings(site_id, api_key, environ=ENV if environ is None else environ,
-                            **arguments)
+    return resolve_settings(
+        site_id, api_key, environ=ENV if environ is None else environ, **arguments
+    )
 
 
 class TestCredentials:
@@ -45,7 +51,8 @@ class TestCredentials:
         assert "key-env-123456" not in repr(resolve())
 
     def test_handler_constructor_raises_configuration_error(
-            self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
         monkeypatch.delenv("CUSTOMERIO_SITE_ID", raising=False)
         monkeypatch.delenv("CUSTOMERIO_API_KEY", raising=False)
         with pytest.raises(ConfigurationError, match="site_id is missing"):
@@ -70,13 +77,16 @@ class TestEndpoint:
         settings = resolve({**ENV, "CIO_LOGGING_TRACK_URL": "https://proxy.internal:9000/"})
         assert settings.endpoint.base_url == "https://proxy.internal:9000"
 
-    @pytest.mark.parametrize(("url", "words"), [
-        ("http://127.0.0.1:8443", "https://"),
-        ("https://host/prefix", "not a path"),
-        ("https://user:pw@host", "credentials"),
-        ("https://host:99999", "invalid port"),
-        ("https://", "no valid host"),
-    ])
+    @pytest.mark.parametrize(
+        ("url", "words"),
+        [
+            ("http://127.0.0.1:8443", "https://"),
+            ("https://host/prefix", "not a path"),
+            ("https://user:pw@host", "credentials"),
+            ("https://host:99999", "invalid port"),
+            ("https://", "no valid host"),
+        ],
+    )
     def test_bad_track_url(self, url: str, words: str) -> None:
         with pytest.raises(ConfigurationError, match=words):
             resolve(track_url=url)
@@ -108,8 +118,9 @@ class TestQueueDir:
     def test_environment_then_argument(self, tmp_path: Path) -> None:
         from_env = resolve({**ENV, "CIO_LOGGING_QUEUE_DIR": str(tmp_path / "env")})
         assert from_env.queue_dir == tmp_path / "env"
-        from_arg = resolve({**ENV, "CIO_LOGGING_QUEUE_DIR": str(tmp_path / "env")},
-                           queue_dir=tmp_path / "arg")
+        from_arg = resolve(
+            {**ENV, "CIO_LOGGING_QUEUE_DIR": str(tmp_path / "env")}, queue_dir=tmp_path / "arg"
+        )
         assert from_arg.queue_dir == tmp_path / "arg"
 
 
@@ -119,20 +130,26 @@ class TestOptions:
     def test_defaults(self) -> None:
         settings = resolve()
         assert (settings.request_timeout, settings.flush_timeout, settings.batch_size) == (
-            5.0, 10.0, 500)
+            5.0,
+            10.0,
+            500,
+        )
         assert settings.fsync is False
 
     def test_numeric_strings_and_booleans(self) -> None:
         settings = resolve(options={"request_timeout": "2.5", "fsync": "yes"})
         assert (settings.request_timeout, settings.fsync) == (2.5, True)
 
-    @pytest.mark.parametrize(("options", "words"), [
-        ({"flush_timout": 1}, "unknown option"),
-        ({"request_timeout": 0}, "between"),
-        ({"request_timeout": "soon"}, "must be a number"),
-        ({"batch_size": True}, "not a boolean"),
-        ({"fsync": "maybe"}, "true or false"),
-    ])
+    @pytest.mark.parametrize(
+        ("options", "words"),
+        [
+            ({"flush_timout": 1}, "unknown option"),
+            ({"request_timeout": 0}, "between"),
+            ({"request_timeout": "soon"}, "must be a number"),
+            ({"batch_size": True}, "not a boolean"),
+            ({"fsync": "maybe"}, "true or false"),
+        ],
+    )
     def test_bad_option(self, options: dict[str, Any], words: str) -> None:
         with pytest.raises(ConfigurationError, match=words):
             resolve(options=options)

@@ -16,11 +16,13 @@ from cio_logging import InvalidEventError, cio_event
 from cio_logging.events import Event, event_from_dict, event_from_record
 
 
-def make_record(message: str = "purchase", extra: dict[str, Any] | None = None,
-                args: tuple[Any, ...] = ()) -> logging.LogRecord:
+def make_record(
+    message: str = "purchase", extra: dict[str, Any] | None = None, args: tuple[Any, ...] = ()
+) -> logging.LogRecord:
     logger = logging.getLogger("test.mapping")
-    return logger.makeRecord("test.mapping", logging.INFO, "app.py", 12, message, args, None,
-                             extra=extra)
+    return logger.makeRecord(
+        "test.mapping", logging.INFO, "app.py", 12, message, args, None, extra=extra
+    )
 
 
 class TestCioEvent:
@@ -28,11 +30,13 @@ class TestCioEvent:
 
     def test_identified_with_data(self) -> None:
         assert cio_event("user-42", amount=9.99, sku="A-1") == {
-            "cio": {"customer_id": "user-42", "data": {"amount": 9.99, "sku": "A-1"}}}
+            "cio": {"customer_id": "user-42", "data": {"amount": 9.99, "sku": "A-1"}}
+        }
 
     def test_anonymous_and_name(self) -> None:
         assert cio_event(anonymous_id="anon-1", name="viewed") == {
-            "cio": {"anonymous_id": "anon-1", "name": "viewed", "data": {}}}
+            "cio": {"anonymous_id": "anon-1", "name": "viewed", "data": {}}
+        }
 
 
 class TestEventFromRecord:
@@ -54,29 +58,62 @@ class TestEventFromRecord:
 
     def test_explicit_fields_win(self) -> None:
         event_id = str(ULID())
-        record = make_record("ignored", {"cio": {"customer_id": 42, "name": "signup",
-                                                 "timestamp": 1_764_300_000.7, "id": event_id,
-                                                 "data": {"plan": "pro"}}})
+        record = make_record(
+            "ignored",
+            {
+                "cio": {
+                    "customer_id": 42,
+                    "name": "signup",
+                    "timestamp": 1_764_300_000.7,
+                    "id": event_id,
+                    "data": {"plan": "pro"},
+                }
+            },
+        )
         event = event_from_record(record)
         assert event is not None
         assert (event.name, event.customer_id, event.timestamp, event.id) == (
-            "signup", "42", 1_764_300_000, event_id)
+            "signup",
+            "42",
+            1_764_300_000,
+            event_id,
+        )
 
     def test_each_record_gets_its_own_ulid(self) -> None:
-        ids = {event.id for event in (event_from_record(make_record(extra=cio_event("u")))
-                                      for _ in range(100)) if event}
+        ids = {
+            event.id
+            for event in (event_from_record(make_record(extra=cio_event("u"))) for _ in range(100))
+            if event
+        }
         assert len(ids) == 100
 
     def test_datetime_values_become_unix_seconds(self) -> None:
         when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-        record = make_record(extra={"cio": {"customer_id": "u", "timestamp": when, "data": {
-            "at": when, "day": dt.date(2026, 1, 2), "price": decimal.Decimal("9.99"),
-            "ref": uuid.UUID(int=1), "tags": {"a"}}}})
+        record = make_record(
+            extra={
+                "cio": {
+                    "customer_id": "u",
+                    "timestamp": when,
+                    "data": {
+                        "at": when,
+                        "day": dt.date(2026, 1, 2),
+                        "price": decimal.Decimal("9.99"),
+                        "ref": uuid.UUID(int=1),
+                        "tags": {"a"},
+                    },
+                }
+            }
+        )
         event = event_from_record(record)
         assert event is not None
         assert event.timestamp == int(when.timestamp())
-        assert event.data == {"at": int(when.timestamp()), "day": "2026-01-02", "price": 9.99,
-                              "ref": str(uuid.UUID(int=1)), "tags": ["a"]}
+        assert event.data == {
+            "at": int(when.timestamp()),
+            "day": "2026-01-02",
+            "price": 9.99,
+            "ref": str(uuid.UUID(int=1)),
+            "tags": ["a"],
+        }
 
     def test_round_trip_through_json(self) -> None:
         event = event_from_record(make_record(extra=cio_event("u", text="zürich ✓")))
@@ -87,28 +124,31 @@ class TestEventFromRecord:
 class TestValidation:
     """A tag that breaks a rule is refused with a message naming the rule, not the value."""
 
-    @pytest.mark.parametrize(("tag", "words"), [
-        ({"data": {}}, "exactly one of customer_id and anonymous_id"),
-        ({"customer_id": "a", "anonymous_id": "b"}, "exactly one"),
-        ({"customer_id": ""}, "must not be empty"),
-        ({"customer_id": True}, "string or an integer"),
-        ({"customer_id": "x" * 151}, "151 bytes"),
-        ({"customer_id": "u", "name": "n" * 101}, "101 bytes"),
-        ({"customer_id": "u", "name": ""}, "name must not be empty"),
-        ({"customer_id": "u", "name": 5}, "name must be a string"),
-        ({"customer_id": "u", "data": [1, 2]}, "data must be a dict"),
-        ({"customer_id": "u", "data": {"x": object()}}, "not JSON serializable"),
-        ({"customer_id": "u", "data": {"x": float("nan")}}, "Out of range float"),
-        ({"customer_id": "u", "data": {"x": float("inf")}}, "Out of range float"),
-        ({"customer_id": "u", "data": {"x": b"bytes"}}, "not JSON serializable"),
-        ({"customer_id": "u", "data": {"x": "\ud800"}}, "lone surrogate"),
-        ({"customer_id": "u", "data": {"x": "y" * 100_000}}, "Customer.io accepts at most"),
-        ({"customer_id": "u", "id": "not-a-ulid"}, "not a valid ULID"),
-        ({"customer_id": "u", "id": 12}, "ULID string"),
-        ({"customer_id": "u", "timestamp": "yesterday"}, "Unix seconds"),
-        ({"customer_id": "u", "timestamp": -5}, "outside the range"),
-        ({"customer_id": "u", "amount": 5}, "unknown key(s) amount"),
-    ])
+    @pytest.mark.parametrize(
+        ("tag", "words"),
+        [
+            ({"data": {}}, "exactly one of customer_id and anonymous_id"),
+            ({"customer_id": "a", "anonymous_id": "b"}, "exactly one"),
+            ({"customer_id": ""}, "must not be empty"),
+            ({"customer_id": True}, "string or an integer"),
+            ({"customer_id": "x" * 151}, "151 bytes"),
+            ({"customer_id": "u", "name": "n" * 101}, "101 bytes"),
+            ({"customer_id": "u", "name": ""}, "name must not be empty"),
+            ({"customer_id": "u", "name": 5}, "name must be a string"),
+            ({"customer_id": "u", "data": [1, 2]}, "data must be a dict"),
+            ({"customer_id": "u", "data": {"x": object()}}, "not JSON serializable"),
+            ({"customer_id": "u", "data": {"x": float("nan")}}, "Out of range float"),
+            ({"customer_id": "u", "data": {"x": float("inf")}}, "Out of range float"),
+            ({"customer_id": "u", "data": {"x": b"bytes"}}, "not JSON serializable"),
+            ({"customer_id": "u", "data": {"x": "\ud800"}}, "lone surrogate"),
+            ({"customer_id": "u", "data": {"x": "y" * 100_000}}, "Customer.io accepts at most"),
+            ({"customer_id": "u", "id": "not-a-ulid"}, "not a valid ULID"),
+            ({"customer_id": "u", "id": 12}, "ULID string"),
+            ({"customer_id": "u", "timestamp": "yesterday"}, "Unix seconds"),
+            ({"customer_id": "u", "timestamp": -5}, "outside the range"),
+            ({"customer_id": "u", "amount": 5}, "unknown key(s) amount"),
+        ],
+    )
     def test_refused(self, tag: dict[str, Any], words: str) -> None:
         with pytest.raises(InvalidEventError, match=None) as caught:
             event_from_record(make_record(extra={"cio": tag}))

@@ -25,38 +25,59 @@ Logged = tuple[logging.Logger, CustomerIOHandler]
 class TestDelivery:
     """What reaches Customer.io is what was logged."""
 
-    def test_names_data_identifiers_timestamps_ids(self, event_logger: Logged,
-                                                   simulator: TrackAPISimulator) -> None:
+    def test_names_data_identifiers_timestamps_ids(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         explicit_id = str(ULID())
         logger.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
-        logger.info("ignored message", extra={"cio": {
-            "customer_id": 7, "name": "signup", "id": explicit_id, "timestamp": 1_764_300_000,
-            "data": {"plan": "pro", "nested": {"list": [1, 2.5, None, True]}}}})
+        logger.info(
+            "ignored message",
+            extra={
+                "cio": {
+                    "customer_id": 7,
+                    "name": "signup",
+                    "id": explicit_id,
+                    "timestamp": 1_764_300_000,
+                    "data": {"plan": "pro", "nested": {"list": [1, 2.5, None, True]}},
+                }
+            },
+        )
         before = int(time.time())
         handler.flush()
         accepted = {event.name: event for event in simulator.accepted}
         purchase, signup = accepted["purchase"], accepted["signup"]
         assert (purchase.customer_id, purchase.data) == ("user-42", {"amount": 9.99, "sku": "A-1"})
-        assert purchase.timestamp is not None and before - 5 <= purchase.timestamp <= before
-        assert purchase.id is not None and str(ULID.from_str(purchase.id)) == purchase.id
+        assert purchase.timestamp is not None
+        assert before - 5 <= purchase.timestamp <= before
+        assert purchase.id is not None
+        assert str(ULID.from_str(purchase.id)) == purchase.id
         assert purchase.route == "v2_batch"
         assert (signup.customer_id, signup.id, signup.timestamp) == (
-            "7", explicit_id, 1_764_300_000)
+            "7",
+            explicit_id,
+            1_764_300_000,
+        )
         assert signup.data == {"plan": "pro", "nested": {"list": [1, 2.5, None, True]}}
         assert handler.status()["queued"] == 0
 
-    def test_anonymous_events_use_v1(self, event_logger: Logged,
-                                     simulator: TrackAPISimulator) -> None:
+    def test_anonymous_events_use_v1(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         logger.info("watched_video", extra=cio_event(anonymous_id="anon-9", video="intro"))
         handler.flush()
         (event,) = simulator.accepted
         assert (event.anonymous_id, event.customer_id, event.route, event.data) == (
-            "anon-9", None, "v1_anonymous", {"video": "intro"})
+            "anon-9",
+            None,
+            "v1_anonymous",
+            {"video": "intro"},
+        )
 
-    def test_item_over_32_kb_goes_through_v1(self, event_logger: Logged,
-                                             simulator: TrackAPISimulator) -> None:
+    def test_item_over_32_kb_goes_through_v1(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         logger.info("big", extra=cio_event("user-1", blob="x" * 60_000))
         logger.info("small", extra=cio_event("user-1"))
@@ -64,8 +85,9 @@ class TestDelivery:
         routes = {event.name: event.route for event in simulator.accepted}
         assert routes == {"big": "v1", "small": "v2_batch"}
 
-    def test_batches_respect_the_500_kb_limit(self, event_logger: Logged,
-                                              simulator: TrackAPISimulator) -> None:
+    def test_batches_respect_the_500_kb_limit(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         for number in range(40):
             logger.info("chunky", extra=cio_event(f"user-{number}", blob="y" * 30_000))
@@ -75,18 +97,22 @@ class TestDelivery:
         assert len(batches) >= 3
         assert all(r.body_bytes <= 500 * 1024 and r.status == 200 for r in batches)
 
-    def test_customer_ids_with_reserved_characters(self, event_logger: Logged,
-                                                   simulator: TrackAPISimulator) -> None:
+    def test_customer_ids_with_reserved_characters(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         awkward = "a/b ?#c..%20"
         logger.info("v2", extra=cio_event(awkward))
         logger.info("v1", extra=cio_event(awkward, blob="z" * 40_000))  # forced through v1
         handler.flush()
         assert {(e.name, e.customer_id) for e in simulator.accepted} == {
-            ("v2", awkward), ("v1", awkward)}
+            ("v2", awkward),
+            ("v1", awkward),
+        }
 
-    def test_untagged_records_are_ignored(self, event_logger: Logged,
-                                          simulator: TrackAPISimulator) -> None:
+    def test_untagged_records_are_ignored(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         for number in range(50):
             logger.info("plain log line %d", number)
@@ -95,8 +121,9 @@ class TestDelivery:
         assert handler.status()["enqueued"] == 0
         assert simulator.requests == []
 
-    def test_many_threads_log_at_once(self, event_logger: Logged,
-                                      simulator: TrackAPISimulator) -> None:
+    def test_many_threads_log_at_once(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
 
         def log_some(thread: int) -> None:
@@ -116,28 +143,33 @@ class TestDelivery:
 class TestDictConfig:
     """The handler is configured the way applications configure logging."""
 
-    def test_dictconfig_with_ext_values(self, simulator: TrackAPISimulator,
-                                        queue_dir: Path) -> None:
+    def test_dictconfig_with_ext_values(
+        self, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
         values = types.ModuleType("cio_test_values")
         values.TRACK_URL = simulator.url  # type: ignore[attr-defined]
         values.CA_FILE = simulator.ca_file  # type: ignore[attr-defined]
         sys.modules["cio_test_values"] = values
         try:
-            logging.config.dictConfig({
-                "version": 1,
-                "disable_existing_loggers": False,
-                "handlers": {"cio": {
-                    "class": "cio_logging.CustomerIOHandler",
-                    "level": "INFO",
-                    "site_id": simulator.site_id,
-                    "api_key": simulator.api_key,
-                    "track_url": "ext://cio_test_values.TRACK_URL",
-                    "ca_bundle": "ext://cio_test_values.CA_FILE",
-                    "queue_dir": str(queue_dir),
-                    "flush_interval": "0.05",
-                }},
-                "loggers": {"app.dictconfig": {"handlers": ["cio"], "level": "INFO"}},
-            })
+            logging.config.dictConfig(
+                {
+                    "version": 1,
+                    "disable_existing_loggers": False,
+                    "handlers": {
+                        "cio": {
+                            "class": "cio_logging.CustomerIOHandler",
+                            "level": "INFO",
+                            "site_id": simulator.site_id,
+                            "api_key": simulator.api_key,
+                            "track_url": "ext://cio_test_values.TRACK_URL",
+                            "ca_bundle": "ext://cio_test_values.CA_FILE",
+                            "queue_dir": str(queue_dir),
+                            "flush_interval": "0.05",
+                        }
+                    },
+                    "loggers": {"app.dictconfig": {"handlers": ["cio"], "level": "INFO"}},
+                }
+            )
             logger = logging.getLogger("app.dictconfig")
             logger.info("signup", extra=cio_event("user-1", plan="pro"))
             (handler,) = logger.handlers
@@ -148,15 +180,22 @@ class TestDictConfig:
             del sys.modules["cio_test_values"]
 
     def test_dictconfig_fails_loudly_without_credentials(
-            self, monkeypatch: pytest.MonkeyPatch, queue_dir: Path) -> None:
+        self, monkeypatch: pytest.MonkeyPatch, queue_dir: Path
+    ) -> None:
         monkeypatch.delenv("CUSTOMERIO_SITE_ID", raising=False)
         monkeypatch.delenv("CUSTOMERIO_API_KEY", raising=False)
         with pytest.raises(ValueError, match="Unable to configure handler 'cio'") as caught:
-            logging.config.dictConfig({
-                "version": 1,
-                "handlers": {"cio": {"class": "cio_logging.CustomerIOHandler",
-                                     "queue_dir": str(queue_dir)}},
-            })
+            logging.config.dictConfig(
+                {
+                    "version": 1,
+                    "handlers": {
+                        "cio": {
+                            "class": "cio_logging.CustomerIOHandler",
+                            "queue_dir": str(queue_dir),
+                        }
+                    },
+                }
+            )
         assert isinstance(caught.value.__cause__, ConfigurationError)
         assert "site_id is missing" in str(caught.value.__cause__)
 
@@ -164,16 +203,24 @@ class TestDictConfig:
 class TestBadInput:
     """Bad events never raise into the caller; each is reported and counted."""
 
-    @pytest.mark.parametrize(("extra", "words"), [
-        (cio_event("u", when=object()), "not JSON serializable"),
-        (cio_event("u", ratio=float("nan")), "Out of range float"),
-        ({"cio": {"data": {"x": 1}}}, "exactly one of customer_id"),
-        (cio_event("u", blob="b" * 100_001), "Customer.io accepts at most 100,000"),
-        ({"cio": "user-1"}, "must be a dict"),
-    ])
+    @pytest.mark.parametrize(
+        ("extra", "words"),
+        [
+            (cio_event("u", when=object()), "not JSON serializable"),
+            (cio_event("u", ratio=float("nan")), "Out of range float"),
+            ({"cio": {"data": {"x": 1}}}, "exactly one of customer_id"),
+            (cio_event("u", blob="b" * 100_001), "Customer.io accepts at most 100,000"),
+            ({"cio": "user-1"}, "must be a dict"),
+        ],
+    )
     def test_refused_at_emit_with_a_clear_message(
-            self, event_logger: Logged, simulator: TrackAPISimulator,
-            caplog: pytest.LogCaptureFixture, extra: dict[str, object], words: str) -> None:
+        self,
+        event_logger: Logged,
+        simulator: TrackAPISimulator,
+        caplog: pytest.LogCaptureFixture,
+        extra: dict[str, object],
+        words: str,
+    ) -> None:
         logger, handler = event_logger
         with caplog.at_level(logging.WARNING, logger="cio_logging"):
             logger.info("bad", extra=extra)  # must not raise
@@ -186,8 +233,9 @@ class TestBadInput:
         handler.flush()
         assert [e.name for e in simulator.accepted] == ["good"]
 
-    def test_a_failing_disk_goes_to_handle_error(self, event_logger: Logged,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_a_failing_disk_goes_to_handle_error(
+        self, event_logger: Logged, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         logger, handler = event_logger
         seen: list[logging.LogRecord] = []
         monkeypatch.setattr(handler, "handleError", seen.append)
@@ -205,8 +253,9 @@ class TestOutages:
     """While Customer.io fails, events wait on disk; after recovery all arrive."""
 
     @pytest.mark.parametrize("fault", ["503", "500", "429", "reset", "refused", "slow"])
-    def test_outage_then_recovery(self, make_handler: HandlerFactory,
-                                  simulator: TrackAPISimulator, fault: str) -> None:
+    def test_outage_then_recovery(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, fault: str
+    ) -> None:
         handler = make_handler(request_timeout=0.5)
         logger = logging.getLogger(f"outage.{fault}")
         logger.propagate = False
@@ -233,8 +282,9 @@ class TestOutages:
         assert handler.status()["queued"] == 0
         assert handler.status()["dead_letters"] == 0
 
-    def test_wrong_certificate_is_refused(self, simulator: TrackAPISimulator,
-                                          queue_dir: Path, tmp_path: Path) -> None:
+    def test_wrong_certificate_is_refused(
+        self, simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path
+    ) -> None:
         other_ca = TrackAPISimulator(state_dir=tmp_path / "other")
         try:
             settings = handler_settings(simulator, queue_dir, ca_bundle=other_ca.ca_file)
@@ -252,8 +302,12 @@ class TestOutages:
             other_ca.close()
 
     def test_ca_bundle_wins_over_requests_ca_bundle(
-            self, make_handler: HandlerFactory, simulator: TrackAPISimulator,
-            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+    ) -> None:
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
         monkeypatch.setenv("CURL_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
         handler = make_handler()
@@ -265,8 +319,11 @@ class TestOutages:
         assert [e.name for e in simulator.accepted] == ["purchase"]
 
     def test_sdk_exception_text_never_reaches_a_log(
-            self, make_handler: HandlerFactory, simulator: TrackAPISimulator,
-            caplog: pytest.LogCaptureFixture) -> None:
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
         handler = make_handler()
         logger = logging.getLogger("privacy")
         logger.propagate = False
@@ -288,23 +345,26 @@ class TestPayloadErrors:
     """A poison event is dead-lettered alone; its neighbours are delivered."""
 
     def test_207_item_error_dead_letters_only_that_event(
-            self, event_logger: Logged, simulator: TrackAPISimulator) -> None:
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         simulator.poison_names = {"poison"}
         for number in range(5):
             logger.info("poison" if number == 2 else "fine", extra=cio_event(f"u{number}"))
         handler.flush()
-        assert sorted(e.customer_id or "" for e in simulator.accepted) == [
-            "u0", "u1", "u3", "u4"]
+        assert sorted(e.customer_id or "" for e in simulator.accepted) == ["u0", "u1", "u3", "u4"]
         status = handler.status()
         assert (status["queued"], status["dead_letters"]) == (0, 1)
         (letter,) = list(handler._dead_letters)
-        assert letter.event is not None and letter.event["name"] == "poison"
-        assert letter.status == 207 and letter.error_type == "item_rejected"
+        assert letter.event is not None
+        assert letter.event["name"] == "poison"
+        assert letter.status == 207
+        assert letter.error_type == "item_rejected"
         assert letter.attempts == 1
 
-    def test_whole_batch_400_is_bisected(self, event_logger: Logged,
-                                         simulator: TrackAPISimulator) -> None:
+    def test_whole_batch_400_is_bisected(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
         logger, handler = event_logger
         simulator.fail(400, count=1)  # the first request is rejected whole
         for number in range(8):
@@ -319,8 +379,9 @@ class TestPayloadErrors:
 class TestLifecycle:
     """flush and close are bounded; close is idempotent and leaves unsent events on disk."""
 
-    def test_close_twice_and_emit_after_close(self, make_handler: HandlerFactory,
-                                              simulator: TrackAPISimulator) -> None:
+    def test_close_twice_and_emit_after_close(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
         handler = make_handler()
         logger = logging.getLogger("lifecycle.close")
         logger.propagate = False
@@ -330,8 +391,9 @@ class TestLifecycle:
         logger.warning("after_close", extra=cio_event("u"))  # kept on disk for later
         assert handler.status()["queued"] == 1
 
-    def test_close_is_bounded_during_an_outage(self, make_handler: HandlerFactory,
-                                               simulator: TrackAPISimulator) -> None:
+    def test_close_is_bounded_during_an_outage(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
         simulator.set_latency(5)
         handler = make_handler(request_timeout=10, close_timeout=0.5)
         logger = logging.getLogger("lifecycle.bounded")
@@ -344,8 +406,9 @@ class TestLifecycle:
         assert time.monotonic() - started < 2
         assert handler.status()["queued"] == 1
 
-    def test_flush_is_bounded(self, make_handler: HandlerFactory,
-                              simulator: TrackAPISimulator) -> None:
+    def test_flush_is_bounded(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
         simulator.set_latency(3)
         handler = make_handler(request_timeout=10, flush_timeout=0.3)
         logger = logging.getLogger("lifecycle.flush")
@@ -357,7 +420,8 @@ class TestLifecycle:
         assert time.monotonic() - started < 1.5
 
     def test_a_new_handler_delivers_what_an_old_one_left(
-            self, make_handler: HandlerFactory, simulator: TrackAPISimulator) -> None:
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
         simulator.fail(503)
         first = make_handler()
         logger = logging.getLogger("lifecycle.restart")
@@ -372,8 +436,9 @@ class TestLifecycle:
         assert wait_for(lambda: len(simulator.accepted) == 10, 10)
         assert second.status()["queued"] == 0
 
-    def test_repr_never_shows_the_api_key(self, make_handler: HandlerFactory,
-                                          simulator: TrackAPISimulator) -> None:
+    def test_repr_never_shows_the_api_key(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
         handler = make_handler()
         assert simulator.api_key not in repr(handler)
         assert simulator.api_key not in repr(handler.settings)

@@ -24,10 +24,17 @@ def printed_ids(output: str) -> list[str]:
 
 
 def test_restart_delivers_what_an_earlier_process_left(
-        simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory) -> None:
+    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
+) -> None:
     simulator.fail(503)  # the first process cannot deliver anything
-    result = subprocess.run([PYTHON, CHILD_APP, "25"], env=child_environment(
-        simulator, queue_dir), capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [PYTHON, CHILD_APP, "25"],
+        env=child_environment(simulator, queue_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     ids = printed_ids(result.stdout)
     assert len(ids) == 25
     assert simulator.accepted == []
@@ -39,16 +46,19 @@ def test_restart_delivers_what_an_earlier_process_left(
 
 @pytest.mark.parametrize("trial", range(5))
 def test_sigkill_loses_no_event_whose_emit_returned(
-        simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory,
-        trial: int) -> None:
+    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory, trial: int
+) -> None:
     """Kill -9 at a random moment: while logging, committing, sending or acknowledging."""
     rng = random.Random(trial)
     simulator.set_latency(rng.choice([0.0, 0.02, 0.1]))
     if trial % 2:
         simulator.fail(503, duration=rng.uniform(0.05, 0.5))
-    child = subprocess.Popen([PYTHON, CHILD_APP, "400", "--pause", "0.002"],
-                             env=child_environment(simulator, queue_dir),
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [PYTHON, CHILD_APP, "400", "--pause", "0.002"],
+        env=child_environment(simulator, queue_dir),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
     kill_after = rng.randint(5, 300)
@@ -66,23 +76,30 @@ def test_sigkill_loses_no_event_whose_emit_returned(
     simulator.set_latency(0)
     make_handler()
     assert wait_for(lambda: simulator.accepted_ids() >= set(ids), 20), (
-        f"lost {len(set(ids) - simulator.accepted_ids())} of {len(ids)}")
+        f"lost {len(set(ids) - simulator.accepted_ids())} of {len(ids)}"
+    )
     accepted = simulator.accepted
     assert len({e.id for e in accepted}) == len(accepted)  # duplicates only as the same id
 
 
 @pytest.mark.parametrize("mode", ["parent-logs-first", "parent-silent", "mp-fork", "mp-spawn"])
-def test_forked_children_deliver_their_events(simulator: TrackAPISimulator, queue_dir: Path,
-                                              mode: str) -> None:
-    result = subprocess.run([PYTHON, FORK_APP, mode, "3", "20"],
-                            env=child_environment(simulator, queue_dir), capture_output=True,
-                            text=True, timeout=120)
+def test_forked_children_deliver_their_events(
+    simulator: TrackAPISimulator, queue_dir: Path, mode: str
+) -> None:
+    result = subprocess.run(
+        [PYTHON, FORK_APP, mode, "3", "20"],
+        env=child_environment(simulator, queue_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     ids = printed_ids(result.stdout)
     expected = 3 * 20 + (2 if mode == "parent-logs-first" else 1)
     assert len(ids) == expected
     assert wait_for(lambda: simulator.accepted_ids() >= set(ids), 15), (
-        f"missing {len(set(ids) - simulator.accepted_ids())}")
+        f"missing {len(set(ids) - simulator.accepted_ids())}"
+    )
     # The parent's backlog was not sent again by each child: no duplicate ids arrived.
     assert simulator.duplicates == 0
     assert "Traceback" not in result.stderr
@@ -90,13 +107,16 @@ def test_forked_children_deliver_their_events(simulator: TrackAPISimulator, queu
 
 def test_interpreter_exit_flushes(simulator: TrackAPISimulator, queue_dir: Path) -> None:
     """No explicit flush: logging.shutdown at exit reaches the handler."""
-    script = ("import logging\nfrom cio_logging import CustomerIOHandler, cio_event\n"
-              "log = logging.getLogger('exit'); log.setLevel(logging.INFO)\n"
-              "log.addHandler(CustomerIOHandler(flush_interval=5))\n"
-              "for n in range(30): log.info('at_exit', extra=cio_event('u', n=n))\n")
+    script = (
+        "import logging\nfrom cio_logging import CustomerIOHandler, cio_event\n"
+        "log = logging.getLogger('exit'); log.setLevel(logging.INFO)\n"
+        "log.addHandler(CustomerIOHandler(flush_interval=5))\n"
+        "for n in range(30): log.info('at_exit', extra=cio_event('u', n=n))\n"
+    )
     started = time.monotonic()
-    subprocess.run([PYTHON, "-c", script], env=child_environment(simulator, queue_dir),
-                   check=True, timeout=60)
+    subprocess.run(
+        [PYTHON, "-c", script], env=child_environment(simulator, queue_dir), check=True, timeout=60
+    )
     assert time.monotonic() - started < 20
     assert len(simulator.accepted) == 30
     logging.getLogger(__name__).debug("exit delivered all 30")

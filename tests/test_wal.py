@@ -22,8 +22,9 @@ from .conftest import PROJECT_ROOT
 
 
 def make_event(number: int = 0, name: str = "purchase") -> Event:
-    record = logging.getLogger("t").makeRecord("t", logging.INFO, "f.py", 1, name, (), None,
-                                                extra=cio_event(f"user-{number}", n=number))
+    record = logging.getLogger("t").makeRecord(
+        "t", logging.INFO, "f.py", 1, name, (), None, extra=cio_event(f"user-{number}", n=number)
+    )
     event = event_from_record(record)
     assert event is not None
     return event
@@ -42,7 +43,10 @@ class TestWriteAheadLog:
         assert all(q.attempts == 0 for q in batch.events)
         wal.remove([events[0].id, events[2].id])
         assert [q.event.id for q in wal.read_due(10).events] == [
-            events[1].id, events[3].id, events[4].id]
+            events[1].id,
+            events[3].id,
+            events[4].id,
+        ]
         wal.close()
 
     def test_survives_reopen(self, tmp_path: Path) -> None:
@@ -60,7 +64,10 @@ class TestWriteAheadLog:
         assert wal.read_due(10, now=1_500.0).events == []
         again = wal.read_due(10, now=2_000.0).events[0]
         assert (again.attempts, again.last_error, again.first_failure_at) == (
-            1, "HTTP 503", 1_000.0)
+            1,
+            "HTTP 503",
+            1_000.0,
+        )
 
     def test_failure_never_resurrects_a_delivered_event(self, tmp_path: Path) -> None:
         wal = WriteAheadLog(tmp_path / "wal")
@@ -123,8 +130,12 @@ def test_another_process_closing_does_not_pull_the_log_away(tmp_path: Path) -> N
         wal.close()
     """)
     for _ in range(3):
-        subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT_ROOT,
-                       env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+        subprocess.run(
+            [sys.executable, "-c", script],
+            check=True,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        )
     assert len(wal.read_due(10).events) == 6
     wal.append(make_event(9))
     assert len(WriteAheadLog(tmp_path / "wal").read_due(10).events) == 7
@@ -137,7 +148,7 @@ class _PlantedPickle:
         self.marker = marker
 
     def __reduce__(self) -> tuple[object, tuple[str, str]]:
-        return (Path.write_text, (str(self.marker), "pickle ran"))  # type: ignore[return-value]
+        return (Path.write_text, (str(self.marker), "pickle ran"))
 
 
 class TestRefusesPickles:
@@ -176,14 +187,32 @@ class TestDeadLetterStore:
     def test_add_list_count(self, tmp_path: Path) -> None:
         store = DeadLetterStore(tmp_path / "dead")
         first, second = make_event(1, "purchase"), make_event(2, "signup")
-        store.add(first.id, first, status=400, error_type="http_400", message="HTTP 400",
-                  attempts=1, now=10.0)
-        store.add(second.id, second, status=207, error_type="item_rejected",
-                  message="rejected", attempts=3, first_failure_at=5.0, now=12.0)
+        store.add(
+            first.id,
+            first,
+            status=400,
+            error_type="http_400",
+            message="HTTP 400",
+            attempts=1,
+            now=10.0,
+        )
+        store.add(
+            second.id,
+            second,
+            status=207,
+            error_type="item_rejected",
+            message="rejected",
+            attempts=3,
+            first_failure_at=5.0,
+            now=12.0,
+        )
         letters = {letter.key: letter for letter in store}
         assert letters[second.id].event == json.loads(second.to_json())
-        assert (letters[second.id].attempts, letters[second.id].first_failure_at,
-                letters[second.id].last_failure_at) == (3, 5.0, 12.0)
+        assert (
+            letters[second.id].attempts,
+            letters[second.id].first_failure_at,
+            letters[second.id].last_failure_at,
+        ) == (3, 5.0, 12.0)
         assert store.count(by="event") == {"purchase": 1, "signup": 1}
         assert store.count(by="reason") == {"http_400": 1, "item_rejected": 1}
         assert len(store) == 2
@@ -209,8 +238,12 @@ def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
         DeadLetterStore(q / "dead")
         assert DeliveryLock(q / "delivery.lock").try_acquire()
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT_ROOT,
-                   env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
     seen = 0
     for path in [queue, *queue.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
