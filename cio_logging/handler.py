@@ -162,7 +162,11 @@ class CustomerIOHandler(logging.Handler):
                 return
             self._closed = True
         try:
-            if not self._worker.close(self.settings.close_timeout):
+            if self._worker.close(self.settings.close_timeout):
+                # Release the database files now; an emit after close reopens them.
+                self._wal.close()
+                self._dead_letters.close()
+            else:
                 internal_log.warning(
                     "cio_logging: the flush thread did not stop within %gs; "
                     "its unsent events stay on disk",

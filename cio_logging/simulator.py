@@ -111,6 +111,7 @@ class RequestRecord:
     status: int
     body_bytes: int
     item_count: int
+    payload: Any = None  # the decoded JSON body, kept only while ``record_bodies`` is set
 
 
 class _Answer(NamedTuple):
@@ -439,6 +440,8 @@ class TrackAPISimulator:
     ) -> None:
         self.site_id, self.api_key = site_id, api_key
         self.poison_names: set[str] = set()
+        #: Keep each request's decoded body in ``requests`` (off: benchmarks send millions).
+        self.record_bodies = False
         self._host, self._port = host, port
         self._owned_dir = state_dir is None  # a directory we made is ours to remove on close
         directory = Path(tempfile.mkdtemp(prefix="cio-sim-") if state_dir is None else state_dir)
@@ -692,7 +695,13 @@ class TrackAPISimulator:
             answer = self._route(route, match.group(1) if match else None, payload, len(body))
         status = 0 if answer is None else answer.status
         record = RequestRecord(
-            received, method, path, status, len(body), _item_count(route, payload)
+            received,
+            method,
+            path,
+            status,
+            len(body),
+            _item_count(route, payload),
+            payload if self.record_bodies else None,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)

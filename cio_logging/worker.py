@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import Settings
 from .delivery import DeliveryReport, Failure, TrackClient
@@ -46,7 +46,6 @@ class DeliveryStats:
     failed_requests: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class DeliveryWorker:
@@ -240,8 +239,6 @@ class DeliveryWorker:
             now=self._clock(),
         )
         self.stats.dead_lettered += 1
-        reasons = self.stats.dead_letter_reasons
-        reasons[failure.error_type] = reasons.get(failure.error_type, 0) + 1
         internal_log.warning(
             "cio_logging: event %s (%s) moved to the dead-letter store: %s",
             key,

@@ -15,6 +15,8 @@ import pytest
 from cio_logging import CustomerIOHandler
 from cio_logging.simulator import TrackAPISimulator
 
+from .spec_check import SPEC_PATH, Spec, load_spec
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 HandlerFactory = Callable[..., CustomerIOHandler]
@@ -36,6 +38,15 @@ def _restore_logging() -> Iterator[None]:
             for handler in list(logger.handlers):
                 logger.removeHandler(handler)
                 handler.close()
+
+
+@pytest.fixture(scope="session")
+def spec() -> Spec:
+    """Customer.io's published Track API spec (skips when shared/ is not beside the project)."""
+    loaded = load_spec()
+    if loaded is None:
+        pytest.skip(f"Track API spec not found at {SPEC_PATH} and CIO_TRACK_SPEC is not set")
+    return loaded
 
 
 @pytest.fixture

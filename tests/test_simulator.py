@@ -17,46 +17,17 @@ from typing import Any
 import pytest
 import requests
 from customerio import CustomerIO, CustomerIOException
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
-from referencing import Registry
-from referencing.jsonschema import DRAFT202012
 from ulid import ULID
 
 from cio_logging.simulator import AcceptedEvent, TrackAPISimulator
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SPEC_PATH = PROJECT_ROOT.parent / "shared" / "spec" / "customerio-track-openapi.json"
-SPEC_ID = "urn:cio-logging-tests:customerio-track-openapi"
-BATCH = "/paths/~1api~1v2~1batch/post"
-BATCH_BODY = f"{BATCH}/requestBody/content/application~1json/schema"
+from .spec_check import BATCH, BATCH_BODY, PROJECT_ROOT, Spec
+
 BATCH_207 = f"{BATCH}/responses/207/content/application~1json/schema"
 BATCH_400 = f"{BATCH}/responses/400/content/application~1json/schema"
 RESPONSE_400 = "/components/responses/400/content/application~1json/schema"
 SITE_ID, API_KEY = "site-test", "key-test"
 UNAUTHORIZED = "Unauthorized request. Make sure that you provided the right credentials."
-
-
-class Spec:
-    """Customer.io's OpenAPI document, validating instances against any JSON pointer in it."""
-
-    def __init__(self, document: dict[str, Any]) -> None:
-        resource = DRAFT202012.create_resource({**document, "$id": SPEC_ID})
-        self._registry: Registry[Any] = Registry().with_resource(SPEC_ID, resource)
-
-    def errors(self, pointer: str, instance: Any) -> list[str]:
-        validator = Draft202012Validator({"$ref": f"{SPEC_ID}#{pointer}"}, registry=self._registry)
-        return [error.message for error in validator.iter_errors(instance)]
-
-
-@pytest.fixture(scope="module")
-def spec() -> Spec:
-    candidates = [SPEC_PATH]
-    if os.environ.get("CIO_TRACK_SPEC"):
-        candidates.append(Path(os.environ["CIO_TRACK_SPEC"]))
-    for path in candidates:
-        if path.is_file():
-            return Spec(json.loads(path.read_text(encoding="utf-8")))
-    pytest.skip(f"Track API spec not found at {SPEC_PATH} and CIO_TRACK_SPEC is not set")
 
 
 @pytest.fixture
