@@ -27,6 +27,14 @@ ENV_CA_BUNDLE = "CIO_LOGGING_CA_BUNDLE"
 
 TRACK_HOSTS = {"us": "track.customer.io", "eu": "track-eu.customer.io"}
 
+ENV_DEGRADATION = "CIO_LOGGING_DEGRADATION"
+
+#: Degradation levels, from no shedding to dropping every event at emit.
+FULL, ESSENTIAL_ONLY, DISABLED = "full", "essential_only", "disabled"
+DEGRADATION_LEVELS = (FULL, ESSENTIAL_ONLY, DISABLED)
+#: The reference design's essential events: shed last, kept in essential-only mode.
+DEFAULT_ESSENTIAL_EVENTS = frozenset({"signup", "purchase", "subscription_changed"})
+
 # Tunables that may be passed as keyword options (dictConfig passes every unknown
 # handler key as a keyword). name -> (default, minimum, maximum).
 _NUMERIC_OPTIONS: dict[str, tuple[float, float, float]] = {
@@ -41,14 +49,36 @@ _NUMERIC_OPTIONS: dict[str, tuple[float, float, float]] = {
     "flush_interval": (1.0, 0.01, 60.0),
     # Events per v2 batch request; the 500 KB request limit applies as well.
     "batch_size": (500, 1, 10_000),
-    # Longest wait between two attempts while Customer.io is failing.
+    # Retry policy: exponential backoff with jitter from 1 s up to this.
     "max_backoff": (60.0, 0.01, 3600.0),
+    # After this many failed attempts an event goes to the dead-letter store.
+    "max_attempts": (8, 1, 10_000),
+    # Past this age (seconds since logged) Customer.io no longer triggers campaigns.
+    "max_event_age": (72 * 3600.0, 1.0, 365 * 24 * 3600.0),
+    # The longest Retry-After honoured.
+    "max_retry_after": (600.0, 0.0, 86_400.0),
+    # While the credentials are refused (401/403), how often to try again.
+    "auth_retry_interval": (60.0, 0.01, 3600.0),
+    # Circuit breaker (the reference design's opossum settings).
+    "error_threshold": (0.5, 0.01, 1.0),
+    "volume_threshold": (10, 1, 1_000_000),
+    "consecutive_failures": (5, 1, 1_000_000),
+    "reset_timeout": (30.0, 0.01, 3600.0),
+    "breaker_window": (10.0, 0.1, 3600.0),
+    # Client-side request-rate cap, across v1 and v2. Customer.io documents 1,000/s
+    # "not strictly enforced" (older documents said 100/s): stay well below.
+    "max_requests_per_second": (50, 1, 1000),
+    # Disk protection: past the soft limit non-essential events are shed at emit;
+    # essential ones only past the hard limit.
+    "max_queue_bytes": (1 << 30, 1 << 20, 1 << 50),
+    "hard_max_queue_bytes": (2 << 30, 1 << 20, 1 << 50),
 }
 _BOOLEAN_OPTIONS: dict[str, bool] = {
     # fsync every commit (SQLite synchronous=FULL): survives power loss, costs ~4x per
     # write. Without it a committed event survives any process crash, not an OS crash.
     "fsync": False,
 }
+_OTHER_OPTIONS = ("degradation", "essential_events")
 
 
 @dataclass(frozen=True)
@@ -79,7 +109,21 @@ class Settings:
     flush_interval: float
     batch_size: int
     max_backoff: float
+    max_attempts: int
+    max_event_age: float
+    max_retry_after: float
+    auth_retry_interval: float
+    error_threshold: float
+    volume_threshold: int
+    consecutive_failures: int
+    reset_timeout: float
+    breaker_window: float
+    max_requests_per_second: float
+    max_queue_bytes: int
+    hard_max_queue_bytes: int
     fsync: bool
+    degradation: str
+    essential_events: frozenset[str]
 
 
 def resolve_settings(
@@ -100,9 +144,10 @@ def resolve_settings(
             the wrong type, or an option is unknown.
     """
     env = os.environ if environ is None else environ
-    unknown = sorted(set(options) - set(_NUMERIC_OPTIONS) - set(_BOOLEAN_OPTIONS))
+    known_options = {*_NUMERIC_OPTIONS, *_BOOLEAN_OPTIONS, *_OTHER_OPTIONS}
+    unknown = sorted(set(options) - known_options)
     if unknown:
-        known = ", ".join(sorted([*_NUMERIC_OPTIONS, *_BOOLEAN_OPTIONS]))
+        known = ", ".join(sorted(known_options))
         raise ConfigurationError(f"unknown option(s) {', '.join(unknown)}; known: {known}")
 
     site = _credential("site_id", site_id, env.get(ENV_SITE_ID), ENV_SITE_ID)
@@ -123,6 +168,8 @@ def resolve_settings(
         name: _boolean(name, options.get(name, default))
         for name, default in _BOOLEAN_OPTIONS.items()
     }
+    if numbers["hard_max_queue_bytes"] < numbers["max_queue_bytes"]:
+        raise ConfigurationError("hard_max_queue_bytes must not be below max_queue_bytes")
     return Settings(
         site_id=site,
         api_key=key,
@@ -136,7 +183,21 @@ def resolve_settings(
         flush_interval=numbers["flush_interval"],
         batch_size=int(numbers["batch_size"]),
         max_backoff=numbers["max_backoff"],
+        max_attempts=int(numbers["max_attempts"]),
+        max_event_age=numbers["max_event_age"],
+        max_retry_after=numbers["max_retry_after"],
+        auth_retry_interval=numbers["auth_retry_interval"],
+        error_threshold=numbers["error_threshold"],
+        volume_threshold=int(numbers["volume_threshold"]),
+        consecutive_failures=int(numbers["consecutive_failures"]),
+        reset_timeout=numbers["reset_timeout"],
+        breaker_window=numbers["breaker_window"],
+        max_requests_per_second=numbers["max_requests_per_second"],
+        max_queue_bytes=int(numbers["max_queue_bytes"]),
+        hard_max_queue_bytes=int(numbers["hard_max_queue_bytes"]),
         fsync=flags["fsync"],
+        degradation=degradation_level(options.get("degradation", env.get(ENV_DEGRADATION, FULL))),
+        essential_events=_event_names(options.get("essential_events", DEFAULT_ESSENTIAL_EVENTS)),
     )
 
 
@@ -151,6 +212,30 @@ def default_queue_dir(site_id: str, endpoint: Endpoint, environ: Mapping[str, st
     state_home = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     digest = hashlib.sha256(f"{site_id}\0{endpoint.base_url}".encode()).hexdigest()[:16]
     return Path(state_home) / "cio_logging" / digest
+
+
+def degradation_level(value: object) -> str:
+    """Validate a degradation level ("full", "essential_only" or "disabled").
+
+    Raises:
+        ConfigurationError: any other value.
+    """
+    level = str(value).strip().lower().replace("-", "_")
+    if level not in DEGRADATION_LEVELS:
+        raise ConfigurationError(
+            f"degradation must be one of {', '.join(DEGRADATION_LEVELS)}, not {value!r}"
+        )
+    return level
+
+
+def _event_names(value: object) -> frozenset[str]:
+    # A list from code, YAML or dictConfig, or "a,b,c" from an environment variable.
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple | set | frozenset) or not all(
+        isinstance(name, str) for name in names
+    ):
+        raise ConfigurationError(f"essential_events must be a list of event names, not {value!r}")
+    return frozenset(name.strip() for name in names if name.strip())
 
 
 def _credential(name: str, given: str | None, from_env: str | None, env_name: str) -> str:

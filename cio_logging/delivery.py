@@ -23,16 +23,18 @@ import email.utils
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
+import pybreaker
 import requests
 from customerio import CustomerIO, CustomerIOException
 from requests.adapters import HTTPAdapter
 
 from .config import Settings
+from .resilience import DeliveryBreaker, RequestRateCap
 from .wal import QueuedEvent
 
 MAX_BATCH_BYTES = 500 * 1024
@@ -41,8 +43,14 @@ MAX_ITEM_BYTES = 32 * 1024
 _BATCH_BUDGET = MAX_BATCH_BYTES - 4 * 1024
 # Answers that mean the payload is at fault: retrying the same bytes cannot succeed.
 PAYLOAD_STATUSES = frozenset({400, 413, 422})
-# Longest Retry-After we honour; beyond it the worker's own backoff decides.
-MAX_RETRY_AFTER_SECONDS = 600.0
+# Answers that mean the credentials are wrong: pause, never dead-letter.
+AUTH_STATUSES = frozenset({401, 403})
+
+#: Failure kinds. ``payload``: this event is bad (dead-letter it). ``auth``: the
+#: credentials are refused (pause). ``transient``: Customer.io or the network failed
+#: (retry; counts against the breaker). ``not_sent``: held back before sending
+#: (breaker open, shutting down): no attempt is counted.
+PAYLOAD, AUTH, TRANSIENT, NOT_SENT = "payload", "auth", "transient", "not_sent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +63,14 @@ class Failure:
     retry_after: float | None = None
 
     @property
-    def is_payload_error(self) -> bool:
-        return self.status in PAYLOAD_STATUSES or self.error_type == "item_rejected"
+    def kind(self) -> str:
+        if self.status in PAYLOAD_STATUSES or self.error_type == "item_rejected":
+            return PAYLOAD
+        if self.status in AUTH_STATUSES:
+            return AUTH
+        if self.error_type in ("circuit_open", "stopped"):
+            return NOT_SENT
+        return TRANSIENT
 
     def __str__(self) -> str:
         return self.message
@@ -67,11 +81,13 @@ class DeliveryReport:
     """The outcome of delivering a list of events.
 
     ``accepted`` were taken by Customer.io; ``rejected`` never will be (dead-letter
-    them); ``deferred`` could not be sent now, for the reason in ``failure``.
+    them); ``failed`` were sent and failed for the reason in ``failure`` (count an
+    attempt); ``deferred`` were not sent at all, because an earlier request failed.
     """
 
     accepted: list[QueuedEvent] = field(default_factory=list)
     rejected: list[tuple[QueuedEvent, Failure]] = field(default_factory=list)
+    failed: list[QueuedEvent] = field(default_factory=list)
     deferred: list[QueuedEvent] = field(default_factory=list)
     failure: Failure | None = None
     requests: int = 0
@@ -127,8 +143,16 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
 class TrackClient:
     """Delivers queued events to the Track API and classifies every answer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        breaker: DeliveryBreaker | None = None,
+        rate_cap: RequestRateCap | None = None,
+    ) -> None:
         self._settings = settings
+        self._breaker = breaker
+        self._rate_cap = rate_cap
         self._local = threading.local()
         self._sdk = _SDKClient(settings, self._remember_response)
 
@@ -136,7 +160,10 @@ class TrackClient:
         self._sdk.close()
 
     def deliver(self, events: Sequence[QueuedEvent]) -> DeliveryReport:
-        """Send ``events``; stop at the first failure that is not the payload's fault."""
+        """Send ``events``; stop at the first failure that is not the payload's fault.
+
+        Each request waits for the rate cap and goes through the breaker.
+        """
         report = DeliveryReport()
         batchable: list[tuple[QueuedEvent, dict[str, Any], int]] = []
         singles: list[QueuedEvent] = []
@@ -176,7 +203,7 @@ class TrackClient:
                     report.rejected.append((queued, rejected[index]))
                 else:
                     report.accepted.append(queued)
-        elif failure is not None and failure.is_payload_error and len(chunk) > 1:
+        elif failure is not None and failure.kind == PAYLOAD and len(chunk) > 1:
             # One poison item condemns the whole request: bisect to find it, so its
             # neighbours are delivered and only it is dead-lettered.
             middle = len(chunk) // 2
@@ -185,11 +212,12 @@ class TrackClient:
                 self._send_batch(chunk[middle:], report)
             else:
                 report.deferred.extend(queued for queued, _, _ in chunk[middle:])
-        elif failure is not None and failure.is_payload_error:
+        elif failure is not None and failure.kind == PAYLOAD:
             report.rejected.append((chunk[0][0], failure))
-        else:
+        elif failure is not None:
             report.failure = failure
-            report.deferred.extend(queued for queued, _, _ in chunk)
+            unsent = report.deferred if failure.kind == NOT_SENT else report.failed
+            unsent.extend(queued for queued, _, _ in chunk)
 
     def _send_single(self, queued: QueuedEvent, report: DeliveryReport) -> None:
         event = queued.event
@@ -218,14 +246,29 @@ class TrackClient:
         report.requests += 1
         if failure is None:
             report.accepted.append(queued)
-        elif failure.is_payload_error:
+        elif failure.kind == PAYLOAD:
             report.rejected.append((queued, failure))
         else:
             report.failure = failure
-            report.deferred.append(queued)
+            (report.deferred if failure.kind == NOT_SENT else report.failed).append(queued)
 
     def _call(
-        self, send: Any, chunk: Sequence[tuple[QueuedEvent, Any, int]]
+        self, send: Callable[[], Any], chunk: Sequence[tuple[QueuedEvent, Any, int]]
+    ) -> tuple[Failure | None, requests.Response | None]:
+        if self._rate_cap is not None and not self._rate_cap.acquire():
+            return Failure(None, "stopped", "shutting down: not sent"), None
+        if self._breaker is None:
+            return self._attempt(send, chunk)
+        try:
+            return self._breaker.call(
+                lambda: self._attempt(send, chunk),
+                failed=lambda outcome: outcome[0] is not None and outcome[0].kind == TRANSIENT,
+            )
+        except pybreaker.CircuitBreakerError:
+            return Failure(None, "circuit_open", "circuit breaker open: not sent"), None
+
+    def _attempt(
+        self, send: Callable[[], Any], chunk: Sequence[tuple[QueuedEvent, Any, int]]
     ) -> tuple[Failure | None, requests.Response | None]:
         self._local.response = None
         try:
@@ -351,7 +394,7 @@ def _retry_after(response: requests.Response) -> float | None:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None  # neither seconds nor an HTTP date: ignore it
-    return max(0.0, min(seconds, MAX_RETRY_AFTER_SECONDS))
+    return max(0.0, seconds)  # the retry policy caps it
 
 
 def _transport_failure(cause: BaseException | None, timeout: float) -> Failure:

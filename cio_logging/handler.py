@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from typing import Any
 
-from .config import Settings, resolve_settings
+from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
 from .errors import InvalidEventError
 from .events import EXTRA_KEY, event_from_record
 from .wal import DeadLetterStore, WriteAheadLog, secure_directory
@@ -25,6 +26,13 @@ internal_log = logging.getLogger("cio_logging")
 #: Reasons under which ``status()["dropped"]`` counts events that were not queued.
 DROP_INVALID = "invalid_event"
 DROP_QUEUE_ERROR = "queue_error"
+DROP_DISABLED = "degradation_disabled"
+DROP_NON_ESSENTIAL = "degradation_essential_only"
+DROP_DISK_SOFT = "disk_limit_non_essential"
+DROP_DISK_HARD = "disk_limit_hard"
+
+# How often emit re-reads the queue's size on disk for the shedding limits.
+_VOLUME_REFRESH_SECONDS = 0.5
 
 # Set while this thread is inside emit(): anything logged meanwhile (by diskcache,
 # by our own warnings) must not come back into the handler.
@@ -46,7 +54,8 @@ class CustomerIOHandler(logging.Handler):
             default ``$CIO_LOGGING_CA_BUNDLE``.
         level: the handler's level, as for any handler.
         **options: tunables (``flush_timeout``, ``close_timeout``, ``request_timeout``,
-            ``flush_interval``, ``batch_size``, ``max_backoff``, ``fsync``); see README.
+            ``flush_interval``, ``batch_size``, retry, breaker, rate-cap, degradation and
+            disk-limit options, ``fsync``); see README for each with its default.
 
     Raises:
         ConfigurationError: a credential is missing or a setting is invalid.
@@ -84,6 +93,10 @@ class CustomerIOHandler(logging.Handler):
         self._dropped: Counter[str] = Counter()
         self._last_key: str | None = None
         self._closed = False
+        self._degradation = self.settings.degradation
+        self._queue_bytes = 0
+        self._volume_checked_at = float("-inf")
+        self._disk_warned_at = float("-inf")
         if len(self._wal):
             # An earlier process left events: deliver them without waiting for a new one.
             self._worker.ensure_started()
@@ -116,8 +129,19 @@ class CustomerIOHandler(logging.Handler):
         """Append the record's event to the write-ahead log; it is on disk on return."""
         _inside_emit.active = True
         try:
+            if self._degradation == DISABLED:
+                self._count_drop(DROP_DISABLED)
+                return
             event = event_from_record(record)
             if event is None:
+                return
+            essential = event.name in self.settings.essential_events
+            if self._degradation == ESSENTIAL_ONLY and not essential:
+                self._count_drop(DROP_NON_ESSENTIAL)
+                return
+            shed = self._disk_limit_reached(essential)
+            if shed is not None:
+                self._count_drop(shed)
                 return
             self._wal.append(event)
             with self._counts_guard:
@@ -140,6 +164,45 @@ class CustomerIOHandler(logging.Handler):
             self.handleError(record)
         finally:
             _inside_emit.active = False
+
+    def set_degradation(self, level: str) -> None:
+        """Switch between ``full``, ``essential_only`` and ``disabled`` at run time.
+
+        Essential-only drops every event not in ``essential_events`` at emit; disabled
+        drops all. Drops are counted under their reason in ``status()["dropped"]``;
+        events already on disk are still delivered.
+
+        Raises:
+            ConfigurationError: an unknown level.
+        """
+        new = degradation_level(level)
+        old, self._degradation = self._degradation, new
+        if old != new:
+            internal_log.warning("cio_logging: degradation %s -> %s", old, new)
+
+    def _disk_limit_reached(self, essential: bool) -> str | None:
+        """The drop reason when the queue is past a size limit, else None. Never blocks."""
+        now = time.monotonic()
+        if now - self._volume_checked_at > _VOLUME_REFRESH_SECONDS:
+            self._volume_checked_at = now
+            self._queue_bytes = self._wal.volume()
+        size = self._queue_bytes
+        if size >= self.settings.hard_max_queue_bytes:
+            reason = DROP_DISK_HARD
+        elif size >= self.settings.max_queue_bytes and not essential:
+            reason = DROP_DISK_SOFT
+        else:
+            return None
+        if now - self._disk_warned_at > 60.0:
+            self._disk_warned_at = now
+            internal_log.error(
+                "cio_logging: the queue holds %d bytes on disk, past %s; shedding %s events "
+                "at emit until delivery catches up",
+                size,
+                "hard_max_queue_bytes" if reason == DROP_DISK_HARD else "max_queue_bytes",
+                "all" if reason == DROP_DISK_HARD else "non-essential",
+            )
+        return reason
 
     def flush(self) -> None:
         """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be."""
@@ -182,16 +245,21 @@ class CustomerIOHandler(logging.Handler):
             dropped = dict(self._dropped)
             enqueued = self._enqueued
         return {
+            "breaker": self._worker.breaker.state,
             "queued": len(self._wal),
             "dead_letters": len(self._dead_letters),
+            "degradation": self._degradation,
             "enqueued": enqueued,
             "delivered": stats.delivered,
             "dead_lettered": stats.dead_lettered,
             "dropped": dropped,
             "requests": stats.requests,
             "failed_requests": stats.failed_requests,
+            "retries_scheduled": stats.retries_scheduled,
             "last_error": stats.last_error,
+            "delivery_paused": stats.delivery_paused,
             "delivering_process": self._worker.is_delivering_process,
+            "queue_bytes": self._wal.volume(),
             "queue_dir": str(self.settings.queue_dir),
         }
 

@@ -1,37 +1,223 @@
-"""How long to wait before trying Customer.io again.
+"""Failure policies: the circuit breaker, the retry policy and the request-rate cap.
 
-Exponential backoff with jitter, built on tenacity's wait policy so the curve is the
-well-known one; a Retry-After from the server wins when it asks for longer.
+* :class:`DeliveryBreaker` drives pybreaker's state machine (closed, open, half-open)
+  with the reference design's rules: it opens after ``consecutive_failures`` failures in
+  a row (pybreaker's own rule) *and* when the error rate over a rolling window reaches
+  ``error_threshold`` once ``volume_threshold`` calls were seen (our rule on top,
+  which pybreaker lacks). ``reset_timeout`` later one probe goes through; success
+  closes it. Only failures that are Customer.io's count: a payload rejected as
+  invalid is a success for the breaker.
+* :class:`RetryPolicy` decides, per event, when the next attempt is due and when to
+  give up, from tenacity's wait and stop policies evaluated on the attempt count and
+  first-failure time stored with the event in the write-ahead log (so a restart does
+  not reset them). ``Retry-After`` wins when it asks for longer, up to a cap.
+* :class:`RequestRateCap` keeps any one-second window at or under
+  ``max_requests_per_second`` requests (a sliding log, not a token bucket, which lets
+  twice the rate through a window), so recovery after an outage is not a burst.
+
+All waits take an ``Event`` so ``close()`` cuts them short, and a clock, so tests
+need no real time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TypeVar
 
-from tenacity import RetryCallState, wait_exponential_jitter
+import pybreaker
+from tenacity import (
+    RetryCallState,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+Result = TypeVar("Result")
+
+#: Breaker states as reported by ``status()`` and telemetry.
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 
-@dataclass
-class Backoff:
-    """Consecutive-failure backoff: 1, 2, 4, 8 ... seconds (plus jitter), capped."""
+class CountedFailure(Exception):  # noqa: N818 - a signal to pybreaker, not an error to report
+    """Raised inside a breaker call so pybreaker counts a failure; carries the result."""
 
-    initial: float = 1.0
-    maximum: float = 60.0
-    jitter: float = 1.0
-    failures: int = 0
+    def __init__(self, result: object) -> None:
+        super().__init__("delivery failed")
+        self.result = result
 
-    def next_delay(self, retry_after: float | None = None) -> float:
-        """Record one more failure and return how long to wait before the next try."""
-        self.failures += 1
-        policy = wait_exponential_jitter(
-            initial=self.initial, max=self.maximum, jitter=min(self.jitter, self.initial)
+
+class DeliveryBreaker:
+    """pybreaker's circuit breaker plus an error-rate rule over a rolling window."""
+
+    def __init__(
+        self,
+        *,
+        error_threshold: float = 0.5,
+        volume_threshold: int = 10,
+        consecutive_failures: int = 5,
+        reset_timeout: float = 30.0,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._error_threshold = error_threshold
+        self._volume_threshold = volume_threshold
+        self._window = window
+        self._clock = clock
+        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._on_transition = on_transition
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=consecutive_failures,
+            reset_timeout=reset_timeout,
+            success_threshold=1,
+            listeners=[_TransitionListener(self._notify)],
+            name="customerio",
+            # Re-raise our CountedFailure on a trip: it carries the delivery report.
+            throw_new_error_on_trip=False,
         )
-        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = self.failures
-        delay = float(policy(state))
+
+    @property
+    def state(self) -> str:
+        return str(self._breaker.current_state)
+
+    def seconds_until_probe(self) -> float:
+        """How long until an open breaker lets a probe through (0 when not open)."""
+        if self.state != OPEN:
+            return 0.0
+        opened_at = self._breaker._state_storage.opened_at
+        if opened_at is None:
+            return 0.0
+        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
+        return max(0.0, self._breaker.reset_timeout - elapsed)
+
+    def call(self, send: Callable[[], Result], failed: Callable[[Result], bool]) -> Result:
+        """Run ``send`` through the breaker; ``failed(result)`` says whether it counts.
+
+        Raises:
+            pybreaker.CircuitBreakerError: the breaker is open; nothing was sent.
+        """
+
+        def guarded() -> Result:
+            result = send()
+            if failed(result):
+                raise CountedFailure(result)
+            return result
+
+        try:
+            result = self._breaker.call(guarded)
+        except CountedFailure as failure:
+            self._record(ok=False)
+            return failure.result  # type: ignore[return-value]
+        self._record(ok=True)
+        return result
+
+    def _record(self, *, ok: bool) -> None:
+        now = self._clock()
+        self._outcomes.append((now, ok))
+        while self._outcomes and self._outcomes[0][0] < now - self._window:
+            self._outcomes.popleft()
+        if self.state != CLOSED or ok:
+            return
+        calls = len(self._outcomes)
+        failures = sum(1 for _, succeeded in self._outcomes if not succeeded)
+        if calls >= self._volume_threshold and failures / calls >= self._error_threshold:
+            self._breaker.open()
+
+    def _notify(self, old: str, new: str) -> None:
+        if new == CLOSED:
+            self._outcomes.clear()  # a fresh start: old failures must not re-trip it
+        if self._on_transition is not None:
+            self._on_transition(old, new)
+
+
+class _TransitionListener(pybreaker.CircuitBreakerListener):
+    """Forwards state changes; never raises (pybreaker passes listener errors to callers)."""
+
+    def __init__(self, notify: Callable[[str, str], None]) -> None:
+        self._notify = notify
+
+    def state_change(self, cb: object, old_state: object, new_state: object) -> None:
+        try:
+            self._notify(getattr(old_state, "name", CLOSED), getattr(new_state, "name", ""))
+        except Exception:  # reporting a transition must never break delivery
+            logging.getLogger("cio_logging").exception("cio_logging: breaker listener failed")
+
+
+class RetryPolicy:
+    """When an event's next attempt is due, and when to give up on it."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 8,
+        max_event_age: float = 72 * 3600.0,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        max_retry_after: float = 600.0,
+    ) -> None:
+        self._wait = wait_exponential_jitter(
+            initial=initial_backoff, max=max_backoff, jitter=initial_backoff
+        )
+        self._stop_attempts = stop_after_attempt(max_attempts)
+        self._stop_age = stop_after_delay(max_event_age)
+        self._max_retry_after = max_retry_after
+
+    def exhausted(self, attempts: int) -> bool:
+        """Whether an event that failed ``attempts`` times must be dead-lettered."""
+        return bool(self._stop_attempts(_retry_state(attempts, 0.0)))
+
+    def expired(self, logged_at: float, now: float) -> bool:
+        """Older than ``max_event_age``: Customer.io would no longer trigger campaigns."""
+        return bool(self._stop_age(_retry_state(1, now - logged_at)))
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempts + 1``."""
+        delay = float(self._wait(_retry_state(attempts, 0.0)))
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            delay = max(delay, min(retry_after, self._max_retry_after))
         return delay
 
-    def reset(self) -> None:
-        self.failures = 0
+
+def _retry_state(attempts: int, elapsed: float) -> RetryCallState:
+    # tenacity's policies read only these two fields; the rest of the state belongs
+    # to its own retry loop, which we do not use: attempts live in the WAL instead.
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(attempts, 1)
+    state.outcome_timestamp = state.start_time + elapsed
+    return state
+
+
+class RequestRateCap:
+    """At most ``per_second`` requests in any sliding one-second window."""
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._limit = max(1, int(per_second))
+        self._clock = clock
+        self._stop = stop or threading.Event()
+        self._sent: deque[float] = deque()
+        self._guard = threading.Lock()
+
+    def acquire(self) -> bool:
+        """Wait for a slot; False if stopped meanwhile (then send nothing)."""
+        while True:
+            with self._guard:
+                now = self._clock()
+                while self._sent and self._sent[0] <= now - 1.0:
+                    self._sent.popleft()
+                if len(self._sent) < self._limit:
+                    self._sent.append(now)
+                    return True
+                wait = self._sent[0] + 1.0 - now
+            if self._stop.wait(wait):
+                return False

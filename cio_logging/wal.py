@@ -282,16 +282,15 @@ class WriteAheadLog:
                 self._cache.delete(key)
 
     def record_failure(
-        self,
-        events: Iterable[QueuedEvent],
-        error: str,
-        next_attempt_at: float,
-        now: float | None = None,
+        self, failures: Iterable[tuple[QueuedEvent, float]], error: str, now: float | None = None
     ) -> None:
-        """Count one more failed attempt for each event and keep it for later."""
+        """Count one more failed attempt for each event and set when it is next due.
+
+        ``failures`` pairs each event with its next attempt time.
+        """
         moment = time.time() if now is None else now
         with self._cache.transact():
-            for queued in events:
+            for queued, next_attempt_at in failures:
                 if queued.key not in self._cache:
                     continue  # accepted via another path meanwhile: never resurrect it
                 entry = {
@@ -305,6 +304,10 @@ class WriteAheadLog:
                 self._cache.set(
                     queued.key, json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
                 )
+
+    def volume(self) -> int:
+        """Bytes the log takes on disk (SQLite pages), for the shedding limits."""
+        return int(self._cache.volume())
 
     def __contains__(self, key: object) -> bool:
         return key in self._cache
@@ -388,11 +391,18 @@ class DeadLetterStore:
 
     def __iter__(self) -> Iterator[DeadLetter]:
         for key in self._cache.iterkeys():
-            text = self._cache.get(key)
-            if text is None:
-                continue
+            letter = self.get(key)
+            if letter is not None:
+                yield letter
+
+    def get(self, key: str) -> DeadLetter | None:
+        """One entry by its key (the event id), or None."""
+        text = self._cache.get(key)
+        if text is None:
+            return None
+        try:
             raw = json.loads(text)
-            yield DeadLetter(
+            return DeadLetter(
                 key=raw["key"],
                 event=raw["event"],
                 status=raw["status"],
@@ -402,6 +412,63 @@ class DeadLetterStore:
                 first_failure_at=raw["first_failure_at"],
                 last_failure_at=raw["last_failure_at"],
             )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptEntryError(f"dead letter {key} is not JSON of ours") from exc
+
+    def select(
+        self,
+        *,
+        event: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        keys: Iterable[str] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Entries matching every filter given, oldest key first.
+
+        ``reason`` matches the error type exactly or appears in the message.
+        ``since`` and ``before`` compare with the last failure time.
+        """
+        wanted = None if keys is None else set(keys)
+        chosen: list[DeadLetter] = []
+        for letter in self if wanted is None else filter(None, map(self.get, sorted(wanted))):
+            if event is not None and letter.event_name != event:
+                continue
+            if reason is not None and reason != letter.error_type and reason not in letter.message:
+                continue
+            if since is not None and letter.last_failure_at < since:
+                continue
+            if before is not None and letter.last_failure_at >= before:
+                continue
+            chosen.append(letter)
+            if limit is not None and len(chosen) >= limit:
+                break
+        return chosen
+
+    def replay(self, letters: Iterable[DeadLetter], wal: WriteAheadLog) -> int:
+        """Move entries back into the write-ahead log, with their ids, as new attempts.
+
+        Each entry is appended to the log before it leaves this store, so a crash in
+        between leaves it in both (the id deduplicates), never in neither. Entries
+        whose event could not be read stay here. Returns how many moved.
+        """
+        moved = 0
+        for letter in letters:
+            if letter.event is None:
+                continue
+            wal.append(event_from_dict(letter.event))
+            self._cache.delete(letter.key)
+            moved += 1
+        return moved
+
+    def purge(self, letters: Iterable[DeadLetter]) -> int:
+        """Delete entries for good; returns how many were deleted."""
+        removed = 0
+        with self._cache.transact():
+            for letter in letters:
+                removed += bool(self._cache.delete(letter.key))
+        return removed
 
     def count(self, by: Literal["event", "reason"] | None = None) -> Counter[str]:
         """Count entries, grouped by event name or by error type (the operator's GROUP BY)."""

@@ -7,10 +7,20 @@ appended). A daemon thread, because the interpreter joins non-daemon threads bef
 ``logging.shutdown()`` could ask it to stop; ``close()`` stops it within a bound and
 whatever it had not sent stays on disk.
 
-Data flows one way: log -> read_due -> deliver -> remove / dead-letter / keep for
-later. An event leaves the log only after Customer.io accepted it or it was written
-to the dead-letter store, so a crash at any point sends it again (same id), never
-loses it.
+Data flows one way: log -> read_due -> deliver -> remove / dead-letter / schedule a
+retry. An event leaves the log only after Customer.io accepted it or it was written to
+the dead-letter store, so a crash at any point sends it again (same id), never loses it.
+
+Failure handling (see resilience.py for the policies):
+
+* transient failures (5xx, 429, timeouts, connection errors) count an attempt on the
+  events sent; each is retried after its own backoff, and dead-lettered after
+  ``max_attempts`` or once older than ``max_event_age``;
+* the breaker opens when Customer.io keeps failing; while it is open nothing is sent
+  and the thread sleeps until the probe is due; the probe is one event;
+* 401/403 pause delivery for ``auth_retry_interval`` without counting attempts: events
+  accumulate on disk and flow again by themselves once the credentials work;
+* a payload rejected as invalid goes to the dead-letter store at once.
 """
 
 from __future__ import annotations
@@ -21,14 +31,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Settings
-from .delivery import DeliveryReport, Failure, TrackClient
+from .delivery import AUTH, TRANSIENT, DeliveryReport, Failure, TrackClient
 from .events import Event
 from .process_lock import DeliveryLock
-from .resilience import Backoff
-from .wal import DeadLetterStore, WriteAheadLog
+from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
+from .wal import DeadLetterStore, QueuedEvent, WriteAheadLog
 
 internal_log = logging.getLogger("cio_logging")
 
@@ -44,8 +54,11 @@ class DeliveryStats:
     dead_lettered: int = 0
     requests: int = 0
     failed_requests: int = 0
+    retries_scheduled: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
+    delivery_paused: str | None = None
+    breaker_transitions: list[tuple[str, str]] = field(default_factory=list)
 
 
 class DeliveryWorker:
@@ -57,15 +70,21 @@ class DeliveryWorker:
         wal: WriteAheadLog,
         dead_letters: DeadLetterStore,
         *,
-        client_factory: Callable[[Settings], TrackClient] = TrackClient,
         clock: Callable[[], float] = time.time,
+        on_breaker_transition: Callable[[str, str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._wal = wal
         self._dead_letters = dead_letters
-        self._client_factory = client_factory
         self._clock = clock
+        self._on_breaker_transition = on_breaker_transition
         self._lock = DeliveryLock(settings.queue_dir / "delivery.lock")
+        self.retry = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            max_event_age=settings.max_event_age,
+            max_backoff=settings.max_backoff,
+            max_retry_after=settings.max_retry_after,
+        )
         self.stats = DeliveryStats()
         self._reset_threading_state()
         reference = weakref.ref(self)
@@ -73,7 +92,7 @@ class DeliveryWorker:
 
     def _reset_threading_state(self) -> None:
         # Called at construction and in a forked child, where the parent's thread does
-        # not exist and its locks may have been copied while held.
+        # not exist and its locks (pybreaker's among them) may have been copied held.
         self._thread: threading.Thread | None = None
         self._start_guard = threading.Lock()
         self._wake = threading.Event()
@@ -81,7 +100,18 @@ class DeliveryWorker:
         self._progress = threading.Condition()
         self._flush_requested = 0
         self._flush_completed = 0
+        self._held_until = 0.0  # no request before this (401/403, Retry-After)
         self._last_reported: tuple[str, float] | None = None
+        settings = self._settings
+        self.breaker = DeliveryBreaker(
+            error_threshold=settings.error_threshold,
+            volume_threshold=settings.volume_threshold,
+            consecutive_failures=settings.consecutive_failures,
+            reset_timeout=settings.reset_timeout,
+            window=settings.breaker_window,
+            on_transition=self._breaker_changed,
+        )
+        self._rate_cap = RequestRateCap(settings.max_requests_per_second, stop=self._stop)
 
     @property
     def is_delivering_process(self) -> bool:
@@ -102,11 +132,12 @@ class DeliveryWorker:
         self._wake.set()
 
     def flush(self, timeout: float, last_key: str | None) -> bool:
-        """Wait until the queue was emptied or a delivery attempt failed.
+        """Wait until nothing is due: all delivered, or what is left cannot go now.
 
-        In the delivering process that means everything in the queue directory; in any
-        other process, that the last event this handler appended has left the queue
-        (the delivering process sends in key order). Returns False on timeout.
+        "Cannot go now": it waits for a retry, the breaker is open, or the credentials
+        are refused. In the delivering process that covers the whole queue directory;
+        in any other process, it waits until the last event this handler appended has
+        left the queue (the delivering process sends in key order). False on timeout.
         """
         self.ensure_started()
         deadline = time.monotonic() + timeout
@@ -140,7 +171,6 @@ class DeliveryWorker:
 
     def _run(self) -> None:
         client: TrackClient | None = None
-        backoff = Backoff(maximum=self._settings.max_backoff)
         try:
             while not self._stop.is_set():
                 # Clear before reading the log: an event appended from here on sets it
@@ -150,12 +180,16 @@ class DeliveryWorker:
                 if not self._lock.try_acquire():
                     self._wait(self._settings.flush_interval)
                     continue
+                on_hold = self._seconds_on_hold()
+                if on_hold > 0:
+                    self._complete(generation)  # flush(): nothing can go now
+                    self._wait(on_hold)
+                    continue
                 if client is None:
-                    client = self._client_factory(self._settings)
-                delay = self._deliver_once(client, backoff, generation)
-                if delay is not None:
-                    self._wait(delay, wake_early=False)
-                elif self._nothing_due():
+                    client = TrackClient(
+                        self._settings, breaker=self.breaker, rate_cap=self._rate_cap
+                    )
+                if not self._deliver_once(client):
                     self._complete(generation)
                     self._wait(self._settings.flush_interval)
         except Exception:  # the thread must never die silently
@@ -170,63 +204,120 @@ class DeliveryWorker:
             with self._progress:
                 self._progress.notify_all()
 
-    def _deliver_once(self, client: TrackClient, backoff: Backoff, generation: int) -> float | None:
-        """Deliver one batch; return how long to back off, or None to go on."""
-        batch = self._wal.read_due(self._settings.batch_size, self._clock())
+    def _seconds_on_hold(self) -> float:
+        held = self._held_until - time.monotonic()
+        return max(held, self.breaker.seconds_until_probe())
+
+    def _deliver_once(self, client: TrackClient) -> bool:
+        """Deliver one batch (one event as a breaker probe); False when nothing was due."""
+        now = self._clock()
+        probing = self.breaker.state != CLOSED
+        batch = self._wal.read_due(1 if probing else self._settings.batch_size, now)
         for corrupt in batch.corrupt:
-            self._dead_letter(
-                corrupt.key,
-                None,
-                Failure(None, "corrupt_entry", corrupt.reason),
-                attempts=1,
-                first_failure_at=None,
-            )
+            self._dead_letter(corrupt.key, None, Failure(None, "corrupt_entry", corrupt.reason))
             internal_log.error(
                 "cio_logging: a queue entry could not be read and was moved to "
                 "the dead-letter store: %s",
                 corrupt.reason,
             )
-        if not batch.events:
-            return None
-        report = client.deliver(batch.events)
-        self._apply(report)
-        if report.failure is None:
-            backoff.reset()
-            return None
-        delay = backoff.next_delay(report.failure.retry_after)
-        self._wal.record_failure(
-            report.deferred, report.failure.message, self._clock() + delay, self._clock()
-        )
-        self._complete(generation)  # flush() waits for "delivered or could not be"
-        return delay
+        events: list[QueuedEvent] = []
+        for queued in batch.events:
+            if self.retry.expired(queued.event.logged_at, now):
+                self._give_up(
+                    queued,
+                    "expired",
+                    f"older than max_event_age "
+                    f"({self._settings.max_event_age:g} s) before it could be sent",
+                )
+            else:
+                events.append(queued)
+        if not events:
+            return bool(batch.corrupt or batch.events)
+        self._apply(client.deliver(events))
+        return True
 
     def _apply(self, report: DeliveryReport) -> None:
-        for queued, failure in report.rejected:
-            self._dead_letter(
-                queued.key,
-                queued.event,
-                failure,
-                attempts=queued.attempts + 1,
-                first_failure_at=queued.first_failure_at,
-            )
+        for queued, rejection in report.rejected:
+            self._dead_letter(queued.key, queued.event, rejection, queued, remove=False)
         # Dead letters are written before the log entries are removed: a crash in
         # between leaves an event in both places, never in neither.
         self._wal.remove([q.key for q in report.accepted] + [q.key for q, _ in report.rejected])
-        stats = self.stats
-        stats.delivered += len(report.accepted)
-        stats.requests += report.requests
-        if report.failure is not None:
-            stats.failed_requests += 1
-            self._report_failure(report.failure, len(report.deferred))
+        self.stats.delivered += len(report.accepted)
+        self.stats.requests += report.requests
+        if report.accepted and self.stats.delivery_paused:
+            internal_log.warning("cio_logging: Customer.io accepts events again; delivery resumed")
+            self.stats.delivery_paused = None
+        failure = report.failure
+        if failure is None:
+            return
+        if failure.kind == AUTH:
+            # Wrong credentials are not Customer.io failing and not the events' fault:
+            # count no attempt, dead-letter nothing, try again later.
+            self.stats.failed_requests += 1
+            self._held_until = time.monotonic() + self._settings.auth_retry_interval
+            self.stats.delivery_paused = failure.message
+            self._report(
+                failure,
+                len(self._wal),
+                logging.ERROR,
+                "Customer.io refused the credentials (%s): delivery is paused and "
+                "%d event(s) wait on disk; check CUSTOMERIO_SITE_ID and "
+                "CUSTOMERIO_API_KEY. Retrying every %g s.",
+                self._settings.auth_retry_interval,
+            )
+        elif failure.kind == TRANSIENT:
+            self.stats.failed_requests += 1
+            self._schedule_retries(report.failed, failure)
+            if failure.retry_after:
+                # Customer.io asked every client to wait, not just these events.
+                wait = min(failure.retry_after, self._settings.max_retry_after)
+                self._held_until = max(self._held_until, time.monotonic() + wait)
+            self._report(
+                failure,
+                len(self._wal),
+                logging.WARNING,
+                "Customer.io delivery failed (%s); %d event(s) wait on disk and will be retried",
+            )
+
+    def _schedule_retries(self, failed: list[QueuedEvent], failure: Failure) -> None:
+        now = self._clock()
+        later: list[tuple[QueuedEvent, float]] = []
+        for queued in failed:
+            attempts = queued.attempts + 1
+            if self.retry.exhausted(attempts):
+                self._give_up(
+                    queued,
+                    "max_attempts",
+                    f"gave up after {attempts} attempts; last: {failure.message}",
+                    status=failure.status,
+                    attempts=attempts,
+                )
+            else:
+                later.append((queued, now + self.retry.delay(attempts, failure.retry_after)))
+        self._wal.record_failure(later, failure.message, now)
+        self.stats.retries_scheduled += len(later)
+
+    def _give_up(
+        self,
+        queued: QueuedEvent,
+        error_type: str,
+        message: str,
+        *,
+        status: int | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        failure = Failure(status, error_type, message)
+        self._dead_letter(queued.key, queued.event, failure, queued, attempts=attempts)
 
     def _dead_letter(
         self,
         key: str,
         event: Event | None,
         failure: Failure,
+        queued: QueuedEvent | None = None,
         *,
-        attempts: int,
-        first_failure_at: float | None,
+        attempts: int | None = None,
+        remove: bool = True,
     ) -> None:
         self._dead_letters.add(
             key,
@@ -234,10 +325,12 @@ class DeliveryWorker:
             status=failure.status,
             error_type=failure.error_type,
             message=failure.message,
-            attempts=attempts,
-            first_failure_at=first_failure_at,
+            attempts=attempts if attempts is not None else (queued.attempts + 1 if queued else 1),
+            first_failure_at=queued.first_failure_at if queued else None,
             now=self._clock(),
         )
+        if remove and queued is not None:
+            self._wal.remove([key])
         self.stats.dead_lettered += 1
         internal_log.warning(
             "cio_logging: event %s (%s) moved to the dead-letter store: %s",
@@ -246,7 +339,9 @@ class DeliveryWorker:
             failure.message,
         )
 
-    def _report_failure(self, failure: Failure, waiting: int) -> None:
+    def _report(
+        self, failure: Failure, waiting: int, level: int, message: str, *extra: object
+    ) -> None:
         now = self._clock()
         self.stats.last_error = failure.message
         self.stats.last_error_at = now
@@ -255,26 +350,30 @@ class DeliveryWorker:
         if repeated and previous is not None and now - previous[1] < _ERROR_REPEAT_SECONDS:
             return
         self._last_reported = (failure.message, now)
-        internal_log.warning(
-            "cio_logging: Customer.io delivery failed (%s); %d event(s) wait on "
-            "disk and will be retried",
-            failure.message,
-            waiting,
-        )
+        internal_log.log(level, "cio_logging: " + message, failure.message, waiting, *extra)
 
-    def _nothing_due(self) -> bool:
-        return not self._wal.read_due(1, self._clock()).events
+    def _breaker_changed(self, old: str, new: str) -> None:
+        self.stats.breaker_transitions.append((old, new))
+        if new == OPEN:
+            internal_log.warning(
+                "cio_logging: circuit breaker opened (%s -> %s): Customer.io keeps failing; "
+                "sending stops, events wait on disk, a probe follows in %g s",
+                old,
+                new,
+                self._settings.reset_timeout,
+            )
+        else:
+            internal_log.info("cio_logging: circuit breaker %s -> %s", old, new)
+        if self._on_breaker_transition is not None:
+            self._on_breaker_transition(old, new)
 
     def _complete(self, generation: int) -> None:
         with self._progress:
             self._flush_completed = max(self._flush_completed, generation)
             self._progress.notify_all()
 
-    def _wait(self, seconds: float, *, wake_early: bool = True) -> None:
-        if wake_early:
-            self._wake.wait(seconds)
-        else:
-            self._stop.wait(seconds)
+    def _wait(self, seconds: float) -> None:
+        self._wake.wait(seconds)
 
 
 def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:

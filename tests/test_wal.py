@@ -60,7 +60,7 @@ class TestWriteAheadLog:
         wal = WriteAheadLog(tmp_path / "wal")
         wal.append(make_event())
         queued = wal.read_due(10).events
-        wal.record_failure(queued, "HTTP 503", next_attempt_at=2_000.0, now=1_000.0)
+        wal.record_failure([(queued[0], 2_000.0)], "HTTP 503", now=1_000.0)
         assert wal.read_due(10, now=1_500.0).events == []
         again = wal.read_due(10, now=2_000.0).events[0]
         assert (again.attempts, again.last_error, again.first_failure_at) == (
@@ -74,7 +74,7 @@ class TestWriteAheadLog:
         wal.append(make_event())
         queued = wal.read_due(10).events
         wal.remove([queued[0].key])
-        wal.record_failure(queued, "late", next_attempt_at=0.0)
+        wal.record_failure([(queued[0], 0.0)], "late")
         assert len(wal) == 0
 
     def test_never_evicts(self, tmp_path: Path) -> None:
