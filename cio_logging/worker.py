@@ -250,6 +250,10 @@ class DeliveryWorker:
         failure = report.failure
         if failure is None:
             return
+        # The error first, then the counters: a status() reader never sees a failure
+        # counted without its reason.
+        self.stats.last_error = failure.message
+        self.stats.last_error_at = self._clock()
         if failure.kind == AUTH:
             # Wrong credentials are not Customer.io failing and not the events' fault:
             # count no attempt, dead-letter nothing, try again later.
@@ -343,8 +347,6 @@ class DeliveryWorker:
         self, failure: Failure, waiting: int, level: int, message: str, *extra: object
     ) -> None:
         now = self._clock()
-        self.stats.last_error = failure.message
-        self.stats.last_error_at = now
         previous = self._last_reported
         repeated = previous is not None and previous[0] == failure.message
         if repeated and previous is not None and now - previous[1] < _ERROR_REPEAT_SECONDS:

@@ -1,0 +1,180 @@
+"""The failure policies on their own: breaker, retry policy, rate cap (fake clocks)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pybreaker
+import pytest
+
+from cio_logging.resilience import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    DeliveryBreaker,
+    RequestRateCap,
+    RetryPolicy,
+)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def call(breaker: DeliveryBreaker, ok: bool) -> str:
+    return breaker.call(lambda: "ok" if ok else "bad", failed=lambda result: result == "bad")
+
+
+class TestDeliveryBreaker:
+    """pybreaker's consecutive rule plus our error-rate rule."""
+
+    def test_opens_after_consecutive_failures(self) -> None:
+        transitions: list[tuple[str, str]] = []
+        breaker = DeliveryBreaker(
+            consecutive_failures=3,
+            volume_threshold=100,
+            on_transition=lambda old, new: transitions.append((old, new)),
+        )
+        for _ in range(2):
+            assert call(breaker, ok=False) == "bad"
+        assert breaker.state == CLOSED
+        call(breaker, ok=False)
+        assert breaker.state == OPEN
+        assert transitions == [(CLOSED, OPEN)]
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            call(breaker, ok=True)  # nothing is sent while open
+
+    def test_opens_at_the_error_rate_once_the_volume_was_seen(self) -> None:
+        clock = FakeClock()
+        breaker = DeliveryBreaker(
+            consecutive_failures=100, volume_threshold=10, error_threshold=0.5, clock=clock
+        )
+        # Alternate: never two failures in a row, so pybreaker alone would never trip.
+        for number in range(9):
+            call(breaker, ok=number % 2 == 0)
+            clock.now += 0.1
+        assert breaker.state == CLOSED  # 4 of 9 failed, and fewer than 10 calls seen
+        call(breaker, ok=False)  # 5 of 10: 50%
+        assert breaker.state == OPEN
+
+    def test_old_outcomes_leave_the_window(self) -> None:
+        clock = FakeClock()
+        breaker = DeliveryBreaker(
+            consecutive_failures=100,
+            volume_threshold=4,
+            error_threshold=0.5,
+            window=10.0,
+            clock=clock,
+        )
+        call(breaker, ok=False)
+        call(breaker, ok=True)
+        clock.now += 30  # the failure above is now outside the window
+        call(breaker, ok=True)
+        call(breaker, ok=True)
+        call(breaker, ok=False)
+        assert breaker.state == CLOSED  # 1 of 4 in the window
+
+    def test_payload_errors_do_not_count(self) -> None:
+        breaker = DeliveryBreaker(consecutive_failures=2)
+        for _ in range(5):
+            breaker.call(lambda: "rejected", failed=lambda result: False)
+        assert breaker.state == CLOSED
+
+    def test_half_open_probe_closes_or_reopens(self) -> None:
+        transitions: list[tuple[str, str]] = []
+        breaker = DeliveryBreaker(
+            consecutive_failures=1,
+            reset_timeout=0.05,
+            on_transition=lambda old, new: transitions.append((old, new)),
+        )
+        call(breaker, ok=False)
+        assert 0 < breaker.seconds_until_probe() <= 0.05
+        time.sleep(0.06)
+        assert breaker.seconds_until_probe() == 0
+        call(breaker, ok=False)  # the probe fails: open again
+        assert breaker.state == OPEN
+        time.sleep(0.06)
+        call(breaker, ok=True)  # the probe succeeds: closed
+        assert breaker.state == CLOSED
+        assert transitions == [
+            (CLOSED, OPEN),
+            (OPEN, HALF_OPEN),
+            (HALF_OPEN, OPEN),
+            (OPEN, HALF_OPEN),
+            (HALF_OPEN, CLOSED),
+        ]
+
+    def test_a_failing_listener_never_breaks_delivery(self) -> None:
+        def explode(old: str, new: str) -> None:
+            raise RuntimeError("listener bug")
+
+        breaker = DeliveryBreaker(consecutive_failures=1, on_transition=explode)
+        assert call(breaker, ok=False) == "bad"
+        assert breaker.state == OPEN
+
+
+class TestRetryPolicy:
+    """Exponential backoff with jitter, Retry-After, attempts and age limits."""
+
+    def test_backoff_grows_and_is_capped(self) -> None:
+        policy = RetryPolicy(max_backoff=10.0)
+        delays = [policy.delay(attempts) for attempts in range(1, 8)]
+        for attempts, delay in enumerate(delays, start=1):
+            base = min(2 ** (attempts - 1), 10.0)
+            assert base <= delay <= min(base + 1.0, 10.0)
+
+    def test_retry_after_wins_when_longer_and_is_capped(self) -> None:
+        policy = RetryPolicy(max_retry_after=30.0)
+        assert policy.delay(1, retry_after=20.0) == 20.0
+        assert policy.delay(1, retry_after=5_000.0) == 30.0
+        assert policy.delay(1, retry_after=0.0) < 2.0
+
+    def test_attempt_limit(self) -> None:
+        policy = RetryPolicy(max_attempts=3)
+        assert [policy.exhausted(n) for n in (1, 2, 3, 4)] == [False, False, True, True]
+
+    def test_age_limit(self) -> None:
+        policy = RetryPolicy(max_event_age=72 * 3600.0)
+        logged = 1_000_000.0
+        assert not policy.expired(logged, logged + 71 * 3600)
+        assert policy.expired(logged, logged + 73 * 3600)
+
+
+class TestRequestRateCap:
+    """No sliding one-second window holds more than the cap."""
+
+    def test_waits_for_the_oldest_request_to_leave_the_window(self) -> None:
+        clock = FakeClock(0.0)
+        stop = threading.Event()
+        waits: list[float] = []
+
+        def fake_wait(seconds: float | None = None) -> bool:
+            waits.append(seconds or 0.0)
+            clock.now += seconds or 0.0
+            return False
+
+        stop.wait = fake_wait  # type: ignore[method-assign]
+        cap = RequestRateCap(3, clock=clock, stop=stop)
+        sent = []
+        for _ in range(7):
+            assert cap.acquire()
+            sent.append(clock.now)
+            clock.now += 0.1
+        for index, moment in enumerate(sent):
+            in_window = [t for t in sent if moment <= t < moment + 1.0]
+            assert len(in_window) <= 3, (index, sent)
+        assert waits  # it did wait
+
+    def test_stop_cuts_the_wait_short(self) -> None:
+        stop = threading.Event()
+        cap = RequestRateCap(1, stop=stop)
+        assert cap.acquire()
+        stop.set()
+        started = time.monotonic()
+        assert cap.acquire() is False
+        assert time.monotonic() - started < 0.5
