@@ -2,7 +2,9 @@
 
 No credentials, no set-up: it starts the simulator, configures logging through
 ``dictConfig`` as an application would, logs a stream of events, cuts Customer.io off
-for a few seconds, and shows events waiting on disk and arriving after recovery.
+(the breaker opens, events wait on disk, a probe finds recovery, the breaker closes),
+runs a period of essential-only degradation, sends a poison event to the dead-letter
+store, and ends with a summary in which every event is accounted for.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .events import cio_event
 from .handler import CustomerIOHandler
@@ -23,9 +25,7 @@ from .handler import CustomerIOHandler
 _EVENTS = ("signup", "page_viewed", "purchase", "subscription_changed", "search")
 
 
-def run_demo(
-    *, out: TextIO = sys.stdout, queue_dir: Path | None = None, outage_seconds: float = 4.0
-) -> int:
+def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
     """Run the demo; returns the process exit code (0 when every event is accounted for)."""
     try:
         from .simulator import TrackAPISimulator
@@ -37,59 +37,43 @@ def run_demo(
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=out, flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="cio-logging-demo-"))
-    directory = queue_dir or workdir / "queue"
     simulator = TrackAPISimulator(state_dir=workdir / "simulator")
     simulator.poison_names = {"poison_pill"}
     simulator.start()
     logger = logging.getLogger("demo.shop")
-    try:
-        say(f"Track API simulator listening on {simulator.url} (CA {simulator.ca_file})")
-        logging.config.dictConfig(
-            {
-                "version": 1,
-                "disable_existing_loggers": False,
-                "handlers": {
-                    "customerio": {
-                        "class": "cio_logging.CustomerIOHandler",
-                        "site_id": simulator.site_id,
-                        "api_key": simulator.api_key,
-                        "track_url": simulator.url,
-                        "ca_bundle": simulator.ca_file,
-                        "queue_dir": str(directory),
-                        "flush_interval": 0.2,
-                        "max_backoff": 1.0,
-                        "request_timeout": 2,
-                    },
-                },
-                "loggers": {
-                    "demo.shop": {"handlers": ["customerio"], "level": "INFO", "propagate": False},
-                },
-            }
-        )
-        handler = next(h for h in logger.handlers if isinstance(h, CustomerIOHandler))
-        say(f"handler configured with dictConfig; write-ahead log in {directory}")
-        logged = 0
+    logged = 0
 
-        def log_events(count: int, start: int) -> int:
-            for number in range(start, start + count):
-                name = _EVENTS[number % len(_EVENTS)]
-                logger.info(
-                    name,
-                    extra=cio_event(
-                        f"user-{number % 7}", order=number, amount=round(number * 1.5, 2)
-                    ),
-                )
-            return count
+    def log_events(count: int, start: int) -> None:
+        nonlocal logged
+        for number in range(start, start + count):
+            name = _EVENTS[number % len(_EVENTS)]
+            logger.info(
+                name, extra=cio_event(f"user-{number % 7}", order=number, amount=number * 1.5)
+            )
+            logged += 1
+
+    try:
+        say(f"Track API simulator listening on {simulator.url}")
+        logging.config.dictConfig(_logging_config(simulator, workdir / "queue"))
+        handler = next(h for h in logger.handlers if isinstance(h, CustomerIOHandler))
+        say(f"handler configured with dictConfig; write-ahead log in {workdir / 'queue'}")
+
+        def show(prefix: str) -> None:
+            status = handler.status()
+            say(
+                f"  {prefix}breaker {status['breaker']}, accepted by Customer.io "
+                f"{len(simulator.accepted)}, waiting on disk {status['queued']}"
+            )
 
         say("phase 1: Customer.io is up; logging 30 events")
-        logged += log_events(30, 0)
-        _wait_until(lambda: len(simulator.accepted) >= logged, 10)
-        for event in simulator.accepted[:3]:
+        log_events(30, 0)
+        _wait_until(lambda: len(simulator.accepted) >= 30, 10)
+        for event in simulator.accepted[:2]:
             say(
                 f"  Customer.io received {event.name!r} for {event.customer_id} "
                 f"(id {event.id}, data {event.data}, via {event.route})"
             )
-        say(f"  delivered {len(simulator.accepted)}, queued on disk {handler.status()['queued']}")
+        show("")
 
         say(
             f"phase 2: outage (every request answered 503 for {outage_seconds:g} s); "
@@ -97,42 +81,43 @@ def run_demo(
         )
         simulator.fail(503, duration=outage_seconds)
         outage_ends = time.monotonic() + outage_seconds
-        logged += log_events(30, 30)
+        for batch in range(3):
+            log_events(10, 30 + batch * 10)
+            time.sleep(0.2)
         while time.monotonic() < outage_ends:
             time.sleep(1.0)
-            status = handler.status()
-            say(
-                f"  accepted so far {len(simulator.accepted)}, waiting on disk "
-                f"{status['queued']}, last error: {status['last_error']}"
-            )
+            show("")
+        say("  the outage is over: the next probe finds Customer.io back and closes the breaker")
+        _wait_until(lambda: handler.status()["queued"] == 0, 20)
+        show("")
 
-        say("phase 3: Customer.io is back; the worker retries what waited on disk")
-        logger.info(
-            "poison_pill",
-            extra=cio_event(
-                "user-1", note="the simulator rejects this name: it goes to the dead-letter store"
-            ),
-        )
+        say("phase 3: the operator switches to essential_only for a while")
+        handler.set_degradation("essential_only")
+        log_events(10, 60)
+        say(f"  dropped at emit so far: {handler.status()['dropped']}")
+        handler.set_degradation("full")
+
+        say("phase 4: bad events")
+        logger.info("poison_pill", extra=cio_event("user-1", note="the API rejects this name"))
         logger.info("bad_data", extra=cio_event("user-1", ratio=float("nan")))
-        logged += 1
+        logged += 2
         handler.flush()
         _wait_until(lambda: handler.status()["queued"] == 0, 15)
+
         status = handler.status()
         delivered = len(simulator.accepted)
-        say(
-            f"  accepted {delivered}, queued {status['queued']}, "
-            f"dead-lettered {status['dead_letters']}"
-        )
+        dropped = sum(status["dropped"].values())
+        transitions = handler._worker.stats.breaker_transitions
         print(file=out)
         print("summary", file=out)
-        print(
-            f"  logged          {logged + 1}  (one of them refused at emit: NaN in data)", file=out
-        )
-        print(f"  delivered       {delivered}", file=out)
-        print(f"  queued on disk  {status['queued']}", file=out)
-        print(f"  dead-lettered   {status['dead_letters']}", file=out)
-        print(f"  refused at emit {sum(status['dropped'].values())}", file=out)
-        accounted = delivered + status["dead_letters"] == logged and status["queued"] == 0
+        print(f"  logged              {logged}", file=out)
+        print(f"  delivered           {delivered}", file=out)
+        print(f"  queued on disk      {status['queued']}", file=out)
+        print(f"  dead-lettered       {status['dead_letters']}", file=out)
+        print(f"  dropped at emit     {dropped}  {status['dropped']}", file=out)
+        print(f"  breaker transitions {' , '.join(f'{a}->{b}' for a, b in transitions)}", file=out)
+        accounted = delivered + status["dead_letters"] + dropped == logged
+        accounted = accounted and status["queued"] == 0
         print(f"  {'every event accounted for' if accounted else 'EVENTS MISSING'}", file=out)
         return 0 if accounted else 1
     finally:
@@ -141,6 +126,34 @@ def run_demo(
             h.close()
         simulator.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _logging_config(simulator: Any, queue_dir: Path) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {
+            "customerio": {
+                "class": "cio_logging.CustomerIOHandler",
+                "site_id": simulator.site_id,
+                "api_key": simulator.api_key,
+                "track_url": simulator.url,
+                "ca_bundle": simulator.ca_file,
+                "queue_dir": str(queue_dir),
+                # Quick settings so the demo fits in seconds; the defaults are the
+                # reference design's (5 failures, 30 s before a probe).
+                "flush_interval": 0.2,
+                "batch_size": 10,
+                "consecutive_failures": 3,
+                "reset_timeout": 1.5,
+                "max_backoff": 1.0,
+                "request_timeout": 2,
+            },
+        },
+        "loggers": {
+            "demo.shop": {"handlers": ["customerio"], "level": "INFO", "propagate": False},
+        },
+    }
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:

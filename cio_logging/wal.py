@@ -17,6 +17,7 @@ Keys are the events' ULIDs, so key order is logging order and a resend keeps its
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -24,10 +25,10 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import diskcache
 
@@ -72,6 +73,82 @@ class _JSONTextDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache is untyp
                 f"a stored row has mode {mode}, not inline JSON text (refused, not decoded)"
             )
         return value
+
+
+# How long fork() may wait for threads to leave SQLite before it goes ahead anyway.
+_FORK_WAIT_SECONDS = 10.0
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+class _ForkGate:
+    """Makes fork() wait until no thread of this process is inside SQLite.
+
+    A child forked while another thread held one of SQLite's internal mutexes inherits
+    it held, and its first database call blocks forever (seen here: a forked gunicorn
+    or multiprocessing worker hung in ``sqlite3.connect``). Every entry into SQLite
+    goes through :meth:`inside`; an ``os.register_at_fork`` hook waits, bounded, until
+    none is active and holds new ones back until the fork is done.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._reset,
+        )
+
+    def _reset(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._active = 0
+        self._forking = False
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        depth = getattr(self._depth, "value", 0)
+        if depth == 0:  # nested calls (replay appends) must not wait on a pending fork
+            with self._condition:
+                while self._forking:
+                    self._condition.wait()
+                self._active += 1
+        self._depth.value = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.value = depth
+            if depth == 0:
+                with self._condition:
+                    self._active -= 1
+                    if self._active == 0:
+                        self._condition.notify_all()
+
+    def _before_fork(self) -> None:
+        with self._condition:
+            self._forking = True
+            deadline = time.monotonic() + _FORK_WAIT_SECONDS
+            while self._active and (remaining := deadline - time.monotonic()) > 0:
+                self._condition.wait(remaining)
+
+    def _after_fork_in_parent(self) -> None:
+        with self._condition:
+            self._forking = False
+            self._condition.notify_all()
+
+
+_FORK_GATE = _ForkGate()
+
+
+def _sqlite_section(method: Method) -> Method:
+    """Run ``method`` inside the fork gate."""
+
+    @functools.wraps(method)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with _FORK_GATE.inside():
+            return method(*args, **kwargs)
+
+    return guarded  # type: ignore[return-value]
 
 
 # Connections a forked child inherited. They are kept referenced for the life of the
@@ -233,10 +310,12 @@ class Batch:
 class WriteAheadLog:
     """Events waiting for Customer.io, on disk, in logging order."""
 
+    @_sqlite_section
     def __init__(self, directory: Path, *, fsync: bool = False) -> None:
         self.directory = directory
         self._cache = _open_cache(directory, fsync=fsync)
 
+    @_sqlite_section
     def append(self, event: Event) -> None:
         """Write ``event`` durably (committed to SQLite) before returning."""
         entry = (
@@ -245,6 +324,7 @@ class WriteAheadLog:
         )
         self._cache.set(event.id, entry)
 
+    @_sqlite_section
     def read_due(self, limit: int, now: float | None = None) -> Batch:
         """Up to ``limit`` events whose next attempt is due, oldest first.
 
@@ -275,12 +355,14 @@ class WriteAheadLog:
                     break
         return Batch(events, corrupt)
 
+    @_sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
         """Delete delivered (or dead-lettered) events, in one transaction."""
         with self._cache.transact():
             for key in keys:
                 self._cache.delete(key)
 
+    @_sqlite_section
     def record_failure(
         self, failures: Iterable[tuple[QueuedEvent, float]], error: str, now: float | None = None
     ) -> None:
@@ -305,16 +387,20 @@ class WriteAheadLog:
                     queued.key, json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
                 )
 
+    @_sqlite_section
     def volume(self) -> int:
         """Bytes the log takes on disk (SQLite pages), for the shedding limits."""
         return int(self._cache.volume())
 
+    @_sqlite_section
     def __contains__(self, key: object) -> bool:
         return key in self._cache
 
+    @_sqlite_section
     def __len__(self) -> int:
         return len(self._cache)
 
+    @_sqlite_section
     def close(self) -> None:
         self._cache.close()
 
@@ -359,10 +445,12 @@ class DeadLetter:
 class DeadLetterStore:
     """Events that failed for good, with the reason (status, error type, scrubbed text)."""
 
+    @_sqlite_section
     def __init__(self, directory: Path, *, fsync: bool = False) -> None:
         self.directory = directory
         self._cache = _open_cache(directory, fsync=fsync)
 
+    @_sqlite_section
     def add(
         self,
         key: str,
@@ -390,11 +478,14 @@ class DeadLetterStore:
         self._cache.set(key, json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
 
     def __iter__(self) -> Iterator[DeadLetter]:
-        for key in self._cache.iterkeys():
+        with _FORK_GATE.inside():  # never hold the gate while the caller consumes
+            keys = list(self._cache.iterkeys())
+        for key in keys:
             letter = self.get(key)
             if letter is not None:
                 yield letter
 
+    @_sqlite_section
     def get(self, key: str) -> DeadLetter | None:
         """One entry by its key (the event id), or None."""
         text = self._cache.get(key)
@@ -415,6 +506,7 @@ class DeadLetterStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptEntryError(f"dead letter {key} is not JSON of ours") from exc
 
+    @_sqlite_section
     def select(
         self,
         *,
@@ -446,6 +538,7 @@ class DeadLetterStore:
                 break
         return chosen
 
+    @_sqlite_section
     def replay(self, letters: Iterable[DeadLetter], wal: WriteAheadLog) -> int:
         """Move entries back into the write-ahead log, with their ids, as new attempts.
 
@@ -462,6 +555,7 @@ class DeadLetterStore:
             moved += 1
         return moved
 
+    @_sqlite_section
     def purge(self, letters: Iterable[DeadLetter]) -> int:
         """Delete entries for good; returns how many were deleted."""
         removed = 0
@@ -482,8 +576,10 @@ class DeadLetterStore:
                 counts["total"] += 1
         return counts
 
+    @_sqlite_section
     def __len__(self) -> int:
         return len(self._cache)
 
+    @_sqlite_section
     def close(self) -> None:
         self._cache.close()

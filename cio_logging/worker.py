@@ -364,6 +364,13 @@ class DeliveryWorker:
                 new,
                 self._settings.reset_timeout,
             )
+        elif new == CLOSED:
+            internal_log.warning(
+                "cio_logging: circuit breaker closed (%s -> %s): Customer.io answers again; "
+                "delivery resumes",
+                old,
+                new,
+            )
         else:
             internal_log.info("cio_logging: circuit breaker %s -> %s", old, new)
         if self._on_breaker_transition is not None:

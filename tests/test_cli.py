@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 
@@ -19,8 +20,11 @@ def test_demo_accounts_for_every_event() -> None:
     assert run_demo(out=out, outage_seconds=1.0) == 0
     text = out.getvalue()
     assert "every event accounted for" in text
+    assert "breaker open" in text  # the outage opened it ...
+    assert "half-open->closed" in text  # ... and a probe closed it
     assert "waiting on disk 30" in text
-    assert "dead-lettered   1" in text
+    assert "degradation_essential_only" in text
+    assert re.search(r"dead-lettered +1\n", text)
 
 
 def test_demo_command_exits_zero() -> None:

@@ -150,15 +150,20 @@ class TestRequestRateCap:
 
     def test_waits_for_the_oldest_request_to_leave_the_window(self) -> None:
         clock = FakeClock(0.0)
-        stop = threading.Event()
-        waits: list[float] = []
 
-        def fake_wait(seconds: float | None = None) -> bool:
-            waits.append(seconds or 0.0)
-            clock.now += seconds or 0.0
-            return False
+        class AdvancingStop(threading.Event):
+            """A stop event whose waits move the fake clock instead of sleeping."""
 
-        stop.wait = fake_wait  # type: ignore[method-assign]
+            def __init__(self) -> None:
+                super().__init__()
+                self.waits: list[float] = []
+
+            def wait(self, timeout: float | None = None) -> bool:
+                self.waits.append(timeout or 0.0)
+                clock.now += timeout or 0.0
+                return False
+
+        stop = AdvancingStop()
         cap = RequestRateCap(3, clock=clock, stop=stop)
         sent = []
         for _ in range(7):
@@ -168,7 +173,7 @@ class TestRequestRateCap:
         for index, moment in enumerate(sent):
             in_window = [t for t in sent if moment <= t < moment + 1.0]
             assert len(in_window) <= 3, (index, sent)
-        assert waits  # it did wait
+        assert stop.waits  # it did wait
 
     def test_stop_cuts_the_wait_short(self) -> None:
         stop = threading.Event()

@@ -112,6 +112,37 @@ def test_a_forked_child_appends_without_losing_anything(tmp_path: Path) -> None:
     assert len(fresh.read_due(10).events) == 6
 
 
+def test_fork_waits_for_threads_inside_sqlite(tmp_path: Path) -> None:
+    """A child must not inherit SQLite's mutexes held: fork waits for the section to end."""
+    import threading
+    import time
+
+    from cio_logging.wal import _FORK_GATE
+
+    entered = threading.Event()
+
+    def busy_in_sqlite() -> None:
+        with _FORK_GATE.inside():
+            entered.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=busy_in_sqlite)
+    thread.start()
+    entered.wait()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    waited = time.monotonic() - started
+    os.waitpid(pid, 0)
+    thread.join()
+    assert waited >= 0.4
+    # and the gate is open again afterwards, in the parent
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.append(make_event())
+    assert len(wal) == 1
+
+
 def test_another_process_closing_does_not_pull_the_log_away(tmp_path: Path) -> None:
     """Opening the log must keep this process's SQLite locks (an os.close dropped them)."""
     wal = WriteAheadLog(tmp_path / "wal")
