@@ -20,7 +20,7 @@ def test_demo_accounts_for_every_event() -> None:
     assert run_demo(out=out, outage_seconds=1.0) == 0
     text = out.getvalue()
     assert "every event accounted for" in text
-    assert "breaker open" in text  # the outage opened it ...
+    assert "closed->open" in text  # the outage opened the breaker ...
     assert "half-open->closed" in text  # ... and a probe closed it
     assert "waiting on disk 30" in text
     assert "degradation_essential_only" in text
