@@ -216,6 +216,26 @@ class TestRetries:
         assert letter.attempts == 5  # counted on from where the first process left off
 
 
+class TestShutdownDuringWaits:
+    """close() cuts every wait short: Retry-After holds, open breakers, rate-cap slots."""
+
+    @pytest.mark.parametrize("wait", ["retry_after", "breaker_open"])
+    def test_close_is_prompt(self, make_handler: HandlerFactory,
+                             simulator: TrackAPISimulator, wait: str) -> None:
+        handler = make_handler(consecutive_failures=1, reset_timeout=60, max_retry_after=600)
+        logger = attach(handler, wait)
+        if wait == "retry_after":
+            simulator.fail(429, retry_after="300")
+        else:
+            simulator.fail(503)
+        log_events(logger, 3)
+        assert wait_for(lambda: handler.status()["failed_requests"] >= 1, 10)
+        started = time.monotonic()
+        handler.close()
+        assert time.monotonic() - started < 1.0
+        assert handler.status()["queued"] == 3  # left on disk for the next process
+
+
 class TestCredentials:
     """401/403 pause delivery without dead-lettering; it resumes by itself."""
 
