@@ -220,8 +220,9 @@ class TestShutdownDuringWaits:
     """close() cuts every wait short: Retry-After holds, open breakers, rate-cap slots."""
 
     @pytest.mark.parametrize("wait", ["retry_after", "breaker_open"])
-    def test_close_is_prompt(self, make_handler: HandlerFactory,
-                             simulator: TrackAPISimulator, wait: str) -> None:
+    def test_close_is_prompt(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, wait: str
+    ) -> None:
         handler = make_handler(consecutive_failures=1, reset_timeout=60, max_retry_after=600)
         logger = attach(handler, wait)
         if wait == "retry_after":
