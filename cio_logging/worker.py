@@ -38,12 +38,15 @@ from .delivery import AUTH, TRANSIENT, DeliveryReport, Failure, TrackClient
 from .events import Event
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
+from .state_record import write_state
 from .wal import DeadLetterStore, QueuedEvent, WriteAheadLog
 
 internal_log = logging.getLogger("cio_logging")
 
 # Repeat the same delivery error at most this often.
 _ERROR_REPEAT_SECONDS = 60.0
+# Rewrite state.json at most this often (and on every breaker transition).
+_STATE_RECORD_SECONDS = 2.0
 
 
 @dataclass
@@ -102,6 +105,7 @@ class DeliveryWorker:
         self._flush_completed = 0
         self._held_until = 0.0  # no request before this (401/403, Retry-After)
         self._last_reported: tuple[str, float] | None = None
+        self._state_recorded_at = float("-inf")
         settings = self._settings
         self.breaker = DeliveryBreaker(
             error_threshold=settings.error_threshold,
@@ -180,6 +184,7 @@ class DeliveryWorker:
                 if not self._lock.try_acquire():
                     self._wait(self._settings.flush_interval)
                     continue
+                self._record_state()
                 on_hold = self._seconds_on_hold()
                 if on_hold > 0:
                     self._complete(generation)  # flush(): nothing can go now
@@ -354,8 +359,34 @@ class DeliveryWorker:
         self._last_reported = (failure.message, now)
         internal_log.log(level, "cio_logging: " + message, failure.message, waiting, *extra)
 
+    def _record_state(self, *, now: bool = False, breaker: str | None = None) -> None:
+        """Rewrite state.json for ``cio-logging status`` (the delivering process only)."""
+        moment = time.monotonic()
+        if not now and moment - self._state_recorded_at < _STATE_RECORD_SECONDS:
+            return
+        self._state_recorded_at = moment
+        stats = self.stats
+        write_state(
+            self._settings.queue_dir,
+            {
+                "pid": os.getpid(),
+                "updated_at": self._clock(),
+                # pybreaker notifies before it stores the new state: take it as given.
+                "breaker": breaker or self.breaker.state,
+                "last_error": stats.last_error,
+                "last_error_at": stats.last_error_at,
+                "delivery_paused": stats.delivery_paused,
+                "delivered": stats.delivered,
+                "dead_lettered": stats.dead_lettered,
+                "requests": stats.requests,
+                "failed_requests": stats.failed_requests,
+            },
+        )
+
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
+        if self._lock.held:
+            self._record_state(now=True, breaker=new)
         if new == OPEN:
             internal_log.warning(
                 "cio_logging: circuit breaker opened (%s -> %s): Customer.io keeps failing; "

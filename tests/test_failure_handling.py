@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
+from cio_logging.state_record import read_state
 from cio_logging.wal import WriteAheadLog
 
 from .conftest import HandlerFactory, wait_for
@@ -60,6 +62,11 @@ class TestCircuitBreaker:
             10,
         )
         opened = handler.status()
+        # The delivering process records the transition for `cio-logging status`.
+        recorded = read_state(Path(opened["queue_dir"]))
+        assert recorded is not None
+        assert recorded["breaker"] == "open"
+        assert recorded["pid"] == os.getpid()
         # Opened within its threshold: three failed requests in a row.
         assert opened["failed_requests"] == 3
         # While open, nothing is sent (the rejected calls never reach the network).
