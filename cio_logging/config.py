@@ -72,6 +72,9 @@ _NUMERIC_OPTIONS: dict[str, tuple[float, float, float]] = {
     # essential ones only past the hard limit.
     "max_queue_bytes": (1 << 30, 1 << 20, 1 << 50),
     "hard_max_queue_bytes": (2 << 30, 1 << 20, 1 << 50),
+    # The reference design's periodic breaker report: log status() on the
+    # cio_logging.status logger this often (seconds); 0 switches it off.
+    "status_log_interval": (0.0, 0.0, 86_400.0),
 }
 _BOOLEAN_OPTIONS: dict[str, bool] = {
     # fsync every commit (SQLite synchronous=FULL): survives power loss, costs ~4x per
@@ -121,6 +124,7 @@ class Settings:
     max_requests_per_second: float
     max_queue_bytes: int
     hard_max_queue_bytes: int
+    status_log_interval: float
     fsync: bool
     degradation: str
     essential_events: frozenset[str]
@@ -195,6 +199,7 @@ def resolve_settings(
         max_requests_per_second=numbers["max_requests_per_second"],
         max_queue_bytes=int(numbers["max_queue_bytes"]),
         hard_max_queue_bytes=int(numbers["hard_max_queue_bytes"]),
+        status_log_interval=numbers["status_log_interval"],
         fsync=flags["fsync"],
         degradation=degradation_level(options.get("degradation", env.get(ENV_DEGRADATION, FULL))),
         essential_events=_event_names(options.get("essential_events", DEFAULT_ESSENTIAL_EVENTS)),

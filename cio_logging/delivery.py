@@ -35,6 +35,7 @@ from requests.adapters import HTTPAdapter
 
 from .config import Settings
 from .resilience import DeliveryBreaker, RequestRateCap
+from .telemetry import Telemetry
 from .wal import QueuedEvent
 
 MAX_BATCH_BYTES = 500 * 1024
@@ -149,10 +150,12 @@ class TrackClient:
         *,
         breaker: DeliveryBreaker | None = None,
         rate_cap: RequestRateCap | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
         self._breaker = breaker
         self._rate_cap = rate_cap
+        self._telemetry = telemetry
         self._local = threading.local()
         self._sdk = _SDKClient(settings, self._remember_response)
 
@@ -193,7 +196,7 @@ class TrackClient:
         self, chunk: list[tuple[QueuedEvent, dict[str, Any], int]], report: DeliveryReport
     ) -> None:
         failure, response = self._call(
-            lambda: self._sdk.batch([item for _, item, _ in chunk]), chunk
+            lambda: self._sdk.batch([item for _, item, _ in chunk]), chunk, "v2_batch"
         )
         report.requests += 1
         if failure is None and response is not None:
@@ -242,7 +245,8 @@ class TrackClient:
                     timestamp=event.timestamp,
                 )
 
-        failure, _ = self._call(send, [(queued, {}, 0)])
+        route = "v1" if event.customer_id is not None else "v1_anonymous"
+        failure, _ = self._call(send, [(queued, {}, 0)], route)
         report.requests += 1
         if failure is None:
             report.accepted.append(queued)
@@ -253,15 +257,33 @@ class TrackClient:
             (report.deferred if failure.kind == NOT_SENT else report.failed).append(queued)
 
     def _call(
-        self, send: Callable[[], Any], chunk: Sequence[tuple[QueuedEvent, Any, int]]
+        self,
+        send: Callable[[], Any],
+        chunk: Sequence[tuple[QueuedEvent, Any, int]],
+        route: str,
     ) -> tuple[Failure | None, requests.Response | None]:
         if self._rate_cap is not None and not self._rate_cap.acquire():
             return Failure(None, "stopped", "shutting down: not sent"), None
+
+        def attempt() -> tuple[Failure | None, requests.Response | None]:
+            if self._telemetry is None:
+                return self._attempt(send, chunk)
+            with self._telemetry.request(route, len(chunk)) as span:
+                outcome = self._attempt(send, chunk)
+                failure, response = outcome
+                if response is not None:
+                    span.answered(response.status_code)
+                elif failure is not None:
+                    if failure.status is not None:
+                        span.answered(failure.status)
+                    span.failed(failure.error_type, failure.message)
+                return outcome
+
         if self._breaker is None:
-            return self._attempt(send, chunk)
+            return attempt()
         try:
             return self._breaker.call(
-                lambda: self._attempt(send, chunk),
+                attempt,
                 failed=lambda outcome: outcome[0] is not None and outcome[0].kind == TRANSIENT,
             )
         except pybreaker.CircuitBreakerError:

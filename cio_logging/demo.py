@@ -84,6 +84,7 @@ def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
         for batch in range(3):
             log_events(10, 30 + batch * 10)
             time.sleep(0.2)
+        show("")  # all 30 are on disk now: nothing gets through during the outage
         while time.monotonic() < outage_ends:
             time.sleep(1.0)
             show("")

@@ -15,11 +15,15 @@ import time
 from collections import Counter
 from typing import Any
 
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
 from .errors import InvalidEventError
 from .events import EXTRA_KEY, event_from_record
+from .telemetry import QueueProbes, Telemetry
 from .wal import DeadLetterStore, WriteAheadLog, secure_directory
-from .worker import DeliveryWorker
+from .worker import DeliveryWorker, flush_thread_marker
 
 internal_log = logging.getLogger("cio_logging")
 
@@ -53,6 +57,8 @@ class CustomerIOHandler(logging.Handler):
         ca_bundle: CA file for TLS verification, winning over ``REQUESTS_CA_BUNDLE``;
             default ``$CIO_LOGGING_CA_BUNDLE``.
         level: the handler's level, as for any handler.
+        tracer_provider: OpenTelemetry tracer provider; default the global one.
+        meter_provider: OpenTelemetry meter provider; default the global one.
         **options: tunables (``flush_timeout``, ``close_timeout``, ``request_timeout``,
             ``flush_interval``, ``batch_size``, retry, breaker, rate-cap, degradation and
             disk-limit options, ``fsync``); see README for each with its default.
@@ -71,6 +77,8 @@ class CustomerIOHandler(logging.Handler):
         track_url: str | None = None,
         ca_bundle: str | os.PathLike[str] | None = None,
         level: int | str = logging.NOTSET,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
         **options: Any,
     ) -> None:
         self.settings: Settings = resolve_settings(
@@ -87,7 +95,24 @@ class CustomerIOHandler(logging.Handler):
         secure_directory(queue_dir_path)
         self._wal = WriteAheadLog(queue_dir_path / "wal", fsync=self.settings.fsync)
         self._dead_letters = DeadLetterStore(queue_dir_path / "dead", fsync=self.settings.fsync)
-        self._worker = DeliveryWorker(self.settings, self._wal, self._dead_letters)
+        self._telemetry = Telemetry(
+            endpoint=self.settings.endpoint,
+            probes=QueueProbes(
+                queue_depth=lambda: len(self._wal),
+                dead_letter_depth=lambda: len(self._dead_letters),
+                oldest_age=self._oldest_age,
+                breaker_state=lambda: self._worker.breaker.state,
+            ),
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
+        self._worker = DeliveryWorker(
+            self.settings,
+            self._wal,
+            self._dead_letters,
+            telemetry=self._telemetry,
+            status_report=self.status,
+        )
         self._counts_guard = threading.Lock()
         self._enqueued = 0
         self._dropped: Counter[str] = Counter()
@@ -116,7 +141,11 @@ class CustomerIOHandler(logging.Handler):
         purpose: the write-ahead log is safe for concurrent writers, and serialising
         every caller behind one lock would make logging threads queue up.
         """
-        if EXTRA_KEY not in record.__dict__ or getattr(_inside_emit, "active", False):
+        if (
+            EXTRA_KEY not in record.__dict__
+            or getattr(_inside_emit, "active", False)
+            or getattr(flush_thread_marker, "active", False)
+        ):
             return False
         result = self.filter(record)
         if isinstance(result, logging.LogRecord):  # Python 3.12+: a filter may swap it
@@ -130,20 +159,21 @@ class CustomerIOHandler(logging.Handler):
         _inside_emit.active = True
         try:
             if self._degradation == DISABLED:
-                self._count_drop(DROP_DISABLED)
+                self._count_drop(DROP_DISABLED, None)
                 return
             event = event_from_record(record)
             if event is None:
                 return
             essential = event.name in self.settings.essential_events
             if self._degradation == ESSENTIAL_ONLY and not essential:
-                self._count_drop(DROP_NON_ESSENTIAL)
+                self._count_drop(DROP_NON_ESSENTIAL, essential)
                 return
             shed = self._disk_limit_reached(essential)
             if shed is not None:
-                self._count_drop(shed)
+                self._count_drop(shed, essential)
                 return
             self._wal.append(event)
+            self._telemetry.event_enqueued(essential)
             with self._counts_guard:
                 self._enqueued += 1
                 self._last_key = event.id
@@ -151,7 +181,7 @@ class CustomerIOHandler(logging.Handler):
                 self._worker.ensure_started()
                 self._worker.notify()
         except InvalidEventError as exc:
-            self._count_drop(DROP_INVALID)
+            self._count_drop(DROP_INVALID, None)
             internal_log.warning(
                 "cio_logging: event refused at emit (logger %s, %s:%d): %s",
                 record.name,
@@ -160,7 +190,7 @@ class CustomerIOHandler(logging.Handler):
                 exc,
             )
         except Exception:
-            self._count_drop(DROP_QUEUE_ERROR)
+            self._count_drop(DROP_QUEUE_ERROR, None)
             self.handleError(record)
         finally:
             _inside_emit.active = False
@@ -263,6 +293,11 @@ class CustomerIOHandler(logging.Handler):
             "queue_dir": str(self.settings.queue_dir),
         }
 
-    def _count_drop(self, reason: str) -> None:
+    def _count_drop(self, reason: str, essential: bool | None) -> None:
         with self._counts_guard:
             self._dropped[reason] += 1
+        self._telemetry.event_dropped(reason, essential)
+
+    def _oldest_age(self) -> float | None:
+        logged_at = self._wal.oldest_logged_at()
+        return None if logged_at is None else max(0.0, time.time() - logged_at)

@@ -388,6 +388,17 @@ class WriteAheadLog:
                 )
 
     @_sqlite_section
+    def oldest_logged_at(self) -> float | None:
+        """When the oldest waiting event was logged (keys are ULIDs: time-ordered)."""
+        for key in self._cache.iterkeys():
+            try:
+                text = self._cache.get(key)
+                return None if text is None else _decode_entry(key, text).event.logged_at
+            except (CorruptEntryError, InvalidEventError):
+                return None  # the worker quarantines it; the gauge just skips a beat
+        return None
+
+    @_sqlite_section
     def volume(self) -> int:
         """Bytes the log takes on disk (SQLite pages), for the shedding limits."""
         return int(self._cache.volume())

@@ -32,6 +32,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Settings
 from .delivery import AUTH, TRANSIENT, DeliveryReport, Failure, TrackClient
@@ -39,9 +40,15 @@ from .events import Event
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import write_state
+from .telemetry import Telemetry
 from .wal import DeadLetterStore, QueuedEvent, WriteAheadLog
 
 internal_log = logging.getLogger("cio_logging")
+status_log = logging.getLogger("cio_logging.status")
+
+#: Set on the flush thread: records logged there (by the SDK, urllib3, ourselves) must
+#: never come back into a handler (a feedback loop).
+flush_thread_marker = threading.local()
 
 # Repeat the same delivery error at most this often.
 _ERROR_REPEAT_SECONDS = 60.0
@@ -74,13 +81,15 @@ class DeliveryWorker:
         dead_letters: DeadLetterStore,
         *,
         clock: Callable[[], float] = time.time,
-        on_breaker_transition: Callable[[str, str], None] | None = None,
+        telemetry: Telemetry | None = None,
+        status_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._settings = settings
         self._wal = wal
         self._dead_letters = dead_letters
         self._clock = clock
-        self._on_breaker_transition = on_breaker_transition
+        self._telemetry = telemetry
+        self._status_report = status_report
         self._lock = DeliveryLock(settings.queue_dir / "delivery.lock")
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -106,6 +115,7 @@ class DeliveryWorker:
         self._held_until = 0.0  # no request before this (401/403, Retry-After)
         self._last_reported: tuple[str, float] | None = None
         self._state_recorded_at = float("-inf")
+        self._status_logged_at = time.monotonic()
         settings = self._settings
         self.breaker = DeliveryBreaker(
             error_threshold=settings.error_threshold,
@@ -174,6 +184,7 @@ class DeliveryWorker:
         return stopped
 
     def _run(self) -> None:
+        flush_thread_marker.active = True
         client: TrackClient | None = None
         try:
             while not self._stop.is_set():
@@ -185,6 +196,7 @@ class DeliveryWorker:
                     self._wait(self._settings.flush_interval)
                     continue
                 self._record_state()
+                self._log_status()
                 on_hold = self._seconds_on_hold()
                 if on_hold > 0:
                     self._complete(generation)  # flush(): nothing can go now
@@ -192,7 +204,10 @@ class DeliveryWorker:
                     continue
                 if client is None:
                     client = TrackClient(
-                        self._settings, breaker=self.breaker, rate_cap=self._rate_cap
+                        self._settings,
+                        breaker=self.breaker,
+                        rate_cap=self._rate_cap,
+                        telemetry=self._telemetry,
                     )
                 if not self._deliver_once(client):
                     self._complete(generation)
@@ -248,6 +263,12 @@ class DeliveryWorker:
         # between leaves an event in both places, never in neither.
         self._wal.remove([q.key for q in report.accepted] + [q.key for q, _ in report.rejected])
         self.stats.delivered += len(report.accepted)
+        if self._telemetry is not None and report.accepted:
+            essentials = self._settings.essential_events
+            self._telemetry.events_delivered(
+                ((q.event.logged_at, q.event.name in essentials) for q in report.accepted),
+                self._clock(),
+            )
         self.stats.requests += report.requests
         if report.accepted and self.stats.delivery_paused:
             internal_log.warning("cio_logging: Customer.io accepts events again; delivery resumed")
@@ -303,6 +324,9 @@ class DeliveryWorker:
                 )
             else:
                 later.append((queued, now + self.retry.delay(attempts, failure.retry_after)))
+                if self._telemetry is not None:
+                    essential = queued.event.name in self._settings.essential_events
+                    self._telemetry.event_retried(essential)
         self._wal.record_failure(later, failure.message, now)
         self.stats.retries_scheduled += len(later)
 
@@ -341,6 +365,9 @@ class DeliveryWorker:
         if remove and queued is not None:
             self._wal.remove([key])
         self.stats.dead_lettered += 1
+        if self._telemetry is not None:
+            essential = None if event is None else event.name in self._settings.essential_events
+            self._telemetry.event_dead_lettered(failure.error_type, essential)
         internal_log.warning(
             "cio_logging: event %s (%s) moved to the dead-letter store: %s",
             key,
@@ -383,6 +410,16 @@ class DeliveryWorker:
             },
         )
 
+    def _log_status(self) -> None:
+        """The reference design's periodic breaker report, when status_log_interval is set."""
+        interval = self._settings.status_log_interval
+        if not interval or self._status_report is None:
+            return
+        moment = time.monotonic()
+        if moment - self._status_logged_at >= interval:
+            self._status_logged_at = moment
+            status_log.info("cio_logging status: %s", self._status_report())
+
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
         if self._lock.held:
@@ -404,8 +441,8 @@ class DeliveryWorker:
             )
         else:
             internal_log.info("cio_logging: circuit breaker %s -> %s", old, new)
-        if self._on_breaker_transition is not None:
-            self._on_breaker_transition(old, new)
+        if self._telemetry is not None:
+            self._telemetry.breaker_transition(old, new)
 
     def _complete(self, generation: int) -> None:
         with self._progress:
@@ -413,6 +450,9 @@ class DeliveryWorker:
             self._progress.notify_all()
 
     def _wait(self, seconds: float) -> None:
+        interval = self._settings.status_log_interval
+        if interval:  # a long hold must not hold back the periodic status report
+            seconds = min(seconds, interval)
         self._wake.wait(seconds)
 
 

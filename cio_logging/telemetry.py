@@ -1,0 +1,243 @@
+"""OpenTelemetry spans and metrics, on the API alone.
+
+The handler makes its own tracer and meter from the providers it is given (default:
+the global ones), so a process can run several handlers and set its providers late.
+Without an SDK every call here is one of the API's no-ops.
+
+Metric names are a contract with dashboards (examples/otel/): change one only with the
+dashboard and a CHANGELOG entry. On the caller's thread only the two counters
+``cio.events.enqueued`` and ``cio.events.dropped`` are touched; everything else runs on
+the flush thread or in the metric reader's callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .config import Endpoint
+
+#: The breaker's states as metric attribute values and gauge numbers.
+_STATE_NAMES = {"closed": "closed", "half-open": "half_open", "open": "open"}
+_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+
+_INSTRUMENTATION_NAME = "cio_logging"
+
+
+@dataclass
+class QueueProbes:
+    """How the observable gauges read the queue (called by the metric reader)."""
+
+    queue_depth: Callable[[], int]
+    dead_letter_depth: Callable[[], int]
+    oldest_age: Callable[[], float | None]
+    breaker_state: Callable[[], str]
+
+
+class RequestSpan:
+    """What the sender learns about one request, recorded on its span and histogram."""
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        self.status_code: int | None = None
+        self.error_type: str | None = None
+
+    def answered(self, status_code: int) -> None:
+        self.status_code = status_code
+        self._span.set_attribute("http.response.status_code", status_code)
+
+    def failed(self, error_type: str, message: str) -> None:
+        self.error_type = error_type
+        self._span.set_attribute("error.type", error_type)
+        self._span.set_status(Status(StatusCode.ERROR, message))
+
+
+class Telemetry:
+    """The handler's instruments and its tracer."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Endpoint,
+        probes: QueueProbes,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        package_version = version("cio-logging")
+        self._tracer = trace.get_tracer(
+            _INSTRUMENTATION_NAME, package_version, tracer_provider=tracer_provider
+        )
+        meter = metrics.get_meter(
+            _INSTRUMENTATION_NAME, package_version, meter_provider=meter_provider
+        )
+        self._endpoint = endpoint
+        self._probes = probes
+        self.transitions = meter.create_counter(
+            "cio.circuit.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes (cio.circuit.from, cio.circuit.to)",
+        )
+        self.openings = meter.create_counter(
+            "cio.circuit.open", unit="{opening}", description="Times the circuit breaker opened"
+        )
+        meter.create_observable_gauge(
+            "cio.circuit.state",
+            callbacks=[self._observe_breaker],
+            unit="{state}",
+            description="Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        )
+        self.enqueued = meter.create_counter(
+            "cio.events.enqueued", unit="{event}", description="Events written to the queue"
+        )
+        self.delivered = meter.create_counter(
+            "cio.events.delivered", unit="{event}", description="Events accepted by Customer.io"
+        )
+        self.retried = meter.create_counter(
+            "cio.events.retried",
+            unit="{event}",
+            description="Failed event attempts scheduled for a retry",
+        )
+        self.dead_lettered = meter.create_counter(
+            "cio.events.dead_lettered",
+            unit="{event}",
+            description="Events moved to the dead-letter store (error.type)",
+        )
+        self.dropped = meter.create_counter(
+            "cio.events.dropped",
+            unit="{event}",
+            description="Events dropped at emit (cio.drop.reason)",
+        )
+        meter.create_observable_gauge(
+            "cio.queue.depth",
+            callbacks=[self._observe_queue],
+            unit="{event}",
+            description="Events waiting in the queue directory",
+        )
+        meter.create_observable_gauge(
+            "cio.dead_letter.depth",
+            callbacks=[self._observe_dead_letters],
+            unit="{event}",
+            description="Events in the dead-letter store",
+        )
+        meter.create_observable_gauge(
+            "cio.queue.oldest_age",
+            callbacks=[self._observe_oldest],
+            unit="s",
+            description="Age of the oldest waiting event",
+        )
+        self.delivery_duration = meter.create_histogram(
+            "cio.delivery.duration",
+            unit="s",
+            description="Duration of one request to the Track API",
+        )
+        self.event_lag = meter.create_histogram(
+            "cio.event.lag",
+            unit="s",
+            description="From the log record's time to acceptance by Customer.io",
+        )
+
+    # -- the caller's thread: one counter add each ------------------------------------
+
+    def event_enqueued(self, essential: bool) -> None:
+        self.enqueued.add(1, {"cio.event.essential": essential})
+
+    def event_dropped(self, reason: str, essential: bool | None) -> None:
+        attributes: dict[str, Any] = {"cio.drop.reason": reason}
+        if essential is not None:
+            attributes["cio.event.essential"] = essential
+        self.dropped.add(1, attributes)
+
+    # -- the flush thread -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def request(self, route: str, message_count: int) -> Iterator[RequestSpan]:
+        """A client span and a duration measurement around one Track API request.
+
+        Instrumentation is suppressed inside, so an instrumented ``requests`` library
+        does not add a second span for the same call.
+        """
+        attributes: dict[str, str | int] = {
+            "http.request.method": "POST",
+            "server.address": self._endpoint.host,
+            "server.port": self._endpoint.port,
+            "messaging.batch.message_count": message_count,
+            "cio.route": route,
+        }
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            "cio.deliver",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            recorder = RequestSpan(span)
+            token = otel_context.attach(
+                otel_context.set_value(
+                    otel_context._SUPPRESS_HTTP_INSTRUMENTATION_KEY,
+                    True,
+                    otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True),
+                )
+            )
+            try:
+                yield recorder
+            finally:
+                otel_context.detach(token)
+                measured: dict[str, Any] = {"cio.route": route}
+                if recorder.error_type is not None:
+                    measured["error.type"] = recorder.error_type
+                if recorder.status_code is not None:
+                    measured["http.response.status_code"] = recorder.status_code
+                self.delivery_duration.record(time.perf_counter() - started, measured)
+
+    def events_delivered(self, logged_at: Iterable[tuple[float, bool]], now: float) -> None:
+        """Count accepted events and their lag; ``logged_at`` pairs time and essential."""
+        for created, essential in logged_at:
+            attributes = {"cio.event.essential": essential}
+            self.delivered.add(1, attributes)
+            self.event_lag.record(max(0.0, now - created), attributes)
+
+    def event_retried(self, essential: bool) -> None:
+        self.retried.add(1, {"cio.event.essential": essential})
+
+    def event_dead_lettered(self, error_type: str, essential: bool | None) -> None:
+        attributes: dict[str, Any] = {"error.type": error_type}
+        if essential is not None:
+            attributes["cio.event.essential"] = essential
+        self.dead_lettered.add(1, attributes)
+
+    def breaker_transition(self, old: str, new: str) -> None:
+        source, target = _STATE_NAMES.get(old, old), _STATE_NAMES.get(new, new)
+        self.transitions.add(1, {"cio.circuit.from": source, "cio.circuit.to": target})
+        if target == "open":
+            self.openings.add(1)
+        # A span of its own, so a trace backend shows every transition on a timeline.
+        with self._tracer.start_as_current_span(
+            "cio.circuit.transition",
+            attributes={"cio.circuit.from": source, "cio.circuit.to": target},
+        ) as span:
+            span.add_event("transition", {"cio.circuit.from": source, "cio.circuit.to": target})
+
+    # -- the metric reader's callbacks ------------------------------------------------
+
+    def _observe_breaker(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(_STATE_VALUES.get(self._probes.breaker_state(), 0))
+
+    def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self._probes.queue_depth())
+
+    def _observe_dead_letters(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self._probes.dead_letter_depth())
+
+    def _observe_oldest(self, options: CallbackOptions) -> Iterable[Observation]:
+        age = self._probes.oldest_age()
+        yield Observation(0.0 if age is None else age)
