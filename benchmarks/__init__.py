@@ -1,0 +1,1 @@
+"""Benchmarks: measured on request, never asserted by a unit test. See each module."""
