@@ -1,30 +1,67 @@
 """The ``cio-logging`` command.
 
-Subcommands: ``demo`` (the main job: the whole path against the embedded simulator)
-and ``simulator`` (run the Track API simulator for manual testing). Operator commands
-(status, dead letters, replay, drain) build on the same modules.
+Subcommands: ``demo`` (the whole path against the embedded simulator), ``simulator``
+(run the Track API simulator for manual testing), and the operator commands
+``status``, ``dlq count|list|show|replay|purge`` and ``drain``. This module parses and
+prints; what the operator commands do lives in :mod:`cio_logging.operations`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from .config import ENV_API_KEY
+from .errors import CIOLoggingError, ConfigurationError, QueueError
+from .operations import (
+    ExitCode,
+    LockHeldError,
+    QueueDirectoryError,
+    ReplayReport,
+    Selection,
+    count_dead_letters,
+    drain,
+    explicit_queue_dir,
+    list_dead_letters,
+    operator_settings,
+    parse_time,
+    purge_dead_letters,
+    queue_status,
+    replay_dead_letters,
+    select_dead_letters,
+    show_dead_letter,
+)
+
+EXIT_CODES = """\
+exit codes:
+  0    done: nothing is left to do
+  1    work left: events still queued at the time bound, dead letters not replayed
+       (failed again, unreadable, not found), an id not found, a purge declined
+  2    usage: bad arguments or settings, or a purge refused without --yes
+  3    the queue directory is missing, unreadable or not a queue directory
+       (it is never created by these commands)
+  4    another process held the lock for the whole time bound (its pid is printed)
+  5    Customer.io refused the credentials (401/403)
+  130  interrupted by SIGINT or SIGTERM; nothing is lost
+"""
+
+_DEFAULT_LIST_LIMIT = 100
+_DEFAULT_TIMEOUT = 300.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cio-logging", description="Customer.io events through Python logging: demo and tools."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
-    demo.add_argument(
-        "--outage-seconds",
-        type=float,
-        default=4.0,
-        help="how long the simulated outage lasts (default 4)",
-    )
-    commands.add_parser("simulator", help="run the Track API simulator", add_help=False)
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "simulator":
@@ -44,8 +81,666 @@ def main(argv: list[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
         return run_demo(outage_seconds=args.outage_seconds)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    run: Callable[[argparse.Namespace, _Output], int] | None = getattr(args, "run", None)
+    if run is None:
+        parser.error(f"unknown command {args.command}")
+        return ExitCode.USAGE
+    out = _Output(json_mode=args.json, secrets=_secrets(args))
+    try:
+        return run(args, out)
+    except ConfigurationError as exc:
+        return out.fail(_configuration_message(exc, args), ExitCode.USAGE)
+    except QueueDirectoryError as exc:
+        return out.fail(str(exc), ExitCode.NO_QUEUE)
+    except LockHeldError as exc:
+        return out.fail(str(exc), ExitCode.LOCKED)
+    except QueueError as exc:
+        return out.fail(f"the queue cannot be read: {exc}", ExitCode.NO_QUEUE)
+    except CIOLoggingError as exc:
+        return out.fail(str(exc), ExitCode.INCOMPLETE)
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cio-logging",
+        description="Customer.io events through Python logging: demo and operator tools.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
+    demo.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=4.0,
+        help="how long the simulated outage lasts (default 4)",
+    )
+    commands.add_parser("simulator", help="run the Track API simulator", add_help=False)
+
+    common = _common_options()
+    status = _subcommand(
+        commands,
+        "status",
+        common,
+        "queued events, oldest age, dead letters, disk, breaker and last error",
+        "Reads the queue directory without disturbing the process delivering from it. "
+        "The breaker state and last error are those the delivering process last "
+        "recorded in state.json.",
+    )
+    status.set_defaults(run=_run_status)
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="dead letters: count, list, show, replay, purge",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    count = _subcommand(dlq_commands, "count", common, "count dead letters", None)
+    count.add_argument("--by", choices=["event", "reason"], help="group by event name or reason")
+    count.set_defaults(run=_run_count)
+
+    listing = _subcommand(dlq_commands, "list", common, "list dead letters, oldest first", None)
+    _filters(listing, event=True, reason=True, since=True, before=True)
+    listing.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=_DEFAULT_LIST_LIMIT,
+        help=f"show at most N (default {_DEFAULT_LIST_LIMIT}; 0: all)",
+    )
+    listing.set_defaults(run=_run_list)
+
+    show = _subcommand(dlq_commands, "show", common, "one dead letter, with its event", None)
+    show.add_argument("id", help="the entry's id (the event's ULID)")
+    show.set_defaults(run=_run_show)
+
+    replay = _subcommand(
+        dlq_commands,
+        "replay",
+        common,
+        "send dead letters again, with their own ids",
+        "Sends the chosen entries straight to Customer.io through the same delivery path "
+        "as the handler (breaker, rate cap, retry backoff), keeping their event ids so "
+        "Customer.io deduplicates. An entry leaves the store only once accepted; one "
+        "that fails again stays with its new reason. The write-ahead log is not "
+        "touched, so a live application on the same queue directory is unaffected.",
+    )
+    _filters(replay, event=True, reason=True, since=True, before=True)
+    replay.add_argument(
+        "--id", dest="ids", action="extend", nargs="+", metavar="ID", help="these entries only"
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="say what would be sent; send nothing"
+    )
+    _timeout(replay)
+    replay.set_defaults(run=_run_replay)
+
+    purge = _subcommand(
+        dlq_commands,
+        "purge",
+        common,
+        "delete dead letters for good",
+        "Asks for confirmation on a terminal; refuses without --yes otherwise.",
+    )
+    _filters(purge, event=True, reason=True, since=False, before=True)
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(run=_run_purge)
+
+    drain_command = _subcommand(
+        commands,
+        "drain",
+        common,
+        "deliver what the queue directory holds, then exit",
+        "For a host whose application is gone, a cron job or a sidecar. Takes the same "
+        "delivery.lock as the application (waiting for it up to the time bound), so it "
+        "never sends while a live application does, then delivers until the queue is "
+        "empty or the bound passes.",
+    )
+    _timeout(drain_command)
+    drain_command.set_defaults(run=_run_drain)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("queue and credentials (as the handler resolves them)")
+    group.add_argument(
+        "--queue-dir",
+        help="the queue directory (default: $CIO_LOGGING_QUEUE_DIR, else the handler's "
+        "default for the site id and endpoint)",
+    )
+    group.add_argument("--site-id", help="Track API site id (default: $CUSTOMERIO_SITE_ID)")
+    group.add_argument(
+        "--api-key",
+        help="Track API key (default: $CUSTOMERIO_API_KEY; prefer the variable, "
+        "a flag shows in the process list). Never printed.",
+    )
+    group.add_argument("--region", help="us or eu (default: $CUSTOMERIO_REGION or us)")
+    group.add_argument("--track-url", help="Track API base URL (default: $CIO_LOGGING_TRACK_URL)")
+    group.add_argument("--ca-bundle", help="CA file for TLS (default: $CIO_LOGGING_CA_BUNDLE)")
+    group.add_argument(
+        "-o",
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a handler option, as in the README's table (e.g. -o max_attempts=3)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    return common
+
+
+def _subcommand(
+    commands: Any, name: str, common: argparse.ArgumentParser, summary: str, detail: str | None
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        parents=[common],
+        help=summary,
+        description=f"{summary[0].upper()}{summary[1:]}." + (f" {detail}" if detail else ""),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _filters(
+    parser: argparse.ArgumentParser, *, event: bool, reason: bool, since: bool, before: bool
+) -> None:
+    if event:
+        parser.add_argument("--event", metavar="NAME", help="entries of this event name")
+    if reason:
+        parser.add_argument(
+            "--reason", metavar="TEXT", help="error type (e.g. http_400), or text in the message"
+        )
+    times = "ISO 8601 (2024-05-01T12:00:00Z) or an age (30m, 2h, 3d)"
+    if since:
+        parser.add_argument(
+            "--since", type=_moment, metavar="TIME", help=f"last failed at or after TIME: {times}"
+        )
+    if before:
+        parser.add_argument(
+            "--before", type=_moment, metavar="TIME", help=f"last failed before TIME: {times}"
+        )
+
+
+def _timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=_DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"bound on the run time (default {_DEFAULT_TIMEOUT:g})",
+    )
+
+
+def _moment(text: str) -> float:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in args.options:
+        name, separator, value = item.partition("=")
+        if not separator or not name.strip():
+            raise ConfigurationError(f"-o takes NAME=VALUE, not {item!r}")
+        options[name.strip()] = value.strip()
+    return options
+
+
+def _settings(args: argparse.Namespace, *, sends: bool) -> Any:
+    return operator_settings(
+        site_id=args.site_id,
+        api_key=args.api_key,
+        region=args.region,
+        queue_dir=args.queue_dir,
+        track_url=args.track_url,
+        ca_bundle=args.ca_bundle,
+        options=_options(args),
+        sends=sends,
+    )
+
+
+def _queue_dir(args: argparse.Namespace) -> Path:
+    """For commands that do not send: an explicit directory needs no credentials."""
+    explicit = explicit_queue_dir(args.queue_dir)
+    if explicit is not None:
+        return explicit
+    queue_dir: Path = _settings(args, sends=False).queue_dir
+    return queue_dir
+
+
+def _configuration_message(exc: ConfigurationError, args: argparse.Namespace) -> str:
+    message = str(exc)
+    for name in ("site_id", "api_key"):
+        message = message.replace(f"pass {name}=", f"pass --{name.replace('_', '-')}")
+    sends = args.command == "drain" or (
+        getattr(args, "dlq_command", None) == "replay" and not args.dry_run
+    )
+    if "site_id is missing" in message and not sends:
+        message += " (or give --queue-dir or CIO_LOGGING_QUEUE_DIR)"
+    return f"configuration: {message}"
+
+
+def _secrets(args: argparse.Namespace) -> set[str]:
+    keys = {getattr(args, "api_key", None), os.environ.get(ENV_API_KEY)}
+    return {key for key in keys if key and len(key) >= 3}
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+class _Output:
+    """Everything the commands print, with the API key redacted wherever it might hide."""
+
+    def __init__(self, *, json_mode: bool, secrets: set[str]) -> None:
+        self.json_mode = json_mode
+        self._secrets = secrets
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def line(self, text: str = "") -> None:
+        print(self._redact(text), file=sys.stdout)
+
+    def note(self, text: str) -> None:
+        print(self._redact(f"cio-logging: {text}"), file=sys.stderr, flush=True)
+
+    def json(self, value: object) -> None:
+        print(self._redact(json.dumps(value, indent=2, ensure_ascii=False)), file=sys.stdout)
+
+    def fail(self, message: str, code: int) -> int:
+        self.note(f"error: {message}")
+        if self.json_mode:
+            self.json({"error": message, "exit_code": int(code)})
+        return int(code)
+
+
+class _ProgressBar:
+    """A one-line bar on stderr, drawn only when stderr is a terminal."""
+
+    _WIDTH = 30
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self._label = label
+        self._active = self._stream.isatty()
+        self._drawn = False
+
+    def update(self, done: int, total: int, detail: str) -> None:
+        if not self._active:
+            return
+        filled = self._WIDTH if total <= 0 else min(self._WIDTH, self._WIDTH * done // total)
+        bar = "#" * filled + "." * (self._WIDTH - filled)
+        self._stream.write(f"\r{self._label} [{bar}] {done}/{total} {detail}\x1b[K")
+        self._stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._drawn = False
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM ask the command to stop at the next safe point."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {
+        number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _show_library_warnings() -> None:
+    # The library's own messages (delivery failures, breaker, dead letters) on stderr.
+    library_log = logging.getLogger("cio_logging")
+    if not library_log.handlers:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        library_log.addHandler(stream)
+        library_log.setLevel(logging.WARNING)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - the loop returns first
+
+
+def _shorten(text: str | None, width: int) -> str:
+    if not text:
+        return "-"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- the commands --------------------------------------------------------------------------
+
+
+def _run_status(args: argparse.Namespace, out: _Output) -> int:
+    status = queue_status(_queue_dir(args))
+    if out.json_mode:
+        out.json(status.to_dict())
+        return ExitCode.OK
+    oldest = (
+        "" if status.oldest_age_seconds is None else f" (oldest {_age(status.oldest_age_seconds)})"
+    )
+    if status.delivering_pid is None:
+        delivering = "no process holds delivery.lock: nothing is being sent"
+    else:
+        delivering = f"pid {status.delivering_pid} (holds delivery.lock)"
+    if status.breaker is None:
+        breaker = "- (no state.json: no process has delivered from here yet)"
+    else:
+        who = f"recorded by pid {status.recorded_by_pid} {_age(status.recorded_age_seconds)} ago"
+        if not status.recorder_is_delivering:
+            who += "; that process no longer delivers"
+        breaker = f"{status.breaker} ({who})"
+    last_error = "-"
+    if status.last_error:
+        last_error = f"{status.last_error} (at {status.last_error_at})"
+    rows = [
+        ("queue directory", status.queue_dir),
+        ("queued", f"{status.queued}{oldest}"),
+        ("dead letters", str(status.dead_letters)),
+        (
+            "disk",
+            f"queue {_size(status.queue_bytes)}, directory {_size(status.disk_bytes)}, "
+            f"{_size(status.disk_free_bytes)} free",
+        ),
+        ("delivering", delivering),
+        ("breaker", breaker),
+        ("last error", last_error),
+        ("delivery paused", status.delivery_paused or "no"),
+    ]
+    for label, value in rows:
+        out.line(f"{label:<16} {value}")
+    return ExitCode.OK
+
+
+def _run_count(args: argparse.Namespace, out: _Output) -> int:
+    counts = count_dead_letters(_queue_dir(args), by=args.by)
+    if out.json_mode:
+        out.json(counts)
+        return ExitCode.OK
+    out.line(f"dead letters: {counts['total']}")
+    width = max((len(name) for name in counts["counts"]), default=0)
+    for name, number in counts["counts"].items():
+        out.line(f"  {name:<{width}}  {number}")
+    return ExitCode.OK
+
+
+def _selection(args: argparse.Namespace, *, limit: int | None = None) -> Selection:
+    ids = getattr(args, "ids", None)
+    return Selection(
+        event=getattr(args, "event", None),
+        reason=getattr(args, "reason", None),
+        since=getattr(args, "since", None),
+        before=getattr(args, "before", None),
+        ids=None if ids is None else tuple(dict.fromkeys(ids)),
+        limit=limit,
+    )
+
+
+def _run_list(args: argparse.Namespace, out: _Output) -> int:
+    limit = args.limit or None
+    letters = list_dead_letters(_queue_dir(args), _selection(args, limit=limit))
+    if out.json_mode:
+        out.json(letters)
+        return ExitCode.OK
+    if not letters:
+        out.line("no dead letters match")
+        return ExitCode.OK
+    out.line(f"{'ID':<26}  {'LAST FAILURE':<20}  {'EVENT':<20}  {'REASON':<14}  TRIES  MESSAGE")
+    for letter in letters:
+        out.line(
+            f"{letter['id']:<26}  {letter['last_failure_at']:<20}  "
+            f"{_shorten(letter['event'], 20):<20}  {letter['error_type']:<14}  "
+            f"{letter['attempts']:>5}  {_shorten(letter['message'], 60)}"
+        )
+    if limit is not None and len(letters) >= limit:
+        out.note(f"showing the first {limit}; --limit 0 shows all")
+    return ExitCode.OK
+
+
+def _run_show(args: argparse.Namespace, out: _Output) -> int:
+    letter = show_dead_letter(_queue_dir(args), args.id)
+    if letter is None:
+        return out.fail(f"no dead letter with id {args.id}", ExitCode.INCOMPLETE)
+    if out.json_mode:
+        out.json(letter)
+        return ExitCode.OK
+    for name in ("id", "event", "error_type", "status", "message", "attempts"):
+        out.line(f"{name:<17} {letter[name] if letter[name] is not None else '-'}")
+    for name in ("first_failure_at", "last_failure_at", "logged_at"):
+        if name in letter:
+            out.line(f"{name:<17} {letter[name]}")
+    stored = letter["stored_event"]
+    out.line("event:")
+    out.line(
+        "  unreadable (the stored row could not be decoded)"
+        if stored is None
+        else json.dumps(stored, indent=2, ensure_ascii=False)
+    )
+    return ExitCode.OK
+
+
+def _run_replay(args: argparse.Namespace, out: _Output) -> int:
+    settings = _settings(args, sends=not args.dry_run)
+    bar = _ProgressBar("replay")
+    total = 0
+
+    def progress(report: ReplayReport) -> None:
+        bar.update(
+            report.done,
+            total or report.selected,
+            f"accepted {len(report.accepted)}, rejected {len(report.rejected)}, "
+            f"failed {len(report.failed)}",
+        )
+
+    _show_library_warnings()
+    with _stop_on_signals() as stop:
+        try:
+            report = replay_dead_letters(
+                settings,
+                _selection(args),
+                dry_run=args.dry_run,
+                timeout=args.timeout,
+                stop=stop,
+                progress=progress,
+            )
+        finally:
+            bar.finish()
+    code = report.exit_code()
+    if out.json_mode:
+        out.json(report.to_dict())
+    elif report.dry_run:
+        out.line(f"dry run: {len(report.would_send)} dead letter(s) would be sent; nothing sent")
+        for key in report.would_send:
+            out.line(f"  {key}")
+    else:
+        out.line(
+            f"replayed {report.selected} dead letter(s) in {report.elapsed_seconds:g} s: "
+            f"{len(report.accepted)} accepted and removed, {len(report.rejected)} rejected "
+            f"again, {len(report.failed)} still failing, {len(report.not_sent)} not sent"
+        )
+        for entry in report.rejected + report.failed:
+            out.line(f"  kept {entry['id']}: {entry['error_type']}: {entry['message']}")
+    if report.unreadable:
+        out.note(
+            f"skipped {len(report.unreadable)} unreadable entr(ies): {', '.join(report.unreadable)}"
+        )
+    if report.missing_ids:
+        out.note(f"no dead letter with id {', '.join(report.missing_ids)}")
+    if report.auth_error is not None:
+        out.note(
+            f"error: Customer.io refused the credentials ({report.auth_error}); entries left "
+            "unchanged. Check CUSTOMERIO_SITE_ID and CUSTOMERIO_API_KEY."
+        )
+    if report.interrupted:
+        out.note("interrupted: entries not yet accepted stay in the store")
+    return code
+
+
+def _run_purge(args: argparse.Namespace, out: _Output) -> int:
+    queue_dir = _queue_dir(args)
+    letters = select_dead_letters(queue_dir, _selection(args))
+    if not letters:
+        if out.json_mode:
+            out.json({"selected": 0, "purged": 0, "ids": []})
+        else:
+            out.line("no dead letters match: nothing to purge")
+        return ExitCode.OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            return out.fail(
+                f"refusing to purge {len(letters)} dead letter(s) without --yes: "
+                "stdin is not a terminal to confirm on",
+                ExitCode.USAGE,
+            )
+        sys.stderr.write(f"Delete {len(letters)} dead letter(s) for good? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            return out.fail("not purged", ExitCode.INCOMPLETE)
+    purged = purge_dead_letters(queue_dir, letters)
+    if out.json_mode:
+        out.json({"selected": len(letters), "purged": purged, "ids": [x.key for x in letters]})
+    else:
+        out.line(f"purged {purged} dead letter(s)")
+    return ExitCode.OK
+
+
+def _run_drain(args: argparse.Namespace, out: _Output) -> int:
+    options = _options(args)
+    settings = _settings(args, sends=True)  # validates everything before we start
+    handler_arguments: dict[str, Any] = {
+        "site_id": args.site_id,
+        "api_key": args.api_key,
+        "region": args.region,
+        "track_url": args.track_url,
+        "ca_bundle": args.ca_bundle,
+        **options,
+    }
+    bar = _ProgressBar("drain")
+    waiting_noted = False
+
+    def progress(report: Any) -> None:
+        nonlocal waiting_noted
+        if report.lock_holder_pid is not None and not report.held_lock and not waiting_noted:
+            waiting_noted = True
+            pid = report.lock_holder_pid
+            holder = f"pid {pid}" if pid > 0 else "another process"
+            out.note(
+                f"{holder} holds delivery.lock and delivers from this queue; "
+                f"waiting up to {args.timeout:g} s for it"
+            )
+        done = report.queued_at_start - min(report.queued, report.queued_at_start)
+        bar.update(
+            done,
+            report.queued_at_start,
+            f"left {report.queued}, breaker {report.breaker or '-'}",
+        )
+
+    _show_library_warnings()
+    started = time.monotonic()
+    with _stop_on_signals() as stop:
+        try:
+            report = drain(
+                handler_arguments,
+                settings.queue_dir,
+                timeout=args.timeout,
+                stop=stop,
+                progress=progress,
+            )
+        finally:
+            bar.finish()
+    code = report.exit_code()
+    if out.json_mode:
+        out.json(report.to_dict())
+    else:
+        out.line(
+            f"drain: {report.delivered} delivered, {report.dead_lettered} dead-lettered, "
+            f"{report.queued} left (of {report.queued_at_start}) in "
+            f"{time.monotonic() - started:.1f} s"
+        )
+    if code == ExitCode.LOCKED:
+        out.note(
+            f"error: pid {report.lock_holder_pid} held delivery.lock for the whole "
+            f"{args.timeout:g} s bound; that process delivers this queue itself"
+        )
+    elif code == ExitCode.AUTH:
+        out.note(
+            f"error: Customer.io refused the credentials ({report.auth_error}); "
+            "check CUSTOMERIO_SITE_ID and CUSTOMERIO_API_KEY"
+        )
+    elif code == ExitCode.INCOMPLETE:
+        out.note(
+            f"{report.queued} event(s) still queued at the bound "
+            f"(last error: {report.last_error or 'none'}); they stay on disk"
+        )
+    elif code == ExitCode.INTERRUPTED:
+        out.note("interrupted: what was not sent stays on disk")
+    return code
 
 
 if __name__ == "__main__":

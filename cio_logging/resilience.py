@@ -37,6 +37,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from .config import Settings
+
 Result = TypeVar("Result")
 
 #: Breaker states as reported by ``status()`` and telemetry.
@@ -79,6 +81,19 @@ class DeliveryBreaker:
             name="customerio",
             # Re-raise our CountedFailure on a trip: it carries the delivery report.
             throw_new_error_on_trip=False,
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, on_transition: Callable[[str, str], None] | None = None
+    ) -> DeliveryBreaker:
+        return cls(
+            error_threshold=settings.error_threshold,
+            volume_threshold=settings.volume_threshold,
+            consecutive_failures=settings.consecutive_failures,
+            reset_timeout=settings.reset_timeout,
+            window=settings.breaker_window,
+            on_transition=on_transition,
         )
 
     @property
@@ -166,6 +181,15 @@ class RetryPolicy:
         self._stop_attempts = stop_after_attempt(max_attempts)
         self._stop_age = stop_after_delay(max_event_age)
         self._max_retry_after = max_retry_after
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            max_attempts=settings.max_attempts,
+            max_event_age=settings.max_event_age,
+            max_backoff=settings.max_backoff,
+            max_retry_after=settings.max_retry_after,
+        )
 
     def exhausted(self, attempts: int) -> bool:
         """Whether an event that failed ``attempts`` times must be dead-lettered."""

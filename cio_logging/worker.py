@@ -91,12 +91,7 @@ class DeliveryWorker:
         self._telemetry = telemetry
         self._status_report = status_report
         self._lock = DeliveryLock(settings.queue_dir / "delivery.lock")
-        self.retry = RetryPolicy(
-            max_attempts=settings.max_attempts,
-            max_event_age=settings.max_event_age,
-            max_backoff=settings.max_backoff,
-            max_retry_after=settings.max_retry_after,
-        )
+        self.retry = RetryPolicy.from_settings(settings)
         self.stats = DeliveryStats()
         self._reset_threading_state()
         reference = weakref.ref(self)
@@ -115,16 +110,10 @@ class DeliveryWorker:
         self._held_until = 0.0  # no request before this (401/403, Retry-After)
         self._last_reported: tuple[str, float] | None = None
         self._state_recorded_at = float("-inf")
+        self._recorded_news: tuple[str | None, str | None] = (None, None)
         self._status_logged_at = time.monotonic()
         settings = self._settings
-        self.breaker = DeliveryBreaker(
-            error_threshold=settings.error_threshold,
-            volume_threshold=settings.volume_threshold,
-            consecutive_failures=settings.consecutive_failures,
-            reset_timeout=settings.reset_timeout,
-            window=settings.breaker_window,
-            on_transition=self._breaker_changed,
-        )
+        self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
         self._rate_cap = RequestRateCap(settings.max_requests_per_second, stop=self._stop)
 
     @property
@@ -220,6 +209,8 @@ class DeliveryWorker:
         finally:
             if client is not None:
                 client.close()
+            if self._lock.held:
+                self._record_state(now=True)  # the final counters, for status after exit
             self._lock.release()
             with self._progress:
                 self._progress.notify_all()
@@ -254,6 +245,7 @@ class DeliveryWorker:
         if not events:
             return bool(batch.corrupt or batch.events)
         self._apply(client.deliver(events))
+        self._record_state()
         return True
 
     def _apply(self, report: DeliveryReport) -> None:
@@ -389,10 +381,16 @@ class DeliveryWorker:
     def _record_state(self, *, now: bool = False, breaker: str | None = None) -> None:
         """Rewrite state.json for ``cio-logging status`` (the delivering process only)."""
         moment = time.monotonic()
-        if not now and moment - self._state_recorded_at < _STATE_RECORD_SECONDS:
+        stats = self.stats
+        news = (stats.last_error, stats.delivery_paused)  # an operator must see these at once
+        if (
+            not now
+            and news == self._recorded_news
+            and (moment - self._state_recorded_at < _STATE_RECORD_SECONDS)
+        ):
             return
         self._state_recorded_at = moment
-        stats = self.stats
+        self._recorded_news = news
         write_state(
             self._settings.queue_dir,
             {

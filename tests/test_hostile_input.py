@@ -95,9 +95,7 @@ tags = st.one_of(
 
 
 @pytest.fixture
-def quiet_handler(
-    make_handler: HandlerFactory, simulator: TrackAPISimulator
-) -> CustomerIOHandler:
+def quiet_handler(make_handler: HandlerFactory, simulator: TrackAPISimulator) -> CustomerIOHandler:
     simulator.record_bodies = True
     return make_handler()
 

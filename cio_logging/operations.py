@@ -1,0 +1,803 @@
+"""What the operator commands do, without the printing: ``cli.py`` parses and prints.
+
+Every function here takes plain values and returns a dataclass or a dict, so the
+commands can be tested without a terminal and their JSON output is exactly these.
+
+Safety with a live application on the same queue directory:
+
+* reading (``status``, ``dlq count/list/show``) never takes a lock: SQLite readers do
+  not block the application's writers, and the delivery lock is only probed;
+* ``drain`` takes the application's own ``delivery.lock`` (through a handler, see
+  :func:`drain`), so at most one process ever sends from the write-ahead log;
+* ``dlq replay`` and ``dlq purge`` never touch the write-ahead log; they take
+  ``dlq.lock`` so two operators cannot replay or purge the same entries at once.
+
+Nothing here raises for an expected condition without saying so: a missing queue
+directory is :class:`QueueDirectoryError`, a lock held by another process is
+:class:`LockHeldError`, bad settings are ``ConfigurationError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import fcntl
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import ENV_API_KEY, ENV_QUEUE_DIR, Settings, resolve_settings
+from .delivery import AUTH, TRANSIENT, Failure, TrackClient
+from .errors import CIOLoggingError
+from .events import event_from_dict
+from .process_lock import DeliveryLock
+from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
+from .state_record import read_state
+from .wal import CorruptEntry, DeadLetter, DeadLetterStore, QueuedEvent, WriteAheadLog
+
+WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
+
+# Read-only commands need no API key: the default queue directory depends on the site
+# id and the endpoint only. This stands in for it and is never sent anywhere.
+_UNUSED_API_KEY = "unused-by-read-only-commands"
+# How often drain looks at its handler's progress.
+_DRAIN_POLL_SECONDS = 0.1
+# Drain's handler looks for the lock and for retries that came due this often, unless
+# the operator sets flush_interval.
+_DRAIN_FLUSH_INTERVAL = 0.2
+
+
+class ExitCode(enum.IntEnum):
+    """The command's exit status; documented in ``--help`` and the README."""
+
+    OK = 0
+    INCOMPLETE = 1  # work left: events not delivered, entries not replayed, not found
+    USAGE = 2  # bad arguments or settings, or a purge refused without --yes
+    NO_QUEUE = 3  # the queue directory is missing, unreadable or not a queue
+    LOCKED = 4  # another process held the lock for the whole time bound
+    AUTH = 5  # Customer.io refused the credentials (401/403)
+    INTERRUPTED = 130  # SIGINT or SIGTERM: stopped early, nothing lost
+
+
+class QueueDirectoryError(CIOLoggingError):
+    """The queue directory is missing, unreadable, not writable, or not a queue."""
+
+
+class LockHeldError(CIOLoggingError):
+    """Another process holds a lock this command needs."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+# -- settings and the queue directory --------------------------------------------------
+
+
+def operator_settings(
+    *,
+    site_id: str | None,
+    api_key: str | None,
+    region: str | None,
+    queue_dir: str | None,
+    track_url: str | None,
+    ca_bundle: str | None,
+    options: Mapping[str, Any],
+    sends: bool,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve settings from flags and environment exactly as the handler does.
+
+    Commands that do not send (``sends=False``) need no API key.
+
+    Raises:
+        ConfigurationError: a credential is missing or a value is invalid.
+    """
+    env = os.environ if environ is None else environ
+    if not sends and not (api_key or env.get(ENV_API_KEY)):
+        api_key = _UNUSED_API_KEY
+    return resolve_settings(
+        site_id,
+        api_key,
+        region=region,
+        queue_dir=queue_dir,
+        track_url=track_url,
+        ca_bundle=ca_bundle,
+        options=options,
+        environ=env,
+    )
+
+
+def explicit_queue_dir(
+    queue_dir: str | None, environ: Mapping[str, str] | None = None
+) -> Path | None:
+    """The queue directory from ``--queue-dir`` or its environment variable, if given."""
+    env = os.environ if environ is None else environ
+    chosen = queue_dir or env.get(ENV_QUEUE_DIR) or None
+    return None if chosen is None else Path(chosen).expanduser()
+
+
+def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
+    """Make sure ``path`` is an existing, readable queue directory; never create it.
+
+    Opening the stores would create the directories, so a mistyped path would silently
+    become an empty queue: check first.
+
+    Raises:
+        QueueDirectoryError: missing, not a directory, unreadable, not writable (when
+            ``writable``), or holding neither ``wal/`` nor ``dead/``.
+    """
+    if not path.exists():
+        raise QueueDirectoryError(f"queue directory {path} does not exist")
+    if not path.is_dir():
+        raise QueueDirectoryError(f"{path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise QueueDirectoryError(f"queue directory {path} is not readable by this user")
+    if not any((path / name).is_dir() for name in (WAL_DIR, DEAD_DIR)):
+        raise QueueDirectoryError(
+            f"{path} is not a cio_logging queue directory (no {WAL_DIR}/ or {DEAD_DIR}/ in it)"
+        )
+    if writable:
+        for directory in (path, path / WAL_DIR, path / DEAD_DIR):
+            if directory.exists() and not os.access(directory, os.W_OK | os.X_OK):
+                raise QueueDirectoryError(f"{directory} is not writable by this user")
+    return path
+
+
+def lock_holder(queue_dir: Path, name: str = DELIVERY_LOCK) -> int | None:
+    """The pid holding ``queue_dir/name``, or None when nobody holds it.
+
+    Probes with a shared, non-blocking flock and lets go at once; never creates or
+    writes the file, so the holder's pid in it stays as it wrote it.
+    """
+    try:
+        descriptor = os.open(queue_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            text = os.read(descriptor, 64).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else -1  # held; pid not written yet
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def _exclusive(queue_dir: Path, name: str, purpose: str) -> Iterator[None]:
+    lock = DeliveryLock(queue_dir / name)
+    if not lock.try_acquire():
+        pid = lock_holder(queue_dir, name)
+        raise LockHeldError(
+            f"another process (pid {pid}) is replaying or purging dead letters in "
+            f"{queue_dir} ({name}); {purpose} later",
+            pid,
+        )
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# -- times -------------------------------------------------------------------------------
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """A moment as Unix seconds, from ISO 8601 or an age such as ``30m``, ``2h``, ``3d``.
+
+    An ISO time without a zone is local time. An age counts back from ``now``.
+
+    Raises:
+        ValueError: neither form.
+    """
+    moment = time.time() if now is None else now
+    match = _AGE.match(text)
+    if match:
+        return moment - float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an ISO 8601 time (2024-05-01T12:00:00Z) "
+            "nor an age (30s, 30m, 2h, 3d, 1w)"
+        ) from None
+    return parsed.timestamp()
+
+
+def iso_time(moment: float | None) -> str | None:
+    """Unix seconds as ISO 8601 UTC (``...Z``), the form JSON output uses."""
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """A queue directory at a glance, plus what its delivering process last recorded."""
+
+    queue_dir: str
+    queued: int
+    oldest_logged_at: str | None
+    oldest_age_seconds: float | None
+    dead_letters: int
+    queue_bytes: int  # what the shedding limits compare with (SQLite pages of wal/)
+    disk_bytes: int  # every file in the directory
+    disk_free_bytes: int  # on the file system that holds it
+    delivering_pid: int | None  # who holds delivery.lock now
+    breaker: str | None  # as the delivering process last recorded it
+    last_error: str | None
+    last_error_at: str | None
+    delivery_paused: str | None
+    recorded_by_pid: int | None
+    recorded_at: str | None
+    recorded_age_seconds: float | None
+    recorder_is_delivering: bool  # False: the record is from a process gone since
+    counters: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
+    """Read a queue directory without disturbing the process that delivers from it.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        QueueError: a store could not be opened.
+    """
+    check_queue_dir(queue_dir)
+    moment = time.time() if now is None else now
+    queued = queue_bytes = dead_letters = 0
+    oldest: float | None = None
+    if (queue_dir / WAL_DIR).is_dir():
+        wal = WriteAheadLog(queue_dir / WAL_DIR)
+        try:
+            queued, queue_bytes = len(wal), wal.volume()
+            batch = wal.read_due(1, float("inf"))
+            if batch.corrupt:
+                # read_due took unreadable rows out of the log: keep them, as the worker does.
+                _dead_letter_corrupt(queue_dir, batch.corrupt)
+            if batch.events:
+                oldest = batch.events[0].event.logged_at
+        finally:
+            wal.close()
+    if (queue_dir / DEAD_DIR).is_dir():
+        dead = DeadLetterStore(queue_dir / DEAD_DIR)
+        try:
+            dead_letters = len(dead)
+        finally:
+            dead.close()
+    state = read_state(queue_dir) or {}
+    holder = lock_holder(queue_dir)
+    recorded_by = state.get("pid") if isinstance(state.get("pid"), int) else None
+    updated_at = _number_or_none(state.get("updated_at"))
+    counters = {
+        name: int(state[name])
+        for name in ("delivered", "dead_lettered", "requests", "failed_requests")
+        if isinstance(state.get(name), int)
+    }
+    return QueueStatus(
+        queue_dir=str(queue_dir),
+        queued=queued,
+        oldest_logged_at=iso_time(oldest),
+        oldest_age_seconds=None if oldest is None else round(max(0.0, moment - oldest), 3),
+        dead_letters=dead_letters,
+        queue_bytes=queue_bytes,
+        disk_bytes=_directory_bytes(queue_dir),
+        disk_free_bytes=shutil.disk_usage(queue_dir).free,
+        delivering_pid=holder,
+        breaker=_string_or_none(state.get("breaker")),
+        last_error=_string_or_none(state.get("last_error")),
+        last_error_at=iso_time(_number_or_none(state.get("last_error_at"))),
+        delivery_paused=_string_or_none(state.get("delivery_paused")),
+        recorded_by_pid=recorded_by,
+        recorded_at=iso_time(updated_at),
+        recorded_age_seconds=None if updated_at is None else round(moment - updated_at, 3),
+        recorder_is_delivering=recorded_by is not None and recorded_by == holder,
+        counters=counters,
+    )
+
+
+def _dead_letter_corrupt(queue_dir: Path, corrupt: Sequence[CorruptEntry]) -> None:
+    dead = DeadLetterStore(queue_dir / DEAD_DIR)
+    try:
+        for entry in corrupt:
+            failure = Failure(None, "corrupt_entry", entry.reason)
+            dead.add(
+                entry.key,
+                None,
+                status=None,
+                error_type=failure.error_type,
+                message=failure.message,
+                attempts=0,
+            )
+    finally:
+        dead.close()
+
+
+def _directory_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):  # a SQLite -journal file may vanish meanwhile
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def _string_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number_or_none(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# -- dead letters: reading -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters a command works on: every filter given must match."""
+
+    event: str | None = None
+    reason: str | None = None
+    since: float | None = None
+    before: float | None = None
+    ids: tuple[str, ...] | None = None
+    limit: int | None = None
+
+
+@contextlib.contextmanager
+def _dead_letters(queue_dir: Path) -> Iterator[DeadLetterStore | None]:
+    # A queue directory whose handler never dead-lettered may lack dead/: say "none"
+    # rather than create it.
+    if not (queue_dir / DEAD_DIR).is_dir():
+        yield None
+        return
+    store = DeadLetterStore(queue_dir / DEAD_DIR)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _select(store: DeadLetterStore | None, selection: Selection) -> list[DeadLetter]:
+    if store is None:
+        return []
+    return store.select(
+        event=selection.event,
+        reason=selection.reason,
+        since=selection.since,
+        before=selection.before,
+        keys=selection.ids,
+        limit=selection.limit,
+    )
+
+
+def count_dead_letters(
+    queue_dir: Path, by: Literal["event", "reason"] | None = None
+) -> dict[str, Any]:
+    """``{"total": n, "by": by, "counts": {group: n}}``, largest group first.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        QueueError: the store could not be read.
+    """
+    check_queue_dir(queue_dir)
+    with _dead_letters(queue_dir) as store:
+        if store is None:
+            return {"total": 0, "by": by, "counts": {}}
+        counts = store.count(by=by)
+    total = sum(counts.values())
+    if by is None:
+        return {"total": total, "by": None, "counts": {}}
+    ordered = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return {"total": total, "by": by, "counts": ordered}
+
+
+def letter_summary(letter: DeadLetter) -> dict[str, Any]:
+    """One dead letter without its event data (which is personal data)."""
+    return {
+        "id": letter.key,
+        "event": letter.event_name,
+        "error_type": letter.error_type,
+        "status": letter.status,
+        "message": letter.message,
+        "attempts": letter.attempts,
+        "first_failure_at": iso_time(letter.first_failure_at),
+        "last_failure_at": iso_time(letter.last_failure_at),
+    }
+
+
+def letter_detail(letter: DeadLetter) -> dict[str, Any]:
+    """One dead letter with the whole stored event."""
+    detail = letter_summary(letter)
+    detail["stored_event"] = letter.event
+    if letter.event is not None:
+        logged_at = _number_or_none(letter.event.get("logged_at"))
+        detail["logged_at"] = iso_time(logged_at)
+    return detail
+
+
+def list_dead_letters(queue_dir: Path, selection: Selection) -> list[dict[str, Any]]:
+    """Summaries of the matching dead letters, oldest key first.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        QueueError: the store could not be read.
+    """
+    check_queue_dir(queue_dir)
+    with _dead_letters(queue_dir) as store:
+        return [letter_summary(letter) for letter in _select(store, selection)]
+
+
+def show_dead_letter(queue_dir: Path, key: str) -> dict[str, Any] | None:
+    """One dead letter in full, or None when there is no such id.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        QueueError: the store could not be read.
+    """
+    check_queue_dir(queue_dir)
+    with _dead_letters(queue_dir) as store:
+        letter = None if store is None else store.get(key)
+        return None if letter is None else letter_detail(letter)
+
+
+# -- dead letters: purge -------------------------------------------------------------------
+
+
+def select_dead_letters(queue_dir: Path, selection: Selection) -> list[DeadLetter]:
+    """The entries a purge or a replay would work on.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        QueueError: the store could not be read.
+    """
+    check_queue_dir(queue_dir)
+    with _dead_letters(queue_dir) as store:
+        return _select(store, selection)
+
+
+def purge_dead_letters(queue_dir: Path, letters: Sequence[DeadLetter]) -> int:
+    """Delete these entries for good; returns how many were still there.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        LockHeldError: a replay or another purge is running on this directory.
+    """
+    check_queue_dir(queue_dir, writable=True)
+    with _exclusive(queue_dir, DLQ_LOCK, "purge"), _dead_letters(queue_dir) as store:
+        return 0 if store is None else store.purge(letters)
+
+
+# -- dead letters: replay -----------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did. Ids only: never event data."""
+
+    dry_run: bool
+    selected: int = 0
+    accepted: list[str] = field(default_factory=list)
+    # Rejected again as invalid (400/413/422, 207 item error): final, kept with the reason.
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    # Still failing (5xx, timeouts, connection errors) when the bound or the per-entry
+    # attempts ran out: kept with the new reason.
+    failed: list[dict[str, str]] = field(default_factory=list)
+    not_sent: list[str] = field(default_factory=list)  # never tried: left unchanged
+    unreadable: list[str] = field(default_factory=list)  # stored event is None: skipped
+    missing_ids: list[str] = field(default_factory=list)  # asked for by --id, not found
+    would_send: list[str] = field(default_factory=list)  # --dry-run
+    auth_error: str | None = None
+    requests: int = 0
+    elapsed_seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def done(self) -> int:
+        """Entries settled so far: accepted, rejected or given up on."""
+        return len(self.accepted) + len(self.rejected) + len(self.failed)
+
+    def exit_code(self) -> ExitCode:
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
+        if self.auth_error is not None:
+            return ExitCode.AUTH
+        left = self.rejected or self.failed or self.not_sent or self.unreadable
+        return ExitCode.INCOMPLETE if left or self.missing_ids else ExitCode.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        result["exit_code"] = int(self.exit_code())
+        return result
+
+
+@dataclass
+class _Pending:
+    letter: DeadLetter
+    queued: QueuedEvent
+    tries: int = 0
+    failure: Failure | None = None
+    next_at: float = 0.0
+
+
+def replay_dead_letters(
+    settings: Settings,
+    selection: Selection,
+    *,
+    dry_run: bool = False,
+    timeout: float = 300.0,
+    stop: threading.Event | None = None,
+    progress: Callable[[ReplayReport], None] | None = None,
+) -> ReplayReport:
+    """Send chosen dead letters straight to Customer.io, with their own event ids.
+
+    The same delivery path as the worker: a :class:`TrackClient` behind a breaker and
+    the rate cap, and the retry policy's backoff between attempts of an entry, within
+    ``timeout`` seconds and at most ``max_attempts`` attempts per entry. An entry
+    leaves the store only once Customer.io accepted it. One that fails again stays,
+    rewritten with the new reason and attempt count; one never tried stays unchanged.
+    The write-ahead log is not touched, so this cannot collide with a live
+    application's worker: an event in both places is sent with the same id, which
+    Customer.io deduplicates.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        LockHeldError: another replay or a purge is running on this directory.
+    """
+    queue_dir = settings.queue_dir
+    report = ReplayReport(dry_run=dry_run)
+    started = time.monotonic()
+    check_queue_dir(queue_dir, writable=not dry_run)
+    stop = stop or threading.Event()
+    with contextlib.ExitStack() as cleanup:
+        if not dry_run:
+            cleanup.enter_context(_exclusive(queue_dir, DLQ_LOCK, "replay"))
+        store = cleanup.enter_context(_dead_letters(queue_dir))
+        letters = _select(store, selection)
+        report.selected = len(letters)
+        if selection.ids is not None:
+            found = {letter.key for letter in letters}
+            report.missing_ids = [key for key in selection.ids if key not in found]
+        pending: dict[str, _Pending] = {}
+        for letter in letters:
+            if letter.event is None:
+                report.unreadable.append(letter.key)
+                continue
+            queued = QueuedEvent(
+                letter.key,
+                event_from_dict(letter.event),
+                attempts=letter.attempts,
+                first_failure_at=letter.first_failure_at,
+                last_error=None,
+                next_attempt_at=0.0,
+            )
+            pending[letter.key] = _Pending(letter, queued)
+        if dry_run or store is None:
+            report.would_send = list(pending)
+        else:
+            _replay(settings, store, pending, report, started + timeout, stop, progress)
+    report.interrupted = stop.is_set()
+    report.elapsed_seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _replay(
+    settings: Settings,
+    store: DeadLetterStore,
+    pending: dict[str, _Pending],
+    report: ReplayReport,
+    deadline: float,
+    stop: threading.Event,
+    progress: Callable[[ReplayReport], None] | None,
+) -> None:
+    breaker = DeliveryBreaker.from_settings(settings)
+    retry = RetryPolicy.from_settings(settings)
+    client = TrackClient(
+        settings,
+        breaker=breaker,
+        rate_cap=RequestRateCap(settings.max_requests_per_second, stop=stop),
+    )
+    held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
+    try:
+        while pending and not stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            due = [entry for entry in pending.values() if entry.next_at <= now]
+            wait = max(breaker.seconds_until_probe(), held_until - now)
+            if wait > 0 or not due:
+                if not due:
+                    wait = max(wait, min(entry.next_at for entry in pending.values()) - now)
+                stop.wait(min(wait, deadline - now))
+                continue
+            # While the breaker is not closed, one event probes, as in the worker.
+            size = settings.batch_size if breaker.state == CLOSED else 1
+            outcome = client.deliver([entry.queued for entry in due[:size]])
+            report.requests += outcome.requests
+            if outcome.accepted:
+                store.purge([pending[q.key].letter for q in outcome.accepted])
+                for queued in outcome.accepted:
+                    report.accepted.append(queued.key)
+                    del pending[queued.key]
+            for queued, rejection in outcome.rejected:
+                entry = pending.pop(queued.key)
+                _rewrite(store, entry, rejection, tries=entry.tries + 1)
+                report.rejected.append(_reason(queued.key, rejection))
+            failure = outcome.failure
+            if failure is not None and failure.kind == AUTH:
+                # Not the entries' fault: count nothing, rewrite nothing, stop.
+                report.auth_error = failure.message
+                break
+            if failure is not None and failure.kind == TRANSIENT:
+                if failure.retry_after:
+                    wait = min(failure.retry_after, settings.max_retry_after)
+                    held_until = max(held_until, time.monotonic() + wait)
+                for queued in outcome.failed:
+                    entry = pending[queued.key]
+                    entry.tries += 1
+                    entry.failure = failure
+                    if entry.tries >= settings.max_attempts:
+                        del pending[queued.key]
+                        _rewrite(store, entry, failure, tries=entry.tries)
+                        report.failed.append(_reason(queued.key, failure))
+                    else:
+                        delay = retry.delay(entry.tries, failure.retry_after)
+                        entry.next_at = time.monotonic() + delay
+            if progress is not None:
+                progress(report)
+    finally:
+        client.close()
+        for key, entry in pending.items():
+            if entry.failure is None:
+                report.not_sent.append(key)
+            else:
+                _rewrite(store, entry, entry.failure, tries=entry.tries)
+                report.failed.append(_reason(key, entry.failure))
+        pending.clear()
+
+
+def _rewrite(store: DeadLetterStore, entry: _Pending, failure: Failure, *, tries: int) -> None:
+    letter = entry.letter
+    if store.get(letter.key) is None:
+        return  # gone meanwhile (purged): never bring it back
+    store.add(
+        letter.key,
+        entry.queued.event,
+        status=failure.status,
+        error_type=failure.error_type,
+        message=f"replay: {failure.message}",
+        attempts=letter.attempts + tries,
+        first_failure_at=letter.first_failure_at,
+    )
+
+
+def _reason(key: str, failure: Failure) -> dict[str, str]:
+    return {"id": key, "error_type": failure.error_type, "message": failure.message}
+
+
+# -- drain ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DrainReport:
+    """What a drain did."""
+
+    queue_dir: str
+    queued_at_start: int = 0
+    queued: int = 0  # left at the end
+    delivered: int = 0  # by this process
+    dead_lettered: int = 0  # by this process
+    held_lock: bool = False  # this process delivered (it held delivery.lock)
+    lock_holder_pid: int | None = None  # another process holding delivery.lock (-1: pid unknown)
+    breaker: str | None = None
+    last_error: str | None = None
+    auth_error: str | None = None
+    elapsed_seconds: float = 0.0
+    interrupted: bool = False
+
+    def exit_code(self) -> ExitCode:
+        if self.queued == 0:
+            return ExitCode.OK
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
+        if self.auth_error is not None:
+            return ExitCode.AUTH
+        if not self.held_lock and self.lock_holder_pid is not None:
+            return ExitCode.LOCKED
+        return ExitCode.INCOMPLETE
+
+    def to_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        result["exit_code"] = int(self.exit_code())
+        return result
+
+
+def drain(
+    handler_arguments: Mapping[str, Any],
+    queue_dir: Path,
+    *,
+    timeout: float = 300.0,
+    stop: threading.Event | None = None,
+    progress: Callable[[DrainReport], None] | None = None,
+) -> DrainReport:
+    """Deliver what ``queue_dir`` holds until it is empty or ``timeout`` passes.
+
+    It runs a :class:`~cio_logging.CustomerIOHandler` on the directory and lets its
+    worker do the sending, rather than a loop of its own around ``delivery.lock`` and a
+    ``TrackClient``: the worker already takes that lock before reading the log (so this
+    never sends while a live application does), and it already dead-letters, expires,
+    schedules retries, pauses on 401/403, rate-caps and records ``state.json`` exactly
+    as the application would. A second copy of that loop could only drift from it.
+    Here we watch the handler's ``status()`` and stop at the bound.
+
+    ``handler_arguments`` are the handler's constructor arguments (credentials,
+    endpoint, options); ``queue_dir`` must already be one.
+
+    Raises:
+        QueueDirectoryError: see :func:`check_queue_dir`.
+        ConfigurationError: the settings are invalid.
+    """
+    from .handler import CustomerIOHandler  # the handler pulls in the worker: only here
+
+    check_queue_dir(queue_dir, writable=True)
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    deadline = started + timeout
+    report = DrainReport(queue_dir=str(queue_dir))
+    arguments = dict(handler_arguments)
+    arguments.setdefault("flush_interval", _DRAIN_FLUSH_INTERVAL)
+    arguments["queue_dir"] = str(queue_dir)
+    handler = CustomerIOHandler(**arguments)
+    try:
+        status = handler.status()
+        report.queued_at_start = report.queued = status["queued"]
+        while report.queued and not stop.is_set():
+            status = handler.status()
+            report.queued = status["queued"]
+            report.delivered = status["delivered"]
+            report.dead_lettered = status["dead_lettered"]
+            report.breaker = status["breaker"]
+            report.last_error = status["last_error"]
+            if not status["delivering_process"] and not report.held_lock:
+                holder = lock_holder(queue_dir)
+                # Our own worker may have taken the lock since status() was read.
+                if holder is not None and handler.status()["delivering_process"]:
+                    holder = None
+                    report.held_lock = True
+                report.lock_holder_pid = holder
+            if status["delivering_process"]:
+                report.held_lock, report.lock_holder_pid = True, None
+            if status["delivery_paused"]:
+                report.auth_error = status["delivery_paused"]
+            if progress is not None:
+                progress(report)
+            if not report.queued or report.auth_error or time.monotonic() >= deadline:
+                break
+            stop.wait(_DRAIN_POLL_SECONDS)
+    finally:
+        handler.close()
+    report.interrupted = stop.is_set()
+    report.elapsed_seconds = round(time.monotonic() - started, 3)
+    return report

@@ -1,0 +1,563 @@
+"""The operator commands, run as subprocesses against the simulator.
+
+``status``, ``dlq count|list|show|replay|purge`` and ``drain``, with and without
+``--json``, on missing directories, and next to a live handler process that holds the
+queue directory's delivery lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cio_logging import cio_event
+from cio_logging.cli import main
+from cio_logging.operations import ExitCode, parse_time
+from cio_logging.simulator import TrackAPISimulator
+from cio_logging.state_record import read_state
+
+from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
+
+CLI = [PYTHON, "-m", "cio_logging.cli"]
+CHILD_APP = str(PROJECT_ROOT / "tests" / "child_app.py")
+LIVE_APP = str(PROJECT_ROOT / "tests" / "live_app.py")
+SIGNUPS, PURCHASES = "bad_signup", "bad_purchase"
+
+
+def run_cli(
+    simulator: TrackAPISimulator, queue_dir: Path, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cio-logging ARGS`` with the handler's variables pointing at the simulator."""
+    result = subprocess.run(
+        [*CLI, *args],
+        env=child_environment(simulator, queue_dir, **env),
+        stdin=subprocess.DEVNULL,  # never a terminal: no prompt, no progress bar
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert simulator.api_key not in result.stdout + result.stderr
+    return result
+
+
+def run_json(
+    simulator: TrackAPISimulator, queue_dir: Path, *args: str, expect: int = 0, **env: str
+) -> Any:
+    result = run_cli(simulator, queue_dir, *args, "--json", **env)
+    assert result.returncode == expect, result.stderr
+    return json.loads(result.stdout)
+
+
+def run_many(
+    simulator: TrackAPISimulator, queue_dir: Path, *commands: list[str]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several commands side by side; results in the order given."""
+    env = child_environment(simulator, queue_dir)
+    running = [
+        subprocess.Popen(
+            [*CLI, *command],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    results = []
+    for command, process in zip(commands, running, strict=True):
+        stdout, stderr = process.communicate(timeout=60)
+        assert "Traceback" not in stderr, stderr
+        assert simulator.api_key not in stdout + stderr
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return results
+
+
+def printed_ids(output: str) -> list[str]:
+    return [line for line in output.splitlines() if len(line) == 26]
+
+
+@pytest.fixture
+def dead_letters(
+    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
+) -> dict[str, list[str]]:
+    """Three bad_signup and two bad_purchase events rejected into the dead-letter store."""
+    simulator.poison_names.update({SIGNUPS, PURCHASES})
+    handler = make_handler()
+    logger = logging.getLogger("test.operations.events")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    for number in range(3):
+        logger.info(SIGNUPS, extra=cio_event(f"user-{number}", plan="pro"))
+    for number in range(2):
+        logger.info(PURCHASES, extra=cio_event(f"user-{number}", amount=number))
+    logger.info("fine", extra=cio_event("user-9"))
+    assert wait_for(lambda: handler.status()["dead_letters"] == 5)
+    assert wait_for(lambda: handler.status()["queued"] == 0)
+    logger.removeHandler(handler)
+    handler.close()
+    simulator.clear_faults()
+    simulator.clear()
+    dead = run_json(simulator, queue_dir, "dlq", "list")
+    return {
+        name: [entry["id"] for entry in dead if entry["event"] == name]
+        for name in (SIGNUPS, PURCHASES)
+    }
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Subprocesses a test starts; any still running at teardown are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def start_live_app(
+    simulator: TrackAPISimulator,
+    queue_dir: Path,
+    processes: list[subprocess.Popen[str]],
+    *args: str,
+) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [PYTHON, LIVE_APP, *args],
+        env=child_environment(simulator, queue_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    processes.append(process)
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def read_until_done(process: subprocess.Popen[str]) -> list[str]:
+    assert process.stdout is not None
+    ids: list[str] = []
+    for line in process.stdout:
+        if line.strip() == "done":
+            return ids
+        ids.append(line.strip())
+    raise AssertionError("the live app ended without logging everything")
+
+
+class TestHelpAndErrors:
+    """Exit codes are documented; expected errors are one clear line, never a traceback."""
+
+    def test_help_lists_the_exit_codes(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Every operator command's --help ends with the exit codes."""
+        for command in (["status"], ["dlq", "replay"], ["drain"]):
+            with pytest.raises(SystemExit) as exit_:
+                main([*command, "--help"])
+            assert exit_.value.code == 0
+            text = capsys.readouterr().out
+            assert "exit codes:" in text
+            assert "130" in text
+
+    def test_a_missing_queue_directory_is_reported_and_never_created(
+        self, simulator: TrackAPISimulator, tmp_path: Path
+    ) -> None:
+        """Exit 3 and one line from every command; the path is not created."""
+        missing = tmp_path / "no" / "such" / "queue"
+        commands = [
+            ["status"],
+            ["dlq", "count"],
+            ["dlq", "list"],
+            ["dlq", "show", "01J00000000000000000000000"],
+            ["dlq", "replay"],
+            ["dlq", "purge", "--yes"],
+            ["drain", "--timeout", "1"],
+        ]
+        results = run_many(simulator, missing, *([*command, "--json"] for command in commands))
+        for command, result in zip(commands, results, strict=True):
+            assert result.returncode == ExitCode.NO_QUEUE, (command, result.stderr)
+            assert f"queue directory {missing} does not exist" in result.stderr
+            assert json.loads(result.stdout)["exit_code"] == ExitCode.NO_QUEUE
+        assert not missing.exists()
+        assert not missing.parent.exists()
+
+    def test_a_directory_that_is_not_a_queue_is_refused(
+        self, simulator: TrackAPISimulator, tmp_path: Path
+    ) -> None:
+        """A directory without wal/ or dead/ is not taken for an empty queue."""
+        result = run_cli(simulator, tmp_path, "status")
+        assert result.returncode == ExitCode.NO_QUEUE
+        assert "is not a cio_logging queue directory" in result.stderr
+        assert list(tmp_path.iterdir()) == [tmp_path / "simulator"]  # nothing created
+
+    def test_missing_credentials_are_a_usage_error(
+        self, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
+        """No site id and no queue directory, or a bad time: exit 2 and the flag to use."""
+        # No queue directory and no site id: the default directory cannot be worked out.
+        result = run_cli(
+            simulator, queue_dir, "status", CUSTOMERIO_SITE_ID="", CIO_LOGGING_QUEUE_DIR=""
+        )
+        assert result.returncode == ExitCode.USAGE
+        assert "site_id is missing: pass --site-id or set CUSTOMERIO_SITE_ID" in result.stderr
+        assert "--queue-dir" in result.stderr
+        # A bad time is refused by the parser.
+        result = run_cli(simulator, queue_dir, "dlq", "list", "--since", "yesterday")
+        assert result.returncode == ExitCode.USAGE
+        assert "neither an ISO 8601 time" in result.stderr
+
+
+class TestTimes:
+    """--since and --before take ISO 8601 or an age."""
+
+    def test_ages_and_iso_times(self) -> None:
+        """Ages count back from now; ISO times keep their zone."""
+        now = 1_700_000_000.0
+        assert parse_time("30m", now) == now - 1800
+        assert parse_time("2h", now) == now - 7200
+        assert parse_time("3d", now) == now - 3 * 86400
+        assert parse_time("2023-11-14T22:13:20Z", now) == now
+        assert parse_time("2023-11-14T23:13:20+01:00", now) == now
+        with pytest.raises(ValueError, match="neither"):
+            parse_time("soon", now)
+
+
+class TestDeadLetterReading:
+    """count, list and show, in text and JSON."""
+
+    def test_count_list_show(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """Counts grouped by event and reason, filtered lists, one entry in full."""
+        key = dead_letters[SIGNUPS][0]
+        # Read-only commands: run them side by side.
+        results = run_many(
+            simulator,
+            queue_dir,
+            ["dlq", "count", "--json"],
+            ["dlq", "count", "--by", "event", "--json"],
+            ["dlq", "count", "--by", "reason", "--json"],
+            ["dlq", "count", "--by", "event"],
+            ["dlq", "list", "--event", PURCHASES, "--json"],
+            ["dlq", "list", "--limit", "2", "--json"],
+            ["dlq", "list", "--since", "1h", "--json"],
+            ["dlq", "list", "--before", "1h", "--json"],
+            ["dlq", "list", "--since", "2999-01-01T00:00:00Z", "--json"],
+            ["dlq", "list", "--reason", "invalid name", "--json"],
+            ["dlq", "list", "--reason", "http_400", "--json"],
+            ["dlq", "list"],
+            ["dlq", "show", key, "--json"],
+            ["dlq", "show", key],
+            ["dlq", "show", "01J00000000000000000000000"],
+        )
+        assert [result.returncode for result in results] == [0] * 14 + [ExitCode.INCOMPLETE]
+        (total, by_event, by_reason, count_text, purchases, two, recent, old, later,
+         by_message, by_type, listing, shown, show_text, missing) = results  # fmt: skip
+
+        assert json.loads(total.stdout)["total"] == 5
+        assert json.loads(by_event.stdout)["counts"] == {SIGNUPS: 3, PURCHASES: 2}
+        assert json.loads(by_reason.stdout)["counts"] == {"item_rejected": 5}
+        assert "dead letters: 5" in count_text.stdout
+        assert re.search(rf"{SIGNUPS} +3\n", count_text.stdout)
+
+        entries = json.loads(purchases.stdout)
+        assert [entry["id"] for entry in entries] == dead_letters[PURCHASES]
+        assert all(entry["error_type"] == "item_rejected" for entry in entries)
+        assert "stored_event" not in entries[0]  # lists carry no event data
+        assert len(json.loads(two.stdout)) == 2
+        assert len(json.loads(recent.stdout)) == 5
+        assert json.loads(old.stdout) == []
+        assert json.loads(later.stdout) == []
+        assert len(json.loads(by_message.stdout)) == 5
+        assert json.loads(by_type.stdout) == []
+        assert all(k in listing.stdout for k in dead_letters[SIGNUPS] + dead_letters[PURCHASES])
+
+        detail = json.loads(shown.stdout)
+        assert detail["stored_event"]["id"] == key
+        assert detail["stored_event"]["data"] == {"plan": "pro"}
+        assert key in show_text.stdout
+        assert '"plan": "pro"' in show_text.stdout
+        assert "no dead letter with id" in missing.stderr
+
+    def test_status_counts_queue_and_dead_letters(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """status with no delivering process: counts, disk, the last record."""
+        status = run_json(simulator, queue_dir, "status")
+        assert status["queue_dir"] == str(queue_dir)
+        assert status["queued"] == 0
+        assert status["oldest_age_seconds"] is None
+        assert status["dead_letters"] == 5
+        assert status["disk_bytes"] > 0
+        assert status["disk_free_bytes"] > 0
+        assert status["delivering_pid"] is None  # the test's handler was closed
+        assert status["breaker"] == "closed"
+        assert status["recorder_is_delivering"] is False
+        text = run_cli(simulator, queue_dir, "status").stdout
+        assert "dead letters     5" in text
+        assert "no process holds delivery.lock" in text
+
+
+class TestPurge:
+    """purge asks first, and refuses without --yes when it cannot ask."""
+
+    def test_purge_needs_yes_without_a_terminal(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """No terminal and no --yes: exit 2 and nothing deleted; --yes deletes the match."""
+        refused = run_cli(simulator, queue_dir, "dlq", "purge", "--event", SIGNUPS)
+        assert refused.returncode == ExitCode.USAGE
+        assert "refusing to purge 3 dead letter(s) without --yes" in refused.stderr
+        assert run_json(simulator, queue_dir, "dlq", "count")["total"] == 5
+
+        nothing = run_json(simulator, queue_dir, "dlq", "purge", "--before", "1h", "--yes")
+        assert nothing["purged"] == 0
+        purged = run_json(simulator, queue_dir, "dlq", "purge", "--event", SIGNUPS, "--yes")
+        assert purged["purged"] == 3
+        assert sorted(purged["ids"]) == sorted(dead_letters[SIGNUPS])
+        remaining = run_json(simulator, queue_dir, "dlq", "list")
+        assert [entry["id"] for entry in remaining] == dead_letters[PURCHASES]
+
+
+class TestReplay:
+    """replay sends through the delivery path, keeps ids, and removes only accepted entries."""
+
+    def test_dry_run_changes_nothing(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """--dry-run lists what would go and sends and changes nothing."""
+        before = run_json(simulator, queue_dir, "dlq", "list")
+        report = run_json(simulator, queue_dir, "dlq", "replay", "--dry-run")
+        assert sorted(report["would_send"]) == sorted(entry["id"] for entry in before)
+        assert report["accepted"] == []
+        assert run_json(simulator, queue_dir, "dlq", "list") == before
+        assert simulator.requests == []
+        text = run_cli(simulator, queue_dir, "dlq", "replay", "--dry-run", "--event", SIGNUPS)
+        assert text.returncode == 0
+        assert "3 dead letter(s) would be sent; nothing sent" in text.stdout
+
+    def test_replay_that_partly_fails_again(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """Accepted entries leave; rejected ones stay with the new reason and attempts."""
+        before = {entry["id"]: entry for entry in run_json(simulator, queue_dir, "dlq", "list")}
+        first = dead_letters[SIGNUPS][0]
+        one = run_json(simulator, queue_dir, "dlq", "replay", "--id", first)
+        assert one["accepted"] == [first]
+        assert simulator.accepted_ids() == {first}
+
+        simulator.poison_names.add(PURCHASES)  # these still fail; the signups now pass
+        report = run_json(
+            simulator, queue_dir, "dlq", "replay", "--id", "01J00000000000000000000000",
+            *(arg for key in before for arg in ("--id", key)),
+            expect=ExitCode.INCOMPLETE,
+        )  # fmt: skip
+        assert sorted(report["accepted"]) == sorted(dead_letters[SIGNUPS][1:])
+        assert sorted(entry["id"] for entry in report["rejected"]) == sorted(
+            dead_letters[PURCHASES]
+        )
+        # The first one left the store with its earlier replay.
+        assert sorted(report["missing_ids"]) == sorted([first, "01J00000000000000000000000"])
+        # Sent with their own ids: Customer.io deduplicates a resend.
+        assert simulator.accepted_ids() == set(dead_letters[SIGNUPS])
+        assert simulator.duplicates == 0
+        kept = run_json(simulator, queue_dir, "dlq", "list")
+        assert sorted(entry["id"] for entry in kept) == sorted(dead_letters[PURCHASES])
+        for entry in kept:
+            assert entry["message"].startswith("replay: rejected in a 207 batch answer")
+            assert entry["attempts"] == before[entry["id"]]["attempts"] + 1
+            assert entry["first_failure_at"] == before[entry["id"]]["first_failure_at"]
+
+    def test_replay_during_an_outage_keeps_entries_with_the_new_reason(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """Retries with backoff within the bound, then keeps the entries as http_503."""
+        simulator.fail(503)
+        result = run_cli(
+            simulator, queue_dir, "dlq", "replay", "--event", SIGNUPS, "--timeout", "10",
+            "-o", "max_attempts=2", "-o", "max_backoff=0.05", "-o", "consecutive_failures=50",
+        )  # fmt: skip
+        assert result.returncode == ExitCode.INCOMPLETE, result.stderr
+        assert "0 accepted and removed" in result.stdout
+        assert "3 still failing" in result.stdout
+        kept = run_json(simulator, queue_dir, "dlq", "list", "--event", SIGNUPS)
+        assert {entry["error_type"] for entry in kept} == {"http_503"}
+        assert {entry["attempts"] for entry in kept} == {3}  # 1 before, 2 in the replay
+        assert simulator.accepted == []
+
+    def test_wrong_credentials_leave_entries_unchanged(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """401 stops the replay with exit 5, changes nothing and never prints the key."""
+        before = run_json(simulator, queue_dir, "dlq", "list")
+        secret = "wrong-secret-api-key-1234"
+        result = run_cli(simulator, queue_dir, "dlq", "replay", CUSTOMERIO_API_KEY=secret)
+        assert result.returncode == ExitCode.AUTH
+        assert "refused the credentials" in result.stderr
+        assert secret not in result.stdout + result.stderr
+        assert run_json(simulator, queue_dir, "dlq", "list") == before
+
+
+class TestDrain:
+    """drain delivers a backlog under the application's own delivery lock."""
+
+    def test_drain_delivers_a_backlog_left_by_a_process(
+        self, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
+        """What a dead process left is delivered with its ids; wrong credentials exit 5."""
+        simulator.fail(503)  # the application cannot deliver, then goes away
+        child = subprocess.run(
+            [PYTHON, CHILD_APP, "25", "--no-close"],
+            env=child_environment(simulator, queue_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        ids = printed_ids(child.stdout)
+        assert len(ids) == 25
+        simulator.clear_faults()
+        status = run_json(simulator, queue_dir, "status")
+        assert status["queued"] == 25
+        assert status["oldest_age_seconds"] >= 0
+
+        secret = "wrong-secret-api-key-1234"
+        refused = run_cli(simulator, queue_dir, "drain", CUSTOMERIO_API_KEY=secret)
+        assert refused.returncode == ExitCode.AUTH
+        assert "refused the credentials" in refused.stderr
+        assert secret not in refused.stdout + refused.stderr
+        assert simulator.accepted == []
+
+        report = run_json(simulator, queue_dir, "drain", "--timeout", "20")
+        assert report["queued_at_start"] == 25
+        assert report["queued"] == 0
+        assert report["delivered"] == 25
+        assert report["held_lock"] is True
+        assert simulator.accepted_ids() == set(ids)
+        assert simulator.duplicates == 0
+        again = run_cli(simulator, queue_dir, "drain")
+        assert again.returncode == 0
+        assert "0 left (of 0)" in again.stdout
+
+    def test_status_and_drain_next_to_a_live_process_in_an_outage(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        processes: list[subprocess.Popen[str]],
+    ) -> None:
+        """status shows a live process's open breaker; drain waits for its lock, takes over."""
+        simulator.fail(503)
+        live = start_live_app(
+            simulator, queue_dir, processes, "8",
+            "-o", "consecutive_failures=2", "-o", "reset_timeout=60",
+        )  # fmt: skip
+        ids = read_until_done(live)
+        assert wait_for(lambda: (read_state(queue_dir) or {}).get("breaker") == "open")
+
+        status = run_json(simulator, queue_dir, "status")
+        assert status["breaker"] == "open"
+        assert status["delivering_pid"] == live.pid
+        assert status["recorded_by_pid"] == live.pid
+        assert status["recorder_is_delivering"] is True
+        assert "HTTP 503" in status["last_error"]
+        assert status["queued"] == 8
+        text = run_cli(simulator, queue_dir, "status").stdout
+        assert f"pid {live.pid} (holds delivery.lock)" in text
+        assert "open (recorded by pid" in text
+
+        blocked = run_cli(simulator, queue_dir, "drain", "--timeout", "0.5", "--json")
+        assert blocked.returncode == ExitCode.LOCKED
+        assert json.loads(blocked.stdout)["lock_holder_pid"] == live.pid
+        assert f"pid {live.pid} held delivery.lock" in blocked.stderr
+
+        live.send_signal(signal.SIGKILL)  # the application dies; the kernel frees the lock
+        live.wait(timeout=10)
+        simulator.clear_faults()
+        report = run_json(simulator, queue_dir, "drain", "--timeout", "20")
+        assert report["delivered"] == 8
+        assert simulator.accepted_ids() == set(ids)
+        assert simulator.duplicates == 0
+        after = run_json(simulator, queue_dir, "status")
+        assert after["breaker"] == "closed"
+        assert after["recorder_is_delivering"] is False  # the drain has exited
+
+    def test_drain_while_a_live_process_delivers_sends_nothing_twice(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        processes: list[subprocess.Popen[str]],
+    ) -> None:
+        """A live process and a drain share the directory: nothing lost, nothing sent twice."""
+        # A backlog from a process that died, then a live one delivering slowly.
+        simulator.fail(503)
+        left = subprocess.run(
+            [PYTHON, CHILD_APP, "30", "--no-close"],
+            env=child_environment(simulator, queue_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        ids = printed_ids(left.stdout)
+        simulator.clear_faults()
+        simulator.set_latency(0.1)
+        live = start_live_app(
+            simulator, queue_dir, processes, "40", "--pause", "0.01", "-o", "batch_size=2"
+        )
+        drain = subprocess.Popen(
+            [*CLI, "drain", "--timeout", "30", "--json"],
+            env=child_environment(simulator, queue_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(drain)
+        ids += read_until_done(live)
+        assert wait_for(lambda: len(simulator.accepted) > 0)
+        assert live.stdin is not None
+        live.stdin.close()  # the application closes; the drain takes over what is left
+        assert live.wait(timeout=20) == 0
+        stdout, stderr = drain.communicate(timeout=40)
+        assert drain.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        report = json.loads(stdout)
+        assert report["lock_holder_pid"] in (None, live.pid)
+        assert report["held_lock"] is True
+        assert report["delivered"] > 0  # both processes delivered some
+        assert simulator.accepted_ids() == set(ids)  # none lost
+        assert simulator.duplicates == 0  # none sent twice
+        assert len(simulator.accepted) == len(ids)
