@@ -263,28 +263,29 @@ _HOST_PATTERN = re.compile(r"^[A-Za-z0-9.\-]+$|^\[[0-9A-Fa-f:.]+\]$")
 
 
 def _endpoint(track_url: str | None, region: str) -> Endpoint:
+    # The messages below never quote the URL: it may carry credentials.
     if track_url is None:
         return Endpoint(TRACK_HOSTS[region], 443)
     if not isinstance(track_url, str):
         raise ConfigurationError(f"track_url must be a string, not {type(track_url).__name__}")
     parts = urlsplit(track_url.strip())
-    if parts.scheme != "https":
-        # The SDK always speaks https; saying so here beats a confusing TLS error later.
-        raise ConfigurationError(f"track_url must start with https://, got {track_url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        # The SDK builds /api/v1 and /api/v2 itself and ignores any prefix for batches.
-        raise ConfigurationError(
-            f"track_url takes a scheme, host and port only, not a path: {track_url!r}"
-        )
     if parts.username or parts.password:
         raise ConfigurationError("track_url must not carry credentials; use site_id/api_key")
+    if parts.scheme != "https":
+        # The SDK always speaks https; saying so here beats a confusing TLS error later.
+        raise ConfigurationError(
+            f"track_url must start with https://, not {parts.scheme or 'no scheme'}"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # The SDK builds /api/v1 and /api/v2 itself and ignores any prefix for batches.
+        raise ConfigurationError("track_url takes a scheme, host and port only, not a path")
     try:
         port = parts.port or 443
-    except ValueError as exc:
-        raise ConfigurationError(f"track_url has an invalid port: {track_url!r}") from exc
+    except ValueError:
+        raise ConfigurationError("track_url has an invalid port") from None
     host = parts.hostname or ""
     if not host or not _HOST_PATTERN.match(host if ":" not in host else f"[{host}]"):
-        raise ConfigurationError(f"track_url has no valid host: {track_url!r}")
+        raise ConfigurationError("track_url has no valid host")
     return Endpoint(host if ":" not in host else f"[{host}]", port)
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import pybreaker
@@ -37,6 +37,17 @@ from .config import Settings
 from .resilience import DeliveryBreaker, RequestRateCap
 from .telemetry import Telemetry
 from .wal import QueuedEvent
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:  # a vendored copy, or a path on PYTHONPATH
+        return "unknown"
+
+
+# Looked up once: a failing lookup inside every request made every event fail.
+_USER_AGENT_VERSIONS = (_installed_version("cio-logging"), _installed_version("customerio"))
 
 MAX_BATCH_BYTES = 500 * 1024
 MAX_ITEM_BYTES = 32 * 1024
@@ -52,6 +63,9 @@ AUTH_STATUSES = frozenset({401, 403})
 #: (retry; counts against the breaker). ``not_sent``: held back before sending
 #: (breaker open, shutting down): no attempt is counted.
 PAYLOAD, AUTH, TRANSIENT, NOT_SENT = "payload", "auth", "transient", "not_sent"
+#: ``config``: TLS verification failed: a wrong CA bundle or an intercepting proxy.
+#: Like ``auth``, it is ours to fix, not the events' fault: pause, never dead-letter.
+CONFIG = "config"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +83,8 @@ class Failure:
             return PAYLOAD
         if self.status in AUTH_STATUSES:
             return AUTH
+        if self.error_type == "SSLError":
+            return CONFIG
         if self.error_type in ("circuit_open", "stopped"):
             return NOT_SENT
         return TRANSIENT
@@ -129,8 +145,8 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
     def _build_session(self) -> requests.Session:
         session = _PinnedCASession(self._verify)
         session.headers["User-Agent"] = (
-            f"cio-logging/{version('cio-logging')} "
-            f"Customer.io Python Client/{version('customerio')}"
+            f"cio-logging/{_USER_AGENT_VERSIONS[0]} "
+            f"Customer.io Python Client/{_USER_AGENT_VERSIONS[1]}"
         )
         session.auth = (self.site_id, self.api_key)
         session.mount("https://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=4))
@@ -175,7 +191,9 @@ class TrackClient:
                 singles.append(queued)
                 continue
             item = _batch_item(queued)
-            size = len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
+            # Measured as requests encodes it (ASCII escapes, ", " separators): the
+            # bytes that go on the wire, which is what the limits count.
+            size = len(json.dumps(item))
             if size > MAX_ITEM_BYTES:
                 singles.append(queued)  # v1 takes up to 100 KB of data
             else:
@@ -200,7 +218,7 @@ class TrackClient:
         )
         report.requests += 1
         if failure is None and response is not None:
-            rejected = _rejected_items(response, len(chunk))
+            rejected = _rejected_items(response, len(chunk)) or {}
             for index, (queued, _, _) in enumerate(chunk):
                 if index in rejected:
                     report.rejected.append((queued, rejected[index]))
@@ -294,11 +312,16 @@ class TrackClient:
     ) -> tuple[Failure | None, requests.Response | None]:
         self._local.response = None
         try:
-            return None, send()
+            response = send()
+            if _rejected_items(response, len(chunk)) is None:
+                return Failure(
+                    207, "unreadable_207", "HTTP 207 naming no item of the request: resent"
+                ), None
+            return None, response
         except CustomerIOException as exc:
-            response: requests.Response | None = self._local.response
-            if response is not None:
-                return self._http_failure(response, chunk), None
+            answer: requests.Response | None = self._local.response
+            if answer is not None:
+                return self._http_failure(answer, chunk), None
             return _transport_failure(exc.__cause__, self._settings.request_timeout), None
         except requests.RequestException as exc:  # raised outside the SDK's wrapper
             return _transport_failure(exc, self._settings.request_timeout), None
@@ -351,28 +374,31 @@ def _chunks_by_size(
     return chunks
 
 
-def _rejected_items(response: requests.Response, count: int) -> dict[int, Failure]:
-    """Per-item errors of a 207 answer (the SDK treats 207 as plain success)."""
+def _rejected_items(response: requests.Response, count: int) -> dict[int, Failure] | None:
+    """Per-item errors of a 207 answer (the SDK treats 207 as plain success).
+
+    None when the answer is a 207 whose errors cannot all be matched to items of the
+    request: the caller then resends the whole chunk (ids deduplicate) rather than
+    guess which items were refused.
+    """
     if response.status_code != 207:
         return {}
     try:
-        errors = response.json().get("errors") or []
+        errors = response.json().get("errors")
     except (ValueError, AttributeError):
-        errors = []
+        return None
+    if not isinstance(errors, list) or not errors:
+        return None
     rejected: dict[int, Failure] = {}
     for error in errors:
-        if not isinstance(error, dict):
-            continue
-        index = error.get("batch_index")
-        if isinstance(index, int) and 0 <= index < count:
-            # reason and field only: the message may quote the offending value.
-            words = " ".join(str(error.get(k)) for k in ("reason", "field") if error.get(k))
-            rejected[index] = Failure(
-                207, "item_rejected", f"rejected in a 207 batch answer: {words or 'no reason'}"
-            )
-    if errors and not rejected:
-        # A 207 we cannot map to items: better to resend (ids deduplicate) than guess.
-        return {}
+        index = error.get("batch_index") if isinstance(error, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            return None
+        # reason and field only: the message may quote the offending value.
+        words = " ".join(str(error.get(k)) for k in ("reason", "field") if error.get(k))
+        rejected[index] = Failure(
+            207, "item_rejected", f"rejected in a 207 batch answer: {words or 'no reason'}"
+        )
     return rejected
 
 

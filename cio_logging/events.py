@@ -15,6 +15,8 @@ import decimal
 import json
 import logging
 import math
+import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -244,9 +246,19 @@ def _name(value: object) -> str:
     return value
 
 
+def new_event_id() -> str:
+    """A fresh ULID: the current millisecond and 80 random bits.
+
+    Not python-ulid's ``ULID()``: its module-wide generator takes a lock, and a child
+    forked while another thread held it hangs in its first emit (seen here).
+    """
+    millisecond = time.time_ns() // 1_000_000
+    return str(ULID.from_bytes(millisecond.to_bytes(6, "big") + os.urandom(10)))
+
+
 def _event_id(value: object) -> str:
     if value is None:
-        return str(ULID())
+        return new_event_id()
     if not isinstance(value, str):
         raise InvalidEventError(f"id must be a ULID string, not {type(value).__name__}")
     try:

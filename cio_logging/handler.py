@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -19,7 +20,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
-from .errors import InvalidEventError
+from .errors import ConfigurationError, InvalidEventError, QueueError
 from .events import EXTRA_KEY, event_from_record
 from .telemetry import QueueProbes, Telemetry
 from .wal import DeadLetterStore, WriteAheadLog, secure_directory
@@ -92,9 +93,14 @@ class CustomerIOHandler(logging.Handler):
         )
         super().__init__(level)
         queue_dir_path = self.settings.queue_dir
-        secure_directory(queue_dir_path)
-        self._wal = WriteAheadLog(queue_dir_path / "wal", fsync=self.settings.fsync)
-        self._dead_letters = DeadLetterStore(queue_dir_path / "dead", fsync=self.settings.fsync)
+        try:
+            secure_directory(queue_dir_path)
+            self._wal = WriteAheadLog(queue_dir_path / "wal", fsync=self.settings.fsync)
+            self._dead_letters = DeadLetterStore(queue_dir_path / "dead", fsync=self.settings.fsync)
+        except (OSError, QueueError) as exc:  # a bad queue_dir is a bad setting: fail now
+            raise ConfigurationError(
+                f"queue_dir {str(queue_dir_path)!r} cannot be used: {type(exc).__name__}: {exc}"
+            ) from exc
         self._telemetry = Telemetry(
             endpoint=self.settings.endpoint,
             probes=QueueProbes(
@@ -114,6 +120,8 @@ class CustomerIOHandler(logging.Handler):
             status_report=self.status,
         )
         self._counts_guard = threading.Lock()
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
         self._enqueued = 0
         self._dropped: Counter[str] = Counter()
         self._last_key: str | None = None
@@ -176,7 +184,9 @@ class CustomerIOHandler(logging.Handler):
             self._telemetry.event_enqueued(essential)
             with self._counts_guard:
                 self._enqueued += 1
-                self._last_key = event.id
+                # The largest key, not the last written: flush() waits for it to leave.
+                if self._last_key is None or event.id > self._last_key:
+                    self._last_key = event.id
             if not self._closed:
                 self._worker.ensure_started()
                 self._worker.notify()
@@ -301,3 +311,10 @@ class CustomerIOHandler(logging.Handler):
     def _oldest_age(self) -> float | None:
         logged_at = self._wal.oldest_logged_at()
         return None if logged_at is None else max(0.0, time.time() - logged_at)
+
+
+def _reset_in_child(reference: weakref.ref[CustomerIOHandler]) -> None:
+    # A lock copied while another thread of the parent held it would stay held here.
+    handler = reference()
+    if handler is not None:
+        handler._counts_guard = threading.Lock()

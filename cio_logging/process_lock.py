@@ -14,6 +14,7 @@ delivers while the parent does.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -49,9 +50,10 @@ class DeliveryLock:
             except OSError:
                 os.close(descriptor)
                 return False
-            os.ftruncate(descriptor, 0)
-            os.write(descriptor, f"{os.getpid()}\n".encode())
-            self._descriptor = descriptor
+            self._descriptor = descriptor  # held from here on, whatever happens next
+            with contextlib.suppress(OSError):  # the pid is advisory: a full disk is fine
+                os.ftruncate(descriptor, 0)
+                os.write(descriptor, f"{os.getpid()}\n".encode())
             return True
 
     def release(self) -> None:

@@ -11,7 +11,8 @@ Both are diskcache caches in the queue directory, opened so that:
 
 An event is appended before ``emit`` returns and deleted only after Customer.io
 accepted it (or it was moved to the dead-letter store), so the log is at-least-once.
-Keys are the events' ULIDs, so key order is logging order and a resend keeps its id.
+Keys are the events' ULIDs, so key order is logging order (to the millisecond) and
+a resend keeps its id.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -81,6 +83,17 @@ _FORK_WAIT_SECONDS = 10.0
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
+class _Connection(sqlite3.Connection):
+    """A plain SQLite connection that can be weakly referenced (the base class cannot)."""
+
+
+# Every connection this process opened, weakly: a dead thread's connection is closed
+# by garbage collection as usual. At a fork they are held strongly (see _ForkGate),
+# and a child keeps what it inherited here for its whole life, never closing it.
+_LIVE_CONNECTIONS: weakref.WeakSet[_Connection] = weakref.WeakSet()
+_INHERITED_CONNECTIONS: list[_Connection] = []
+
+
 class _ForkGate:
     """Makes fork() wait until no thread of this process is inside SQLite.
 
@@ -100,6 +113,9 @@ class _ForkGate:
         )
 
     def _reset(self) -> None:
+        # In a child: what the parent had open is kept referenced, never closed.
+        _INHERITED_CONNECTIONS.extend(getattr(self, "_held_over_fork", ()))
+        self._held_over_fork: list[_Connection] = []
         self._condition = threading.Condition(threading.Lock())
         self._active = 0
         self._forking = False
@@ -130,8 +146,12 @@ class _ForkGate:
             deadline = time.monotonic() + _FORK_WAIT_SECONDS
             while self._active and (remaining := deadline - time.monotonic()) > 0:
                 self._condition.wait(remaining)
+        # Strong references across the fork: in the child, a dead thread's connection
+        # must not be garbage-collected, which would close it.
+        self._held_over_fork = list(_LIVE_CONNECTIONS)
 
     def _after_fork_in_parent(self) -> None:
+        self._held_over_fork = []
         with self._condition:
             self._forking = False
             self._condition.notify_all()
@@ -151,47 +171,41 @@ def _sqlite_section(method: Method) -> Method:
     return guarded  # type: ignore[return-value]
 
 
-# Connections a forked child inherited. They are kept referenced for the life of the
-# child so that they are never closed there (see _ForkSafeCache).
-_INHERITED_CONNECTIONS: list[object] = []
-
-
 class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is untyped
     """A diskcache Cache whose child processes never close the parent's connections.
 
     diskcache notices a fork and *closes* the connection it inherited before opening a
     new one. SQLite forbids exactly that: closing, in a child, a connection opened in
     the parent runs clean-up that can delete the parent's write-ahead content. Here
-    that lost every event a forked child logged. This class keeps one connection per
-    thread in its own table; in a child it sets the inherited table aside, referenced
-    forever and never closed, and opens fresh connections.
+    that lost every event a forked child logged. This class keeps diskcache's
+    per-thread connection, but in a child it drops the inherited ones without closing
+    them (the fork gate keeps them referenced) and opens fresh ones. A thread only ever
+    uses and closes its own connection.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._connections: dict[int, sqlite3.Connection] = {}
-        self._connections_pid = os.getpid()
+        self._owner_pid = os.getpid()
         super().__init__(*args, **kwargs)
 
     @property
     def _con(self) -> sqlite3.Connection:
-        if self._connections_pid != os.getpid():
-            _INHERITED_CONNECTIONS.append(self._connections)
-            self._connections = {}
-            self._connections_pid = os.getpid()
+        if self._owner_pid != os.getpid():
+            # First use in a forked child: forget the parent's per-thread connections
+            # without closing them (the fork gate keeps them referenced), start afresh.
+            self._owner_pid = os.getpid()
+            self._local = threading.local()
             self._txn_id = None  # a transaction of a parent's thread is not ours
-        ident = threading.get_ident()
-        connection = self._connections.get(ident)
+        local = self._local
+        connection: _Connection | None = getattr(local, "connection", None)
         if connection is None:
-            self._close_connections_of_finished_threads()
-            # check_same_thread=False: a new thread may reuse a finished thread's ident,
-            # and with it the connection; one live thread per ident keeps that safe.
             connection = sqlite3.connect(
                 os.path.join(self._directory, diskcache.core.DBNAME),
                 timeout=self._timeout,
                 isolation_level=None,
-                check_same_thread=False,
+                factory=_Connection,
             )
-            self._connections[ident] = connection
+            local.connection = connection
+            _LIVE_CONNECTIONS.add(connection)
             try:
                 settings = connection.execute("SELECT key, value FROM Settings").fetchall()
             except sqlite3.OperationalError:  # a new database: __init__ creates it
@@ -201,16 +215,15 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
                     self.reset(key, value, update=False)
         return connection
 
-    def _close_connections_of_finished_threads(self) -> None:
-        alive = {thread.ident for thread in threading.enumerate()}
-        for ident in [ident for ident in self._connections if ident not in alive]:
-            self._connections.pop(ident).close()
-
     def close(self) -> None:
-        if self._connections_pid == os.getpid():
-            for connection in self._connections.values():
-                connection.close()
-            self._connections.clear()
+        """Close this thread's connection only: other threads may be mid-transaction."""
+        if self._owner_pid != os.getpid():
+            return  # never close, in a child, what the parent opened
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is not None:
+            connection.close()
+            local.connection = None
 
 
 def secure_directory(directory: Path) -> None:
@@ -289,6 +302,7 @@ class QueuedEvent:
     first_failure_at: float | None
     last_error: str | None
     next_attempt_at: float
+    replayed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,11 +330,17 @@ class WriteAheadLog:
         self._cache = _open_cache(directory, fsync=fsync)
 
     @_sqlite_section
-    def append(self, event: Event) -> None:
-        """Write ``event`` durably (committed to SQLite) before returning."""
+    def append(self, event: Event, *, replayed_at: float | None = None) -> None:
+        """Write ``event`` durably (committed to SQLite) before returning.
+
+        ``replayed_at``: set by a replay from the dead-letter store; the age limit then
+        counts from it rather than from when the event was logged.
+        """
+        replayed = "null" if replayed_at is None else repr(float(replayed_at))
         entry = (
             f'{{"v":{_ENTRY_VERSION},"attempts":0,"first_failure_at":null,'
-            f'"last_error":null,"next_attempt_at":0,"event":{event.to_json()}}}'
+            f'"last_error":null,"next_attempt_at":0,"replayed_at":{replayed},'
+            f'"event":{event.to_json()}}}'
         )
         self._cache.set(event.id, entry)
 
@@ -334,26 +354,44 @@ class WriteAheadLog:
         moment = time.time() if now is None else now
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
-        for key in self._cache.iterkeys():
-            try:
-                text = self._cache.get(key)
-            except CorruptEntryError as exc:
-                corrupt.append(CorruptEntry(key, str(exc)))
-                self._cache.delete(key)
-                continue
-            if text is None:  # delivered by another process since the key was listed
-                continue
-            try:
-                queued = _decode_entry(key, text)
-            except InvalidEventError as exc:
-                corrupt.append(CorruptEntry(key, str(exc)))
-                self._cache.delete(key)
-                continue
-            if queued.next_attempt_at <= moment:
-                events.append(queued)
-                if len(events) >= limit:
-                    break
+        try:
+            keys = self._cache.iterkeys()
+            for key in keys:
+                entry = self._read(key, corrupt)
+                if entry is not None and entry.next_attempt_at <= moment:
+                    events.append(entry)
+                    if len(events) >= limit:
+                        break
+        except CorruptEntryError:
+            # A key that is not text (planted by another writer) stops diskcache's own
+            # iteration; quarantine such rows and let the next call read on.
+            corrupt.extend(self._quarantine_non_text_keys())
         return Batch(events, corrupt)
+
+    def _read(self, key: str, corrupt: list[CorruptEntry]) -> QueuedEvent | None:
+        try:
+            text = self._cache.get(key)
+            if text is None:  # delivered by another process since the key was listed
+                return None
+            return _decode_entry(key, text)
+        except (CorruptEntryError, InvalidEventError) as exc:
+            corrupt.append(CorruptEntry(key, str(exc)))
+            self._cache.delete(key)
+            return None
+
+    def _quarantine_non_text_keys(self) -> list[CorruptEntry]:
+        # Below diskcache's API on purpose: such a key cannot be named through it
+        # without unpickling it. diskcache's triggers keep its counters right.
+        sql = self._cache._sql
+        with self._cache.transact():
+            rows = sql("SELECT rowid FROM Cache WHERE raw = 0 OR typeof(key) != 'text'")
+            rowids = [rowid for (rowid,) in rows.fetchall()]
+            for rowid in rowids:
+                sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+        return [
+            CorruptEntry(f"row-{rowid}", "a queue key is not text (refused, not decoded)")
+            for rowid in rowids
+        ]
 
     @_sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
@@ -364,11 +402,17 @@ class WriteAheadLog:
 
     @_sqlite_section
     def record_failure(
-        self, failures: Iterable[tuple[QueuedEvent, float]], error: str, now: float | None = None
+        self,
+        failures: Iterable[tuple[QueuedEvent, float]],
+        error: str,
+        now: float | None = None,
+        *,
+        count_attempt: bool = True,
     ) -> None:
         """Count one more failed attempt for each event and set when it is next due.
 
-        ``failures`` pairs each event with its next attempt time.
+        ``failures`` pairs each event with its next attempt time. With
+        ``count_attempt=False`` only the time and the error change.
         """
         moment = time.time() if now is None else now
         with self._cache.transact():
@@ -377,10 +421,11 @@ class WriteAheadLog:
                     continue  # accepted via another path meanwhile: never resurrect it
                 entry = {
                     "v": _ENTRY_VERSION,
-                    "attempts": queued.attempts + 1,
+                    "attempts": queued.attempts + (1 if count_attempt else 0),
                     "first_failure_at": queued.first_failure_at or moment,
                     "last_error": error,
                     "next_attempt_at": next_attempt_at,
+                    "replayed_at": queued.replayed_at,
                     "event": json.loads(queued.event.to_json()),
                 }
                 self._cache.set(
@@ -390,12 +435,12 @@ class WriteAheadLog:
     @_sqlite_section
     def oldest_logged_at(self) -> float | None:
         """When the oldest waiting event was logged (keys are ULIDs: time-ordered)."""
-        for key in self._cache.iterkeys():
-            try:
+        try:
+            for key in self._cache.iterkeys():
                 text = self._cache.get(key)
                 return None if text is None else _decode_entry(key, text).event.logged_at
-            except (CorruptEntryError, InvalidEventError):
-                return None  # the worker quarantines it; the gauge just skips a beat
+        except (CorruptEntryError, InvalidEventError):
+            return None  # the worker quarantines it; the gauge just skips a beat
         return None
 
     @_sqlite_section
@@ -428,6 +473,7 @@ def _decode_entry(key: str, text: str) -> QueuedEvent:
             first_failure_at=raw["first_failure_at"],
             last_error=raw["last_error"],
             next_attempt_at=float(raw["next_attempt_at"]),
+            replayed_at=raw.get("replayed_at"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidEventError(
@@ -561,7 +607,7 @@ class DeadLetterStore:
         for letter in letters:
             if letter.event is None:
                 continue
-            wal.append(event_from_dict(letter.event))
+            wal.append(event_from_dict(letter.event), replayed_at=time.time())
             self._cache.delete(letter.key)
             moved += 1
         return moved

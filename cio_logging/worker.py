@@ -25,6 +25,7 @@ Failure handling (see resilience.py for the policies):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
-from .delivery import AUTH, TRANSIENT, DeliveryReport, Failure, TrackClient
+from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
 from .events import Event
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
@@ -111,6 +112,7 @@ class DeliveryWorker:
         self._last_reported: tuple[str, float] | None = None
         self._state_recorded_at = float("-inf")
         self._recorded_news: tuple[str | None, str | None] = (None, None)
+        self._unexpected_reported_at = float("-inf")
         self._status_logged_at = time.monotonic()
         settings = self._settings
         self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
@@ -122,10 +124,12 @@ class DeliveryWorker:
         return self._lock.held
 
     def ensure_started(self) -> None:
-        if self._thread is not None or self._stop.is_set():
+        thread = self._thread
+        if (thread is not None and thread.is_alive()) or self._stop.is_set():
             return
-        with self._start_guard:
-            if self._thread is None and not self._stop.is_set():
+        with self._start_guard:  # a thread that died (it should not) is started again
+            thread = self._thread
+            if (thread is None or not thread.is_alive()) and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="cio_logging-flush", daemon=True
                 )
@@ -177,43 +181,63 @@ class DeliveryWorker:
         client: TrackClient | None = None
         try:
             while not self._stop.is_set():
-                # Clear before reading the log: an event appended from here on sets it
-                # again, so no wake-up is lost.
-                self._wake.clear()
-                generation = self._flush_requested
-                if not self._lock.try_acquire():
-                    self._wait(self._settings.flush_interval)
-                    continue
-                self._record_state()
-                self._log_status()
-                on_hold = self._seconds_on_hold()
-                if on_hold > 0:
-                    self._complete(generation)  # flush(): nothing can go now
-                    self._wait(on_hold)
-                    continue
-                if client is None:
-                    client = TrackClient(
-                        self._settings,
-                        breaker=self.breaker,
-                        rate_cap=self._rate_cap,
-                        telemetry=self._telemetry,
-                    )
-                if not self._deliver_once(client):
-                    self._complete(generation)
-                    self._wait(self._settings.flush_interval)
-        except Exception:  # the thread must never die silently
-            internal_log.exception(
-                "cio_logging flush thread stopped by an unexpected error; "
-                "events stay on disk and a new process will send them"
-            )
+                try:
+                    client = self._cycle(client)
+                except Exception:
+                    # A locked database (another process held it past the timeout), a
+                    # full disk, a bug: never let the thread die. Events stay on disk;
+                    # report (at most once a minute), start over with a fresh client.
+                    self._report_unexpected()
+                    if client is not None:
+                        client.close()
+                        client = None
+                    self._stop.wait(max(self._settings.flush_interval, 1.0))
         finally:
             if client is not None:
                 client.close()
             if self._lock.held:
-                self._record_state(now=True)  # the final counters, for status after exit
+                with contextlib.suppress(Exception):
+                    self._record_state(now=True)  # the final counters, for status after exit
             self._lock.release()
             with self._progress:
                 self._progress.notify_all()
+
+    def _cycle(self, client: TrackClient | None) -> TrackClient | None:
+        """One turn of the loop: deliver a batch, or wait. Returns the client to reuse."""
+        # Clear before reading the log: an event appended from here on sets it again,
+        # so no wake-up is lost.
+        self._wake.clear()
+        generation = self._flush_requested
+        if not self._lock.try_acquire():
+            self._wait(self._settings.flush_interval)
+            return client
+        self._record_state()
+        self._log_status()
+        on_hold = self._seconds_on_hold()
+        if on_hold > 0:
+            self._complete(generation)  # flush(): nothing can go now
+            self._wait(on_hold)
+            return client
+        if client is None:
+            client = TrackClient(
+                self._settings,
+                breaker=self.breaker,
+                rate_cap=self._rate_cap,
+                telemetry=self._telemetry,
+            )
+        if not self._deliver_once(client):
+            self._complete(generation)
+            self._wait(self._settings.flush_interval)
+        return client
+
+    def _report_unexpected(self) -> None:
+        now = time.monotonic()
+        if now - self._unexpected_reported_at >= _ERROR_REPEAT_SECONDS:
+            self._unexpected_reported_at = now
+            internal_log.exception(
+                "cio_logging: unexpected error in the flush thread; events stay on disk "
+                "and delivery is retried"
+            )
 
     def _seconds_on_hold(self) -> float:
         held = self._held_until - time.monotonic()
@@ -233,7 +257,8 @@ class DeliveryWorker:
             )
         events: list[QueuedEvent] = []
         for queued in batch.events:
-            if self.retry.expired(queued.event.logged_at, now):
+            since = max(queued.event.logged_at, queued.replayed_at or 0.0)
+            if self.retry.expired(since, now):
                 self._give_up(
                     queued,
                     "expired",
@@ -244,11 +269,11 @@ class DeliveryWorker:
                 events.append(queued)
         if not events:
             return bool(batch.corrupt or batch.events)
-        self._apply(client.deliver(events))
+        self._apply(client.deliver(events), probing=probing)
         self._record_state()
         return True
 
-    def _apply(self, report: DeliveryReport) -> None:
+    def _apply(self, report: DeliveryReport, *, probing: bool = False) -> None:
         for queued, rejection in report.rejected:
             self._dead_letter(queued.key, queued.event, rejection, queued, remove=False)
         # Dead letters are written before the log entries are removed: a crash in
@@ -272,9 +297,9 @@ class DeliveryWorker:
         # counted without its reason.
         self.stats.last_error = failure.message
         self.stats.last_error_at = self._clock()
-        if failure.kind == AUTH:
-            # Wrong credentials are not Customer.io failing and not the events' fault:
-            # count no attempt, dead-letter nothing, try again later.
+        if failure.kind in (AUTH, CONFIG):
+            # Wrong credentials or a failing TLS set-up are not Customer.io failing and
+            # not the events' fault: count no attempt, dead-letter nothing, try later.
             self.stats.failed_requests += 1
             self._held_until = time.monotonic() + self._settings.auth_retry_interval
             self.stats.delivery_paused = failure.message
@@ -282,14 +307,26 @@ class DeliveryWorker:
                 failure,
                 len(self._wal),
                 logging.ERROR,
-                "Customer.io refused the credentials (%s): delivery is paused and "
-                "%d event(s) wait on disk; check CUSTOMERIO_SITE_ID and "
-                "CUSTOMERIO_API_KEY. Retrying every %g s.",
+                (
+                    "Customer.io refused the credentials (%s): delivery is paused and "
+                    "%d event(s) wait on disk; check CUSTOMERIO_SITE_ID and "
+                    "CUSTOMERIO_API_KEY. Retrying every %g s."
+                )
+                if failure.kind == AUTH
+                else (
+                    "TLS verification failed (%s): delivery is paused and %d event(s) "
+                    "wait on disk; check ca_bundle and any proxy. Retrying every %g s."
+                ),
                 self._settings.auth_retry_interval,
             )
         elif failure.kind == TRANSIENT:
             self.stats.failed_requests += 1
-            self._schedule_retries(report.failed, failure)
+            # A failed probe (the breaker already knows Customer.io is down) and a 429
+            # (it asked us to slow down) say nothing about these events: they are
+            # rescheduled without an attempt, so a long outage dead-letters nothing
+            # before max_event_age.
+            counts = not probing and failure.status != 429
+            self._schedule_retries(report.failed, failure, count_attempt=counts)
             if failure.retry_after:
                 # Customer.io asked every client to wait, not just these events.
                 wait = min(failure.retry_after, self._settings.max_retry_after)
@@ -301,12 +338,14 @@ class DeliveryWorker:
                 "Customer.io delivery failed (%s); %d event(s) wait on disk and will be retried",
             )
 
-    def _schedule_retries(self, failed: list[QueuedEvent], failure: Failure) -> None:
+    def _schedule_retries(
+        self, failed: list[QueuedEvent], failure: Failure, *, count_attempt: bool
+    ) -> None:
         now = self._clock()
         later: list[tuple[QueuedEvent, float]] = []
         for queued in failed:
-            attempts = queued.attempts + 1
-            if self.retry.exhausted(attempts):
+            attempts = queued.attempts + (1 if count_attempt else 0)
+            if count_attempt and self.retry.exhausted(attempts):
                 self._give_up(
                     queued,
                     "max_attempts",
@@ -315,11 +354,12 @@ class DeliveryWorker:
                     attempts=attempts,
                 )
             else:
-                later.append((queued, now + self.retry.delay(attempts, failure.retry_after)))
+                delay = self.retry.delay(max(attempts, 1), failure.retry_after)
+                later.append((queued, now + delay))
                 if self._telemetry is not None:
                     essential = queued.event.name in self._settings.essential_events
                     self._telemetry.event_retried(essential)
-        self._wal.record_failure(later, failure.message, now)
+        self._wal.record_failure(later, failure.message, now, count_attempt=count_attempt)
         self.stats.retries_scheduled += len(later)
 
     def _give_up(
