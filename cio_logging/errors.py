@@ -9,7 +9,8 @@
         └── CorruptEntryError   a stored row is not the JSON we wrote (never unpickled)
 
 Only ``ConfigurationError`` ever reaches application code: it is raised by the
-handler's constructor so that ``logging.config.dictConfig`` fails at start-up.
+handler's constructor (a missing credential, a bad value, a queue directory that
+cannot be created or opened) so that ``logging.config.dictConfig`` fails at start-up.
 Everything else is caught inside the handler and reported through
 ``Handler.handleError`` or the ``cio_logging`` logger, because logging must never
 raise into the caller.
