@@ -44,7 +44,7 @@ def test_restart_delivers_what_an_earlier_process_left(
     assert simulator.duplicates == 0
 
 
-@pytest.mark.parametrize("trial", range(5))
+@pytest.mark.parametrize("trial", range(20))
 def test_sigkill_loses_no_event_whose_emit_returned(
     simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory, trial: int
 ) -> None:
