@@ -433,6 +433,15 @@ class WriteAheadLog:
                 )
 
     @_sqlite_section
+    def get(self, key: str) -> QueuedEvent | None:
+        """One waiting event by key, or None (gone, or not readable: left for the worker)."""
+        try:
+            text = self._cache.get(key)
+            return None if text is None else _decode_entry(key, text)
+        except (CorruptEntryError, InvalidEventError):
+            return None
+
+    @_sqlite_section
     def oldest_logged_at(self) -> float | None:
         """When the oldest waiting event was logged (keys are ULIDs: time-ordered)."""
         try:

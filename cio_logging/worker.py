@@ -40,7 +40,7 @@ from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackCli
 from .events import Event
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
-from .state_record import write_state
+from .state_record import read_state, write_state
 from .telemetry import Telemetry
 from .wal import DeadLetterStore, QueuedEvent, WriteAheadLog
 
@@ -156,12 +156,28 @@ class DeliveryWorker:
             while True:
                 if self._flush_completed >= generation:
                     return True
-                if not self._lock.held and (last_key is None or last_key not in self._wal):
+                if not self._lock.held and self._nothing_more_to_wait_for(last_key):
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._thread is None:
                     return False
                 self._progress.wait(min(remaining, 0.05))
+
+    def _nothing_more_to_wait_for(self, last_key: str | None) -> bool:
+        """In a process that does not deliver: has our last event left the queue, or can
+        the delivering process not send it now? (Then waiting would only cost time, at
+        every exit during an outage.)"""
+        if last_key is None:
+            return True
+        queued = self._wal.get(last_key)
+        if queued is None:
+            return True
+        if queued.next_attempt_at > self._clock():
+            return True  # it failed and waits for a retry
+        state = read_state(self._settings.queue_dir)
+        return state is not None and (
+            state.get("breaker") != CLOSED or bool(state.get("delivery_paused"))
+        )
 
     def close(self, timeout: float) -> bool:
         """Stop the thread, waiting at most ``timeout``; returns whether it stopped."""

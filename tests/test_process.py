@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from cio_logging.simulator import TrackAPISimulator
+from cio_logging.state_record import read_state
+from cio_logging.wal import WriteAheadLog
 
 from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
 
@@ -120,3 +122,38 @@ def test_interpreter_exit_flushes(simulator: TrackAPISimulator, queue_dir: Path)
     assert time.monotonic() - started < 20
     assert len(simulator.accepted) == 30
     logging.getLogger(__name__).debug("exit delivered all 30")
+
+
+def test_exit_beside_a_delivering_process_in_an_outage_is_quick(
+    simulator: TrackAPISimulator, queue_dir: Path
+) -> None:
+    """A process that does not deliver used to wait its whole flush_timeout at exit."""
+    simulator.fail(503)
+    env = child_environment(simulator, queue_dir)
+    live_app = str(PROJECT_ROOT / "tests" / "live_app.py")
+    with subprocess.Popen(
+        [PYTHON, live_app, "1", "-o", "consecutive_failures=1"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as live:
+        try:
+            assert wait_for(lambda: (read_state(queue_dir) or {}).get("breaker") == "open", 15)
+            started = time.monotonic()
+            result = subprocess.run(
+                [PYTHON, CHILD_APP, "3"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            took = time.monotonic() - started
+        finally:
+            assert live.stdin is not None
+            live.stdin.close()
+            live.wait(30)
+    assert len(printed_ids(result.stdout)) == 3
+    assert took < 5  # child_app's flush_timeout is 10 s
+    assert WriteAheadLog(queue_dir / "wal").read_due(10, now=float("inf")).events
