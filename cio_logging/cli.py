@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from .config import ENV_API_KEY
 from .errors import CIOLoggingError, ConfigurationError, QueueError
@@ -60,7 +60,19 @@ _DEFAULT_LIST_LIMIT = 100
 _DEFAULT_TIMEOUT = 300.0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that also answers in JSON when --json was asked for (sub-parsers too)."""
+
+    json_wanted = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_wanted:
+            print(json.dumps({"error": message, "exit_code": int(ExitCode.USAGE)}))
+        super().error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _Parser.json_wanted = "--json" in (sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
 
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cio-logging",
         description="Customer.io events through Python logging: demo and operator tools.",
         epilog=EXIT_CODES,
@@ -477,6 +489,16 @@ def _shorten(text: str | None, width: int) -> str:
 # -- the commands --------------------------------------------------------------------------
 
 
+def _refusal_advice(error: str) -> str:
+    """What to check when delivery is refused by the set-up, not by Customer.io failing."""
+    if error.startswith("HTTP 40"):
+        return (
+            f"Customer.io refused the credentials ({error}); check CUSTOMERIO_SITE_ID "
+            "and CUSTOMERIO_API_KEY"
+        )
+    return f"TLS verification failed ({error}); check --ca-bundle and any proxy"
+
+
 def _run_status(args: argparse.Namespace, out: _Output) -> int:
     status = queue_status(_queue_dir(args))
     if out.json_mode:
@@ -633,10 +655,7 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     if report.missing_ids:
         out.note(f"no dead letter with id {', '.join(report.missing_ids)}")
     if report.auth_error is not None:
-        out.note(
-            f"error: Customer.io refused the credentials ({report.auth_error}); entries left "
-            "unchanged. Check CUSTOMERIO_SITE_ID and CUSTOMERIO_API_KEY."
-        )
+        out.note(f"error: {_refusal_advice(report.auth_error)}; entries left unchanged")
     if report.interrupted:
         out.note("interrupted: entries not yet accepted stay in the store")
     return code
@@ -729,10 +748,7 @@ def _run_drain(args: argparse.Namespace, out: _Output) -> int:
             f"{args.timeout:g} s bound; that process delivers this queue itself"
         )
     elif code == ExitCode.AUTH:
-        out.note(
-            f"error: Customer.io refused the credentials ({report.auth_error}); "
-            "check CUSTOMERIO_SITE_ID and CUSTOMERIO_API_KEY"
-        )
+        out.note(f"error: {_refusal_advice(report.auth_error or '')}")
     elif code == ExitCode.INCOMPLETE:
         out.note(
             f"{report.queued} event(s) still queued at the bound "

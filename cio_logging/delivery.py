@@ -23,9 +23,8 @@ import email.utils
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import pybreaker
@@ -34,20 +33,10 @@ from customerio import CustomerIO, CustomerIOException
 from requests.adapters import HTTPAdapter
 
 from .config import Settings
+from .metadata import PACKAGE_VERSION, SDK_VERSION
 from .resilience import DeliveryBreaker, RequestRateCap
 from .telemetry import Telemetry
 from .wal import QueuedEvent
-
-
-def _installed_version(distribution: str) -> str:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:  # a vendored copy, or a path on PYTHONPATH
-        return "unknown"
-
-
-# Looked up once: a failing lookup inside every request made every event fail.
-_USER_AGENT_VERSIONS = (_installed_version("cio-logging"), _installed_version("customerio"))
 
 MAX_BATCH_BYTES = 500 * 1024
 MAX_ITEM_BYTES = 32 * 1024
@@ -145,8 +134,7 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
     def _build_session(self) -> requests.Session:
         session = _PinnedCASession(self._verify)
         session.headers["User-Agent"] = (
-            f"cio-logging/{_USER_AGENT_VERSIONS[0]} "
-            f"Customer.io Python Client/{_USER_AGENT_VERSIONS[1]}"
+            f"cio-logging/{PACKAGE_VERSION} Customer.io Python Client/{SDK_VERSION}"
         )
         session.auth = (self.site_id, self.api_key)
         session.mount("https://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=4))
@@ -335,9 +323,12 @@ class TrackClient:
     def _http_failure(
         self, response: requests.Response, chunk: Sequence[tuple[QueuedEvent, Any, int]]
     ) -> Failure:
+        # The server may quote what we sent: identifiers and every string in the data.
         secrets = {self._settings.api_key, self._settings.site_id}
         for queued, _, _ in chunk:
-            secrets.add(queued.event.customer_id or queued.event.anonymous_id or "")
+            event = queued.event
+            secrets.add(event.customer_id or event.anonymous_id or "")
+            secrets.update(_strings_in(event.data))
         detail = _scrub(_error_text(response), secrets)
         status = response.status_code
         message = f"HTTP {status}" + (f": {detail}" if detail else "")
@@ -424,8 +415,20 @@ def _error_text(response: requests.Response) -> str:
     return "; ".join(parts)[:200]
 
 
+def _strings_in(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_in(item)
+
+
 def _scrub(text: str, secrets: set[str]) -> str:
-    for secret in secrets:
+    # Longest first, so a secret inside another is not left half-redacted.
+    for secret in sorted(secrets, key=len, reverse=True):
         if secret and len(secret) >= 3:
             text = text.replace(secret, "[redacted]")
     return text

@@ -104,6 +104,7 @@ class CustomerIOHandler(logging.Handler):
         self._telemetry = Telemetry(
             endpoint=self.settings.endpoint,
             probes=QueueProbes(
+                queue_dir=str(queue_dir_path),
                 queue_depth=lambda: len(self._wal),
                 dead_letter_depth=lambda: len(self._dead_letters),
                 oldest_age=self._oldest_age,
@@ -264,6 +265,7 @@ class CustomerIOHandler(logging.Handler):
             if self._closed:
                 return
             self._closed = True
+        self._telemetry.close()
         try:
             if self._worker.close(self.settings.close_timeout):
                 # Release the database files now; an emit after close reopens them.

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ENV_API_KEY, ENV_QUEUE_DIR, Settings, resolve_settings
-from .delivery import AUTH, TRANSIENT, Failure, TrackClient
+from .delivery import AUTH, CONFIG, TRANSIENT, Failure, TrackClient
 from .errors import CIOLoggingError
 from .events import event_from_dict
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state
-from .wal import CorruptEntry, DeadLetter, DeadLetterStore, QueuedEvent, WriteAheadLog
+from .wal import DeadLetter, DeadLetterStore, QueuedEvent, WriteAheadLog
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -63,7 +63,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad arguments or settings, or a purge refused without --yes
     NO_QUEUE = 3  # the queue directory is missing, unreadable or not a queue
     LOCKED = 4  # another process held the lock for the whole time bound
-    AUTH = 5  # Customer.io refused the credentials (401/403)
+    AUTH = 5  # refused by the set-up: credentials (401/403) or TLS verification
     INTERRUPTED = 130  # SIGINT or SIGTERM: stopped early, nothing lost
 
 
@@ -141,7 +141,7 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
         raise QueueDirectoryError(f"{path} is not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise QueueDirectoryError(f"queue directory {path} is not readable by this user")
-    if not any((path / name).is_dir() for name in (WAL_DIR, DEAD_DIR)):
+    if not any((path / name / "cache.db").is_file() for name in (WAL_DIR, DEAD_DIR)):
         raise QueueDirectoryError(
             f"{path} is not a cio_logging queue directory (no {WAL_DIR}/ or {DEAD_DIR}/ in it)"
         )
@@ -269,19 +269,15 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
     queued = queue_bytes = dead_letters = 0
     oldest: float | None = None
     if (queue_dir / WAL_DIR).is_dir():
-        wal = WriteAheadLog(queue_dir / WAL_DIR)
+        # fsync=None: keep the application's durability setting; read, never change.
+        wal = WriteAheadLog(queue_dir / WAL_DIR, fsync=None)
         try:
             queued, queue_bytes = len(wal), wal.volume()
-            batch = wal.read_due(1, float("inf"))
-            if batch.corrupt:
-                # read_due took unreadable rows out of the log: keep them, as the worker does.
-                _dead_letter_corrupt(queue_dir, batch.corrupt)
-            if batch.events:
-                oldest = batch.events[0].event.logged_at
+            oldest = wal.oldest_logged_at()
         finally:
             wal.close()
     if (queue_dir / DEAD_DIR).is_dir():
-        dead = DeadLetterStore(queue_dir / DEAD_DIR)
+        dead = DeadLetterStore(queue_dir / DEAD_DIR, fsync=None)
         try:
             dead_letters = len(dead)
         finally:
@@ -315,23 +311,6 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         recorder_is_delivering=recorded_by is not None and recorded_by == holder,
         counters=counters,
     )
-
-
-def _dead_letter_corrupt(queue_dir: Path, corrupt: Sequence[CorruptEntry]) -> None:
-    dead = DeadLetterStore(queue_dir / DEAD_DIR)
-    try:
-        for entry in corrupt:
-            failure = Failure(None, "corrupt_entry", entry.reason)
-            dead.add(
-                entry.key,
-                None,
-                status=None,
-                error_type=failure.error_type,
-                message=failure.message,
-                attempts=0,
-            )
-    finally:
-        dead.close()
 
 
 def _directory_bytes(directory: Path) -> int:
@@ -373,7 +352,7 @@ def _dead_letters(queue_dir: Path) -> Iterator[DeadLetterStore | None]:
     if not (queue_dir / DEAD_DIR).is_dir():
         yield None
         return
-    store = DeadLetterStore(queue_dir / DEAD_DIR)
+    store = DeadLetterStore(queue_dir / DEAD_DIR, fsync=None)
     try:
         yield store
     finally:
@@ -646,7 +625,7 @@ def _replay(
                 _rewrite(store, entry, rejection, tries=entry.tries + 1)
                 report.rejected.append(_reason(queued.key, rejection))
             failure = outcome.failure
-            if failure is not None and failure.kind == AUTH:
+            if failure is not None and failure.kind in (AUTH, CONFIG):
                 # Not the entries' fault: count nothing, rewrite nothing, stop.
                 report.auth_error = failure.message
                 break

@@ -13,10 +13,11 @@ the flush thread or in the metric reader's callbacks.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -25,6 +26,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .config import Endpoint
+from .metadata import PACKAGE_VERSION
 
 #: The breaker's states as metric attribute values and gauge numbers.
 _STATE_NAMES = {"closed": "closed", "half-open": "half_open", "open": "open"}
@@ -35,8 +37,9 @@ _INSTRUMENTATION_NAME = "cio_logging"
 
 @dataclass
 class QueueProbes:
-    """How the observable gauges read the queue (called by the metric reader)."""
+    """How the observable gauges read one handler's queue (called by the metric reader)."""
 
+    queue_dir: str
     queue_depth: Callable[[], int]
     dead_letter_depth: Callable[[], int]
     oldest_age: Callable[[], float | None]
@@ -72,7 +75,7 @@ class Telemetry:
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
-        package_version = version("cio-logging")
+        package_version = PACKAGE_VERSION
         self._tracer = trace.get_tracer(
             _INSTRUMENTATION_NAME, package_version, tracer_provider=tracer_provider
         )
@@ -81,6 +84,8 @@ class Telemetry:
         )
         self._endpoint = endpoint
         self._probes = probes
+        self._gauges = _gauges_of(meter)
+        self._gauges.watch(probes)
         self.transitions = meter.create_counter(
             "cio.circuit.transitions",
             unit="{transition}",
@@ -88,12 +93,6 @@ class Telemetry:
         )
         self.openings = meter.create_counter(
             "cio.circuit.open", unit="{opening}", description="Times the circuit breaker opened"
-        )
-        meter.create_observable_gauge(
-            "cio.circuit.state",
-            callbacks=[self._observe_breaker],
-            unit="{state}",
-            description="Circuit breaker state: 0 closed, 1 half-open, 2 open",
         )
         self.enqueued = meter.create_counter(
             "cio.events.enqueued", unit="{event}", description="Events written to the queue"
@@ -115,24 +114,6 @@ class Telemetry:
             "cio.events.dropped",
             unit="{event}",
             description="Events dropped at emit (cio.drop.reason)",
-        )
-        meter.create_observable_gauge(
-            "cio.queue.depth",
-            callbacks=[self._observe_queue],
-            unit="{event}",
-            description="Events waiting in the queue directory",
-        )
-        meter.create_observable_gauge(
-            "cio.dead_letter.depth",
-            callbacks=[self._observe_dead_letters],
-            unit="{event}",
-            description="Events in the dead-letter store",
-        )
-        meter.create_observable_gauge(
-            "cio.queue.oldest_age",
-            callbacks=[self._observe_oldest],
-            unit="s",
-            description="Age of the oldest waiting event",
         )
         self.delivery_duration = meter.create_histogram(
             "cio.delivery.duration",
@@ -227,17 +208,75 @@ class Telemetry:
         ) as span:
             span.add_event("transition", {"cio.circuit.from": source, "cio.circuit.to": target})
 
-    # -- the metric reader's callbacks ------------------------------------------------
+    def close(self) -> None:
+        """Stop reporting this handler's queue in the shared gauges."""
+        self._gauges.forget(self._probes)
 
-    def _observe_breaker(self, options: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(_STATE_VALUES.get(self._probes.breaker_state(), 0))
 
-    def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(self._probes.queue_depth())
+class _QueueGauges:
+    """The observable gauges of one meter, reporting every live handler on it.
 
-    def _observe_dead_letters(self, options: CallbackOptions) -> Iterable[Observation]:
-        yield Observation(self._probes.dead_letter_depth())
+    A meter keeps the first callbacks registered under a name: per-handler gauges would
+    report only the first handler, and go on reporting it after dictConfig replaced it.
+    So the gauges are registered once per meter and observe each live handler, labelled
+    with its queue directory (``cio.queue.dir``); a closed handler is forgotten.
+    """
 
-    def _observe_oldest(self, options: CallbackOptions) -> Iterable[Observation]:
-        age = self._probes.oldest_age()
-        yield Observation(0.0 if age is None else age)
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._watched: dict[int, QueueProbes] = {}
+        self._guard = threading.Lock()
+        meter.create_observable_gauge(
+            "cio.circuit.state",
+            callbacks=[self._observe(lambda p: _STATE_VALUES.get(p.breaker_state(), 0))],
+            unit="{state}",
+            description="Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        )
+        meter.create_observable_gauge(
+            "cio.queue.depth",
+            callbacks=[self._observe(lambda p: p.queue_depth())],
+            unit="{event}",
+            description="Events waiting in the queue directory",
+        )
+        meter.create_observable_gauge(
+            "cio.dead_letter.depth",
+            callbacks=[self._observe(lambda p: p.dead_letter_depth())],
+            unit="{event}",
+            description="Events in the dead-letter store",
+        )
+        meter.create_observable_gauge(
+            "cio.queue.oldest_age",
+            callbacks=[self._observe(lambda p: p.oldest_age() or 0.0)],
+            unit="s",
+            description="Age of the oldest waiting event",
+        )
+
+    def watch(self, probes: QueueProbes) -> None:
+        with self._guard:
+            self._watched[id(probes)] = probes
+
+    def forget(self, probes: QueueProbes) -> None:
+        with self._guard:
+            self._watched.pop(id(probes), None)
+
+    def _observe(
+        self, read: Callable[[QueueProbes], float]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            with self._guard:
+                watched = list(self._watched.values())
+            for probes in watched:
+                yield Observation(read(probes), {"cio.queue.dir": probes.queue_dir})
+
+        return callback
+
+
+_GAUGES: weakref.WeakKeyDictionary[metrics.Meter, _QueueGauges] = weakref.WeakKeyDictionary()
+_GAUGES_GUARD = threading.Lock()
+
+
+def _gauges_of(meter: metrics.Meter) -> _QueueGauges:
+    with _GAUGES_GUARD:
+        gauges = _GAUGES.get(meter)
+        if gauges is None:
+            gauges = _GAUGES[meter] = _QueueGauges(meter)
+        return gauges

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -36,6 +37,8 @@ import diskcache
 
 from .errors import CorruptEntryError, InvalidEventError, QueueError
 from .events import Event, event_from_dict
+
+_internal_log = logging.getLogger("cio_logging")
 
 _ENTRY_VERSION = 1
 _DIRECTORY_MODE = 0o700
@@ -183,8 +186,12 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
     uses and closes its own connection.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, synchronous: int | None = None, **kwargs: Any) -> None:
         self._owner_pid = os.getpid()
+        # SQLite's synchronous mode for this process's connections. diskcache would take
+        # it from the shared Settings table, where another process (a CLI, a handler
+        # without fsync) could have lowered it under an application that asked for fsync.
+        self._synchronous = synchronous
         super().__init__(*args, **kwargs)
 
     @property
@@ -213,6 +220,8 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
             for key, value in settings:
                 if key.startswith("sqlite_"):
                     self.reset(key, value, update=False)
+            if self._synchronous is not None:
+                connection.execute(f"PRAGMA synchronous = {int(self._synchronous)}")
         return connection
 
     def close(self) -> None:
@@ -262,25 +271,28 @@ def secure_file(path: Path) -> None:
         os.close(descriptor)
 
 
-def _open_cache(directory: Path, *, fsync: bool) -> diskcache.Cache:
+def _open_cache(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
     secure_directory(directory)
     # SQLite gives its -wal and -shm files the database file's mode, so creating the
     # database 0600 first covers all three.
     secure_file(directory / diskcache.core.DBNAME)
+    # Settings persist in the database and a later open reuses them: pass every one
+    # that matters, every time. Durability is the exception: it is per process (see
+    # _ForkSafeCache), and a reader (fsync=None) leaves it as it is.
+    durability = {} if fsync is None else {"sqlite_synchronous": 2 if fsync else 1}
     try:
         cache = _ForkSafeCache(
             str(directory),
+            synchronous=None if fsync is None else (2 if fsync else 1),
             timeout=_LOCK_TIMEOUT_SECONDS,
             disk=_JSONTextDisk,
-            # Settings persist in the database and a later open reuses them: pass every
-            # one that matters, every time.
             eviction_policy="none",
             size_limit=2**62,
             cull_limit=0,
             statistics=0,
             tag_index=0,
-            sqlite_synchronous=2 if fsync else 1,
             disk_min_file_size=_INLINE_LIMIT,
+            **durability,
         )
     except (sqlite3.Error, OSError) as exc:
         raise QueueError(
@@ -290,6 +302,24 @@ def _open_cache(directory: Path, *, fsync: bool) -> diskcache.Cache:
         if entry.is_file() and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE:
             entry.chmod(_FILE_MODE)  # by path: see secure_file
     return cache
+
+
+def _delete_non_text_keys(cache: diskcache.Cache) -> list[CorruptEntry]:
+    """Delete rows whose key is not text, which diskcache's iteration cannot get past.
+
+    Below diskcache's API on purpose: such a key cannot be named through it without
+    unpickling it. diskcache's triggers keep its counters right.
+    """
+    sql = cache._sql
+    with cache.transact():
+        rows = sql("SELECT rowid FROM Cache WHERE raw = 0 OR typeof(key) != 'text'")
+        rowids = [rowid for (rowid,) in rows.fetchall()]
+        for rowid in rowids:
+            sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+    return [
+        CorruptEntry(f"row-{rowid}", "a queue key is not text (refused, not decoded)")
+        for rowid in rowids
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +355,8 @@ class WriteAheadLog:
     """Events waiting for Customer.io, on disk, in logging order."""
 
     @_sqlite_section
-    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+    def __init__(self, directory: Path, *, fsync: bool | None = False) -> None:
+        """``fsync``: True for synchronous=FULL, False for NORMAL, None to leave it."""
         self.directory = directory
         self._cache = _open_cache(directory, fsync=fsync)
 
@@ -380,18 +411,7 @@ class WriteAheadLog:
             return None
 
     def _quarantine_non_text_keys(self) -> list[CorruptEntry]:
-        # Below diskcache's API on purpose: such a key cannot be named through it
-        # without unpickling it. diskcache's triggers keep its counters right.
-        sql = self._cache._sql
-        with self._cache.transact():
-            rows = sql("SELECT rowid FROM Cache WHERE raw = 0 OR typeof(key) != 'text'")
-            rowids = [rowid for (rowid,) in rows.fetchall()]
-            for rowid in rowids:
-                sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
-        return [
-            CorruptEntry(f"row-{rowid}", "a queue key is not text (refused, not decoded)")
-            for rowid in rowids
-        ]
+        return _delete_non_text_keys(self._cache)
 
     @_sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
@@ -512,7 +532,8 @@ class DeadLetterStore:
     """Events that failed for good, with the reason (status, error type, scrubbed text)."""
 
     @_sqlite_section
-    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+    def __init__(self, directory: Path, *, fsync: bool | None = False) -> None:
+        """``fsync``: True for synchronous=FULL, False for NORMAL, None to leave it."""
         self.directory = directory
         self._cache = _open_cache(directory, fsync=fsync)
 
@@ -545,7 +566,16 @@ class DeadLetterStore:
 
     def __iter__(self) -> Iterator[DeadLetter]:
         with _FORK_GATE.inside():  # never hold the gate while the caller consumes
-            keys = list(self._cache.iterkeys())
+            try:
+                keys = list(self._cache.iterkeys())
+            except CorruptEntryError:
+                for quarantined in _delete_non_text_keys(self._cache):
+                    _internal_log.error(
+                        "cio_logging: dead-letter %s deleted: %s",
+                        quarantined.key,
+                        quarantined.reason,
+                    )
+                keys = list(self._cache.iterkeys())
         for key in keys:
             letter = self.get(key)
             if letter is not None:
@@ -554,7 +584,11 @@ class DeadLetterStore:
     @_sqlite_section
     def get(self, key: str) -> DeadLetter | None:
         """One entry by its key (the event id), or None."""
-        text = self._cache.get(key)
+        try:
+            text = self._cache.get(key)
+        except CorruptEntryError as exc:
+            # Listed, counted and purgeable like any entry; never decoded or replayed.
+            return DeadLetter(key, None, None, "corrupt_entry", str(exc), 0, 0.0, 0.0)
         if text is None:
             return None
         try:
@@ -569,8 +603,17 @@ class DeadLetterStore:
                 first_failure_at=raw["first_failure_at"],
                 last_failure_at=raw["last_failure_at"],
             )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptEntryError(f"dead letter {key} is not JSON of ours") from exc
+        except (ValueError, KeyError, TypeError):
+            return DeadLetter(
+                key,
+                None,
+                None,
+                "corrupt_entry",
+                "not a dead letter written by cio_logging",
+                0,
+                0.0,
+                0.0,
+            )
 
     @_sqlite_section
     def select(

@@ -274,3 +274,164 @@ def test_an_unusable_queue_dir_is_a_configuration_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(ConfigurationError, match="cannot be used"):
         CustomerIOHandler("s", "k", queue_dir=blocker / "queue")
+
+
+# -- found by the second review (CLI and telemetry) -------------------------------------
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "cio_logging.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
+
+
+def test_a_cli_read_keeps_the_applications_fsync(
+    make_handler: HandlerFactory, simulator: TrackAPISimulator, queue_dir: Path
+) -> None:
+    """status rewrote diskcache's shared Settings: the app's new connections lost fsync."""
+    import threading
+
+    handler = make_handler(fsync=True)
+    attach(handler).info("purchase", extra=cio_event("u1"))
+    assert cli("status", "--queue-dir", str(queue_dir), "--site-id", "s").returncode == 0
+    seen: list[int] = []
+
+    def new_thread_connection() -> None:  # a thread the application starts afterwards
+        seen.append(handler._wal._cache._con.execute("PRAGMA synchronous").fetchone()[0])
+
+    thread = threading.Thread(target=new_thread_connection)
+    thread.start()
+    thread.join()
+    assert seen == [2]  # FULL
+
+
+def test_an_unreadable_dead_letter_is_listed_and_purgeable(queue_dir: Path) -> None:
+    store = DeadLetterStore(queue_dir / "dead")
+    WriteAheadLog(queue_dir / "wal")
+    planter = diskcache.Cache(str(queue_dir / "dead"))
+    planter.set("planted", {"a pickled": "dict"})  # not JSON text: refused, not decoded
+    planter.close()
+    counted = cli(
+        "dlq", "count", "--by", "reason", "--json", "--queue-dir", str(queue_dir), "--site-id", "s"
+    )
+    assert counted.returncode == 0, counted.stderr
+    assert "corrupt_entry" in counted.stdout
+    purged = cli("dlq", "purge", "--yes", "--queue-dir", str(queue_dir), "--site-id", "s")
+    assert purged.returncode == 0, purged.stderr
+    assert len(store) == 0
+
+
+def test_replay_stops_at_once_on_a_tls_failure(
+    simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path
+) -> None:
+    """It retried silently at the rate cap until its timeout."""
+    store = DeadLetterStore(queue_dir / "dead")
+    WriteAheadLog(queue_dir / "wal")
+    handler = CustomerIOHandler("s", "k", queue_dir=queue_dir)
+    record = attach(handler).makeRecord(
+        "r", logging.INFO, "f", 1, "purchase", (), None, extra=cio_event("u1")
+    )
+    from cio_logging.events import event_from_record
+
+    event = event_from_record(record)
+    assert event is not None
+    store.add(event.id, event, status=400, error_type="http_400", message="HTTP 400", attempts=1)
+    handler.close()
+    other = TrackAPISimulator(state_dir=tmp_path / "other-ca")
+    try:
+        started = time.monotonic()
+        result = cli(
+            "dlq",
+            "replay",
+            "--timeout",
+            "30",
+            "--queue-dir",
+            str(queue_dir),
+            "--site-id",
+            simulator.site_id,
+            "--api-key",
+            simulator.api_key,
+            "--track-url",
+            simulator.url,
+            "--ca-bundle",
+            other.ca_file,
+        )
+        assert time.monotonic() - started < 10
+    finally:
+        other.close()
+    assert result.returncode == 5, result.stderr
+    assert "TLS verification failed" in result.stderr
+    assert simulator.api_key not in result.stderr + result.stdout
+    assert len(store) == 1
+
+
+def test_event_data_quoted_by_the_server_is_redacted(
+    make_handler: HandlerFactory, simulator: TrackAPISimulator, queue_dir: Path
+) -> None:
+    from cio_logging.state_record import read_state
+
+    handler = make_handler(max_attempts=1000)
+    simulator.fail(503, count=1, body={"meta": {"error": "cannot store 'jane.doe@example.com'"}})
+    simulator.fail(400, count=1, body={"meta": {"error": "'jane.doe@example.com' is invalid"}})
+    attach(handler).info("signup", extra=cio_event("u1", email="jane.doe@example.com"))
+    assert wait_for(lambda: handler.status()["dead_letters"] == 1, 15)
+    (letter,) = list(handler._dead_letters)
+    outputs = [letter.message, str(handler.status()), str(read_state(queue_dir))]
+    assert all("jane.doe@example.com" not in text for text in outputs), outputs
+    assert "[redacted]" in letter.message
+
+
+def test_every_live_handler_is_in_the_gauges_and_a_closed_one_leaves(tmp_path: Path) -> None:
+    """Gauges of a second handler on the same meter were silently dropped."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    first = CustomerIOHandler("s", "k", queue_dir=tmp_path / "a", meter_provider=provider)
+    second = CustomerIOHandler("s", "k", queue_dir=tmp_path / "b", meter_provider=provider)
+
+    def depths() -> set[str]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return {
+            str((point.attributes or {})["cio.queue.dir"])
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "cio.queue.depth"
+            for point in metric.data.data_points
+        }
+
+    assert depths() == {str(tmp_path / "a"), str(tmp_path / "b")}
+    first.close()
+    assert depths() == {str(tmp_path / "b")}
+    second.close()
+    provider.shutdown()
+
+
+def test_json_mode_answers_argument_errors_in_json(queue_dir: Path) -> None:
+    import json
+
+    result = cli("dlq", "list", "--json", "--since", "yesterday", "--queue-dir", str(queue_dir))
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["exit_code"] == 2
+
+
+def test_status_never_turns_a_stray_directory_into_a_queue(tmp_path: Path) -> None:
+    stray = tmp_path / "stray"
+    (stray / "wal").mkdir(parents=True)
+    result = cli("status", "--queue-dir", str(stray), "--site-id", "s")
+    assert result.returncode == 3
+    assert not (stray / "wal" / "cache.db").exists()
+
+
+def test_the_version_lookup_never_raises() -> None:
+    from cio_logging.metadata import installed_version
+
+    assert installed_version("no-such-distribution-anywhere") == "unknown"

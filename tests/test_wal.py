@@ -209,9 +209,13 @@ class TestRefusesPickles:
         planter = diskcache.Cache(str(tmp_path / "dead"))
         planter.set("k", _PlantedPickle(marker))
         planter.close()
-        with pytest.raises(Exception, match="not decoded"):
-            list(store)
+        (letter,) = list(store)  # listed as unreadable, never decoded
         assert not marker.exists()
+        assert (letter.key, letter.event, letter.error_type) == ("k", None, "corrupt_entry")
+        assert "not decoded" in letter.message
+        assert store.count(by="reason") == {"corrupt_entry": 1}
+        assert store.purge([letter]) == 1  # and an operator can remove it
+        assert len(store) == 0
 
 
 class TestDeadLetterStore:
