@@ -22,9 +22,11 @@ from cio_logging.wal import DeadLetterStore, WriteAheadLog
 from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, wait_for
 
 
-def run_child(script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_child(body: str, queue_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run CHILD_PRELUDE plus ``body`` in a fresh interpreter, with faulthandler on."""
+    script = CHILD_PRELUDE + textwrap.dedent(body)
     return subprocess.run(
-        [PYTHON, "-X", "faulthandler", "-c", textwrap.dedent(script)],
+        [PYTHON, "-X", "faulthandler", "-c", script, str(queue_dir)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -51,27 +53,17 @@ logger = logging.getLogger("child"); logger.propagate = False; logger.addHandler
 
 def test_short_lived_threads_do_not_crash_the_process(tmp_path: Path) -> None:
     """A thread per request, each logging: closing others' connections segfaulted."""
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-X",
-            "faulthandler",
-            "-c",
-            CHILD_PRELUDE
-            + textwrap.dedent("""
+    result = run_child(
+        """
             for round in range(60):
                 threads = [threading.Thread(target=logger.warning, args=("purchase",),
                            kwargs={"extra": cio_event(f"u{round}-{k}")}) for k in range(12)]
                 [t.start() for t in threads]; [t.join() for t in threads]
             print(handler.status()["enqueued"])
             os._exit(0)
-        """),
-            str(tmp_path / "q"),
-        ],
-        capture_output=True,
-        text=True,
+        """,
+        tmp_path / "q",
         timeout=120,
-        cwd=PROJECT_ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "720"
@@ -79,14 +71,8 @@ def test_short_lived_threads_do_not_crash_the_process(tmp_path: Path) -> None:
 
 def test_close_while_other_threads_log_does_not_crash(tmp_path: Path) -> None:
     """logging.shutdown() with threads still logging: close() closed their connections."""
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-X",
-            "faulthandler",
-            "-c",
-            CHILD_PRELUDE
-            + textwrap.dedent("""
+    result = run_child(
+        """
             stop = threading.Event()
             def spam(k):
                 n = 0
@@ -100,13 +86,9 @@ def test_close_while_other_threads_log_does_not_crash(tmp_path: Path) -> None:
             stop.set(); [t.join() for t in threads]
             print("ok", handler.status()["dropped"])
             os._exit(0)
-        """),
-            str(tmp_path / "q"),
-        ],
-        capture_output=True,
-        text=True,
+        """,
+        tmp_path / "q",
         timeout=120,
-        cwd=PROJECT_ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok {}"
@@ -117,14 +99,8 @@ def test_forked_children_never_hang_on_a_lock_held_at_fork(tmp_path: Path, lock:
     """A lock held by another thread at the fork stayed held in the child, which hung in
     its first emit (18 of 200 children, seen here). Held here on purpose at the fork."""
     take = "ulid.default_generator.lock" if lock.startswith("python") else "handler._counts_guard"
-    result = subprocess.run(
-        [
-            PYTHON,
-            "-X",
-            "faulthandler",
-            "-c",
-            CHILD_PRELUDE
-            + textwrap.dedent(f"""
+    result = run_child(
+        f"""
             import signal, ulid
             logger.warning("purchase", extra=cio_event("parent"))
             held, release = threading.Event(), threading.Event()
@@ -141,13 +117,9 @@ def test_forked_children_never_hang_on_a_lock_held_at_fork(tmp_path: Path, lock:
             _, status = os.waitpid(pid, 0)
             print("hung" if os.WIFSIGNALED(status) else "fine")
             os._exit(0)
-        """),
-            str(tmp_path / "q"),
-        ],
-        capture_output=True,
-        text=True,
+        """,
+        tmp_path / "q",
         timeout=60,
-        cwd=PROJECT_ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "fine"
