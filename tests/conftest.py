@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -130,3 +131,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 PYTHON = sys.executable
+CHILD_APP = str(PROJECT_ROOT / "tests" / "child_app.py")
+
+
+def printed_ids(output: str) -> list[str]:
+    """The event ids a child app printed, one a line, once each emit returned."""
+    return [line for line in output.splitlines() if len(line) == 26]
+
+
+def run_child_app(sim: TrackAPISimulator, queue_dir: Path, *args: str) -> list[str]:
+    """Run tests/child_app.py to its end on ``queue_dir``; the ids it logged."""
+    result = subprocess.run(
+        [PYTHON, CHILD_APP, *args],
+        env=child_environment(sim, queue_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return printed_ids(result.stdout)

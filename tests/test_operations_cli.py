@@ -24,10 +24,16 @@ from cio_logging.operations import ExitCode, parse_time
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
 
-from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
+from .conftest import (
+    PROJECT_ROOT,
+    PYTHON,
+    HandlerFactory,
+    child_environment,
+    run_child_app,
+    wait_for,
+)
 
 CLI = [PYTHON, "-m", "cio_logging.cli"]
-CHILD_APP = str(PROJECT_ROOT / "tests" / "child_app.py")
 LIVE_APP = str(PROJECT_ROOT / "tests" / "live_app.py")
 SIGNUPS, PURCHASES = "bad_signup", "bad_purchase"
 
@@ -80,10 +86,6 @@ def run_many(
         assert simulator.api_key not in stdout + stderr
         results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     return results
-
-
-def printed_ids(output: str) -> list[str]:
-    return [line for line in output.splitlines() if len(line) == 26]
 
 
 @pytest.fixture
@@ -439,15 +441,7 @@ class TestDrain:
     ) -> None:
         """What a dead process left is delivered with its ids; wrong credentials exit 5."""
         simulator.fail(503)  # the application cannot deliver, then goes away
-        child = subprocess.run(
-            [PYTHON, CHILD_APP, "25", "--no-close"],
-            env=child_environment(simulator, queue_dir),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        ids = printed_ids(child.stdout)
+        ids = run_child_app(simulator, queue_dir, "25", "--no-close")
         assert len(ids) == 25
         simulator.clear_faults()
         status = run_json(simulator, queue_dir, "status")
@@ -523,15 +517,7 @@ class TestDrain:
         """A live process and a drain share the directory: nothing lost, nothing sent twice."""
         # A backlog from a process that died, then a live one delivering slowly.
         simulator.fail(503)
-        left = subprocess.run(
-            [PYTHON, CHILD_APP, "30", "--no-close"],
-            env=child_environment(simulator, queue_dir),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        ids = printed_ids(left.stdout)
+        ids = run_child_app(simulator, queue_dir, "30", "--no-close")
         simulator.clear_faults()
         simulator.set_latency(0.1)
         live = start_live_app(

@@ -15,29 +15,25 @@ from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
 from cio_logging.wal import WriteAheadLog
 
-from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
+from .conftest import (
+    CHILD_APP,
+    PROJECT_ROOT,
+    PYTHON,
+    HandlerFactory,
+    child_environment,
+    printed_ids,
+    run_child_app,
+    wait_for,
+)
 
-CHILD_APP = str(PROJECT_ROOT / "tests" / "child_app.py")
 FORK_APP = str(PROJECT_ROOT / "tests" / "fork_app.py")
-
-
-def printed_ids(output: str) -> list[str]:
-    return [line for line in output.splitlines() if len(line) == 26]
 
 
 def test_restart_delivers_what_an_earlier_process_left(
     simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
 ) -> None:
     simulator.fail(503)  # the first process cannot deliver anything
-    result = subprocess.run(
-        [PYTHON, CHILD_APP, "25"],
-        env=child_environment(simulator, queue_dir),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    ids = printed_ids(result.stdout)
+    ids = run_child_app(simulator, queue_dir, "25")
     assert len(ids) == 25
     assert simulator.accepted == []
     simulator.clear_faults()
@@ -141,19 +137,12 @@ def test_exit_beside_a_delivering_process_in_an_outage_is_quick(
         try:
             assert wait_for(lambda: (read_state(queue_dir) or {}).get("breaker") == "open", 15)
             started = time.monotonic()
-            result = subprocess.run(
-                [PYTHON, CHILD_APP, "3"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            )
+            ids = run_child_app(simulator, queue_dir, "3")
             took = time.monotonic() - started
         finally:
             assert live.stdin is not None
             live.stdin.close()
             live.wait(30)
-    assert len(printed_ids(result.stdout)) == 3
+    assert len(ids) == 3
     assert took < 5  # child_app's flush_timeout is 10 s
     assert WriteAheadLog(queue_dir / "wal").read_due(10, now=float("inf")).events
