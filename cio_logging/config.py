@@ -48,7 +48,18 @@ _NUMERIC_OPTIONS: dict[str, tuple[float, float, float]] = {
     # events, retries that came due).
     "flush_interval": (1.0, 0.01, 60.0),
     # Events per v2 batch request; the 500 KB request limit applies as well.
-    "batch_size": (500, 1, 10_000),
+    "batch_size": (1000, 1, 10_000),
+    # Requests in flight at once while the breaker is closed: with a long round trip,
+    # one at a time would cap delivery at batch_size per round trip.
+    "max_in_flight": (4, 1, 32),
+    # Non-essential events are committed to disk by a background writer within this
+    # many seconds (a SIGKILL loses at most that much); essential events are committed
+    # before emit returns. 0 commits every event before emit returns.
+    "commit_interval": (0.05, 0.0, 10.0),
+    # Memory for events not yet on disk: the commit buffer, and the fallback while
+    # the disk fails. Past it non-essential events are shed at emit, essential ones
+    # past twice it.
+    "max_buffer_bytes": (64 << 20, 1 << 16, 1 << 40),
     # Retry policy: exponential backoff with jitter from 1 s up to this.
     "max_backoff": (60.0, 0.01, 3600.0),
     # After this many failed attempts an event goes to the dead-letter store.
@@ -111,6 +122,9 @@ class Settings:
     request_timeout: float
     flush_interval: float
     batch_size: int
+    max_in_flight: int
+    commit_interval: float
+    max_buffer_bytes: int
     max_backoff: float
     max_attempts: int
     max_event_age: float
@@ -186,6 +200,9 @@ def resolve_settings(
         request_timeout=numbers["request_timeout"],
         flush_interval=numbers["flush_interval"],
         batch_size=int(numbers["batch_size"]),
+        max_in_flight=int(numbers["max_in_flight"]),
+        commit_interval=numbers["commit_interval"],
+        max_buffer_bytes=int(numbers["max_buffer_bytes"]),
         max_backoff=numbers["max_backoff"],
         max_attempts=int(numbers["max_attempts"]),
         max_event_age=numbers["max_event_age"],

@@ -1,9 +1,11 @@
 """``CustomerIOHandler``: the logging.Handler that turns tagged records into Track API events.
 
-On the caller's thread it only maps the record, validates it and appends it to the
-write-ahead log; the background worker does all network work. It never raises into
-the caller: a bad event is refused with a warning on the ``cio_logging`` logger and
-counted; a failing disk goes through ``Handler.handleError``, as for any handler.
+On the caller's thread it only maps the record, validates it and hands the row to the
+group committer (``commit.py``): an essential event is on disk when ``emit`` returns,
+another within ``commit_interval``. The background worker does all network work. It
+never raises into the caller: a bad event is refused with a warning on the
+``cio_logging`` logger and counted; a failing disk is reported by the committer, which
+holds events in memory (bounded) until the disk recovers.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from .commit import REFUSED, GroupCommitter
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
 from .errors import ConfigurationError, InvalidEventError, QueueError
 from .events import EXTRA_KEY, event_from_record
 from .telemetry import QueueProbes, Telemetry
-from .wal import DeadLetterStore, WriteAheadLog, secure_directory
+from .wal import DeadLetterStore, WriteAheadLog, encode_row, secure_directory
 from .worker import DeliveryWorker, flush_thread_marker
 
 internal_log = logging.getLogger("cio_logging")
@@ -35,9 +39,8 @@ DROP_DISABLED = "degradation_disabled"
 DROP_NON_ESSENTIAL = "degradation_essential_only"
 DROP_DISK_SOFT = "disk_limit_non_essential"
 DROP_DISK_HARD = "disk_limit_hard"
-
-# How often emit re-reads the queue's size on disk for the shedding limits.
-_VOLUME_REFRESH_SECONDS = 0.5
+DROP_BUFFER_FULL = "buffer_full"  # not on disk yet and past max_buffer_bytes
+DROP_UNWRITTEN_AT_CLOSE = "unwritten_at_close"  # the disk still failed at close()
 
 # Set while this thread is inside emit(): anything logged meanwhile (by diskcache,
 # by our own warnings) must not come back into the handler.
@@ -120,6 +123,15 @@ class CustomerIOHandler(logging.Handler):
             telemetry=self._telemetry,
             status_report=self.status,
         )
+        self._committer = GroupCommitter(
+            self._wal,
+            interval=self.settings.commit_interval,
+            max_buffer_bytes=self.settings.max_buffer_bytes,
+            on_committed=self._committed,
+        )
+        self._committer.queue_bytes = self._wal.volume()
+        self._essential_events = self.settings.essential_events
+        self._always_durable = self.settings.commit_interval == 0
         self._counts_guard = threading.Lock()
         reference = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
@@ -128,9 +140,8 @@ class CustomerIOHandler(logging.Handler):
         self._last_key: str | None = None
         self._closed = False
         self._degradation = self.settings.degradation
-        self._queue_bytes = 0
-        self._volume_checked_at = float("-inf")
         self._disk_warned_at = float("-inf")
+        self._buffer_warned_at = float("-inf")
         if len(self._wal):
             # An earlier process left events: deliver them without waiting for a new one.
             self._worker.ensure_started()
@@ -164,7 +175,11 @@ class CustomerIOHandler(logging.Handler):
         return result
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Append the record's event to the write-ahead log; it is on disk on return."""
+        """Hand the record's event to the group committer.
+
+        An essential event is committed to disk before this returns (unless the disk
+        fails: then it waits in memory); any other within ``commit_interval``.
+        """
         _inside_emit.active = True
         try:
             if self._degradation == DISABLED:
@@ -173,7 +188,7 @@ class CustomerIOHandler(logging.Handler):
             event = event_from_record(record)
             if event is None:
                 return
-            essential = event.name in self.settings.essential_events
+            essential = event.name in self._essential_events
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)
                 return
@@ -181,16 +196,20 @@ class CustomerIOHandler(logging.Handler):
             if shed is not None:
                 self._count_drop(shed, essential)
                 return
-            self._wal.append(event)
+            # After close() no writer runs: every event is committed before returning.
+            outcome = self._committer.submit(
+                encode_row(event), durable=essential or self._always_durable or self._closed
+            )
+            if outcome == REFUSED:
+                self._count_drop(DROP_BUFFER_FULL, essential)
+                self._warn_buffer_full()
+                return
             self._telemetry.event_enqueued(essential)
             with self._counts_guard:
                 self._enqueued += 1
                 # The largest key, not the last written: flush() waits for it to leave.
                 if self._last_key is None or event.id > self._last_key:
                     self._last_key = event.id
-            if not self._closed:
-                self._worker.ensure_started()
-                self._worker.notify()
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID, None)
             internal_log.warning(
@@ -205,6 +224,32 @@ class CustomerIOHandler(logging.Handler):
             self.handleError(record)
         finally:
             _inside_emit.active = False
+
+    def _committed(self) -> None:
+        """Rows reached the log: the flush thread has work."""
+        if not self._closed:
+            self._worker.ensure_started()
+            self._worker.notify()
+
+    def _warn_buffer_full(self) -> None:
+        now = time.monotonic()
+        if now - self._buffer_warned_at > 60.0:
+            self._buffer_warned_at = now
+            internal_log.error(
+                "cio_logging: %d event(s) wait in memory, past max_buffer_bytes=%d (%s); "
+                "shedding events at emit",
+                self._committer.buffered,
+                self.settings.max_buffer_bytes,
+                self._committer.disk_error or "the disk is slower than the event rate",
+            )
+
+    def commit(self, timeout: float | None = None) -> bool:
+        """Wait until every event emitted so far is on disk.
+
+        Returns False if the disk fails (the events wait in memory and the committer
+        keeps retrying) or ``timeout`` passed first.
+        """
+        return self._committer.commit(timeout)
 
     def set_degradation(self, level: str) -> None:
         """Switch between ``full``, ``essential_only`` and ``disabled`` at run time.
@@ -223,11 +268,10 @@ class CustomerIOHandler(logging.Handler):
 
     def _disk_limit_reached(self, essential: bool) -> str | None:
         """The drop reason when the queue is past a size limit, else None. Never blocks."""
+        size = self._committer.queue_bytes  # refreshed by the commit thread
+        if size < self.settings.max_queue_bytes:
+            return None
         now = time.monotonic()
-        if now - self._volume_checked_at > _VOLUME_REFRESH_SECONDS:
-            self._volume_checked_at = now
-            self._queue_bytes = self._wal.volume()
-        size = self._queue_bytes
         if size >= self.settings.hard_max_queue_bytes:
             reason = DROP_DISK_HARD
         elif size >= self.settings.max_queue_bytes and not essential:
@@ -249,9 +293,17 @@ class CustomerIOHandler(logging.Handler):
         """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be."""
         if self._closed:
             return
+        deadline = time.monotonic() + self.settings.flush_timeout
+        if not self._committer.commit(self.settings.flush_timeout):
+            internal_log.warning(
+                "cio_logging: flush could not write %d event(s) to disk (%s)",
+                self._committer.buffered,
+                self._committer.disk_error or "timed out",
+            )
+            return
         with self._counts_guard:
             last_key = self._last_key
-        if not self._worker.flush(self.settings.flush_timeout, last_key):
+        if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_key):
             internal_log.warning(
                 "cio_logging: flush timed out after %gs; %d event(s) wait on "
                 "disk and will be sent later",
@@ -266,6 +318,16 @@ class CustomerIOHandler(logging.Handler):
                 return
             self._closed = True
         self._telemetry.close()
+        unwritten = self._committer.close(self.settings.close_timeout)
+        if unwritten:
+            with self._counts_guard:
+                self._dropped[DROP_UNWRITTEN_AT_CLOSE] += unwritten
+            internal_log.error(
+                "cio_logging: %d event(s) could not be written to disk before close (%s) "
+                "and are lost",
+                unwritten,
+                self._committer.disk_error,
+            )
         try:
             if self._worker.close(self.settings.close_timeout):
                 # Release the database files now; an emit after close reopens them.
@@ -288,20 +350,22 @@ class CustomerIOHandler(logging.Handler):
             enqueued = self._enqueued
         return {
             "breaker": self._worker.breaker.state,
-            "queued": len(self._wal),
-            "dead_letters": len(self._dead_letters),
+            "queued": _or_none(self._wal.__len__),
+            "dead_letters": _or_none(self._dead_letters.__len__),
             "degradation": self._degradation,
             "enqueued": enqueued,
             "delivered": stats.delivered,
             "dead_lettered": stats.dead_lettered,
             "dropped": dropped,
+            "buffered": self._committer.buffered,
+            "disk_error": self._committer.disk_error,
             "requests": stats.requests,
             "failed_requests": stats.failed_requests,
             "retries_scheduled": stats.retries_scheduled,
             "last_error": stats.last_error,
             "delivery_paused": stats.delivery_paused,
             "delivering_process": self._worker.is_delivering_process,
-            "queue_bytes": self._wal.volume(),
+            "queue_bytes": _or_none(self._wal.volume),
             "queue_dir": str(self.settings.queue_dir),
         }
 
@@ -313,6 +377,14 @@ class CustomerIOHandler(logging.Handler):
     def _oldest_age(self) -> float | None:
         logged_at = self._wal.oldest_logged_at()
         return None if logged_at is None else max(0.0, time.time() - logged_at)
+
+
+def _or_none(read: Callable[[], int]) -> int | None:
+    """A figure read from disk for status(), or None while the disk fails."""
+    try:
+        return read()
+    except Exception:
+        return None
 
 
 def _reset_in_child(reference: weakref.ref[CustomerIOHandler]) -> None:

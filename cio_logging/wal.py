@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -290,7 +290,7 @@ def _open_cache(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
             size_limit=2**62,
             cull_limit=0,
             statistics=0,
-            tag_index=0,
+            tag_index=1,  # the due-time index of WriteAheadLog
             disk_min_file_size=_INLINE_LIMIT,
             **durability,
         )
@@ -352,73 +352,99 @@ class Batch:
 
 
 class WriteAheadLog:
-    """Events waiting for Customer.io, on disk, in logging order."""
+    """Events waiting for Customer.io, on disk, oldest due first.
+
+    Rows live in diskcache's ``Cache`` table: the key is the event id, the value our
+    JSON text (see :func:`encode_row`) and the ``tag`` column, indexed, the time the
+    next attempt is due (the logging time for a fresh event). Reading what is due is
+    then an index range scan, whatever the backlog of events waiting for a retry, and
+    appends, acknowledgements and retries are one statement per batch in one
+    transaction: the hot paths are written in SQL on diskcache's own connection, and
+    diskcache's triggers keep its counters right.
+    """
 
     @_sqlite_section
     def __init__(self, directory: Path, *, fsync: bool | None = False) -> None:
         """``fsync``: True for synchronous=FULL, False for NORMAL, None to leave it."""
         self.directory = directory
+        self._fsync = fsync
+        # One writer at a time in this process: threads queue on a fair lock rather
+        # than on SQLite's busy handler, whose sleeps made the latency tail.
+        self._write_guard = threading.Lock()
         self._cache = _open_cache(directory, fsync=fsync)
+        self._identity = _database_identity(directory)
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_wal_in_child(reference))
 
-    @_sqlite_section
     def append(self, event: Event, *, replayed_at: float | None = None) -> None:
         """Write ``event`` durably (committed to SQLite) before returning.
 
         ``replayed_at``: set by a replay from the dead-letter store; the age limit then
         counts from it rather than from when the event was logged.
         """
-        replayed = "null" if replayed_at is None else repr(float(replayed_at))
-        entry = (
-            f'{{"v":{_ENTRY_VERSION},"attempts":0,"first_failure_at":null,'
-            f'"last_error":null,"next_attempt_at":0,"replayed_at":{replayed},'
-            f'"event":{event.to_json()}}}'
-        )
-        self._cache.set(event.id, entry)
+        self.append_rows([encode_row(event, replayed_at=replayed_at)])
+
+    @_sqlite_section
+    def append_rows(self, rows: Sequence[Row]) -> None:
+        """Commit rows made by :func:`encode_row`, all in one transaction.
+
+        A row whose id is already queued is left as it is (a replay of an event that is
+        still waiting). Raises ``sqlite3.Error`` or ``OSError`` if the disk fails;
+        then nothing of ``rows`` was written.
+        """
+        with self._write_guard, self._transaction() as connection:
+            connection.executemany(_INSERT_ROW, rows)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        connection: sqlite3.Connection = self._cache._con
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
     @_sqlite_section
     def read_due(self, limit: int, now: float | None = None) -> Batch:
-        """Up to ``limit`` events whose next attempt is due, oldest first.
+        """Up to ``limit`` events whose next attempt is due, the longest-due first.
 
         Rows that are not our JSON are deleted from the log and returned as
         :class:`CorruptEntry` so the caller can dead-letter them.
         """
         moment = time.time() if now is None else now
+        sql = self._cache._sql
+        # Rows without a due time were not written by this module (another diskcache
+        # user, an older version): read them first, as due, and validate them.
+        rows = sql(_SELECT_UNTAGGED, (limit,)).fetchall()
+        if len(rows) < limit:
+            rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
-        try:
-            keys = self._cache.iterkeys()
-            for key in keys:
-                entry = self._read(key, corrupt)
-                if entry is not None and entry.next_attempt_at <= moment:
-                    events.append(entry)
-                    if len(events) >= limit:
-                        break
-        except CorruptEntryError:
-            # A key that is not text (planted by another writer) stops diskcache's own
-            # iteration; quarantine such rows and let the next call read on.
-            corrupt.extend(self._quarantine_non_text_keys())
+        bad_rows: list[tuple[int]] = []
+        for row in rows:
+            try:
+                events.append(_decode_row(row))
+            except (CorruptEntryError, InvalidEventError) as exc:
+                rowid, key = row[0], row[1]
+                name = key if type(key) is str and row[2] == 1 else f"row-{rowid}"
+                corrupt.append(CorruptEntry(name, str(exc)))
+                bad_rows.append((rowid,))
+        if bad_rows:
+            with self._write_guard, self._transaction() as connection:
+                connection.executemany("DELETE FROM Cache WHERE rowid = ?", bad_rows)
         return Batch(events, corrupt)
-
-    def _read(self, key: str, corrupt: list[CorruptEntry]) -> QueuedEvent | None:
-        try:
-            text = self._cache.get(key)
-            if text is None:  # delivered by another process since the key was listed
-                return None
-            return _decode_entry(key, text)
-        except (CorruptEntryError, InvalidEventError) as exc:
-            corrupt.append(CorruptEntry(key, str(exc)))
-            self._cache.delete(key)
-            return None
-
-    def _quarantine_non_text_keys(self) -> list[CorruptEntry]:
-        return _delete_non_text_keys(self._cache)
 
     @_sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
         """Delete delivered (or dead-lettered) events, in one transaction."""
-        with self._cache.transact():
-            for key in keys:
-                self._cache.delete(key)
+        doomed = [(key,) for key in keys]
+        if not doomed:
+            return
+        with self._write_guard, self._transaction() as connection:
+            connection.executemany("DELETE FROM Cache WHERE key = ? AND raw = 1", doomed)
 
     @_sqlite_section
     def record_failure(
@@ -432,50 +458,122 @@ class WriteAheadLog:
         """Count one more failed attempt for each event and set when it is next due.
 
         ``failures`` pairs each event with its next attempt time. With
-        ``count_attempt=False`` only the time and the error change.
+        ``count_attempt=False`` only the time and the error change. An event no longer
+        in the log (accepted via another path meanwhile) is not brought back.
         """
         moment = time.time() if now is None else now
-        with self._cache.transact():
-            for queued, next_attempt_at in failures:
-                if queued.key not in self._cache:
-                    continue  # accepted via another path meanwhile: never resurrect it
-                entry = {
-                    "v": _ENTRY_VERSION,
-                    "attempts": queued.attempts + (1 if count_attempt else 0),
-                    "first_failure_at": queued.first_failure_at or moment,
-                    "last_error": error,
-                    "next_attempt_at": next_attempt_at,
-                    "replayed_at": queued.replayed_at,
-                    "event": json.loads(queued.event.to_json()),
-                }
-                self._cache.set(
-                    queued.key, json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-                )
+        updates = [
+            (
+                next_attempt_at,
+                encode_row(
+                    queued.event,
+                    replayed_at=queued.replayed_at,
+                    attempts=queued.attempts + (1 if count_attempt else 0),
+                    first_failure_at=queued.first_failure_at or moment,
+                    last_error=error,
+                )[2],
+                queued.key,
+            )
+            for queued, next_attempt_at in failures
+        ]
+        if not updates:
+            return
+        with self._write_guard, self._transaction() as connection:
+            connection.executemany(
+                "UPDATE Cache SET tag = ?, value = ? WHERE key = ? AND raw = 1", updates
+            )
 
     @_sqlite_section
     def get(self, key: str) -> QueuedEvent | None:
         """One waiting event by key, or None (gone, or not readable: left for the worker)."""
+        # fetchall, not fetchone: a statement left unfinished keeps its read snapshot
+        # open, and this connection would not see later commits.
+        rows = self._cache._sql(_SELECT_KEY, (key,)).fetchall()
+        row = rows[0] if rows else None
         try:
-            text = self._cache.get(key)
-            return None if text is None else _decode_entry(key, text)
+            return None if row is None else _decode_row(row)
         except (CorruptEntryError, InvalidEventError):
             return None
 
     @_sqlite_section
     def oldest_logged_at(self) -> float | None:
         """When the oldest waiting event was logged (keys are ULIDs: time-ordered)."""
+        rows = self._cache._sql(_SELECT_OLDEST_KEY).fetchall()  # see get()
+        row = rows[0] if rows else None
         try:
-            for key in self._cache.iterkeys():
-                text = self._cache.get(key)
-                return None if text is None else _decode_entry(key, text).event.logged_at
+            return None if row is None else _decode_row(row).event.logged_at
         except (CorruptEntryError, InvalidEventError):
             return None  # the worker quarantines it; the gauge just skips a beat
-        return None
 
     @_sqlite_section
     def volume(self) -> int:
-        """Bytes the log takes on disk (SQLite pages), for the shedding limits."""
-        return int(self._cache.volume())
+        """Bytes the log's rows take on disk (SQLite pages in use), for the shedding
+        limits. Pages freed by deliveries are not counted: SQLite reuses them."""
+        sql = self._cache._sql
+        ((pages,),) = sql("PRAGMA page_count").fetchall()
+        ((free,),) = sql("PRAGMA freelist_count").fetchall()
+        ((page_size,),) = sql("PRAGMA page_size").fetchall()
+        return int((pages - free) * page_size)
+
+    def replaced_on_disk(self) -> bool:
+        """Whether the database file we write is gone or another file now (deleted
+        directory, a file moved away): SQLite would go on writing to the unlinked one."""
+        return _database_identity(self.directory) != self._identity
+
+    @_sqlite_section
+    def recover(self, error: BaseException | None) -> str | None:
+        """Try to make the log writable again after ``error``; says what it did.
+
+        * The database file is gone or replaced (the directory was deleted): recreate
+          the directory and a fresh database, and move every row still readable
+          through our open connection into it, so nothing committed is lost.
+        * SQLite reports the file corrupt: rename the files aside (quarantine) and
+          start a fresh database.
+        * Anything else (a full or read-only disk): nothing to do but wait.
+        """
+        with self._write_guard:
+            if self.replaced_on_disk():
+                return self._reopen_replaced()
+            if isinstance(error, sqlite3.DatabaseError) and _is_corruption(error):
+                return self._quarantine_corrupt()
+        return None
+
+    def _reopen_replaced(self) -> str:
+        old = self._cache
+        try:
+            survivors = old._sql(
+                "SELECT key, tag, value FROM Cache WHERE raw = 1 AND typeof(key) = 'text'"
+            ).fetchall()
+        except (sqlite3.Error, OSError):
+            survivors = []
+        fresh = _open_cache(self.directory, fsync=self._fsync)
+        self._cache, self._identity = fresh, _database_identity(self.directory)
+        with self._transaction() as connection:
+            connection.executemany(_INSERT_ROW, survivors)
+        with contextlib.suppress(Exception):
+            old.close()
+        return (
+            f"the queue database was gone or replaced; made a fresh one in "
+            f"{self.directory} and moved {len(survivors)} waiting event(s) into it"
+        )
+
+    def _quarantine_corrupt(self) -> str:
+        with contextlib.suppress(Exception):
+            self._cache.close()
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            path = self.directory / f"{diskcache.core.DBNAME}{suffix}"
+            if path.exists():
+                target = path.with_name(f"{diskcache.core.DBNAME}.corrupt-{stamp}{suffix}")
+                path.rename(target)
+                moved.append(target.name)
+        self._cache = _open_cache(self.directory, fsync=self._fsync)
+        self._identity = _database_identity(self.directory)
+        return (
+            f"the queue database in {self.directory} is corrupt; quarantined as "
+            f"{', '.join(moved) or 'nothing'} and started a fresh one"
+        )
 
     @_sqlite_section
     def __contains__(self, key: object) -> bool:
@@ -490,24 +588,155 @@ class WriteAheadLog:
         self._cache.close()
 
 
-def _decode_entry(key: str, text: str) -> QueuedEvent:
+def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
+    # The fork gate waits for writers to finish, but only for so long.
+    wal = reference()
+    if wal is not None:
+        wal._write_guard = threading.Lock()
+
+
+def _database_identity(directory: Path) -> tuple[int, int] | None:
     try:
-        raw = json.loads(text)
-        if raw.get("v") != _ENTRY_VERSION:
-            raise InvalidEventError(f"unknown entry version {raw.get('v')!r}")
+        status = (directory / diskcache.core.DBNAME).stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _is_corruption(error: sqlite3.DatabaseError) -> bool:
+    text = str(error).lower()
+    return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+#: A row ready for :meth:`WriteAheadLog.append_rows`: (event id, due time, JSON text).
+Row = tuple[str, float, str]
+
+_ROW_VERSION = 2
+_MODE_RAW = diskcache.core.MODE_RAW
+# The SQL of the hot paths, on diskcache's Cache table. Rows are inline text (mode 1,
+# diskcache's MODE_RAW), never expire, and carry their due time in the indexed tag.
+_INSERT_ROW = (
+    "INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time,"
+    " access_count, tag, size, mode, filename, value)"
+    " VALUES (?1, 1, (julianday('now') - 2440587.5) * 86400.0, NULL,"
+    " (julianday('now') - 2440587.5) * 86400.0, 0, ?2, 0, 1, NULL, ?3)"
+)
+_SELECT_UNTAGGED = (
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE tag IS NULL LIMIT ?"
+)
+_SELECT_DUE = (
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
+    " WHERE tag <= ? ORDER BY tag LIMIT ?"
+)
+_SELECT_KEY = (
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+)
+_SELECT_OLDEST_KEY = (
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
+    " WHERE raw = 1 ORDER BY key LIMIT 1"
+)
+# Built once: json.dumps with options builds a new encoder on every call.
+_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_row(
+    event: Event,
+    *,
+    replayed_at: float | None = None,
+    attempts: int = 0,
+    first_failure_at: float | None = None,
+    last_error: str | None = None,
+) -> Row:
+    """The log row for ``event``: ``[2, name, customer_id, anonymous_id, timestamp,
+    logged_at, history, data]``, where history is null for an event never tried.
+
+    Positional and without the id (it is the key), so a row costs little more than
+    the event's own JSON. The data is spliced in as encoded at emit.
+    """
+    history: dict[str, Any] | None = None
+    if attempts or first_failure_at is not None or last_error is not None or replayed_at:
+        history = {
+            "attempts": attempts,
+            "first_failure_at": first_failure_at,
+            "last_error": last_error,
+            "replayed_at": replayed_at,
+        }
+    head = _ROW_ENCODER.encode(
+        [
+            _ROW_VERSION,
+            event.name,
+            event.customer_id,
+            event.anonymous_id,
+            event.timestamp,
+            event.logged_at,
+            history,
+        ]
+    )
+    due = event.logged_at if replayed_at is None else replayed_at
+    return event.id, due, f"{head[:-1]},{event.data_json}]"
+
+
+def _decode_row(row: tuple[Any, ...]) -> QueuedEvent:
+    """A row selected by one of the queries above, checked and decoded; never unpickles.
+
+    Raises:
+        CorruptEntryError: the row is not inline text under a text key.
+        InvalidEventError: the text is not an entry of ours.
+    """
+    _, key, raw, tag, mode, filename, value = row
+    if type(key) is not str or raw != 1:
+        raise CorruptEntryError("a queue key is not a plain string (refused, not decoded)")
+    if mode != _MODE_RAW or filename is not None or type(value) is not str:
+        raise CorruptEntryError(
+            f"a stored row has mode {mode}, not inline JSON text (refused, not decoded)"
+        )
+    try:
+        raw_entry = json.loads(value)
+        if type(raw_entry) is dict:  # version 1: written before rows had a due time
+            return _decode_entry(key, value)
+        version, name, customer_id, anonymous_id, timestamp, logged_at, history, data = raw_entry
+        if version != _ROW_VERSION or type(data) is not dict:
+            raise InvalidEventError(f"unknown entry version {version!r}")
+        history = history or {}
+        event = Event(
+            id=key,
+            name=str(name),
+            customer_id=customer_id,
+            anonymous_id=anonymous_id,
+            data_json=_ROW_ENCODER.encode(data),
+            timestamp=int(timestamp),
+            logged_at=float(logged_at),
+        )
         return QueuedEvent(
             key=key,
-            event=event_from_dict(raw["event"]),
-            attempts=int(raw["attempts"]),
-            first_failure_at=raw["first_failure_at"],
-            last_error=raw["last_error"],
-            next_attempt_at=float(raw["next_attempt_at"]),
-            replayed_at=raw.get("replayed_at"),
+            event=event,
+            attempts=int(history.get("attempts", 0)),
+            first_failure_at=history.get("first_failure_at"),
+            last_error=history.get("last_error"),
+            next_attempt_at=float(tag) if tag is not None else 0.0,
+            replayed_at=history.get("replayed_at"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidEventError(
             f"queue entry is not valid JSON of ours ({type(exc).__name__})"
         ) from None
+
+
+def _decode_entry(key: str, text: str) -> QueuedEvent:
+    """A version 1 entry (a JSON object with the event inside), from before rows had a
+    due time; still read so a queue left by an older version is delivered."""
+    raw = json.loads(text)
+    if raw.get("v") != 1:
+        raise InvalidEventError(f"unknown entry version {raw.get('v')!r}")
+    return QueuedEvent(
+        key=key,
+        event=event_from_dict(raw["event"]),
+        attempts=int(raw["attempts"]),
+        first_failure_at=raw["first_failure_at"],
+        last_error=raw["last_error"],
+        next_attempt_at=float(raw["next_attempt_at"]),
+        replayed_at=raw.get("replayed_at"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

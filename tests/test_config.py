@@ -132,8 +132,10 @@ class TestOptions:
         assert (settings.request_timeout, settings.flush_timeout, settings.batch_size) == (
             5.0,
             10.0,
-            500,
+            1000,
         )
+        assert (settings.commit_interval, settings.max_in_flight) == (0.05, 4)
+        assert settings.max_buffer_bytes == 64 << 20
         assert settings.fsync is False
 
     def test_numeric_strings_and_booleans(self) -> None:

@@ -233,20 +233,35 @@ class TestBadInput:
         handler.flush()
         assert [e.name for e in simulator.accepted] == ["good"]
 
-    def test_a_failing_disk_goes_to_handle_error(
-        self, event_logger: Logged, monkeypatch: pytest.MonkeyPatch
+    def test_a_failing_disk_keeps_events_in_memory_until_it_recovers(
+        self,
+        event_logger: Logged,
+        simulator: TrackAPISimulator,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         logger, handler = event_logger
-        seen: list[logging.LogRecord] = []
-        monkeypatch.setattr(handler, "handleError", seen.append)
+        working_append = handler._wal.append_rows
 
-        def broken_append(event: object) -> None:
-            raise OSError("disk full")
+        def broken_append(rows: object) -> None:
+            raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(handler._wal, "append", broken_append)
-        logger.info("purchase", extra=cio_event("u"))  # must not raise
-        assert len(seen) == 1
-        assert handler.status()["dropped"] == {"queue_error": 1}
+        monkeypatch.setattr(handler._wal, "append_rows", broken_append)
+        with caplog.at_level(logging.ERROR, logger="cio_logging"):
+            logger.info("purchase", extra=cio_event("u", n=1))  # must not raise
+            logger.info("page_viewed", extra=cio_event("u", n=2))
+        status = handler.status()
+        assert status["buffered"] == 2
+        assert "No space left on device" in status["disk_error"]
+        assert status["dropped"] == {}
+        errors = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert len(errors) == 1
+        assert "kept in memory" in errors[0]
+        monkeypatch.setattr(handler._wal, "append_rows", working_append)
+        assert wait_for(lambda: handler.status()["buffered"] == 0, 10)
+        assert handler.status()["disk_error"] is None
+        handler.flush()
+        assert sorted(e.data["n"] for e in simulator.accepted) == [1, 2]
 
 
 class TestOutages:

@@ -46,13 +46,17 @@ def test_restart_delivers_what_an_earlier_process_left(
 def test_sigkill_loses_no_event_whose_emit_returned(
     simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory, trial: int
 ) -> None:
-    """Kill -9 at a random moment: while logging, committing, sending or acknowledging."""
+    """Kill -9 at a random moment: while logging, committing, sending or acknowledging.
+
+    Half the events are essential (durable when emit returns), half not (durable once
+    the app's ``handler.commit()`` returned, or the commit interval passed).
+    """
     rng = random.Random(trial)
     simulator.set_latency(rng.choice([0.0, 0.02, 0.1]))
     if trial % 2:
         simulator.fail(503, duration=rng.uniform(0.05, 0.5))
     child = subprocess.Popen(
-        [PYTHON, CHILD_APP, "400", "--pause", "0.002"],
+        [PYTHON, CHILD_APP, "400", "--pause", "0.002", "--mixed"],
         env=child_environment(simulator, queue_dir),
         stdout=subprocess.PIPE,
         text=True,
@@ -61,11 +65,13 @@ def test_sigkill_loses_no_event_whose_emit_returned(
     assert child.stdout.readline().strip() == "ready"
     kill_after = rng.randint(5, 300)
     ids: list[str] = []
-    while len(ids) < kill_after:
+    lines = 0
+    while lines < kill_after:
         line = child.stdout.readline().strip()
         if not line or line == "done":
             break
-        ids.append(line)
+        lines += 1
+        ids.extend(printed_ids(line))
     child.send_signal(signal.SIGKILL)
     rest, _ = child.communicate(timeout=30)
     ids.extend(printed_ids(rest))  # lines printed before the kill, still in the pipe
@@ -78,6 +84,35 @@ def test_sigkill_loses_no_event_whose_emit_returned(
     )
     accepted = simulator.accepted
     assert len({e.id for e in accepted}) == len(accepted)  # duplicates only as the same id
+
+
+def test_sigkill_after_the_commit_interval_loses_no_non_essential_event(
+    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
+) -> None:
+    """Nobody calls commit(): the writer commits within commit_interval (0.05 s)."""
+    simulator.fail(503)  # nothing is delivered (and deleted) before the kill
+    child = subprocess.Popen(
+        [PYTHON, CHILD_APP, "60", "--non-essential", "--linger", "30"],
+        env=child_environment(simulator, queue_dir),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    ids = []
+    for line in child.stdout:
+        if line.strip() == "done":
+            break
+        if line.startswith("pending "):
+            ids.append(line.split()[1])
+    time.sleep(0.5)  # ten commit intervals
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=30)
+    assert len(ids) == 60
+    simulator.clear_faults()
+    make_handler()
+    assert wait_for(lambda: simulator.accepted_ids() >= set(ids), 20), (
+        f"lost {len(set(ids) - simulator.accepted_ids())} of {len(ids)}"
+    )
 
 
 @pytest.mark.parametrize("mode", ["parent-logs-first", "parent-silent", "mp-fork", "mp-spawn"])

@@ -16,7 +16,7 @@ import pytest
 
 from cio_logging import cio_event
 from cio_logging.events import Event, event_from_record
-from cio_logging.wal import DeadLetterStore, WriteAheadLog
+from cio_logging.wal import DeadLetterStore, WriteAheadLog, encode_row
 
 from .conftest import PROJECT_ROOT
 
@@ -39,9 +39,8 @@ class TestWriteAheadLog:
         for event in events:
             wal.append(event)
         batch = wal.read_due(10)
-        # Oldest first, by ULID: logging order to the millisecond (random within one).
-        assert [q.event for q in batch.events] == sorted(events, key=lambda event: event.id)
-        events.sort(key=lambda event: event.id)
+        # Oldest due first: for fresh events, logging order.
+        assert [q.event for q in batch.events] == events
         assert all(q.attempts == 0 for q in batch.events)
         wal.remove([events[0].id, events[2].id])
         assert [q.event.id for q in wal.read_due(10).events] == [
@@ -93,8 +92,40 @@ class TestWriteAheadLog:
         raw = diskcache.Cache(str(tmp_path / "wal"))
         stored = raw.get(event.id)
         assert isinstance(stored, str)
-        assert json.loads(stored)["event"]["id"] == event.id
+        assert json.loads(stored) == [
+            2,
+            "purchase",
+            "user-0",
+            None,
+            event.timestamp,
+            event.logged_at,
+            None,
+            {"n": 0},
+        ]
         raw.close()
+
+    def test_a_retry_backlog_does_not_slow_reading_what_is_due(self, tmp_path: Path) -> None:
+        """Due times are indexed: rows waiting for a retry are not scanned (review #7)."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        waiting = [make_event(n) for n in range(20_000)]
+        wal.append_rows([encode_row(event) for event in waiting])
+        wal.record_failure([(q, 10_000_000_000.0) for q in wal.read_due(20_000).events], "503")
+        fresh = make_event(99_999)
+        wal.append(fresh)
+        connection = wal._cache._con
+        plan = connection.execute(
+            "EXPLAIN QUERY PLAN SELECT value FROM Cache WHERE tag <= ? ORDER BY tag LIMIT 5",
+            (1.0,),
+        ).fetchall()
+        assert "SEARCH Cache USING INDEX Cache_tag_rowid" in " ".join(str(step) for step in plan)
+        assert [q.key for q in wal.read_due(5).events] == [fresh.id]
+        wal.close()
+
+    def test_rows_cost_little_more_than_the_event(self, tmp_path: Path) -> None:
+        event = make_event()
+        key, _, text = encode_row(event)
+        assert key == event.id
+        assert len(text) < len(event.to_json())
 
 
 def test_a_forked_child_appends_without_losing_anything(tmp_path: Path) -> None:

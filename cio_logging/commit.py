@@ -1,0 +1,294 @@
+"""Group commit: events reach the write-ahead log in batches, one transaction each.
+
+On the caller's thread ``emit`` only appends a prepared row to an in-memory buffer.
+
+* A non-essential event returns at once; a writer thread commits the buffer every
+  ``commit_interval`` (sooner once it holds a full group). A SIGKILL loses at most the
+  rows of the last interval.
+* An essential event returns once its row is committed. The first caller to wait
+  commits everything buffered so far in one transaction; callers that arrive while it
+  commits wait for it, find their rows committed, or commit the next group together
+  (leader and followers). Eight threads logging essential events thus share commits
+  instead of paying one each.
+
+When the disk fails (full, read-only, deleted, corrupt), rows stay in the buffer,
+which is bounded by ``max_buffer_bytes``. The writer reports the failure once, retries
+with backoff, asks the log to recover (a fresh database in a recreated directory, a
+corrupt file quarantined) and reports again when a commit succeeds. Nothing here ever
+raises into the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+from .wal import Row, WriteAheadLog
+
+internal_log = logging.getLogger("cio_logging")
+
+#: What became of a submitted row.
+COMMITTED = "committed"  # on disk before submit returned
+BUFFERED = "buffered"  # in memory; the writer commits it (or holds it while the disk fails)
+REFUSED = "refused"  # the buffer is full: not kept (the caller counts the drop)
+
+# A group this large is committed without waiting for the interval to end.
+_GROUP_ROWS = 2_000
+_GROUP_BYTES = 1 << 20
+# Estimated memory of one buffered row beyond its text (tuple, key, float).
+_ROW_OVERHEAD = 150
+# Retrying a failing disk: from this delay, doubling, up to the cap.
+_RETRY_FIRST, _RETRY_CAP = 0.05, 5.0
+# How often the writer re-reads the log's size for the shedding limits.
+_VOLUME_REFRESH_SECONDS = 0.5
+_IDLE_VOLUME_REFRESH_SECONDS = 5.0
+
+
+class GroupCommitter:
+    """The buffer between ``emit`` and the write-ahead log, and its writer thread."""
+
+    def __init__(
+        self,
+        wal: WriteAheadLog,
+        *,
+        interval: float,
+        max_buffer_bytes: int,
+        on_committed: Callable[[], None],
+    ) -> None:
+        self._wal = wal
+        self._interval = interval
+        self._max_bytes = max_buffer_bytes
+        self._on_committed = on_committed
+        #: The log's size on disk, refreshed by the writer (never by the caller).
+        self.queue_bytes = 0
+        self._reset()
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
+
+    def _reset(self) -> None:
+        # At construction and in a forked child: the parent's buffered rows stay the
+        # parent's to commit, its writer thread does not exist here, and its locks may
+        # have been copied held.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._commit_lock = threading.Lock()
+        self._pending: list[Row] = []
+        self._pending_bytes = 0
+        self._oldest_at = 0.0
+        self._submitted = 0
+        self._committed = 0
+        self._failing: str | None = None
+        self._last_error: BaseException | None = None
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self._volume_at = float("-inf")
+        self._volume_dirty = False
+
+    @property
+    def buffered(self) -> int:
+        """Rows in memory, not yet on disk."""
+        return len(self._pending)
+
+    @property
+    def disk_error(self) -> str | None:
+        """Why commits fail, while they do; None when the disk takes them."""
+        return self._failing
+
+    def submit(self, row: Row, *, durable: bool) -> str:
+        """Buffer ``row``; with ``durable``, commit it before returning if the disk allows.
+
+        Returns COMMITTED, BUFFERED or REFUSED. Never raises for a disk failure.
+        """
+        size = len(row[2]) + _ROW_OVERHEAD
+        with self._lock:
+            # Essential rows may use twice the budget: they are shed last.
+            if self._pending_bytes + size > self._max_bytes * (2 if durable else 1):
+                return REFUSED
+            first = not self._pending
+            if first:
+                self._oldest_at = time.monotonic()
+            self._pending.append(row)
+            self._pending_bytes += size
+            self._submitted += 1
+            ticket = self._submitted
+            failing = self._failing is not None
+            # Once closing, no writer commits for us: commit before returning.
+            durable = durable or self._stopping
+            if first or len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES:
+                # The first row starts the interval the idle writer must now wait for.
+                self._wake.notify()
+        writer = self._writer
+        if writer is None or not writer.is_alive():
+            self._start_writer()
+        if not durable or failing:
+            return BUFFERED  # while the disk fails, the writer retries for everyone
+        return COMMITTED if self._commit_through(ticket) else BUFFERED
+
+    def commit(self, timeout: float | None = None) -> bool:
+        """Commit everything submitted so far; False if the disk failed or on timeout."""
+        with self._lock:
+            ticket = self._submitted
+        if self._committed >= ticket:
+            return True
+        return self._commit_through(ticket, timeout)
+
+    def close(self, timeout: float) -> int:
+        """Stop the writer after a last commit; returns how many rows could not be written."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout)
+        # Rows other threads submit meanwhile are theirs to commit (see submit).
+        return 0 if self.commit(timeout) else len(self._pending)
+
+    def _commit_through(self, ticket: int, timeout: float | None = None) -> bool:
+        acquired = self._commit_lock.acquire(timeout=-1 if timeout is None else timeout)
+        if not acquired:
+            return False
+        try:
+            if self._committed >= ticket:
+                return True  # a commit by another thread carried our row
+            self._commit_pending()
+            return self._committed >= ticket
+        finally:
+            self._commit_lock.release()
+
+    def _commit_pending(self) -> bool:
+        """Commit every buffered row in one transaction; call with the commit lock held."""
+        with self._lock:
+            rows, size, last = self._pending, self._pending_bytes, self._submitted
+            if not rows:
+                return True
+            self._pending, self._pending_bytes = [], 0
+        try:
+            if self._wal.replaced_on_disk():
+                # SQLite would go on writing to the unlinked file: nothing would survive.
+                raise FileNotFoundError("the queue database was deleted or replaced")
+            self._wal.append_rows(rows)
+        except Exception as exc:
+            with self._lock:
+                self._pending[:0] = rows  # back in front: order and tickets are kept
+                self._pending_bytes += size
+                first_failure = self._failing is None
+                self._failing = f"{type(exc).__name__}: {exc}"
+                self._last_error = exc
+                if first_failure:
+                    self._retry_delay = _RETRY_FIRST
+                    self._retry_at = time.monotonic()
+                self._wake.notify()
+            if first_failure:
+                internal_log.error(
+                    "cio_logging: cannot write events to the queue in %s (%s); they are "
+                    "kept in memory (at most max_buffer_bytes=%d) and NOT safe from a "
+                    "crash until the disk recovers",
+                    self._wal.directory,
+                    self._failing,
+                    self._max_bytes,
+                )
+            return False
+        recovered = False
+        with self._lock:
+            self._committed = last
+            self._volume_dirty = True
+            if self._failing is not None:
+                recovered, self._failing, self._last_error = True, None, None
+        if recovered:
+            internal_log.warning(
+                "cio_logging: the queue in %s is writable again; %d buffered event(s) are on disk",
+                self._wal.directory,
+                len(rows),
+            )
+        self._on_committed()
+        return True
+
+    def _start_writer(self) -> None:
+        with self._lock:
+            writer = self._writer
+            if (writer is not None and writer.is_alive()) or self._stopping:
+                return
+            self._writer = threading.Thread(
+                target=self._run, name="cio_logging-commit", daemon=True
+            )
+            self._writer.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._due() and not self._volume_stale():
+                    self._wake.wait(self._seconds_until_due())
+                stopping = self._stopping
+            try:
+                with self._commit_lock:
+                    committed = self._commit_pending()
+                if not committed:
+                    self._try_recovery()
+                self._refresh_volume()
+            except Exception:  # never let the writer die; the next turn tries again
+                internal_log.exception("cio_logging: unexpected error in the commit thread")
+                time.sleep(_RETRY_FIRST)
+            if stopping:
+                return
+
+    def _due(self) -> bool:
+        """Whether the writer should commit now (call with the lock held)."""
+        if not self._pending:
+            return False
+        now = time.monotonic()
+        if self._failing is not None:
+            return now >= self._retry_at
+        full = len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES
+        return full or now >= self._oldest_at + self._interval
+
+    def _volume_refresh_period(self) -> float:
+        # After commits the size has grown: re-read it soon. Otherwise it changes only
+        # as the worker delivers, and a slow refresh will do.
+        return _VOLUME_REFRESH_SECONDS if self._volume_dirty else _IDLE_VOLUME_REFRESH_SECONDS
+
+    def _volume_stale(self) -> bool:
+        return time.monotonic() - self._volume_at >= self._volume_refresh_period()
+
+    def _seconds_until_due(self) -> float:
+        now = time.monotonic()
+        if not self._pending:
+            return max(0.01, self._volume_at + self._volume_refresh_period() - now)
+        if self._failing is not None:
+            return max(0.0, self._retry_at - now)
+        return max(0.0, self._oldest_at + self._interval - now)
+
+    def _try_recovery(self) -> None:
+        with self._lock:
+            self._retry_delay = min(max(self._retry_delay * 2, _RETRY_FIRST), _RETRY_CAP)
+            self._retry_at = time.monotonic() + self._retry_delay
+            error = self._last_error
+        try:
+            action = self._wal.recover(error)
+        except Exception as exc:  # the directory may be unwritable too: wait and retry
+            action = None
+            internal_log.debug("cio_logging: queue recovery failed: %s", type(exc).__name__)
+        if action is not None:
+            internal_log.error("cio_logging: %s", action)
+            with self._lock:
+                self._retry_at = time.monotonic()  # try the fresh database at once
+
+    def _refresh_volume(self) -> None:
+        now = time.monotonic()
+        if now - self._volume_at >= _VOLUME_REFRESH_SECONDS:
+            self._volume_at, self._volume_dirty = now, False
+            # A failing disk is reported by the commits themselves.
+            with contextlib.suppress(Exception):
+                self.queue_bytes = self._wal.volume()
+
+
+def _reset_in_child(reference: weakref.ref[GroupCommitter]) -> None:
+    committer = reference()
+    if committer is not None:
+        committer._reset()
