@@ -24,6 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +99,15 @@ class DeliveryReport:
     failure: Failure | None = None
     requests: int = 0
 
+    def merge(self, other: DeliveryReport) -> None:
+        """Add the outcome of requests sent beside this report's."""
+        self.accepted.extend(other.accepted)
+        self.rejected.extend(other.rejected)
+        self.failed.extend(other.failed)
+        self.deferred.extend(other.deferred)
+        self.failure = self.failure or other.failure
+        self.requests += other.requests
+
 
 class _PinnedCASession(requests.Session):
     """A Session whose ``verify`` the environment cannot override."""
@@ -130,6 +140,7 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
         )
         self._verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
         self._on_response = on_response
+        self._pool_size = settings.max_in_flight
 
     def _build_session(self) -> requests.Session:
         session = _PinnedCASession(self._verify)
@@ -137,7 +148,10 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
             f"cio-logging/{PACKAGE_VERSION} Customer.io Python Client/{SDK_VERSION}"
         )
         session.auth = (self.site_id, self.api_key)
-        session.mount("https://", HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=4))
+        session.mount(
+            "https://",
+            HTTPAdapter(max_retries=0, pool_connections=1, pool_maxsize=self._pool_size),
+        )
         session.hooks["response"].append(self._on_response)
         return session
 
@@ -155,6 +169,7 @@ class TrackClient:
         breaker: DeliveryBreaker | None = None,
         rate_cap: RequestRateCap | None = None,
         telemetry: Telemetry | None = None,
+        thread_initializer: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._breaker = breaker
@@ -162,14 +177,21 @@ class TrackClient:
         self._telemetry = telemetry
         self._local = threading.local()
         self._sdk = _SDKClient(settings, self._remember_response)
+        self._sdk.http  # build the session now: the SDK builds it lazily, unlocked  # noqa: B018
+        self._thread_initializer = thread_initializer
+        self._senders: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
+        if self._senders is not None:
+            self._senders.shutdown(wait=True)
         self._sdk.close()
 
-    def deliver(self, events: Sequence[QueuedEvent]) -> DeliveryReport:
+    def deliver(self, events: Sequence[QueuedEvent], *, parallel: bool = True) -> DeliveryReport:
         """Send ``events``; stop at the first failure that is not the payload's fault.
 
-        Each request waits for the rate cap and goes through the breaker.
+        Each request waits for the rate cap and goes through the breaker. With
+        ``parallel``, up to ``max_in_flight`` v2 batches are in flight at once; after a
+        failure, batches not yet sent are deferred.
         """
         report = DeliveryReport()
         batchable: list[tuple[QueuedEvent, dict[str, Any], int]] = []
@@ -186,17 +208,45 @@ class TrackClient:
                 singles.append(queued)  # v1 takes up to 100 KB of data
             else:
                 batchable.append((queued, item, size))
-        for chunk in _chunks_by_size(batchable):
-            if report.failure is not None:
-                report.deferred.extend(queued for queued, _, _ in chunk)
-            else:
-                self._send_batch(chunk, report)
+        chunks = _chunks_by_size(batchable, self._settings.batch_size)
+        if parallel and len(chunks) > 1 and self._settings.max_in_flight > 1:
+            self._send_batches_in_parallel(chunks, report)
+        else:
+            for chunk in chunks:
+                if report.failure is not None:
+                    report.deferred.extend(queued for queued, _, _ in chunk)
+                else:
+                    self._send_batch(chunk, report)
         for queued in singles:
             if report.failure is not None:
                 report.deferred.append(queued)
             else:
                 self._send_single(queued, report)
         return report
+
+    def _send_batches_in_parallel(
+        self, chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]], report: DeliveryReport
+    ) -> None:
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(
+                max_workers=self._settings.max_in_flight,
+                thread_name_prefix="cio_logging-send",
+                initializer=self._thread_initializer,
+            )
+        failed = threading.Event()
+
+        def send(chunk: list[tuple[QueuedEvent, dict[str, Any], int]]) -> DeliveryReport:
+            part = DeliveryReport()
+            if failed.is_set():  # an earlier batch failed: leave this one for later
+                part.deferred.extend(queued for queued, _, _ in chunk)
+                return part
+            self._send_batch(chunk, part)
+            if part.failure is not None:
+                failed.set()
+            return part
+
+        for part in self._senders.map(send, chunks):
+            report.merge(part)
 
     def _send_batch(
         self, chunk: list[tuple[QueuedEvent, dict[str, Any], int]], report: DeliveryReport
@@ -349,13 +399,13 @@ def _batch_item(queued: QueuedEvent) -> dict[str, Any]:
 
 
 def _chunks_by_size(
-    items: list[tuple[QueuedEvent, dict[str, Any], int]],
+    items: list[tuple[QueuedEvent, dict[str, Any], int]], max_items: int
 ) -> list[list[tuple[QueuedEvent, dict[str, Any], int]]]:
     chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]] = []
     current: list[tuple[QueuedEvent, dict[str, Any], int]] = []
     used = 0
     for entry in items:
-        if current and used + entry[2] + 1 > _BATCH_BUDGET:
+        if current and (used + entry[2] + 1 > _BATCH_BUDGET or len(current) >= max_items):
             chunks.append(current)
             current, used = [], 0
         current.append(entry)

@@ -72,6 +72,7 @@ class DeliveryBreaker:
         self._window = window
         self._clock = clock
         self._outcomes: deque[tuple[float, bool]] = deque()
+        self._outcomes_guard = threading.Lock()
         self._on_transition = on_transition
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=consecutive_failures,
@@ -113,9 +114,17 @@ class DeliveryBreaker:
     def call(self, send: Callable[[], Result], failed: Callable[[Result], bool]) -> Result:
         """Run ``send`` through the breaker; ``failed(result)`` says whether it counts.
 
+        While the breaker is closed, ``send`` runs outside pybreaker, whose lock would
+        serialise every request in flight, and its outcome is then reported through
+        pybreaker's state machine. Otherwise (a probe) it runs inside pybreaker.
+
         Raises:
             pybreaker.CircuitBreakerError: the breaker is open; nothing was sent.
         """
+        if self.state == CLOSED:
+            result = send()
+            self._report(result, failed=failed(result))
+            return result
 
         def guarded() -> Result:
             result = send()
@@ -131,16 +140,35 @@ class DeliveryBreaker:
         self._record(ok=True)
         return result
 
-    def _record(self, *, ok: bool) -> None:
-        now = self._clock()
-        self._outcomes.append((now, ok))
-        while self._outcomes and self._outcomes[0][0] < now - self._window:
-            self._outcomes.popleft()
-        if self.state != CLOSED or ok:
+    def _report(self, result: Result, *, failed: bool) -> None:
+        """Feed the outcome of a request sent outside pybreaker into its state machine."""
+
+        def outcome() -> Result:
+            if failed:
+                raise CountedFailure(result)
+            return result
+
+        try:
+            self._breaker.call(outcome)
+        except CountedFailure:
+            self._record(ok=False)
             return
-        calls = len(self._outcomes)
-        failures = sum(1 for _, succeeded in self._outcomes if not succeeded)
-        if calls >= self._volume_threshold and failures / calls >= self._error_threshold:
+        except pybreaker.CircuitBreakerError:
+            return  # another request in flight opened it meanwhile; this one was sent
+        self._record(ok=True)
+
+    def _record(self, *, ok: bool) -> None:
+        with self._outcomes_guard:
+            now = self._clock()
+            self._outcomes.append((now, ok))
+            while self._outcomes and self._outcomes[0][0] < now - self._window:
+                self._outcomes.popleft()
+            if self.state != CLOSED or ok:
+                return
+            calls = len(self._outcomes)
+            failures = sum(1 for _, succeeded in self._outcomes if not succeeded)
+            trip = calls >= self._volume_threshold and failures / calls >= self._error_threshold
+        if trip:
             self._breaker.open()
 
     def _notify(self, old: str, new: str) -> None:

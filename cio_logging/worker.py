@@ -240,6 +240,7 @@ class DeliveryWorker:
                 breaker=self.breaker,
                 rate_cap=self._rate_cap,
                 telemetry=self._telemetry,
+                thread_initializer=_mark_flush_thread,
             )
         if not self._deliver_once(client):
             self._complete(generation)
@@ -263,7 +264,10 @@ class DeliveryWorker:
         """Deliver one batch (one event as a breaker probe); False when nothing was due."""
         now = self._clock()
         probing = self.breaker.state != CLOSED
-        batch = self._wal.read_due(1 if probing else self._settings.batch_size, now)
+        settings = self._settings
+        batch = self._wal.read_due(
+            1 if probing else settings.batch_size * settings.max_in_flight, now
+        )
         for corrupt in batch.corrupt:
             self._dead_letter(corrupt.key, None, Failure(None, "corrupt_entry", corrupt.reason))
             internal_log.error(
@@ -508,6 +512,12 @@ class DeliveryWorker:
         if interval:  # a long hold must not hold back the periodic status report
             seconds = min(seconds, interval)
         self._wake.wait(seconds)
+
+
+def _mark_flush_thread() -> None:
+    # Delivery's sender threads work for the flush thread: what they log must not
+    # come back into the handler either.
+    flush_thread_marker.active = True
 
 
 def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:
