@@ -93,8 +93,13 @@ class GroupCommitter:
 
     @property
     def buffered(self) -> int:
-        """Rows in memory, not yet on disk."""
-        return len(self._pending)
+        """Rows in memory, not yet on disk (being committed or waiting)."""
+        return self._submitted - self._committed
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The memory those rows take, as counted against ``max_buffer_bytes``."""
+        return self._pending_bytes
 
     @property
     def disk_error(self) -> str | None:
@@ -148,7 +153,7 @@ class GroupCommitter:
         if writer is not None and writer is not threading.current_thread():
             writer.join(timeout)
         # Rows other threads submit meanwhile are theirs to commit (see submit).
-        return 0 if self.commit(timeout) else len(self._pending)
+        return 0 if self.commit(timeout) else self.buffered
 
     def _commit_through(self, ticket: int, timeout: float | None = None) -> bool:
         acquired = self._commit_lock.acquire(timeout=-1 if timeout is None else timeout)
@@ -165,10 +170,12 @@ class GroupCommitter:
     def _commit_pending(self) -> bool:
         """Commit every buffered row in one transaction; call with the commit lock held."""
         with self._lock:
-            rows, size, last = self._pending, self._pending_bytes, self._submitted
+            rows, last = self._pending, self._submitted
             if not rows:
                 return True
-            self._pending, self._pending_bytes = [], 0
+            # The bytes stay counted until the rows are on disk: the bound holds for
+            # what is in memory, being committed or not.
+            self._pending = []
         try:
             if self._wal.replaced_on_disk():
                 # SQLite would go on writing to the unlinked file: nothing would survive.
@@ -177,7 +184,6 @@ class GroupCommitter:
         except Exception as exc:
             with self._lock:
                 self._pending[:0] = rows  # back in front: order and tickets are kept
-                self._pending_bytes += size
                 first_failure = self._failing is None
                 self._failing = f"{type(exc).__name__}: {exc}"
                 self._last_error = exc
@@ -198,6 +204,7 @@ class GroupCommitter:
         recovered = False
         with self._lock:
             self._committed = last
+            self._pending_bytes -= sum(len(row[2]) + _ROW_OVERHEAD for row in rows)
             self._volume_dirty = True
             if self._failing is not None:
                 recovered, self._failing, self._last_error = True, None, None
@@ -273,7 +280,9 @@ class GroupCommitter:
             action = self._wal.recover(error)
         except Exception as exc:  # the directory may be unwritable too: wait and retry
             action = None
-            internal_log.debug("cio_logging: queue recovery failed: %s", type(exc).__name__)
+            with self._lock:
+                self._failing = f"{type(exc).__name__}: {exc}"  # what status() shows now
+            internal_log.debug("cio_logging: queue recovery failed: %s", self._failing)
         if action is not None:
             internal_log.error("cio_logging: %s", action)
             with self._lock:

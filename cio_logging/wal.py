@@ -272,6 +272,39 @@ def secure_file(path: Path) -> None:
 
 
 def _open_cache(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
+    """Open (or create) the cache in ``directory``; a corrupt database file is
+    quarantined (renamed aside, kept for forensics) and a fresh one started."""
+    try:
+        return _open_cache_once(directory, fsync=fsync)
+    except QueueError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, sqlite3.DatabaseError) or not _is_corruption(cause):
+            raise
+        moved = quarantine_database(directory)
+        _internal_log.error(
+            "cio_logging: the database in %s is corrupt (%s); quarantined as %s and "
+            "started a fresh one",
+            directory,
+            cause,
+            ", ".join(moved),
+        )
+        return _open_cache_once(directory, fsync=fsync)
+
+
+def quarantine_database(directory: Path) -> list[str]:
+    """Rename the database files in ``directory`` aside; returns the new names."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for suffix in ("", "-wal", "-shm"):
+        path = directory / f"{diskcache.core.DBNAME}{suffix}"
+        if path.exists():
+            target = path.with_name(f"{diskcache.core.DBNAME}.corrupt-{stamp}{suffix}")
+            path.rename(target)
+            moved.append(target.name)
+    return moved
+
+
+def _open_cache_once(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
     secure_directory(directory)
     # SQLite gives its -wal and -shm files the database file's mode, so creating the
     # database 0600 first covers all three.
@@ -322,7 +355,10 @@ def _delete_non_text_keys(cache: diskcache.Cache) -> list[CorruptEntry]:
     ]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass pays for object.__setattr__ on every field, and
+# this one is built for every event (at emit, and at every read of the log).
+# Treat it as immutable all the same.
+@dataclass(slots=True, eq=True)
 class QueuedEvent:
     """An event in the write-ahead log, with its delivery history."""
 
@@ -401,11 +437,14 @@ class WriteAheadLog:
         connection.execute("BEGIN IMMEDIATE")
         try:
             yield connection
+            connection.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                connection.execute("ROLLBACK")
+            # Also when COMMIT itself fails (a full disk): a transaction left open
+            # would hold the write lock and make this connection unusable.
+            if connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
 
     @_sqlite_section
     def read_due(self, limit: int, now: float | None = None) -> Batch:
@@ -540,16 +579,10 @@ class WriteAheadLog:
 
     def _reopen_replaced(self) -> str:
         old = self._cache
-        try:
-            survivors = old._sql(
-                "SELECT key, tag, value FROM Cache WHERE raw = 1 AND typeof(key) = 'text'"
-            ).fetchall()
-        except (sqlite3.Error, OSError):
-            survivors = []
-        fresh = _open_cache(self.directory, fsync=self._fsync)
-        self._cache, self._identity = fresh, _database_identity(self.directory)
-        with self._transaction() as connection:
-            connection.executemany(_INSERT_ROW, survivors)
+        survivors = _salvage(old)
+        self._cache = _open_cache(self.directory, fsync=self._fsync)
+        self._identity = _database_identity(self.directory)
+        self._insert_salvaged(survivors)
         with contextlib.suppress(Exception):
             old.close()
         return (
@@ -558,22 +591,24 @@ class WriteAheadLog:
         )
 
     def _quarantine_corrupt(self) -> str:
+        old = self._cache
+        survivors = _salvage(old)  # whatever SQLite can still read through our connection
         with contextlib.suppress(Exception):
-            self._cache.close()
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        moved = []
-        for suffix in ("", "-wal", "-shm"):
-            path = self.directory / f"{diskcache.core.DBNAME}{suffix}"
-            if path.exists():
-                target = path.with_name(f"{diskcache.core.DBNAME}.corrupt-{stamp}{suffix}")
-                path.rename(target)
-                moved.append(target.name)
+            old.close()
+        moved = quarantine_database(self.directory)
         self._cache = _open_cache(self.directory, fsync=self._fsync)
         self._identity = _database_identity(self.directory)
+        self._insert_salvaged(survivors)
         return (
             f"the queue database in {self.directory} is corrupt; quarantined as "
-            f"{', '.join(moved) or 'nothing'} and started a fresh one"
+            f"{', '.join(moved) or 'nothing'}, started a fresh one and moved the "
+            f"{len(survivors)} event(s) still readable into it"
         )
+
+    def _insert_salvaged(self, rows: list[Row]) -> None:
+        if rows:
+            with self._transaction() as connection:
+                connection.executemany(_INSERT_ROW, rows)
 
     @_sqlite_section
     def __contains__(self, key: object) -> bool:
@@ -593,6 +628,18 @@ def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
     wal = reference()
     if wal is not None:
         wal._write_guard = threading.Lock()
+
+
+def _salvage(cache: diskcache.Cache) -> list[Row]:
+    """Every row of ours still readable through ``cache``'s connection (best effort)."""
+    try:
+        rows = cache._sql(
+            "SELECT key, tag, value FROM Cache"
+            " WHERE raw = 1 AND typeof(key) = 'text' AND typeof(value) = 'text'"
+        ).fetchall()
+    except (sqlite3.Error, OSError):
+        return []
+    return [(key, tag, value) for key, tag, value in rows]
 
 
 def _database_identity(directory: Path) -> tuple[int, int] | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -204,6 +205,7 @@ class DeliveryWorker:
                     # full disk, a bug: never let the thread die. Events stay on disk;
                     # report (at most once a minute), start over with a fresh client.
                     self._report_unexpected()
+                    self._try_recovery()
                     if client is not None:
                         client.close()
                         client = None
@@ -246,6 +248,18 @@ class DeliveryWorker:
             self._complete(generation)
             self._wait(self._settings.flush_interval)
         return client
+
+    def _try_recovery(self) -> None:
+        # A corrupt or deleted database fails every read: the log may repair itself
+        # (quarantine, a fresh file); the commit thread does the same on writes.
+        error = sys.exc_info()[1]
+        try:
+            action = self._wal.recover(error)
+        except Exception as exc:  # the disk is not back yet: the next turn tries again
+            internal_log.debug("cio_logging: queue recovery failed: %r", exc)
+            return
+        if action is not None:
+            internal_log.error("cio_logging: %s", action)
 
     def _report_unexpected(self) -> None:
         now = time.monotonic()

@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -183,3 +184,28 @@ def test_event_is_immutable() -> None:
     event = Event("01ARZ3NDEKTSV4RRFFQ69G5FAV", "n", "u", None, "{}", 1, 1.0)
     with pytest.raises(AttributeError):
         event.name = "other"  # type: ignore[misc]
+
+
+def test_event_ids_are_valid_ulids_and_a_forked_child_never_repeats_the_parents() -> None:
+    """The id generator is a seeded PRNG: a child must not continue the parent's stream."""
+    from ulid import ULID
+
+    from cio_logging.events import new_event_id
+
+    ids = [new_event_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(str(ULID.from_str(event_id)) == event_id for event_id in ids)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids, then leave without clean-up
+        try:
+            os.write(writer, " ".join(new_event_id() for _ in range(200)).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    parent_ids = {new_event_id()[10:] for _ in range(200)}  # the random part
+    with os.fdopen(reader) as pipe:
+        child_ids = {event_id[10:] for event_id in pipe.read().split()}
+    os.waitpid(pid, 0)
+    assert len(child_ids) == 200
+    assert not parent_ids & child_ids
