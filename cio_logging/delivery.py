@@ -19,6 +19,7 @@ batches cannot carry, and items over 32 KB go one by one through v1.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import threading
@@ -383,7 +384,10 @@ class TrackClient:
             event = queued.event
             secrets.add(event.customer_id or event.anonymous_id or "")
             secrets.update(_strings_in(event.data))
-        detail = _scrub(_error_text(response), secrets)
+        credentials = f"{self._settings.site_id}:{self._settings.api_key}".encode()
+        secrets.add(base64.b64encode(credentials).decode("ascii"))  # a quoted Authorization
+        # Scrubbed whole, then cut: a cut first could leave part of a secret behind.
+        detail = _scrub(_error_text(response), secrets)[:200]
         status = response.status_code
         message = f"HTTP {status}" + (f": {detail}" if detail else "")
         return Failure(status, f"http_{status}", message, _retry_after(response))
@@ -486,7 +490,7 @@ def _error_text(response: requests.Response) -> str:
         parts.extend(
             str(e.get("reason", e)) if isinstance(e, dict) else str(e) for e in body["errors"]
         )
-    return "; ".join(parts)[:200]
+    return "; ".join(parts)[:10_000]
 
 
 def _strings_in(value: object) -> Iterator[str]:

@@ -94,7 +94,6 @@ class CustomerIOHandler(logging.Handler):
             ca_bundle=ca_bundle,
             options=options,
         )
-        super().__init__(level)
         queue_dir_path = self.settings.queue_dir
         try:
             secure_directory(queue_dir_path)
@@ -104,6 +103,9 @@ class CustomerIOHandler(logging.Handler):
             raise ConfigurationError(
                 f"queue_dir {str(queue_dir_path)!r} cannot be used: {type(exc).__name__}: {exc}"
             ) from exc
+        # Only now: Handler.__init__ registers the handler for logging.shutdown, which
+        # would meet a half-built object at exit if opening the queue had failed.
+        super().__init__(level)
         self._telemetry = Telemetry(
             endpoint=self.settings.endpoint,
             probes=QueueProbes(

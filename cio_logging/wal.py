@@ -18,6 +18,7 @@ a resend keeps its id.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -213,16 +214,21 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
             )
             local.connection = connection
             _LIVE_CONNECTIONS.add(connection)
-            try:
-                settings = connection.execute("SELECT key, value FROM Settings").fetchall()
-            except sqlite3.OperationalError:  # a new database: __init__ creates it
-                settings = []
-            for key, value in settings:
-                if key.startswith("sqlite_"):
-                    self.reset(key, value, update=False)
-            if self._synchronous is not None:
-                connection.execute(f"PRAGMA synchronous = {int(self._synchronous)}")
+            _retry_while_locked(lambda: self._configure(connection))
         return connection
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        try:
+            settings = connection.execute("SELECT key, value FROM Settings").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            settings = []  # a new database: __init__ creates the table
+        for key, value in settings:
+            if key.startswith("sqlite_"):
+                self.reset(key, value, update=False)
+        if self._synchronous is not None:
+            connection.execute(f"PRAGMA synchronous = {int(self._synchronous)}")
 
     def close(self) -> None:
         """Close this thread's connection only: other threads may be mid-transaction."""
@@ -233,6 +239,20 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
         if connection is not None:
             connection.close()
             local.connection = None
+
+
+def _retry_while_locked(action: Callable[[], None]) -> None:
+    """Run ``action``, again while SQLite answers "database is locked" (some of its
+    locks, such as a journal-mode switch by another process, do not wait)."""
+    deadline = time.monotonic() + _LOCK_TIMEOUT_SECONDS
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def secure_directory(directory: Path) -> None:
@@ -304,6 +324,19 @@ def quarantine_database(directory: Path) -> list[str]:
     return moved
 
 
+@contextlib.contextmanager
+def _opening_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on ``directory/open.lock`` for as long as a cache opens."""
+    path = directory / "open.lock"
+    secure_file(path)
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def _open_cache_once(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
     secure_directory(directory)
     # SQLite gives its -wal and -shm files the database file's mode, so creating the
@@ -314,19 +347,23 @@ def _open_cache_once(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
     # _ForkSafeCache), and a reader (fsync=None) leaves it as it is.
     durability = {} if fsync is None else {"sqlite_synchronous": 2 if fsync else 1}
     try:
-        cache = _ForkSafeCache(
-            str(directory),
-            synchronous=None if fsync is None else (2 if fsync else 1),
-            timeout=_LOCK_TIMEOUT_SECONDS,
-            disk=_JSONTextDisk,
-            eviction_policy="none",
-            size_limit=2**62,
-            cull_limit=0,
-            statistics=0,
-            tag_index=1,  # the due-time index of WriteAheadLog
-            disk_min_file_size=_INLINE_LIMIT,
-            **durability,
-        )
+        # Opening writes settings and switches the journal mode, and SQLite answers
+        # "database is locked" at once, without waiting, to a second process doing
+        # the same (gunicorn workers starting together): one opener at a time.
+        with _opening_lock(directory):
+            cache = _ForkSafeCache(
+                str(directory),
+                synchronous=None if fsync is None else (2 if fsync else 1),
+                timeout=_LOCK_TIMEOUT_SECONDS,
+                disk=_JSONTextDisk,
+                eviction_policy="none",
+                size_limit=2**62,
+                cull_limit=0,
+                statistics=0,
+                tag_index=1,  # the due-time index of WriteAheadLog
+                disk_min_file_size=_INLINE_LIMIT,
+                **durability,
+            )
     except (sqlite3.Error, OSError) as exc:
         raise QueueError(
             f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}"

@@ -150,3 +150,110 @@ def run_child_app(sim: TrackAPISimulator, queue_dir: Path, *args: str) -> list[s
         check=True,
     )
     return printed_ids(result.stdout)
+
+
+# -- The API key never appears in any output of the suite ----------------------------
+#
+# Every test is watched: what it printed (stdout and stderr, its subprocesses' output
+# that reached the terminal included) and every record logged in this process while it
+# ran, at DEBUG, formatted with its traceback. A test whose output carries a watched
+# secret fails, whatever it asserted. Inputs are not output: a test may pass the key
+# as an argument, set it in a subprocess's environment or capture a subprocess's
+# output into a variable (and check that itself).
+
+
+from collections.abc import Generator  # noqa: E402
+
+import pluggy  # noqa: E402  # appended block: the shared imports above stay untouched
+
+
+def _simulator_default(name: str) -> str:
+    import inspect  # here, not at the top: this block is appended to the shared conftest
+
+    default: str = inspect.signature(TrackAPISimulator).parameters[name].default
+    return default
+
+
+#: The credentials every ``simulator`` fixture accepts, unless a test changes them.
+SIMULATOR_SITE_ID = _simulator_default("site_id")
+SIMULATOR_API_KEY = _simulator_default("api_key")
+
+
+def secret_forms(site_id: str, api_key: str) -> list[str]:
+    """The key, and the Basic authorization value built from it (with and without padding)."""
+    import base64
+
+    basic = base64.b64encode(f"{site_id}:{api_key}".encode()).decode()
+    return [api_key, basic, basic.rstrip("=")]
+
+
+#: What no output may contain. Tests that use a key of their own add its forms here.
+WATCHED_SECRETS: list[str] = secret_forms(SIMULATOR_SITE_ID, SIMULATOR_API_KEY)
+
+_RECORDER_KEY = pytest.StashKey["_RecordingHandler"]()
+_SAVED_ROOT_LEVEL = pytest.StashKey[int]()
+
+
+class _RecordingHandler(logging.Handler):
+    """Keeps every record logged while one test runs, formatted, traceback included."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+        self.checked = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a record that cannot be formatted is the test's business
+            self.lines.append(f"{record.name} {record.levelname} {record.msg!r} {record.args!r}")
+
+
+def leaked_secrets(text: str) -> list[str]:
+    """The watched secrets found in ``text``."""
+    return [secret for secret in WATCHED_SECRETS if secret in text]
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    recorder = _RecordingHandler()
+    root = logging.getLogger()
+    item.stash[_RECORDER_KEY] = recorder
+    item.stash[_SAVED_ROOT_LEVEL] = root.level
+    root.addHandler(recorder)
+    root.setLevel(logging.DEBUG)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    yield
+    recorder = item.stash.get(_RECORDER_KEY, None)
+    root = logging.getLogger()
+    if recorder is not None:
+        root.removeHandler(recorder)
+    root.setLevel(item.stash.get(_SAVED_ROOT_LEVEL, logging.WARNING))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
+    outcome = yield
+    report = outcome.get_result()
+    places: list[str] = []
+    for title, content in report.sections:
+        # Sections accumulate over setup, call and teardown: look at this phase's only.
+        if title.endswith(f" {report.when}") and leaked_secrets(content):
+            places.append(title)
+    recorder = item.stash.get(_RECORDER_KEY, None)
+    if recorder is not None:
+        new_lines = recorder.lines[recorder.checked :]
+        recorder.checked = len(recorder.lines)
+        places += [f"a log record: {line[:200]!r}" for line in new_lines if leaked_secrets(line)]
+    if places and not report.failed:
+        report.outcome = "failed"
+        report.longrepr = "the API key (or its Basic authorization value) appeared in:\n" + (
+            "\n".join(f"  - {place}" for place in places)
+        )

@@ -96,6 +96,7 @@ class TestCircuitBreaker:
     ) -> None:
         handler = make_handler(
             batch_size=1,
+            max_in_flight=1,  # exactly two requests open it (more could be in flight)
             consecutive_failures=2,
             reset_timeout=0.5,
             max_backoff=0.05,

@@ -1,0 +1,499 @@
+"""Measurements that run in the project's own environment, one fresh process per case.
+
+    python -m benchmarks.cases CASE JSON-ARGUMENTS
+
+Each case prints one JSON result line (see ``workload.run_case``). The orchestration,
+the servers and the report are in ``benchmarks.__main__``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import diskcache
+from customerio import CustomerIO
+from ulid import ULID
+
+from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
+
+from .workload import (
+    NON_ESSENTIAL_NAME,
+    Control,
+    Prepared,
+    attributes,
+    customer_id,
+    memory_kib,
+    reset_peak_rss,
+    run_case,
+    time_calls,
+    wait_until,
+)
+
+#: Options the emit-path rewrite adds; passed only when the installed handler knows them.
+_NEWER_OPTIONS = ("commit_interval", "max_in_flight")
+SIMULATOR_SITE_ID, SIMULATOR_API_KEY = "sim-site", "sim-key"  # run_from_command_line defaults
+
+
+def build_handler(
+    url: str, ca_file: str, queue_dir: Path, options: dict[str, Any]
+) -> tuple[CustomerIOHandler, list[str]]:
+    """A handler against ``url``; newer options this version refuses are left out and named."""
+    wanted, left_out = dict(options), []
+    while True:
+        try:
+            handler = CustomerIOHandler(
+                SIMULATOR_SITE_ID,
+                SIMULATOR_API_KEY,
+                queue_dir=queue_dir,
+                track_url=url,
+                ca_bundle=ca_file,
+                **wanted,
+            )
+        except ConfigurationError as exc:
+            message = str(exc).split(";", 1)[0]
+            refused = [n for n in _NEWER_OPTIONS if n in wanted and n in message]
+            if not message.startswith("unknown option") or not refused:
+                raise
+            for name in refused:
+                del wanted[name]
+                left_out.append(name)
+            continue
+        return handler, left_out
+
+
+def commit(handler: CustomerIOHandler, timeout: float = 120.0) -> bool | None:
+    """Wait until every event emitted so far is on disk; None when the handler has no commit()."""
+    method = getattr(handler, "commit", None)
+    if method is None:
+        return None  # this version commits inside emit
+    return bool(method(timeout=timeout))
+
+
+def event_logger(handler: logging.Handler) -> logging.Logger:
+    logger = logging.getLogger(f"bench.{time.monotonic_ns()}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger
+
+
+def log_events(logger: logging.Logger, name: str, count: int, offset: int = 0) -> None:
+    for number in range(offset, offset + count):
+        logger.info(name, extra=cio_event(customer_id(number), **attributes(number)))
+
+
+def logging_prepare(logger: logging.Logger, name: str) -> Any:
+    def prepare(number: int) -> Prepared:
+        extra = cio_event(customer_id(number), **attributes(number))
+        return lambda: logger.info(name, extra=extra)
+
+    return prepare
+
+
+def handler_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = dict(arguments.get("options", {}))
+    return options
+
+
+# -- caller-thread cost ------------------------------------------------------------------
+
+
+def emit_cio(arguments: dict[str, Any]) -> dict[str, Any]:
+    """cio_logging against the simulator: per-call cost, then how long until on disk."""
+    runs, notes = [], []
+    for threads in arguments["threads"]:
+        with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+            handler, left_out = build_handler(
+                arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
+            )
+            notes = [f"option {name} not supported by this version" for name in left_out]
+            logger = event_logger(handler)
+            log_events(logger, arguments["name"], 200, offset=10**6)  # warm-up, starts threads
+            commit(handler)
+            handler.flush()
+            timing = time_calls(
+                logging_prepare(logger, arguments["name"]), arguments["calls"], threads
+            )
+            began = time.perf_counter()
+            committed = commit(handler)
+            summary = timing.summary()
+            summary["commit_wait_s"] = time.perf_counter() - began if committed else None
+            summary["dropped"] = handler.status()["dropped"]
+            handler.close()
+            runs.append(summary)
+    return {"runs": runs, "notes": notes}
+
+
+def emit_queue_handler(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The stdlib anchor: QueueHandler into a queue.Queue drained by a QueueListener."""
+    runs = []
+    for threads in arguments["threads"]:
+        events: queue.Queue[logging.LogRecord] = queue.Queue()
+        listener = logging.handlers.QueueListener(events, logging.NullHandler())
+        listener.start()
+        logger = event_logger(logging.handlers.QueueHandler(events))
+        log_events(logger, arguments["name"], 200)
+        runs.append(
+            time_calls(
+                logging_prepare(logger, arguments["name"]), arguments["calls"], threads
+            ).summary()
+        )
+        listener.stop()
+    return {"runs": runs}
+
+
+def open_push_cache(directory: Path) -> diskcache.Cache:
+    """A diskcache queue with cio_logging's settings: synchronous NORMAL, never evicting."""
+    return diskcache.Cache(
+        str(directory),
+        sqlite_synchronous=1,
+        eviction_policy="none",
+        size_limit=2**62,
+        cull_limit=0,
+        statistics=0,
+        tag_index=0,
+    )
+
+
+def emit_diskcache_push(arguments: dict[str, Any]) -> dict[str, Any]:
+    """One diskcache push (one committed transaction) of the event's JSON per event."""
+    runs = []
+    for threads in arguments["threads"]:
+        with tempfile.TemporaryDirectory(prefix="cio-bench-dc-") as work:
+            cache = open_push_cache(Path(work))
+
+            def prepare(number: int, cache: diskcache.Cache = cache) -> Prepared:
+                text = json.dumps(
+                    {
+                        "id": str(ULID()),
+                        "name": arguments["name"],
+                        "customer_id": customer_id(number),
+                        "timestamp": int(time.time()),
+                        "data": attributes(number),
+                    },
+                    separators=(",", ":"),
+                )
+                return lambda: cache.push(text)
+
+            for number in range(200):
+                prepare(number)()
+            runs.append(time_calls(prepare, arguments["calls"], threads).summary())
+            cache.close()
+    return {"runs": runs}
+
+
+def sdk_client(url: str, ca_file: str) -> Any:
+    """The official SDK pointed at the simulator, as in the reference design (no retries)."""
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    client = CustomerIO(SIMULATOR_SITE_ID, SIMULATOR_API_KEY, host=host, port=int(port), retries=0)
+    client.http.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
+    client.http.verify = ca_file
+    return client
+
+
+def emit_direct_track(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The reference design: one SDK ``track()`` (one HTTPS round trip) per event."""
+    runs = []
+    for threads in arguments["threads"]:
+        clients = [sdk_client(arguments["url"], arguments["ca_file"]) for _ in range(threads)]
+        for client in clients:
+            client.track(customer_id(0), arguments["name"], attributes(0))
+
+        def prepare(number: int, clients: list[Any] = clients) -> Prepared:
+            client = clients[number % len(clients)]
+            user, data = customer_id(number), attributes(number)
+            return lambda: client.track(user, arguments["name"], data)
+
+        runs.append(time_calls(prepare, arguments["calls"], threads).summary())
+    return {"runs": runs}
+
+
+# -- delivery ------------------------------------------------------------------------------
+
+
+def accepted_by_simulator(control: Control) -> tuple[int, list[float]]:
+    """Events in 200 answers so far, and the arrival time of every request."""
+    records = control.call("requests")["requests"]
+    accepted = sum(r["item_count"] for r in records if r["status"] == 200)
+    return accepted, [r["time"] for r in records]
+
+
+def peak_per_second(times: list[float]) -> int:
+    """The most requests that arrived within any one-second window."""
+    ordered, best, first = sorted(times), 0, 0
+    for last, arrived in enumerate(ordered):
+        while arrived - ordered[first] >= 1.0:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def unique_accepted(control: Control) -> int:
+    answer = control.call("events")
+    return len({event["id"] for event in answer["events"]})
+
+
+def delivery_cio(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Log N events as fast as possible; time until the simulator accepted all of them."""
+    control = Control(arguments["url"], arguments["ca_file"], "/_simulator/")
+    count: int = arguments["events"]
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        handler, left_out = build_handler(
+            arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
+        )
+        logger = event_logger(handler)
+        began = time.perf_counter()
+        log_events(logger, NON_ESSENTIAL_NAME, count)
+        logged = time.perf_counter() - began
+        accepted_when_logged = accepted_by_simulator(control)[0]
+        accepted = 0
+        times: list[float] = []
+
+        def done() -> bool:
+            nonlocal accepted, times
+            accepted, times = accepted_by_simulator(control)
+            return accepted >= count
+
+        finished = wait_until(done, arguments.get("timeout", 600), interval=0.05)
+        elapsed = time.perf_counter() - began
+        status = handler.status()
+        handler.close()
+    span = max(times) - min(times) if len(times) > 1 else 0.0
+    return {
+        "events": count,
+        "accepted": accepted,
+        "unique_accepted": unique_accepted(control),
+        "finished": finished,
+        "log_seconds": logged,
+        "seconds": elapsed,
+        "events_per_s": accepted / elapsed,
+        "accepted_when_logged": accepted_when_logged,
+        "events_per_s_after_logging": (accepted - accepted_when_logged) / (elapsed - logged),
+        "requests": len(times),
+        "requests_per_s_mean": len(times) / span if span else float(len(times)),
+        "requests_per_s_peak": peak_per_second(times),
+        "max_requests_per_second": getattr(handler.settings, "max_requests_per_second", None),
+        "max_in_flight": getattr(handler.settings, "max_in_flight", None),
+        "batch_size": getattr(handler.settings, "batch_size", None),
+        "failed_requests": status.get("failed_requests"),
+        "notes": [f"option {name} not supported by this version" for name in left_out],
+    }
+
+
+def delivery_direct_track(arguments: dict[str, Any]) -> dict[str, Any]:
+    """One SDK ``track()`` per event from one thread, as the reference design sends."""
+    client = sdk_client(arguments["url"], arguments["ca_file"])
+    client.track(customer_id(0), NON_ESSENTIAL_NAME, attributes(0))
+    began = time.perf_counter()
+    for number in range(arguments["events"]):
+        client.track(customer_id(number), NON_ESSENTIAL_NAME, attributes(number))
+    elapsed = time.perf_counter() - began
+    return {
+        "events": arguments["events"],
+        "seconds": elapsed,
+        "events_per_s": arguments["events"] / elapsed,
+    }
+
+
+def drain_cio(arguments: dict[str, Any]) -> dict[str, Any]:
+    """N events queued while the simulator answers 503 (breaker open), then the outage ends."""
+    control = Control(arguments["url"], arguments["ca_file"], "/_simulator/")
+    latency, count = float(arguments["latency"]), int(arguments["events"])
+    control.call("faults", {"status": 503, "latency": latency})
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        handler, left_out = build_handler(
+            arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
+        )
+        logger = event_logger(handler)
+        began = time.perf_counter()
+        log_events(logger, NON_ESSENTIAL_NAME, count)
+        commit(handler)
+        logged = time.perf_counter() - began
+        opened = wait_until(lambda: handler.status()["breaker"] == "open", 120)
+        queued = handler.status()["queued"]
+        outage_ended = time.perf_counter()
+        control.call("clear_faults", {})
+        control.call("faults", {"latency": latency})
+        first_accepted: float | None = None
+        accepted = 0
+
+        def done() -> bool:
+            nonlocal accepted, first_accepted
+            accepted = accepted_by_simulator(control)[0]
+            if accepted and first_accepted is None:
+                first_accepted = time.perf_counter()
+            return accepted >= count
+
+        finished = wait_until(done, arguments.get("timeout", 600), interval=0.05)
+        drained = time.perf_counter()
+        status = handler.status()
+        handler.close()
+    return {
+        "events": count,
+        "log_seconds": logged,
+        "breaker_opened": opened,
+        "queued_at_outage_end": queued,
+        "accepted": accepted,
+        "unique_accepted": unique_accepted(control),
+        "finished": finished,
+        "drain_seconds": drained - outage_ended,
+        "first_accept_after_s": None if first_accepted is None else first_accepted - outage_ended,
+        "dead_lettered": status.get("dead_lettered"),
+        "notes": [f"option {name} not supported by this version" for name in left_out],
+    }
+
+
+# -- memory and disk -----------------------------------------------------------------------
+
+
+def rss_cio(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS growth while N events wait during an outage (the simulator answers 503)."""
+    control = Control(arguments["url"], arguments["ca_file"], "/_simulator/")
+    control.call("faults", {"status": 503})
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        handler, _ = build_handler(
+            arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
+        )
+        logger = event_logger(handler)
+        log_events(logger, NON_ESSENTIAL_NAME, 1000, offset=10**7)
+        commit(handler)
+        peak_reset = reset_peak_rss()
+        before = memory_kib()
+        began = time.perf_counter()
+        log_events(logger, NON_ESSENTIAL_NAME, arguments["events"])
+        committed = commit(handler)
+        seconds = time.perf_counter() - began
+        after = memory_kib()
+        status = handler.status()
+        handler.close()
+    return {
+        "events": arguments["events"],
+        "rss_before_kib": before["VmRSS"],
+        "peak_kib": after["VmHWM"],
+        "rss_after_kib": after["VmRSS"],
+        "growth_kib": after["VmHWM"] - before["VmRSS"],
+        "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
+        "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
+        "peak_reset": peak_reset,
+        "seconds": seconds,
+        "committed": committed,
+        "queued": status["queued"],
+        "enqueued": status["enqueued"],
+        "dropped": sum(status["dropped"].values()),
+        "drop_reasons": status["dropped"],
+        "queue_bytes": status["queue_bytes"],
+    }
+
+
+def rss_queue_handler(arguments: dict[str, Any]) -> dict[str, Any]:
+    """QueueHandler whose listener is stalled: every record waits in RAM."""
+    events: queue.Queue[logging.LogRecord] = queue.Queue()
+    logger = event_logger(logging.handlers.QueueHandler(events))
+    log_events(logger, NON_ESSENTIAL_NAME, 1000, offset=10**7)
+    peak_reset = reset_peak_rss()
+    before = memory_kib()
+    began = time.perf_counter()
+    log_events(logger, NON_ESSENTIAL_NAME, arguments["events"])
+    seconds = time.perf_counter() - began
+    after = memory_kib()
+    return {
+        "events": arguments["events"],
+        "rss_before_kib": before["VmRSS"],
+        "peak_kib": after["VmHWM"],
+        "growth_kib": after["VmHWM"] - before["VmRSS"],
+        "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
+        "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
+        "peak_reset": peak_reset,
+        "seconds": seconds,
+        "queued": events.qsize(),
+        "dropped": 0,
+    }
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def wal_size(arguments: dict[str, Any]) -> dict[str, Any]:
+    """WAL bytes per event after a checkpoint, beside the v2 batch item bytes as sent."""
+    control = Control(arguments["url"], arguments["ca_file"], "/_simulator/")
+    count: int = arguments["events"]
+    control.call("faults", {"status": 503})
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        queue_dir = Path(work) / "queue"
+        handler, _ = build_handler(
+            arguments["url"], arguments["ca_file"], queue_dir, handler_options(arguments)
+        )
+        log_events(event_logger(handler), NON_ESSENTIAL_NAME, count)
+        commit(handler)
+        queued = handler.status()["queued"]
+        handler.close()
+        database = queue_dir / "wal" / diskcache.core.DBNAME
+        with sqlite3.connect(database) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        wal_bytes, total_bytes = _directory_bytes(queue_dir / "wal"), _directory_bytes(queue_dir)
+        # Now let them through and read what went over the wire.
+        control.call("clear_faults", {})
+        control.call("clear", {})
+        handler, _ = build_handler(
+            arguments["url"], arguments["ca_file"], queue_dir, handler_options(arguments)
+        )
+        wait_until(lambda: accepted_by_simulator(control)[0] >= count, 300)
+        handler.close()
+    records = [r for r in control.call("requests")["requests"] if r["status"] == 200]
+    sent_items = sum(r["item_count"] for r in records)
+    sent_bytes = sum(r["body_bytes"] for r in records)
+    return {
+        "events": count,
+        "queued": queued,
+        "wal_bytes": wal_bytes,
+        "queue_dir_bytes": total_bytes,
+        "wal_bytes_per_event": wal_bytes / count,
+        "sent_items": sent_items,
+        "sent_bytes_per_event": sent_bytes / sent_items if sent_items else None,
+        "item_bytes_per_event": _v2_item_bytes(count),
+    }
+
+
+def _v2_item_bytes(count: int) -> float:
+    """Mean size of the compact v2 batch item JSON for the workload's events."""
+    total = 0
+    for number in range(count):
+        item = {
+            "type": "person",
+            "identifiers": {"id": customer_id(number)},
+            "action": "event",
+            "name": NON_ESSENTIAL_NAME,
+            "id": str(ULID()),
+            "timestamp": int(time.time()),
+            "attributes": attributes(number),
+        }
+        total += len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+    return total / count
+
+
+CASES = {
+    "emit_cio": emit_cio,
+    "emit_queue_handler": emit_queue_handler,
+    "emit_diskcache_push": emit_diskcache_push,
+    "emit_direct_track": emit_direct_track,
+    "delivery_cio": delivery_cio,
+    "delivery_direct_track": delivery_direct_track,
+    "drain_cio": drain_cio,
+    "rss_cio": rss_cio,
+    "rss_queue_handler": rss_queue_handler,
+    "wal_size": wal_size,
+}
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    run_case(CASES)
