@@ -47,6 +47,9 @@ _RETRY_FIRST, _RETRY_CAP = 0.05, 5.0
 # How often the writer re-reads the log's size for the shedding limits.
 _VOLUME_REFRESH_SECONDS = 0.5
 _IDLE_VOLUME_REFRESH_SECONDS = 5.0
+# How often a commit checks that the database file is still the one on disk (a stat
+# call); rows committed to a deleted file in between are salvaged from it.
+_IDENTITY_CHECK_SECONDS = 0.25
 
 
 class GroupCommitter:
@@ -76,7 +79,10 @@ class GroupCommitter:
         # have been copied held.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._commit_lock = threading.Lock()
+        # One thread commits at a time (the leader); the others wait on _done, all
+        # woken at once when it finishes, and most find their rows committed by it.
+        self._done = threading.Condition(self._lock)
+        self._committing = False
         self._pending: list[Row] = []
         self._pending_bytes = 0
         self._oldest_at = 0.0
@@ -126,8 +132,11 @@ class GroupCommitter:
             failing = self._failing is not None
             # Once closing, no writer commits for us: commit before returning.
             durable = durable or self._stopping
-            if first or len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES:
-                # The first row starts the interval the idle writer must now wait for.
+            if (first and not durable) or (
+                len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES
+            ):
+                # The first row starts the interval the idle writer must now wait for
+                # (a durable row is committed by its caller).
                 self._wake.notify()
         writer = self._writer
         if writer is None or not writer.is_alive():
@@ -156,19 +165,32 @@ class GroupCommitter:
         return 0 if self.commit(timeout) else self.buffered
 
     def _commit_through(self, ticket: int, timeout: float | None = None) -> bool:
-        acquired = self._commit_lock.acquire(timeout=-1 if timeout is None else timeout)
-        if not acquired:
-            return False
+        """Return once rows up to ``ticket`` are committed (True), or the disk failed or
+        ``timeout`` passed first (False). Leads a commit if none is running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if self._committed >= ticket:
+                    return True  # a commit by another thread carried our row
+                if not self._committing:
+                    self._committing = True
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._done.wait(remaining)
+                if self._committed < ticket and self._failing is not None:
+                    return False  # the leader met a failing disk: our row waits in memory
         try:
-            if self._committed >= ticket:
-                return True  # a commit by another thread carried our row
             self._commit_pending()
-            return self._committed >= ticket
         finally:
-            self._commit_lock.release()
+            with self._lock:
+                self._committing = False
+                self._done.notify_all()
+        return self._committed >= ticket
 
     def _commit_pending(self) -> bool:
-        """Commit every buffered row in one transaction; call with the commit lock held."""
+        """Commit every buffered row in one transaction; only the leader calls it."""
         with self._lock:
             rows, last = self._pending, self._submitted
             if not rows:
@@ -177,7 +199,7 @@ class GroupCommitter:
             # what is in memory, being committed or not.
             self._pending = []
         try:
-            if self._wal.replaced_on_disk():
+            if self._wal.replaced_on_disk(at_most_every=_IDENTITY_CHECK_SECONDS):
                 # SQLite would go on writing to the unlinked file: nothing would survive.
                 raise FileNotFoundError("the queue database was deleted or replaced")
             self._wal.append_rows(rows)
@@ -234,8 +256,9 @@ class GroupCommitter:
                     self._wake.wait(self._seconds_until_due())
                 stopping = self._stopping
             try:
-                with self._commit_lock:
-                    committed = self._commit_pending()
+                with self._lock:
+                    ticket = self._submitted
+                committed = self._commit_through(ticket)
                 if not committed:
                     self._try_recovery()
                 self._refresh_volume()

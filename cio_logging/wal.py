@@ -444,10 +444,29 @@ class WriteAheadLog:
         # One writer at a time in this process: threads queue on a fair lock rather
         # than on SQLite's busy handler, whose sleeps made the latency tail.
         self._write_guard = threading.Lock()
-        self._cache = _open_cache(directory, fsync=fsync)
-        self._identity = _database_identity(directory)
+        self._anchor: tuple[int, sqlite3.Connection] | None = None
+        self._open(_open_cache(directory, fsync=fsync))
         reference = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_wal_in_child(reference))
+
+    def _open(self, cache: diskcache.Cache) -> None:
+        """Start using ``cache``; remember which file it is, and keep a connection to it."""
+        self._cache = cache
+        self._identity = _database_identity(self.directory)
+        self._identity_checked_at = time.monotonic()
+        # A connection of our own to this very file, used only to salvage rows if the
+        # file is deleted or found corrupt: whichever thread notices may never have
+        # opened a connection to it, and opening one by path would find the new file.
+        old, self._anchor = self._anchor, None
+        if old is not None and old[0] == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                old[1].close()
+        with contextlib.suppress(sqlite3.Error):
+            anchor = sqlite3.connect(
+                self.directory / diskcache.core.DBNAME, isolation_level=None, factory=_Connection
+            )
+            _LIVE_CONNECTIONS.add(anchor)
+            self._anchor = (os.getpid(), anchor)
 
     def append(self, event: Event, *, replayed_at: float | None = None) -> None:
         """Write ``event`` durably (committed to SQLite) before returning.
@@ -465,8 +484,14 @@ class WriteAheadLog:
         still waiting). Raises ``sqlite3.Error`` or ``OSError`` if the disk fails;
         then nothing of ``rows`` was written.
         """
-        with self._write_guard, self._transaction() as connection:
-            connection.executemany(_INSERT_ROW, rows)
+        with self._write_guard:
+            if len(rows) == 1:
+                # One statement is its own transaction: one call into SQLite, not three
+                # (each call gives the GIL away, and getting it back can take a while).
+                self._cache._con.execute(_INSERT_ROW, rows[0])
+                return
+            with self._transaction() as connection:
+                connection.executemany(_INSERT_ROW, rows)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -591,9 +616,17 @@ class WriteAheadLog:
         ((page_size,),) = sql("PRAGMA page_size").fetchall()
         return int((pages - free) * page_size)
 
-    def replaced_on_disk(self) -> bool:
+    def replaced_on_disk(self, *, at_most_every: float = 0.0) -> bool:
         """Whether the database file we write is gone or another file now (deleted
-        directory, a file moved away): SQLite would go on writing to the unlinked one."""
+        directory, a file moved away): SQLite would go on writing to the unlinked one.
+
+        ``at_most_every``: skip the check (answer False) if one ran this recently;
+        rows committed meanwhile are salvaged from the old file by :meth:`recover`.
+        """
+        now = time.monotonic()
+        if now - self._identity_checked_at < at_most_every:
+            return False
+        self._identity_checked_at = now
         return _database_identity(self.directory) != self._identity
 
     @_sqlite_section
@@ -616,9 +649,8 @@ class WriteAheadLog:
 
     def _reopen_replaced(self) -> str:
         old = self._cache
-        survivors = _salvage(old)
-        self._cache = _open_cache(self.directory, fsync=self._fsync)
-        self._identity = _database_identity(self.directory)
+        survivors = self._salvage()
+        self._open(_open_cache(self.directory, fsync=self._fsync))
         self._insert_salvaged(survivors)
         with contextlib.suppress(Exception):
             old.close()
@@ -629,18 +661,34 @@ class WriteAheadLog:
 
     def _quarantine_corrupt(self) -> str:
         old = self._cache
-        survivors = _salvage(old)  # whatever SQLite can still read through our connection
+        survivors = self._salvage()  # whatever SQLite can still read of it
         with contextlib.suppress(Exception):
             old.close()
         moved = quarantine_database(self.directory)
-        self._cache = _open_cache(self.directory, fsync=self._fsync)
-        self._identity = _database_identity(self.directory)
+        self._open(_open_cache(self.directory, fsync=self._fsync))
         self._insert_salvaged(survivors)
         return (
             f"the queue database in {self.directory} is corrupt; quarantined as "
             f"{', '.join(moved) or 'nothing'}, started a fresh one and moved the "
             f"{len(survivors)} event(s) still readable into it"
         )
+
+    def _salvage(self) -> list[Row]:
+        """Every row of ours still readable in the file we had open (best effort)."""
+        if self._anchor is None or self._anchor[0] != os.getpid():
+            return []  # in a forked child the parent's connection is not ours to use
+        try:
+            rows = (
+                self._anchor[1]
+                .execute(
+                    "SELECT key, tag, value FROM Cache"
+                    " WHERE raw = 1 AND typeof(key) = 'text' AND typeof(value) = 'text'"
+                )
+                .fetchall()
+            )
+        except (sqlite3.Error, OSError):
+            return []
+        return [(key, tag, value) for key, tag, value in rows]
 
     def _insert_salvaged(self, rows: list[Row]) -> None:
         if rows:
@@ -658,6 +706,10 @@ class WriteAheadLog:
     @_sqlite_section
     def close(self) -> None:
         self._cache.close()
+        if self._anchor is not None and self._anchor[0] == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._anchor[1].close()
+            self._anchor = None
 
 
 def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
@@ -665,18 +717,6 @@ def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
     wal = reference()
     if wal is not None:
         wal._write_guard = threading.Lock()
-
-
-def _salvage(cache: diskcache.Cache) -> list[Row]:
-    """Every row of ours still readable through ``cache``'s connection (best effort)."""
-    try:
-        rows = cache._sql(
-            "SELECT key, tag, value FROM Cache"
-            " WHERE raw = 1 AND typeof(key) = 'text' AND typeof(value) = 'text'"
-        ).fetchall()
-    except (sqlite3.Error, OSError):
-        return []
-    return [(key, tag, value) for key, tag, value in rows]
 
 
 def _database_identity(directory: Path) -> tuple[int, int] | None:

@@ -52,6 +52,9 @@ status_log = logging.getLogger("cio_logging.status")
 #: never come back into a handler (a feedback loop).
 flush_thread_marker = threading.local()
 
+# How long the flush thread lets events gather after new ones woke it.
+_LINGER_SECONDS = 0.02
+
 # Repeat the same delivery error at most this often.
 _ERROR_REPEAT_SECONDS = 60.0
 # Rewrite state.json at most this often (and on every breaker transition).
@@ -525,7 +528,11 @@ class DeliveryWorker:
         interval = self._settings.status_log_interval
         if interval:  # a long hold must not hold back the periodic status report
             seconds = min(seconds, interval)
-        self._wake.wait(seconds)
+        if self._wake.wait(seconds) and not self._stop.is_set():
+            # Woken by new events: linger a moment so the next read takes a batch
+            # rather than the one event that woke us (essential events wake us one
+            # by one), which also leaves the GIL to the threads that log.
+            self._stop.wait(_LINGER_SECONDS)
 
 
 def _mark_flush_thread() -> None:
