@@ -50,6 +50,8 @@ _IDLE_VOLUME_REFRESH_SECONDS = 5.0
 # How often a commit checks that the database file is still the one on disk (a stat
 # call); rows committed to a deleted file in between are salvaged from it.
 _IDENTITY_CHECK_SECONDS = 0.25
+# Idle, the writer still wakes this often to check the file (deleted while idle).
+_IDLE_IDENTITY_CHECK_SECONDS = 1.0
 
 
 class GroupCommitter:
@@ -96,6 +98,7 @@ class GroupCommitter:
         self._stopping = False
         self._volume_at = float("-inf")
         self._volume_dirty = False
+        self._identity_at = time.monotonic()
 
     @property
     def buffered(self) -> int:
@@ -199,29 +202,16 @@ class GroupCommitter:
             # what is in memory, being committed or not.
             self._pending = []
         try:
-            if self._wal.replaced_on_disk(at_most_every=_IDENTITY_CHECK_SECONDS):
-                # SQLite would go on writing to the unlinked file: nothing would survive.
+            # Checked every time while failing: the file may be what failed.
+            recently = 0.0 if self._failing is not None else _IDENTITY_CHECK_SECONDS
+            if self._wal.replaced_on_disk(at_most_every=recently):
+                # SQLite would go on writing to the unlinked file: recover first.
                 raise FileNotFoundError("the queue database was deleted or replaced")
             self._wal.append_rows(rows)
         except Exception as exc:
             with self._lock:
                 self._pending[:0] = rows  # back in front: order and tickets are kept
-                first_failure = self._failing is None
-                self._failing = f"{type(exc).__name__}: {exc}"
-                self._last_error = exc
-                if first_failure:
-                    self._retry_delay = _RETRY_FIRST
-                    self._retry_at = time.monotonic()
-                self._wake.notify()
-            if first_failure:
-                internal_log.error(
-                    "cio_logging: cannot write events to the queue in %s (%s); they are "
-                    "kept in memory (at most max_buffer_bytes=%d) and NOT safe from a "
-                    "crash until the disk recovers",
-                    self._wal.directory,
-                    self._failing,
-                    self._max_bytes,
-                )
+            self._note_failure(exc)
             return False
         recovered = False
         with self._lock:
@@ -239,6 +229,26 @@ class GroupCommitter:
         self._on_committed()
         return True
 
+    def _note_failure(self, exc: BaseException) -> None:
+        """Enter (or stay in) the failing state; the first failure is reported loudly."""
+        with self._lock:
+            first_failure = self._failing is None
+            self._failing = f"{type(exc).__name__}: {exc}"
+            self._last_error = exc
+            if first_failure:
+                self._retry_delay = _RETRY_FIRST
+                self._retry_at = time.monotonic()
+            self._wake.notify()
+        if first_failure:
+            internal_log.error(
+                "cio_logging: cannot write events to the queue in %s (%s); they are "
+                "kept in memory (at most max_buffer_bytes=%d) and NOT safe from a "
+                "crash until the disk recovers",
+                self._wal.directory,
+                self._failing,
+                self._max_bytes,
+            )
+
     def _start_writer(self) -> None:
         with self._lock:
             writer = self._writer
@@ -252,7 +262,9 @@ class GroupCommitter:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._due() and not self._volume_stale():
+                while not (
+                    self._stopping or self._due() or self._volume_stale() or self._check_due()
+                ):
                     self._wake.wait(self._seconds_until_due())
                 stopping = self._stopping
             try:
@@ -261,6 +273,12 @@ class GroupCommitter:
                 committed = self._commit_through(ticket)
                 if not committed:
                     self._try_recovery()
+                elif self._check_due():
+                    self._identity_at = time.monotonic()
+                    if self._wal.replaced_on_disk():
+                        # Deleted while idle: no commit would notice, and the worker
+                        # would go on reading the unlinked file.
+                        self._recover_replaced()
                 self._refresh_volume()
             except Exception:  # never let the writer die; the next turn tries again
                 internal_log.exception("cio_logging: unexpected error in the commit thread")
@@ -289,10 +307,32 @@ class GroupCommitter:
     def _seconds_until_due(self) -> float:
         now = time.monotonic()
         if not self._pending:
-            return max(0.01, self._volume_at + self._volume_refresh_period() - now)
+            refresh = self._volume_at + self._volume_refresh_period() - now
+            return max(0.01, min(refresh, _IDLE_IDENTITY_CHECK_SECONDS))
         if self._failing is not None:
             return max(0.0, self._retry_at - now)
         return max(0.0, self._oldest_at + self._interval - now)
+
+    def _check_due(self) -> bool:
+        """Whether the writer should check that the database file is still on disk."""
+        return time.monotonic() - self._identity_at >= _IDLE_IDENTITY_CHECK_SECONDS
+
+    def _recover_replaced(self) -> None:
+        with self._lock:
+            if self._committing:
+                return  # a commit is running; it checks the file itself
+            self._committing = True
+        try:
+            action = self._wal.recover(None)
+        except Exception as exc:  # e.g. a read-only volume: the directory cannot be made
+            self._note_failure(exc)
+            return
+        finally:
+            with self._lock:
+                self._committing = False
+                self._done.notify_all()
+        if action is not None:
+            internal_log.error("cio_logging: %s", action)
 
     def _try_recovery(self) -> None:
         with self._lock:

@@ -20,8 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ulid import ULID
 
@@ -41,11 +40,10 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = tuple(_CROCKFORD[index >> 5] + _CROCKFORD[index & 31] for index in range(1024))
 
 
-# Not frozen: a frozen dataclass pays for object.__setattr__ on every field, and
-# this one is built for every event (at emit, and at every read of the log).
-# Treat it as immutable all the same.
-@dataclass(slots=True, eq=True)
-class Event:
+# A NamedTuple, not a frozen dataclass: as immutable, and built about four times
+# faster (a frozen dataclass pays object.__setattr__ per field); one is built for
+# every event, at emit and at every read of the log.
+class Event(NamedTuple):
     """One Track API event, as stored in the write-ahead log.
 
     Exactly one of ``customer_id`` and ``anonymous_id`` is set. ``data_json`` is the

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import diskcache
 
@@ -392,11 +392,10 @@ def _delete_non_text_keys(cache: diskcache.Cache) -> list[CorruptEntry]:
     ]
 
 
-# Not frozen: a frozen dataclass pays for object.__setattr__ on every field, and
-# this one is built for every event (at emit, and at every read of the log).
-# Treat it as immutable all the same.
-@dataclass(slots=True, eq=True)
-class QueuedEvent:
+# A NamedTuple, not a frozen dataclass: as immutable, and built about four times
+# faster (a frozen dataclass pays object.__setattr__ per field); one is built for
+# every event, at emit and at every read of the log.
+class QueuedEvent(NamedTuple):
     """An event in the write-ahead log, with its delivery history."""
 
     key: str
@@ -463,9 +462,15 @@ class WriteAheadLog:
                 old[1].close()
         with contextlib.suppress(sqlite3.Error):
             anchor = sqlite3.connect(
-                self.directory / diskcache.core.DBNAME, isolation_level=None, factory=_Connection
+                self.directory / diskcache.core.DBNAME,
+                isolation_level=None,
+                factory=_Connection,
+                check_same_thread=False,  # used under the write guard, by whichever thread
             )
             _LIVE_CONNECTIONS.add(anchor)
+            # A first read opens SQLite's -wal and -shm files too: rows not yet
+            # checkpointed live there, and once deleted they cannot be opened by path.
+            anchor.execute("SELECT count(*) FROM Settings").fetchall()
             self._anchor = (os.getpid(), anchor)
 
     def append(self, event: Event, *, replayed_at: float | None = None) -> None:
@@ -485,10 +490,12 @@ class WriteAheadLog:
         then nothing of ``rows`` was written.
         """
         with self._write_guard:
-            if len(rows) == 1:
-                # One statement is its own transaction: one call into SQLite, not three
-                # (each call gives the GIL away, and getting it back can take a while).
-                self._cache._con.execute(_INSERT_ROW, rows[0])
+            if len(rows) <= _ROWS_PER_STATEMENT:
+                # One statement is its own transaction: one call into SQLite, not the
+                # three of BEGIN, executemany and COMMIT. Each call gives the GIL away,
+                # and with other threads running, getting it back is what a commit
+                # costs the essential events waiting for it.
+                self._cache._con.execute(_insert_rows_sql(len(rows)), _flatten(rows))
                 return
             with self._transaction() as connection:
                 connection.executemany(_INSERT_ROW, rows)
@@ -745,6 +752,24 @@ _INSERT_ROW = (
     " VALUES (?1, 1, (julianday('now') - 2440587.5) * 86400.0, NULL,"
     " (julianday('now') - 2440587.5) * 86400.0, 0, ?2, 0, 1, NULL, ?3)"
 )
+# Up to this many rows (a group of essential events) go in one multi-row INSERT; more
+# (the writer's groups) in executemany within a transaction. Few sizes, few statements
+# for SQLite to compile and cache.
+_ROWS_PER_STATEMENT = 16
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
+def _insert_rows_sql(count: int) -> str:
+    """An INSERT of ``count`` rows in one statement (the row SQL above, repeated)."""
+    values = _INSERT_ROW[_INSERT_ROW.index(" VALUES ") + len(" VALUES ") :]
+    one = values.replace("?1", "?").replace("?2", "?").replace("?3", "?")
+    return _INSERT_ROW[: _INSERT_ROW.index(" VALUES ")] + " VALUES " + ", ".join([one] * count)
+
+
+def _flatten(rows: Sequence[Row]) -> list[object]:
+    return [value for row in rows for value in row]
+
+
 _SELECT_UNTAGGED = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE tag IS NULL LIMIT ?"
 )

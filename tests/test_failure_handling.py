@@ -341,14 +341,15 @@ class TestDegradation:
         logger = attach(handler, "disk")
         blob = "x" * 90_000
         log_events(logger, 14, name="page_viewed", blob=blob)  # ~1.3 MB: past the soft limit
-        time.sleep(0.6)  # the size is re-read at most every 0.5 s
+        # The commit thread re-reads the size at most every 0.5 s after commits.
+        assert wait_for(lambda: handler._committer.queue_bytes >= mib, 5)
         started = time.monotonic()
         logger.info("page_viewed", extra=cio_event("late", blob=blob))
         logger.info("purchase", extra=cio_event("late", blob=blob))
         assert time.monotonic() - started < 1.0
         assert handler.status()["dropped"] == {"disk_limit_non_essential": 1}
         log_events(logger, 12, name="purchase", blob=blob)  # past the hard limit
-        time.sleep(0.6)
+        assert wait_for(lambda: handler._committer.queue_bytes >= 2 * mib, 5)
         logger.info("purchase", extra=cio_event("very-late", blob=blob))
         assert handler.status()["dropped"]["disk_limit_hard"] >= 1
         simulator.clear_faults()
