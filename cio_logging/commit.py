@@ -40,6 +40,9 @@ REFUSED = "refused"  # the buffer is full: not kept (the caller counts the drop)
 # A group this large is committed without waiting for the interval to end.
 _GROUP_ROWS = 2_000
 _GROUP_BYTES = 1 << 20
+# Past this much waiting, the caller commits the backlog itself (backpressure).
+_BACKPRESSURE_ROWS = 4 * _GROUP_ROWS
+_BACKPRESSURE_BYTES = 4 * _GROUP_BYTES
 # Estimated memory of one buffered row beyond its text (tuple, key, float).
 _ROW_OVERHEAD = 150
 # Retrying a failing disk: from this delay, doubling, up to the cap.
@@ -133,8 +136,21 @@ class GroupCommitter:
             self._submitted += 1
             ticket = self._submitted
             failing = self._failing is not None
-            # Once closing, no writer commits for us: commit before returning.
-            durable = durable or self._stopping
+            # Once closing, no writer commits for us: commit before returning. And
+            # when the writer falls behind (a burst, or the GIL spent elsewhere), the
+            # caller commits the backlog itself rather than let memory grow until
+            # events are shed: a bounded wait, and the buffer stays small.
+            durable = (
+                durable
+                or self._stopping
+                or (
+                    not failing
+                    and (
+                        len(self._pending) >= _BACKPRESSURE_ROWS
+                        or self._pending_bytes >= _BACKPRESSURE_BYTES
+                    )
+                )
+            )
             if (first and not durable) or (
                 len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES
             ):

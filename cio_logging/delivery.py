@@ -22,10 +22,11 @@ from __future__ import annotations
 import base64
 import email.utils
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +146,11 @@ class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
 
     def _build_session(self) -> requests.Session:
         session = _PinnedCASession(self._verify)
+        # The process id tells an operator (or a test) which process of several
+        # sharing a queue sent a request; it is built after a fork, so it is current.
         session.headers["User-Agent"] = (
-            f"cio-logging/{PACKAGE_VERSION} Customer.io Python Client/{SDK_VERSION}"
+            f"cio-logging/{PACKAGE_VERSION} (pid {os.getpid()}) "
+            f"Customer.io Python Client/{SDK_VERSION}"
         )
         session.auth = (self.site_id, self.api_key)
         session.mount(
@@ -229,15 +233,30 @@ class TrackClient:
                 self._send_single(queued, report)
         return report
 
-    def _send_batches_in_parallel(
-        self, chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]], report: DeliveryReport
-    ) -> None:
+    def submit(self, events: Sequence[QueuedEvent]) -> Future[DeliveryReport]:
+        """Deliver ``events`` on a sender thread (at most ``max_in_flight`` at once)."""
+        try:
+            return self._sender_pool().submit(self.deliver, events, parallel=False)
+        except RuntimeError:
+            # The interpreter is exiting (logging.shutdown() flushes from an atexit
+            # hook, after concurrent.futures stopped taking work): send right here.
+            done: Future[DeliveryReport] = Future()
+            done.set_result(self.deliver(events, parallel=False))
+            return done
+
+    def _sender_pool(self) -> ThreadPoolExecutor:
         if self._senders is None:
             self._senders = ThreadPoolExecutor(
                 max_workers=self._settings.max_in_flight,
                 thread_name_prefix="cio_logging-send",
                 initializer=self._thread_initializer,
             )
+        return self._senders
+
+    def _send_batches_in_parallel(
+        self, chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]], report: DeliveryReport
+    ) -> None:
+        senders = self._sender_pool()
         failed = threading.Event()
 
         def send(chunk: list[tuple[QueuedEvent, dict[str, Any], int]]) -> DeliveryReport:
@@ -250,7 +269,11 @@ class TrackClient:
                 failed.set()
             return part
 
-        for part in self._senders.map(send, chunks):
+        try:
+            parts = list(senders.map(send, chunks))
+        except RuntimeError:  # exiting: the pool takes no work (see submit); in turn
+            parts = [send(chunk) for chunk in chunks]
+        for part in parts:
             report.merge(part)
 
     def _send_batch(

@@ -112,6 +112,7 @@ class RequestRecord:
     body_bytes: int
     item_count: int
     payload: Any = None  # the decoded JSON body, kept only while ``record_bodies`` is set
+    user_agent: str = ""
 
 
 class _Answer(NamedTuple):
@@ -375,7 +376,9 @@ class _Handler(BaseHTTPRequestHandler):
                 answer: _Answer | None = simulator._control(self.command, path, body)
             else:
                 authorization = self.headers.get("Authorization")
-                answer = simulator._track(self.command, path, authorization, body)
+                answer = simulator._track(
+                    self.command, path, authorization, body, self.headers.get("User-Agent", "")
+                )
         except Exception as exc:  # a simulator bug: say so to the client rather than hang up
             answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
         if answer is None:
@@ -659,7 +662,12 @@ class TrackAPISimulator:
     # -- request handling (called from connection threads) -------------------------------
 
     def _track(
-        self, method: str, path: str, authorization: str | None, body: bytes
+        self,
+        method: str,
+        path: str,
+        authorization: str | None,
+        body: bytes,
+        user_agent: str = "",
     ) -> _Answer | None:
         """Answer one Track request; None means drop the connection unanswered."""
         received = time.time()
@@ -702,6 +710,7 @@ class TrackAPISimulator:
             len(body),
             _item_count(route, payload),
             payload if self.record_bodies else None,
+            user_agent,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)

@@ -362,6 +362,11 @@ def _open_cache_once(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
                 statistics=0,
                 tag_index=1,  # the due-time index of WriteAheadLog
                 disk_min_file_size=_INLINE_LIMIT,
+                # Memory stays flat however long the queue grows: a page cache of 8 MiB
+                # per connection (diskcache's default is 32), and reads without mmap,
+                # whose pages would count in the process's RSS as the queue is read.
+                sqlite_cache_size=2048,
+                sqlite_mmap_size=0,
                 **durability,
             )
     except (sqlite3.Error, OSError) as exc:
@@ -417,10 +422,15 @@ class CorruptEntry:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What one read of the log found: events due now, and rows taken out as corrupt."""
+    """What one read of the log found: events due now, and rows taken out as corrupt.
+
+    ``cursor`` marks where the read stopped (due time, row id): a later read from it
+    continues after these rows, while they are still in the log (in flight).
+    """
 
     events: list[QueuedEvent]
     corrupt: list[CorruptEntry]
+    cursor: tuple[float, int] | None = None
 
 
 class WriteAheadLog:
@@ -516,19 +526,28 @@ class WriteAheadLog:
             raise
 
     @_sqlite_section
-    def read_due(self, limit: int, now: float | None = None) -> Batch:
+    def read_due(
+        self, limit: int, now: float | None = None, *, after: tuple[float, int] | None = None
+    ) -> Batch:
         """Up to ``limit`` events whose next attempt is due, the longest-due first.
 
-        Rows that are not our JSON are deleted from the log and returned as
-        :class:`CorruptEntry` so the caller can dead-letter them.
+        ``after``: the cursor of an earlier read; only rows past it are read (the
+        earlier ones are being sent). Rows that are not our JSON are deleted from the
+        log and returned as :class:`CorruptEntry` so the caller can dead-letter them.
         """
         moment = time.time() if now is None else now
         sql = self._cache._sql
-        # Rows without a due time were not written by this module (another diskcache
-        # user, an older version): read them first, as due, and validate them.
-        rows = sql(_SELECT_UNTAGGED, (limit,)).fetchall()
-        if len(rows) < limit:
-            rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
+        if after is None:
+            # Rows without a due time were not written by this module (another
+            # diskcache user, an older version): read them first, as due, and check them.
+            rows = sql(_SELECT_UNTAGGED, (limit,)).fetchall()
+            if len(rows) < limit:
+                rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
+        else:
+            tag, rowid = after
+            rows = sql(_SELECT_DUE_AFTER, (moment, tag, tag, rowid, limit)).fetchall()
+        tagged = [row for row in rows if row[3] is not None]
+        cursor = (float(tagged[-1][3]), int(tagged[-1][0])) if tagged else after
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
         bad_rows: list[tuple[int]] = []
@@ -543,7 +562,7 @@ class WriteAheadLog:
         if bad_rows:
             with self._write_guard, self._transaction() as connection:
                 connection.executemany("DELETE FROM Cache WHERE rowid = ?", bad_rows)
-        return Batch(events, corrupt)
+        return Batch(events, corrupt, cursor)
 
     @_sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
@@ -775,7 +794,11 @@ _SELECT_UNTAGGED = (
 )
 _SELECT_DUE = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
-    " WHERE tag <= ? ORDER BY tag LIMIT ?"
+    " WHERE tag <= ? ORDER BY tag, rowid LIMIT ?"
+)
+_SELECT_DUE_AFTER = (
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
+    " WHERE tag <= ? AND (tag > ? OR (tag = ? AND rowid > ?)) ORDER BY tag, rowid LIMIT ?"
 )
 _SELECT_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"

@@ -32,7 +32,9 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +45,7 @@ from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state, write_state
 from .telemetry import Telemetry
-from .wal import DeadLetterStore, QueuedEvent, WriteAheadLog
+from .wal import Batch, DeadLetterStore, QueuedEvent, WriteAheadLog
 
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
@@ -278,13 +280,51 @@ class DeliveryWorker:
         return max(held, self.breaker.seconds_until_probe())
 
     def _deliver_once(self, client: TrackClient) -> bool:
-        """Deliver one batch (one event as a breaker probe); False when nothing was due."""
-        now = self._clock()
-        probing = self.breaker.state != CLOSED
+        """Deliver what is due (one event as a breaker probe); False when nothing was."""
+        if self.breaker.state != CLOSED:
+            events, batch = self._take_due(1, self._clock(), None)
+            if events:
+                self._apply(client.deliver(events), probing=True)
+                self._record_state()
+            return bool(batch.events or batch.corrupt)
+        return self._deliver_pipelined(client)
+
+    def _deliver_pipelined(self, client: TrackClient) -> bool:
+        """Keep up to ``max_in_flight`` batches in flight until nothing more is due.
+
+        While requests are out, the next batch is read (after the cursor of the last
+        one: what is in flight is still in the log) and finished ones are acknowledged,
+        so reading, sending and acknowledging overlap. After a failure nothing new is
+        sent; what is in flight is awaited and applied.
+        """
         settings = self._settings
-        batch = self._wal.read_due(
-            1 if probing else settings.batch_size * settings.max_in_flight, now
-        )
+        in_flight: deque[Future[DeliveryReport]] = deque()
+        cursor: tuple[float, int] | None = None
+        found = failed = False
+        while True:
+            while not failed and len(in_flight) < settings.max_in_flight:
+                if self._stop.is_set() or self.breaker.state != CLOSED:
+                    break
+                events, batch = self._take_due(settings.batch_size, self._clock(), cursor)
+                if not (batch.events or batch.corrupt):
+                    break
+                found, cursor = True, batch.cursor
+                if events:
+                    in_flight.append(client.submit(events))
+            if not in_flight:
+                break
+            report = in_flight.popleft().result()
+            self._apply(report)
+            failed = failed or report.failure is not None
+        if found:
+            self._record_state()
+        return found
+
+    def _take_due(
+        self, limit: int, now: float, after: tuple[float, int] | None
+    ) -> tuple[list[QueuedEvent], Batch]:
+        """Read what is due; dead-letter corrupt rows and expired events on the way."""
+        batch = self._wal.read_due(limit, now, after=after)
         for corrupt in batch.corrupt:
             self._dead_letter(corrupt.key, None, Failure(None, "corrupt_entry", corrupt.reason))
             internal_log.error(
@@ -304,11 +344,7 @@ class DeliveryWorker:
                 )
             else:
                 events.append(queued)
-        if not events:
-            return bool(batch.corrupt or batch.events)
-        self._apply(client.deliver(events), probing=probing)
-        self._record_state()
-        return True
+        return events, batch
 
     def _apply(self, report: DeliveryReport, *, probing: bool = False) -> None:
         for queued, rejection in report.rejected:

@@ -40,6 +40,7 @@ class TestCircuitBreaker:
     ) -> None:
         handler = make_handler(
             batch_size=1,
+            max_in_flight=1,  # exactly three requests open it (more could be in flight)
             consecutive_failures=3,
             reset_timeout=0.6,
             request_timeout=0.3,

@@ -64,17 +64,21 @@ def lock_holder(queue_dir: Path) -> int | None:
 
 
 def overlapping(requests: list[RequestRecord], killed_at: float) -> list[tuple[float, float]]:
-    """Pairs of requests that were answered at the same time, other than across the kill.
+    """Requests of two different processes answered at the same time, other than
+    across the kill.
 
-    One sender waits for each answer, and the simulator waits ``LATENCY`` before it
-    answers, so two requests from the one delivering process are at least ``LATENCY``
-    apart. Only the request the killed holder had in flight may overlap its successor.
+    A process may have several requests in flight (``max_in_flight``); each request's
+    User-Agent names its process. The simulator waits ``LATENCY`` before it answers,
+    so requests of two processes that took turns are at least ``LATENCY`` apart. Only
+    a request the killed holder had in flight may overlap its successor's.
     """
-    times = sorted(record.time for record in requests)
+    timed = sorted((record.time, record.user_agent) for record in requests)
     return [
         (earlier, later)
-        for earlier, later in itertools.pairwise(times)
-        if later - earlier < LATENCY - 0.01 and not earlier <= killed_at <= later
+        for (earlier, first), (later, second) in itertools.combinations(timed, 2)
+        if first != second
+        and abs(later - earlier) < LATENCY - 0.01
+        and not earlier <= killed_at <= later
     ]
 
 
