@@ -134,7 +134,7 @@ class TestRetries:
     def test_429_with_retry_after_waits_that_long(
         self, make_handler: HandlerFactory, simulator: TrackAPISimulator
     ) -> None:
-        handler = make_handler()
+        handler = make_handler(max_in_flight=1)  # a request already out is not recalled
         logger = attach(handler, "retry_after")
         simulator.fail(429, count=1, retry_after="1")
         log_events(logger, 5)
