@@ -501,9 +501,9 @@ def rss_section(run: Run) -> Section:
         "Each contender in a fresh process: RSS (VmRSS) read after a warm-up, the peak "
         "(VmHWM, reset through /proc/self/clear_refs) read after the last event "
         "(for cio_logging after `commit()` when the handler has it). The anon / file-backed "
-        "split is RssAnon and RssFile at the end: file-backed pages (SQLite maps its "
-        "database into memory; diskcache asks for up to 64 MiB) count in RSS but are the "
-        "page cache's, which the kernel reclaims under pressure."
+        "split is RssAnon and RssFile at the end: file-backed pages (memory-mapped files; "
+        "cio_logging turns SQLite's mmap off) count in RSS but are the page cache's, "
+        "which the kernel reclaims under pressure."
         + (
             ""
             if scale == 1
