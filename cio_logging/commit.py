@@ -157,8 +157,7 @@ class GroupCommitter:
                 # The first row starts the interval the idle writer must now wait for
                 # (a durable row is committed by its caller).
                 self._wake.notify()
-        writer = self._writer
-        if writer is None or not writer.is_alive():
+        if self._writer is None:  # it never ends before close(); a forked child has none
             self._start_writer()
         if not durable or failing:
             return BUFFERED  # while the disk fails, the writer retries for everyone

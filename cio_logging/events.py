@@ -121,7 +121,7 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
     tag = record.__dict__.get(EXTRA_KEY)
     if tag is None:
         return None
-    if not isinstance(tag, Mapping):
+    if type(tag) is not dict and not isinstance(tag, Mapping):  # the ABC check is slow
         raise InvalidEventError(f"extra[{EXTRA_KEY!r}] must be a dict, not {type(tag).__name__}")
     if not _ALLOWED_KEYS.issuperset(tag):
         unknown = set(tag) - _ALLOWED_KEYS
@@ -175,7 +175,7 @@ def encode_data(data: object) -> str:
     """
     if data is None:
         return "{}"
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise InvalidEventError(f"data must be a dict, not {type(data).__name__}")
     try:
         text = _DATA_ENCODER.encode(data)
@@ -225,6 +225,15 @@ _DATA_ENCODER = json.JSONEncoder(
 def _identifier(field_name: str, value: object) -> str | None:
     if value is None:
         return None
+    if type(value) is str and value.isascii():  # the common case, cheaply
+        if not value.strip():
+            raise InvalidEventError(f"{field_name} must not be empty")
+        if len(value) > MAX_IDENTIFIER_BYTES:
+            raise InvalidEventError(
+                f"{field_name} is {len(value)} bytes; Customer.io accepts at most "
+                f"{MAX_IDENTIFIER_BYTES}"
+            )
+        return value
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidEventError(
             f"{field_name} must be a string or an integer, not {type(value).__name__}"

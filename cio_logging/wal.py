@@ -508,7 +508,17 @@ class WriteAheadLog:
                 self._cache._con.execute(_insert_rows_sql(len(rows)), _flatten(rows))
                 return
             with self._transaction() as connection:
-                connection.executemany(_INSERT_ROW, rows)
+                # Multi-row statements, not executemany: a statement gives the GIL away
+                # once, executemany once per row, and with the application's threads
+                # running, each hand-back can take a while.
+                full = len(rows) - len(rows) % _ROWS_PER_BIG_STATEMENT
+                big = _insert_rows_sql(_ROWS_PER_BIG_STATEMENT)
+                for start in range(0, full, _ROWS_PER_BIG_STATEMENT):
+                    chunk = rows[start : start + _ROWS_PER_BIG_STATEMENT]
+                    connection.execute(big, _flatten(chunk))
+                for start in range(full, len(rows), _ROWS_PER_STATEMENT):
+                    chunk = rows[start : start + _ROWS_PER_STATEMENT]
+                    connection.execute(_insert_rows_sql(len(chunk)), _flatten(chunk))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -772,12 +782,14 @@ _INSERT_ROW = (
     " (julianday('now') - 2440587.5) * 86400.0, 0, ?2, 0, 1, NULL, ?3)"
 )
 # Up to this many rows (a group of essential events) go in one multi-row INSERT; more
-# (the writer's groups) in executemany within a transaction. Few sizes, few statements
+# (the writer's groups) in statements of _ROWS_PER_BIG_STATEMENT rows, then the rest in
+# statements of at most this many, within one transaction. Few sizes: few statements
 # for SQLite to compile and cache.
 _ROWS_PER_STATEMENT = 16
+_ROWS_PER_BIG_STATEMENT = 64
 
 
-@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT)
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT + 1)
 def _insert_rows_sql(count: int) -> str:
     """An INSERT of ``count`` rows in one statement (the row SQL above, repeated)."""
     values = _INSERT_ROW[_INSERT_ROW.index(" VALUES ") + len(" VALUES ") :]
