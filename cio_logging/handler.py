@@ -230,7 +230,10 @@ class CustomerIOHandler(logging.Handler):
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""
         if not self._closed:
-            self._worker.ensure_started()
+            try:
+                self._worker.ensure_started()
+            except RuntimeError:
+                return  # no new thread at interpreter exit; the rows are on disk
             self._worker.notify()
 
     def _warn_buffer_full(self) -> None:

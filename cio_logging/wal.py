@@ -463,9 +463,12 @@ class WriteAheadLog:
         self._cache = cache
         self._identity = _database_identity(self.directory)
         self._identity_checked_at = time.monotonic()
-        # A connection of our own to this very file, used only to salvage rows if the
-        # file is deleted or found corrupt: whichever thread notices may never have
-        # opened a connection to it, and opening one by path would find the new file.
+        self._open_anchor()
+
+    def _open_anchor(self) -> None:
+        """Keep a connection of our own to the current file, used only to salvage rows
+        if it is deleted or found corrupt: whichever thread notices may never have
+        opened one to it, and opening one by path would find the new file."""
         old, self._anchor = self._anchor, None
         if old is not None and old[0] == os.getpid():
             with contextlib.suppress(sqlite3.Error):
@@ -500,6 +503,8 @@ class WriteAheadLog:
         then nothing of ``rows`` was written.
         """
         with self._write_guard:
+            if self._anchor is None or self._anchor[0] != os.getpid():
+                self._open_anchor()  # a forked child: the parent's is not ours to use
             if len(rows) <= _ROWS_PER_STATEMENT:
                 # One statement is its own transaction: one call into SQLite, not the
                 # three of BEGIN, executemany and COMMIT. Each call gives the GIL away,
@@ -547,17 +552,28 @@ class WriteAheadLog:
         """
         moment = time.time() if now is None else now
         sql = self._cache._sql
-        if after is None:
-            # Rows without a due time were not written by this module (another
-            # diskcache user, an older version): read them first, as due, and check them.
-            rows = sql(_SELECT_UNTAGGED, (limit,)).fetchall()
-            if len(rows) < limit:
-                rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
-        else:
+        # Rows without a due time were not written by this module (an older version,
+        # another diskcache user): read them first, as due, and check them. Once read
+        # they get one (below), so they are never read twice.
+        rows = sql(_SELECT_UNTAGGED, (limit,)).fetchall()
+        if len(rows) < limit and after is None:
+            rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
+        elif len(rows) < limit and after is not None:
             tag, rowid = after
-            rows = sql(_SELECT_DUE_AFTER, (moment, tag, tag, rowid, limit)).fetchall()
-        tagged = [row for row in rows if row[3] is not None]
-        cursor = (float(tagged[-1][3]), int(tagged[-1][0])) if tagged else after
+            rows += sql(_SELECT_DUE_AFTER, (moment, tag, tag, rowid, limit - len(rows))).fetchall()
+        untagged = [(row[0],) for row in rows if row[3] is None]
+        if untagged:
+            # Rows from an older version (or another writer) get a due time now, the
+            # earliest there is, so a read after this one's cursor does not take them
+            # again while they are in flight.
+            with self._write_guard, self._transaction() as connection:
+                connection.executemany("UPDATE Cache SET tag = 0.0 WHERE rowid = ?", untagged)
+            rows = [row if row[3] is not None else (*row[:3], 0.0, *row[4:]) for row in rows]
+        ordered = sorted((float(row[3]), int(row[0])) for row in rows)
+        if after is not None:
+            ordered.append(after)  # the cursor never moves back over rows in flight
+            ordered.sort()
+        cursor = ordered[-1] if ordered else None
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
         bad_rows: list[tuple[int]] = []
@@ -710,21 +726,32 @@ class WriteAheadLog:
         )
 
     def _salvage(self) -> list[Row]:
-        """Every row of ours still readable in the file we had open (best effort)."""
+        """Every row of ours still readable in the file we had open (best effort).
+
+        One damaged page fails a full scan: then the rows are read in ranges of row
+        ids, and a range that fails one by one, so only what is unreadable is lost.
+        """
         if self._anchor is None or self._anchor[0] != os.getpid():
             return []  # in a forked child the parent's connection is not ours to use
+        connection = self._anchor[1]
         try:
-            rows = (
-                self._anchor[1]
-                .execute(
-                    "SELECT key, tag, value FROM Cache"
-                    " WHERE raw = 1 AND typeof(key) = 'text' AND typeof(value) = 'text'"
-                )
-                .fetchall()
-            )
+            return _readable_rows(connection, _SALVAGE_ALL, ())
+        except (sqlite3.Error, OSError):
+            pass
+        try:
+            ((highest,),) = connection.execute("SELECT max(rowid) FROM Cache").fetchall()
         except (sqlite3.Error, OSError):
             return []
-        return [(key, tag, value) for key, tag, value in rows]
+        rows: list[Row] = []
+        for start in range(1, int(highest or 0) + 1, _SALVAGE_RANGE):
+            end = start + _SALVAGE_RANGE - 1
+            try:
+                rows += _readable_rows(connection, _SALVAGE_RANGE_SQL, (start, end))
+            except (sqlite3.Error, OSError):
+                for rowid in range(start, end + 1):
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        rows += _readable_rows(connection, _SALVAGE_ONE, (rowid,))
+        return rows
 
     def _insert_salvaged(self, rows: list[Row]) -> None:
         if rows:
@@ -753,6 +780,25 @@ def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
     wal = reference()
     if wal is not None:
         wal._write_guard = threading.Lock()
+
+
+_SALVAGE_COLUMNS = (
+    "SELECT key, tag, value FROM Cache WHERE raw = 1 AND typeof(key) = 'text'"
+    " AND typeof(value) = 'text'"
+)
+_SALVAGE_ALL = _SALVAGE_COLUMNS
+_SALVAGE_RANGE_SQL = _SALVAGE_COLUMNS + " AND rowid BETWEEN ? AND ?"
+_SALVAGE_ONE = _SALVAGE_COLUMNS + " AND rowid = ?"
+_SALVAGE_RANGE = 256
+
+
+def _readable_rows(
+    connection: sqlite3.Connection, sql: str, parameters: tuple[int, ...]
+) -> list[Row]:
+    return [
+        (key, 0.0 if tag is None else tag, value)
+        for key, tag, value in connection.execute(sql, parameters).fetchall()
+    ]
 
 
 def _database_identity(directory: Path) -> tuple[int, int] | None:

@@ -236,6 +236,12 @@ class DeliveryWorker:
             return client
         self._record_state()
         self._log_status()
+        if self._wal.replaced_on_disk(at_most_every=1.0):
+            # Deleted under a process that only delivers (it never logs, so no commit
+            # would notice): it would go on reading the unlinked file.
+            action = self._wal.recover(None)
+            if action is not None:
+                internal_log.error("cio_logging: %s", action)
         on_hold = self._seconds_on_hold()
         if on_hold > 0:
             self._complete(generation)  # flush(): nothing can go now

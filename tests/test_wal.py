@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -319,3 +322,66 @@ def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
         assert mode == expected, f"{path} is {oct(mode)}"
         seen += 1
     assert seen >= 6  # queue, wal, dead, two databases with their -wal/-shm, the lock
+
+
+def _rows(count: int, prefix: str) -> list[tuple[str, float, str]]:
+    return [encode_row(make_event(number, name=f"{prefix}_event")) for number in range(count)]
+
+
+def test_a_forked_child_salvages_a_deleted_log(tmp_path: Path) -> None:
+    """The connection kept for salvage is the parent's: a child opens its own (review)."""
+    wal = WriteAheadLog(tmp_path / "queue" / "wal")
+    wal.append_rows(_rows(20, "parent"))  # a backlog committed before the fork
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: commit, lose the directory, recover; report, leave
+        try:
+            wal.append_rows(_rows(30, "child"))
+            doomed = tmp_path / "gone"
+            (tmp_path / "queue").rename(doomed)
+            shutil.rmtree(doomed)
+            action = wal.recover(None) or ""
+            os.write(writer, f"{len(wal)}|{action}".encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        count, action = pipe.read().split("|", 1)
+    os.waitpid(pid, 0)
+    assert "moved 50 waiting event(s)" in action
+    assert count == "50"
+
+
+def test_one_damaged_page_loses_only_its_rows(tmp_path: Path) -> None:
+    """A full scan fails on one bad page; salvage reads around it (review)."""
+    directory = tmp_path / "wal"
+    wal = WriteAheadLog(directory)
+    padded = [make_event(number) for number in range(3000)]
+    wal.append_rows([encode_row(event._replace(data_json='{"pad":"' + "x" * 200 + '"}'))
+                     for event in padded])  # fmt: skip
+    database = directory / "cache.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    with database.open("r+b") as handle:  # one page in the middle of the file
+        handle.seek(page_size * (pages // 2))
+        handle.write(b"\xff" * page_size)
+    with pytest.raises(sqlite3.DatabaseError) as failure:
+        wal.read_due(5000, now=1e12)
+    action = wal.recover(failure.value) or ""
+    assert "quarantined" in action
+    assert 2900 <= len(wal) < 3000  # everything but the damaged page's rows
+    assert len(wal.read_due(5000, now=1e12).events) == len(wal)
+
+
+def test_rows_without_a_due_time_are_not_read_twice_while_in_flight(tmp_path: Path) -> None:
+    """Rows an older version wrote have no due time; a pipelined read moves past them."""
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.append_rows(_rows(10, "legacy"))
+    wal._cache._sql("UPDATE Cache SET tag = NULL")
+    first = wal.read_due(6, now=1e12)
+    second = wal.read_due(6, now=1e12, after=first.cursor)
+    taken = [queued.key for queued in first.events + second.events]
+    assert len(first.events) == 6
+    assert len(taken) == len(set(taken)) == 10
