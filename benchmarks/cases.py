@@ -32,6 +32,7 @@ from .workload import (
     customer_id,
     memory_kib,
     reset_peak_rss,
+    rss_figures,
     run_case,
     time_calls,
     wait_until,
@@ -375,15 +376,8 @@ def rss_cio(arguments: dict[str, Any]) -> dict[str, Any]:
         status = handler.status()
         handler.close()
     return {
-        "events": arguments["events"],
-        "rss_before_kib": before["VmRSS"],
-        "peak_kib": after["VmHWM"],
+        **rss_figures(arguments["events"], before, after, peak_reset, seconds),
         "rss_after_kib": after["VmRSS"],
-        "growth_kib": after["VmHWM"] - before["VmRSS"],
-        "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
-        "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
-        "peak_reset": peak_reset,
-        "seconds": seconds,
         "committed": committed,
         "queued": status["queued"],
         "enqueued": status["enqueued"],
@@ -405,14 +399,7 @@ def rss_queue_handler(arguments: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     after = memory_kib()
     return {
-        "events": arguments["events"],
-        "rss_before_kib": before["VmRSS"],
-        "peak_kib": after["VmHWM"],
-        "growth_kib": after["VmHWM"] - before["VmRSS"],
-        "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
-        "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
-        "peak_reset": peak_reset,
-        "seconds": seconds,
+        **rss_figures(arguments["events"], before, after, peak_reset, seconds),
         "queued": events.qsize(),
         "dropped": 0,
     }

@@ -26,6 +26,7 @@ from .workload import (
     customer_id,
     memory_kib,
     reset_peak_rss,
+    rss_figures,
     run_case,
     time_calls,
     wait_until,
@@ -115,14 +116,7 @@ def rss_cdp(arguments: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     after = memory_kib()
     return {
-        "events": arguments["events"],
-        "rss_before_kib": before["VmRSS"],
-        "peak_kib": after["VmHWM"],
-        "growth_kib": after["VmHWM"] - before["VmRSS"],
-        "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
-        "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
-        "peak_reset": peak_reset,
-        "seconds": seconds,
+        **rss_figures(arguments["events"], before, after, peak_reset, seconds),
         "queued": client.queue.qsize(),
         "queue_bound": client.queue.maxsize,
         "dropped": arguments["events"] - enqueued,
@@ -195,14 +189,7 @@ def rss_logstash(arguments: dict[str, Any]) -> dict[str, Any]:
         in_ram = worker._queue.qsize() if worker is not None else None
         database_bytes = sum(p.stat().st_size for p in Path(work).glob("events.db*"))
         return {
-            "events": arguments["events"],
-            "rss_before_kib": before["VmRSS"],
-            "peak_kib": after["VmHWM"],
-            "growth_kib": after["VmHWM"] - before["VmRSS"],
-            "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
-            "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
-            "peak_reset": peak_reset,
-            "seconds": seconds,
+            **rss_figures(arguments["events"], before, after, peak_reset, seconds),
             "queued_in_ram": in_ram,
             "database_bytes": database_bytes,
             "dropped": 0,

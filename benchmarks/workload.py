@@ -159,3 +159,19 @@ class Control:
         )
         with urllib.request.urlopen(request, context=self._context, timeout=30) as answer:  # noqa: S310
             return json.loads(answer.read() or b"null")
+
+
+def rss_figures(
+    events: int, before: dict[str, int], after: dict[str, int], peak_reset: bool, seconds: float
+) -> dict[str, Any]:
+    """The memory figures of one RSS case, from /proc/self/status read before and after."""
+    return {
+        "events": events,
+        "rss_before_kib": before["VmRSS"],
+        "peak_kib": after["VmHWM"],
+        "growth_kib": after["VmHWM"] - before["VmRSS"],
+        "anon_growth_kib": after.get("RssAnon", 0) - before.get("RssAnon", 0),
+        "file_growth_kib": after.get("RssFile", 0) - before.get("RssFile", 0),
+        "peak_reset": peak_reset,
+        "seconds": seconds,
+    }
