@@ -514,11 +514,14 @@ def rss_section(run: Run) -> Section:
     )
     if cio is not None:
         growth_mb = cio["growth_kib"] * 1024 / 1e6 * scale
+        # Scaled up from a smaller run, the figure is an upper bound, not a measurement:
+        # cio_logging's memory does not grow with the queue. No verdict then.
         section.checks.append(
             Check(
                 "RSS growth with 1,000,000 events queued (MB) / 60 MB",
-                f"{number(growth_mb)} MB" + ("" if scale == 1 else " (scaled)"),
-                growth_mb / 60.0,
+                f"{number(growth_mb)} MB"
+                + ("" if scale == 1 else " (scaled up linearly; the full mode measures it)"),
+                growth_mb / 60.0 if scale == 1 else None,
                 1.0,
             )
         )
