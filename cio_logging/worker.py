@@ -114,6 +114,7 @@ class DeliveryWorker:
         self._progress = threading.Condition()
         self._flush_requested = 0
         self._flush_completed = 0
+        self._lock_tried = False
         self._held_until = 0.0  # no request before this (401/403, Retry-After)
         self._last_reported: tuple[str, float] | None = None
         self._state_recorded_at = float("-inf")
@@ -162,7 +163,11 @@ class DeliveryWorker:
             while True:
                 if self._flush_completed >= generation:
                     return True
-                if not self._lock.held and self._nothing_more_to_wait_for(last_key):
+                if (
+                    self._lock_tried
+                    and not self._lock.held
+                    and self._nothing_more_to_wait_for(last_key)
+                ):
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._thread is None:
@@ -231,7 +236,11 @@ class DeliveryWorker:
         # so no wake-up is lost.
         self._wake.clear()
         generation = self._flush_requested
-        if not self._lock.try_acquire():
+        acquired = self._lock.try_acquire()
+        # Until this thread has tried for the lock, state.json may be another (even an
+        # earlier, dead) process's: flush() must not take its word for what can go.
+        self._lock_tried = True
+        if not acquired:
             self._wait(self._settings.flush_interval)
             return client
         self._record_state()

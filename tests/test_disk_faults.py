@@ -248,7 +248,7 @@ def test_a_corrupt_database_is_quarantined_at_start(
     simulator.clear_faults()
     log_numbered(attach(second, "corrupt-2"), range(100, 110))
     second.flush()
-    assert delivered_numbers(simulator) == set(range(100, 110))
+    assert wait_for(lambda: delivered_numbers(simulator) == set(range(100, 110)), 10)
 
 
 def test_a_database_corrupted_while_running_is_quarantined_and_logging_goes_on(
