@@ -101,15 +101,6 @@ class DeliveryReport:
     failure: Failure | None = None
     requests: int = 0
 
-    def merge(self, other: DeliveryReport) -> None:
-        """Add the outcome of requests sent beside this report's."""
-        self.accepted.extend(other.accepted)
-        self.rejected.extend(other.rejected)
-        self.failed.extend(other.failed)
-        self.deferred.extend(other.deferred)
-        self.failure = self.failure or other.failure
-        self.requests += other.requests
-
 
 class _PinnedCASession(requests.Session):
     """A Session whose ``verify`` the environment cannot override."""
@@ -197,12 +188,12 @@ class TrackClient:
             self._senders.shutdown(wait=True)
         self._sdk.close()
 
-    def deliver(self, events: Sequence[QueuedEvent], *, parallel: bool = True) -> DeliveryReport:
+    def deliver(self, events: Sequence[QueuedEvent]) -> DeliveryReport:
         """Send ``events``; stop at the first failure that is not the payload's fault.
 
-        Each request waits for the rate cap and goes through the breaker. With
-        ``parallel``, up to ``max_in_flight`` v2 batches are in flight at once; after a
-        failure, batches not yet sent are deferred.
+        Each request waits for the rate cap and goes through the breaker. Concurrency
+        is the caller's: the worker keeps several ``deliver`` calls in flight through
+        :meth:`submit`.
         """
         report = DeliveryReport()
         batchable: list[tuple[QueuedEvent, dict[str, Any], int]] = []
@@ -217,15 +208,11 @@ class TrackClient:
                 singles.append(queued)  # v1 takes up to 100 KB of data
             else:
                 batchable.append((queued, item, size))
-        chunks = _chunks_by_size(batchable, self._settings.batch_size)
-        if parallel and len(chunks) > 1 and self._settings.max_in_flight > 1:
-            self._send_batches_in_parallel(chunks, report)
-        else:
-            for chunk in chunks:
-                if report.failure is not None:
-                    report.deferred.extend(queued for queued, _, _ in chunk)
-                else:
-                    self._send_batch(chunk, report)
+        for chunk in _chunks_by_size(batchable, self._settings.batch_size):
+            if report.failure is not None:
+                report.deferred.extend(queued for queued, _, _ in chunk)
+            else:
+                self._send_batch(chunk, report)
         for queued in singles:
             if report.failure is not None:
                 report.deferred.append(queued)
@@ -236,12 +223,12 @@ class TrackClient:
     def submit(self, events: Sequence[QueuedEvent]) -> Future[DeliveryReport]:
         """Deliver ``events`` on a sender thread (at most ``max_in_flight`` at once)."""
         try:
-            return self._sender_pool().submit(self.deliver, events, parallel=False)
+            return self._sender_pool().submit(self.deliver, events)
         except RuntimeError:
             # The interpreter is exiting (logging.shutdown() flushes from an atexit
             # hook, after concurrent.futures stopped taking work): send right here.
             done: Future[DeliveryReport] = Future()
-            done.set_result(self.deliver(events, parallel=False))
+            done.set_result(self.deliver(events))
             return done
 
     def _sender_pool(self) -> ThreadPoolExecutor:
@@ -252,29 +239,6 @@ class TrackClient:
                 initializer=self._thread_initializer,
             )
         return self._senders
-
-    def _send_batches_in_parallel(
-        self, chunks: list[list[tuple[QueuedEvent, dict[str, Any], int]]], report: DeliveryReport
-    ) -> None:
-        senders = self._sender_pool()
-        failed = threading.Event()
-
-        def send(chunk: list[tuple[QueuedEvent, dict[str, Any], int]]) -> DeliveryReport:
-            part = DeliveryReport()
-            if failed.is_set():  # an earlier batch failed: leave this one for later
-                part.deferred.extend(queued for queued, _, _ in chunk)
-                return part
-            self._send_batch(chunk, part)
-            if part.failure is not None:
-                failed.set()
-            return part
-
-        try:
-            parts = list(senders.map(send, chunks))
-        except RuntimeError:  # exiting: the pool takes no work (see submit); in turn
-            parts = [send(chunk) for chunk in chunks]
-        for part in parts:
-            report.merge(part)
 
     def _send_batch(
         self, chunk: list[tuple[QueuedEvent, dict[str, Any], int]], report: DeliveryReport

@@ -569,11 +569,10 @@ class WriteAheadLog:
             with self._write_guard, self._transaction() as connection:
                 connection.executemany("UPDATE Cache SET tag = 0.0 WHERE rowid = ?", untagged)
             rows = [row if row[3] is not None else (*row[:3], 0.0, *row[4:]) for row in rows]
-        ordered = sorted((float(row[3]), int(row[0])) for row in rows)
-        if after is not None:
-            ordered.append(after)  # the cursor never moves back over rows in flight
-            ordered.sort()
-        cursor = ordered[-1] if ordered else None
+        # The last row read, in (due time, row id) order; never back over ``after``,
+        # whose rows are in flight.
+        positions = [(float(row[3]), int(row[0])) for row in rows]
+        cursor = max([*positions, after] if after is not None else positions, default=None)
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
         bad_rows: list[tuple[int]] = []
@@ -821,12 +820,16 @@ _ROW_VERSION = 2
 _MODE_RAW = diskcache.core.MODE_RAW
 # The SQL of the hot paths, on diskcache's Cache table. Rows are inline text (mode 1,
 # diskcache's MODE_RAW), never expire, and carry their due time in the indexed tag.
-_INSERT_ROW = (
+_INSERT_INTO = (
     "INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time,"
-    " access_count, tag, size, mode, filename, value)"
-    " VALUES (?1, 1, (julianday('now') - 2440587.5) * 86400.0, NULL,"
-    " (julianday('now') - 2440587.5) * 86400.0, 0, ?2, 0, 1, NULL, ?3)"
+    " access_count, tag, size, mode, filename, value) VALUES "
 )
+# One row: key, due time and value are the parameters.
+_ROW_VALUES = (
+    "(?, 1, (julianday('now') - 2440587.5) * 86400.0, NULL,"
+    " (julianday('now') - 2440587.5) * 86400.0, 0, ?, 0, 1, NULL, ?)"
+)
+_INSERT_ROW = _INSERT_INTO + _ROW_VALUES
 # Up to this many rows (a group of essential events) go in one multi-row INSERT; more
 # (the writer's groups) in statements of _ROWS_PER_BIG_STATEMENT rows, then the rest in
 # statements of at most this many, within one transaction. Few sizes: few statements
@@ -837,10 +840,8 @@ _ROWS_PER_BIG_STATEMENT = 64
 
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT + 1)
 def _insert_rows_sql(count: int) -> str:
-    """An INSERT of ``count`` rows in one statement (the row SQL above, repeated)."""
-    values = _INSERT_ROW[_INSERT_ROW.index(" VALUES ") + len(" VALUES ") :]
-    one = values.replace("?1", "?").replace("?2", "?").replace("?3", "?")
-    return _INSERT_ROW[: _INSERT_ROW.index(" VALUES ")] + " VALUES " + ", ".join([one] * count)
+    """An INSERT of ``count`` rows in one statement."""
+    return _INSERT_INTO + ", ".join([_ROW_VALUES] * count)
 
 
 def _flatten(rows: Sequence[Row]) -> list[object]:
