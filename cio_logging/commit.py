@@ -3,13 +3,20 @@
 On the caller's thread ``emit`` only appends a prepared row to an in-memory buffer.
 
 * A non-essential event returns at once; a writer thread commits the buffer every
-  ``commit_interval`` (sooner once it holds a full group). A SIGKILL loses at most the
-  rows of the last interval.
+  ``commit_interval`` (sooner once it holds a full group). When the writer falls
+  behind (a thread logging flat out keeps the GIL from it), the first caller to find
+  the oldest buffered row older than the interval commits the buffer itself, so a
+  row waits at most ``commit_interval`` plus one commit. A SIGKILL loses at most that.
 * An essential event returns once its row is committed. The first caller to wait
   commits everything buffered so far in one transaction; callers that arrive while it
   commits wait for it, find their rows committed, or commit the next group together
   (leader and followers). Eight threads logging essential events thus share commits
   instead of paying one each.
+
+Interrupts (KeyboardInterrupt, or SystemExit raised by a signal handler) reach the
+caller as they would anywhere else, but never cost a row: rows leave the buffer only
+once they are committed, every flag set here is reset in a ``finally``, and a
+transaction is rolled back by the log on any exception.
 
 When the disk fails (full, read-only, deleted, corrupt), rows stay in the buffer,
 which is bounded by ``max_buffer_bytes``. The writer reports the failure once, retries
@@ -26,7 +33,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .wal import Row, WriteAheadLog
 
@@ -53,6 +60,12 @@ _IDLE_VOLUME_REFRESH_SECONDS = 5.0
 # How often a commit checks that the database file is still the one on disk (a stat
 # call); rows committed to a deleted file in between are salvaged from it.
 _IDENTITY_CHECK_SECONDS = 0.25
+# Waiting for another thread's commit: a wake-up is never awaited longer than this,
+# and the main thread, which never waits on a condition (see _commit_through), looks
+# this often.
+_WAIT_SLICE = 0.05
+_MAIN_THREAD_POLL_SECONDS = 0.0002
+_MAIN_THREAD = threading.main_thread().ident
 # Idle, the writer still wakes this often to check the file (deleted while idle).
 _IDLE_IDENTITY_CHECK_SECONDS = 1.0
 
@@ -67,7 +80,11 @@ class GroupCommitter:
         interval: float,
         max_buffer_bytes: int,
         on_committed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: ages, intervals and retry times (a test may fake it); waits for
+        another thread's commit always count real time."""
+        self._clock = clock
         self._wal = wal
         self._interval = interval
         self._max_bytes = max_buffer_bytes
@@ -88,11 +105,24 @@ class GroupCommitter:
         # woken at once when it finishes, and most find their rows committed by it.
         self._done = threading.Condition(self._lock)
         self._committing = False
+        # Rows stay here until they are committed: a commit works on a copy and takes
+        # its rows out only once they are on disk, so an interrupt at any point of a
+        # commit leaves every row either committed or still here.
         self._pending: list[Row] = []
         self._pending_bytes = 0
+        # When the oldest row in _pending was submitted (an upper bound on its age).
         self._oldest_at = 0.0
-        self._submitted = 0
+        # Rows committed so far. A row's ticket is its position in the stream of rows
+        # (committed + its index in _pending + 1): derived, never a second counter
+        # that an interrupt could leave out of step with the list.
         self._committed = 0
+        #: The largest SQLite rowid any commit of this process got: every row this
+        #: process committed has a rowid at most this (flush() waits on it).
+        self.last_rowid = 0
+        # A signal that arrived while this thread was inside the committer, to be
+        # raised again once it has left (see signals.py).
+        self._inside = threading.local()
+        self._deferred_signal: int | None = None
         self._failing: str | None = None
         self._last_error: BaseException | None = None
         self._retry_at = 0.0
@@ -101,12 +131,34 @@ class GroupCommitter:
         self._stopping = False
         self._volume_at = float("-inf")
         self._volume_dirty = False
-        self._identity_at = time.monotonic()
+        self._identity_at = self._clock()
 
     @property
     def buffered(self) -> int:
         """Rows in memory, not yet on disk (being committed or waiting)."""
-        return self._submitted - self._committed
+        return len(self._pending)
+
+    @property
+    def inside_on_this_thread(self) -> bool:
+        """Whether this thread is inside submit/commit/close (a signal handler must not
+        commit then: it could wait on a lock or a commit its own thread holds)."""
+        return bool(getattr(self._inside, "depth", 0))
+
+    def defer_signal(self, signum: int) -> None:
+        """Raise ``signum`` again once this thread has left the committer."""
+        self._deferred_signal = signum
+
+    @contextlib.contextmanager
+    def _entered(self) -> Iterator[None]:
+        depth = getattr(self._inside, "depth", 0)
+        self._inside.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._inside.depth = depth
+            if depth == 0 and self._deferred_signal is not None:
+                signum, self._deferred_signal = self._deferred_signal, None
+                os.kill(os.getpid(), signum)
 
     @property
     def buffered_bytes(self) -> int:
@@ -121,32 +173,40 @@ class GroupCommitter:
     def submit(self, row: Row, *, durable: bool) -> str:
         """Buffer ``row``; with ``durable``, commit it before returning if the disk allows.
 
-        Returns COMMITTED, BUFFERED or REFUSED. Never raises for a disk failure.
+        Returns COMMITTED, BUFFERED or REFUSED. Never raises for a disk failure; an
+        interrupt (KeyboardInterrupt, SystemExit) raised meanwhile propagates, and the
+        row is then either committed or still buffered for the writer.
         """
+        with self._entered():
+            return self._submit(row, durable)
+
+    def _submit(self, row: Row, durable: bool) -> str:
         size = len(row[2]) + _ROW_OVERHEAD
+        now = self._clock()
         with self._lock:
             # Essential rows may use twice the budget: they are shed last.
             if self._pending_bytes + size > self._max_bytes * (2 if durable else 1):
                 return REFUSED
             first = not self._pending
             if first:
-                self._oldest_at = time.monotonic()
-            self._pending.append(row)
+                self._oldest_at = now
+                self._pending_bytes = 0  # recount from nothing: no drift can accumulate
             self._pending_bytes += size
-            self._submitted += 1
-            ticket = self._submitted
+            self._pending.append(row)
+            ticket = self._committed + len(self._pending)
             failing = self._failing is not None
             # Once closing, no writer commits for us: commit before returning. And
             # when the writer falls behind (a burst, or the GIL spent elsewhere), the
-            # caller commits the backlog itself rather than let memory grow until
-            # events are shed: a bounded wait, and the buffer stays small.
+            # caller commits the backlog itself: the oldest row waits at most one
+            # interval (and one commit), and the buffer stays small.
             durable = (
                 durable
                 or self._stopping
                 or (
                     not failing
                     and (
-                        len(self._pending) >= _BACKPRESSURE_ROWS
+                        now - self._oldest_at >= self._interval
+                        or len(self._pending) >= _BACKPRESSURE_ROWS
                         or self._pending_bytes >= _BACKPRESSURE_BYTES
                     )
                 )
@@ -165,73 +225,103 @@ class GroupCommitter:
 
     def commit(self, timeout: float | None = None) -> bool:
         """Commit everything submitted so far; False if the disk failed or on timeout."""
-        with self._lock:
-            ticket = self._submitted
-        if self._committed >= ticket:
-            return True
-        return self._commit_through(ticket, timeout)
+        with self._entered():
+            with self._lock:
+                ticket = self._committed + len(self._pending)
+            if self._committed >= ticket:
+                return True
+            return self._commit_through(ticket, timeout)
 
     def close(self, timeout: float) -> int:
         """Stop the writer after a last commit; returns how many rows could not be written."""
-        with self._lock:
-            self._stopping = True
-            self._wake.notify()
-        writer = self._writer
-        if writer is not None and writer is not threading.current_thread():
-            writer.join(timeout)
-        # Rows other threads submit meanwhile are theirs to commit (see submit).
-        return 0 if self.commit(timeout) else self.buffered
+        with self._entered():
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            writer = self._writer
+            if writer is not None and writer is not threading.current_thread():
+                writer.join(timeout)
+            # Rows other threads submit meanwhile are theirs to commit (see submit).
+            return 0 if self.commit(timeout) else self.buffered
 
     def _commit_through(self, ticket: int, timeout: float | None = None) -> bool:
         """Return once rows up to ``ticket`` are committed (True), or the disk failed or
         ``timeout`` passed first (False). Leads a commit if none is running."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while True:
-                if self._committed >= ticket:
-                    return True  # a commit by another thread carried our row
-                if not self._committing:
-                    self._committing = True
-                    break
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._done.wait(remaining)
-                if self._committed < ticket and self._failing is not None:
-                    return False  # the leader met a failing disk: our row waits in memory
+        # Only the main thread runs signal handlers, and an exception they raise
+        # inside Condition.wait can surface while the wait re-takes its lock, leaving
+        # the lock released under another thread. There, waiting is a short sleep
+        # between looks at plain counters instead: interrupting it changes nothing.
+        on_main_thread = threading.get_ident() == _MAIN_THREAD
+        leading = waited = False
         try:
+            while True:
+                with self._lock:
+                    if self._committed >= ticket:
+                        return True  # a commit by another thread carried our row
+                    if waited and self._failing is not None:
+                        return False  # the leader met a failing disk: our row waits in memory
+                    if not self._committing:
+                        # Set before the flag: the finally below resets what was set.
+                        leading = True
+                        self._committing = True
+                        break
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    if not on_main_thread:
+                        # Bounded: a notification skipped by an interrupt costs a moment.
+                        slice_ = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+                        self._done.wait(slice_)
+                waited = True
+                if on_main_thread:
+                    time.sleep(_MAIN_THREAD_POLL_SECONDS)
             self._commit_pending()
         finally:
-            with self._lock:
-                self._committing = False
-                self._done.notify_all()
+            if leading:
+                # No call before the reset, so no interrupt between: a flag left set
+                # would make every later commit wait for a leader that is gone.
+                with self._lock:
+                    self._committing = False
+                with self._lock:
+                    self._done.notify_all()
         return self._committed >= ticket
 
     def _commit_pending(self) -> bool:
-        """Commit every buffered row in one transaction; only the leader calls it."""
+        """Commit every buffered row in one transaction; only the leader calls it.
+
+        The rows stay in the buffer while they are written and leave it together with
+        the count of committed rows, under the lock, once they are on disk: whatever
+        interrupts this (an exception, KeyboardInterrupt, SystemExit) loses nothing.
+        A row written just before an interrupt is written again by a later commit,
+        and ignored by the log, which already has its id.
+        """
         with self._lock:
-            rows, last = self._pending, self._submitted
-            if not rows:
-                return True
-            # The bytes stay counted until the rows are on disk: the bound holds for
-            # what is in memory, being committed or not.
-            self._pending = []
+            rows = self._pending[:]
+            started = self._clock()
+        if not rows:
+            return True
         try:
             # Checked every time while failing: the file may be what failed.
             recently = 0.0 if self._failing is not None else _IDENTITY_CHECK_SECONDS
             if self._wal.replaced_on_disk(at_most_every=recently):
                 # SQLite would go on writing to the unlinked file: recover first.
                 raise FileNotFoundError("the queue database was deleted or replaced")
-            self._wal.append_rows(rows)
+            rowid = self._wal.append_rows(rows)
         except Exception as exc:
-            with self._lock:
-                self._pending[:0] = rows  # back in front: order and tickets are kept
             self._note_failure(exc)
             return False
+        taken = len(rows)
+        size = sum(len(row[2]) + _ROW_OVERHEAD for row in rows)
         recovered = False
         with self._lock:
-            self._committed = last
-            self._pending_bytes -= sum(len(row[2]) + _ROW_OVERHEAD for row in rows)
+            # No call between these statements: nothing can interrupt them halfway.
+            del self._pending[:taken]
+            self._committed += taken
+            self._pending_bytes -= size
+            self.last_rowid = max(self.last_rowid, rowid)
+            # Rows that arrived during the commit are no older than its start.
+            self._oldest_at = started
             self._volume_dirty = True
             if self._failing is not None:
                 recovered, self._failing, self._last_error = True, None, None
@@ -239,7 +329,7 @@ class GroupCommitter:
             internal_log.warning(
                 "cio_logging: the queue in %s is writable again; %d buffered event(s) are on disk",
                 self._wal.directory,
-                len(rows),
+                taken,
             )
         self._on_committed()
         return True
@@ -252,7 +342,7 @@ class GroupCommitter:
             self._last_error = exc
             if first_failure:
                 self._retry_delay = _RETRY_FIRST
-                self._retry_at = time.monotonic()
+                self._retry_at = self._clock()
             self._wake.notify()
         if first_failure:
             internal_log.error(
@@ -284,12 +374,12 @@ class GroupCommitter:
                 stopping = self._stopping
             try:
                 with self._lock:
-                    ticket = self._submitted
+                    ticket = self._committed + len(self._pending)
                 committed = self._commit_through(ticket)
                 if not committed:
                     self._try_recovery()
                 elif self._check_due():
-                    self._identity_at = time.monotonic()
+                    self._identity_at = self._clock()
                     if self._wal.replaced_on_disk():
                         # Deleted while idle: no commit would notice, and the worker
                         # would go on reading the unlinked file.
@@ -305,7 +395,7 @@ class GroupCommitter:
         """Whether the writer should commit now (call with the lock held)."""
         if not self._pending:
             return False
-        now = time.monotonic()
+        now = self._clock()
         if self._failing is not None:
             return now >= self._retry_at
         full = len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES
@@ -317,10 +407,10 @@ class GroupCommitter:
         return _VOLUME_REFRESH_SECONDS if self._volume_dirty else _IDLE_VOLUME_REFRESH_SECONDS
 
     def _volume_stale(self) -> bool:
-        return time.monotonic() - self._volume_at >= self._volume_refresh_period()
+        return self._clock() - self._volume_at >= self._volume_refresh_period()
 
     def _seconds_until_due(self) -> float:
-        now = time.monotonic()
+        now = self._clock()
         if not self._pending:
             refresh = self._volume_at + self._volume_refresh_period() - now
             return max(0.01, min(refresh, _IDLE_IDENTITY_CHECK_SECONDS))
@@ -330,7 +420,7 @@ class GroupCommitter:
 
     def _check_due(self) -> bool:
         """Whether the writer should check that the database file is still on disk."""
-        return time.monotonic() - self._identity_at >= _IDLE_IDENTITY_CHECK_SECONDS
+        return self._clock() - self._identity_at >= _IDLE_IDENTITY_CHECK_SECONDS
 
     def _recover_replaced(self) -> None:
         with self._lock:
@@ -345,6 +435,7 @@ class GroupCommitter:
         finally:
             with self._lock:
                 self._committing = False
+            with self._lock:
                 self._done.notify_all()
         if action is not None:
             internal_log.error("cio_logging: %s", action)
@@ -352,7 +443,7 @@ class GroupCommitter:
     def _try_recovery(self) -> None:
         with self._lock:
             self._retry_delay = min(max(self._retry_delay * 2, _RETRY_FIRST), _RETRY_CAP)
-            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_at = self._clock() + self._retry_delay
             error = self._last_error
         try:
             action = self._wal.recover(error)
@@ -364,10 +455,10 @@ class GroupCommitter:
         if action is not None:
             internal_log.error("cio_logging: %s", action)
             with self._lock:
-                self._retry_at = time.monotonic()  # try the fresh database at once
+                self._retry_at = self._clock()  # try the fresh database at once
 
     def _refresh_volume(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._volume_at >= _VOLUME_REFRESH_SECONDS:
             self._volume_at, self._volume_dirty = now, False
             # A failing disk is reported by the commits themselves.

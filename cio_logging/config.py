@@ -91,6 +91,10 @@ _BOOLEAN_OPTIONS: dict[str, bool] = {
     # fsync every commit (SQLite synchronous=FULL): survives power loss, costs ~4x per
     # write. Without it a committed event survives any process crash, not an OS crash.
     "fsync": False,
+    # Commit buffered events on SIGTERM before the process ends (see
+    # CustomerIOHandler.install_signal_handlers); the handler must be built on the
+    # main thread.
+    "signal_handlers": False,
 }
 _OTHER_OPTIONS = ("degradation", "essential_events")
 
@@ -140,6 +144,7 @@ class Settings:
     hard_max_queue_bytes: int
     status_log_interval: float
     fsync: bool
+    signal_handlers: bool
     degradation: str
     essential_events: frozenset[str]
 
@@ -218,6 +223,7 @@ def resolve_settings(
         hard_max_queue_bytes=int(numbers["hard_max_queue_bytes"]),
         status_log_interval=numbers["status_log_interval"],
         fsync=flags["fsync"],
+        signal_handlers=flags["signal_handlers"],
         degradation=degradation_level(options.get("degradation", env.get(ENV_DEGRADATION, FULL))),
         essential_events=_event_names(options.get("essential_events", DEFAULT_ESSENTIAL_EVENTS)),
     )

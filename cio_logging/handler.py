@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry.metrics import MeterProvider
@@ -26,6 +27,7 @@ from .commit import REFUSED, GroupCommitter
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
 from .errors import ConfigurationError, InvalidEventError, QueueError
 from .events import EXTRA_KEY, event_from_record
+from .signals import install_commit_on_signals
 from .telemetry import QueueProbes, Telemetry
 from .wal import DeadLetterStore, WriteAheadLog, encode_row, secure_directory
 from .worker import DeliveryWorker, flush_thread_marker
@@ -139,11 +141,19 @@ class CustomerIOHandler(logging.Handler):
         os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
         self._enqueued = 0
         self._dropped: Counter[str] = Counter()
-        self._last_key: str | None = None
         self._closed = False
+        self._close_done = False
         self._degradation = self.settings.degradation
         self._disk_warned_at = float("-inf")
         self._buffer_warned_at = float("-inf")
+        if self.settings.signal_handlers:
+            try:
+                self.install_signal_handlers()
+            except ValueError:
+                internal_log.warning(
+                    "signal_handlers=True needs the handler built on the main thread; "
+                    "no signal handler installed"
+                )
         if len(self._wal):
             # An earlier process left events: deliver them without waiting for a new one.
             self._worker.ensure_started()
@@ -209,9 +219,6 @@ class CustomerIOHandler(logging.Handler):
             self._telemetry.event_enqueued(essential)
             with self._counts_guard:
                 self._enqueued += 1
-                # The largest key, not the last written: flush() waits for it to leave.
-                if self._last_key is None or event.id > self._last_key:
-                    self._last_key = event.id
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID, None)
             internal_log.warning(
@@ -255,6 +262,22 @@ class CustomerIOHandler(logging.Handler):
         keeps retrying) or ``timeout`` passed first.
         """
         return self._committer.commit(timeout)
+
+    def install_signal_handlers(self, signals: Iterable[int] = (signal.SIGTERM,)) -> None:
+        """Commit buffered events to disk when one of ``signals`` arrives (opt-in).
+
+        Python's default SIGTERM ends the process at once, without ``logging.shutdown``:
+        the non-essential events of the last ``commit_interval`` would be lost. The
+        installed handler commits them (within ``close_timeout``), then passes the
+        signal on to whatever handled it before (the default action ends the process
+        as before, with the same status). Call it from the main thread, after any
+        framework installed its own handlers. ``signal_handlers=True`` does the same
+        at construction.
+
+        Raises:
+            ValueError: not called from the main thread.
+        """
+        install_commit_on_signals(self._committer, self.settings.close_timeout, signals)
 
     def set_degradation(self, level: str) -> None:
         """Switch between ``full``, ``essential_only`` and ``disabled`` at run time.
@@ -306,9 +329,10 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.disk_error or "timed out",
             )
             return
-        with self._counts_guard:
-            last_key = self._last_key
-        if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_key):
+        # Every row this process committed has a rowid at most this one: a process that
+        # does not deliver waits until none of them is left to go now.
+        last_rowid = self._committer.last_rowid
+        if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_rowid):
             internal_log.warning(
                 "cio_logging: flush timed out after %gs; %d event(s) wait on "
                 "disk and will be sent later",
@@ -317,12 +341,18 @@ class CustomerIOHandler(logging.Handler):
             )
 
     def close(self) -> None:
-        """Stop the worker within ``close_timeout``; unsent events stay on disk. Idempotent."""
+        """Stop the worker within ``close_timeout``; unsent events stay on disk.
+
+        Idempotent. A close cut short by an interrupt (KeyboardInterrupt, or SystemExit
+        from a signal handler) is done again in full by the next call, such as the one
+        ``logging.shutdown`` makes at exit.
+        """
         with self._counts_guard:
-            if self._closed:
+            if self._close_done:
                 return
-            self._closed = True
-        self._telemetry.close()
+            first, self._closed = not self._closed, True
+        if first:
+            self._telemetry.close()
         unwritten = self._committer.close(self.settings.close_timeout)
         if unwritten:
             with self._counts_guard:
@@ -344,6 +374,7 @@ class CustomerIOHandler(logging.Handler):
                     "its unsent events stay on disk",
                     self.settings.close_timeout,
                 )
+            self._close_done = True
         finally:
             super().close()
 

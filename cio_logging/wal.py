@@ -38,6 +38,7 @@ import diskcache
 
 from .errors import CorruptEntryError, InvalidEventError, QueueError
 from .events import Event, event_from_dict
+from .interrupts import run_through_interrupts
 
 _internal_log = logging.getLogger("cio_logging")
 
@@ -83,6 +84,8 @@ class _JSONTextDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache is untyp
 
 # How long fork() may wait for threads to leave SQLite before it goes ahead anyway.
 _FORK_WAIT_SECONDS = 10.0
+# ... checking this often, whatever notifications it got.
+_FORK_POLL_SECONDS = 0.01
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -120,7 +123,11 @@ class _ForkGate:
         # In a child: what the parent had open is kept referenced, never closed.
         _INHERITED_CONNECTIONS.extend(getattr(self, "_held_over_fork", ()))
         self._held_over_fork: list[_Connection] = []
-        self._condition = threading.Condition(threading.Lock())
+        # The condition's lock itself, so the exit path below can take it with no
+        # Python-level call in between (each call is a point where a signal handler
+        # can raise).
+        self._mutex = threading.Lock()
+        self._condition = threading.Condition(self._mutex)
         self._active = 0
         self._forking = False
         self._depth = threading.local()
@@ -128,20 +135,27 @@ class _ForkGate:
     @contextlib.contextmanager
     def inside(self) -> Iterator[None]:
         depth = getattr(self._depth, "value", 0)
-        if depth == 0:  # nested calls (replay appends) must not wait on a pending fork
-            with self._condition:
-                while self._forking:
-                    self._condition.wait()
-                self._active += 1
-        self._depth.value = depth + 1
+        counted = False
         try:
+            if depth == 0:  # nested calls (replay appends) must not wait on a pending fork
+                with self._condition:
+                    while self._forking:
+                        self._condition.wait()
+                    self._active += 1
+                    counted = True  # no call in between: an interrupt cannot split them
+            self._depth.value = depth + 1
             yield
         finally:
             self._depth.value = depth
-            if depth == 0:
-                with self._condition:
+            if counted:
+                # An interrupt must not leave us counted (every fork would wait its
+                # whole bound for a thread that left long ago): the decrement sits in
+                # this finally with no call before it, and the fork polls rather than
+                # relying on the notification, which an interrupt may skip.
+                with self._mutex:
                     self._active -= 1
-                    if self._active == 0:
+                if self._forking:
+                    with self._condition:
                         self._condition.notify_all()
 
     def _before_fork(self) -> None:
@@ -149,7 +163,7 @@ class _ForkGate:
             self._forking = True
             deadline = time.monotonic() + _FORK_WAIT_SECONDS
             while self._active and (remaining := deadline - time.monotonic()) > 0:
-                self._condition.wait(remaining)
+                self._condition.wait(min(remaining, _FORK_POLL_SECONDS))
         # Strong references across the fork: in the child, a dead thread's connection
         # must not be garbage-collected, which would close it.
         self._held_over_fork = list(_LIVE_CONNECTIONS)
@@ -495,24 +509,36 @@ class WriteAheadLog:
         self.append_rows([encode_row(event, replayed_at=replayed_at)])
 
     @_sqlite_section
-    def append_rows(self, rows: Sequence[Row]) -> None:
+    def append_rows(self, rows: Sequence[Row]) -> int:
         """Commit rows made by :func:`encode_row`, all in one transaction.
 
         A row whose id is already queued is left as it is (a replay of an event that is
-        still waiting). Raises ``sqlite3.Error`` or ``OSError`` if the disk fails;
-        then nothing of ``rows`` was written.
+        still waiting). Returns the largest rowid SQLite gave (every row of ``rows``
+        that was inserted has one at most this; 0 if none). Raises ``sqlite3.Error`` or
+        ``OSError`` if the disk fails; then nothing of ``rows`` was written.
         """
         with self._write_guard:
             if self._anchor is None or self._anchor[0] != os.getpid():
                 self._open_anchor()  # a forked child: the parent's is not ours to use
-            if len(rows) <= _ROWS_PER_STATEMENT:
-                # One statement is its own transaction: one call into SQLite, not the
-                # three of BEGIN, executemany and COMMIT. Each call gives the GIL away,
-                # and with other threads running, getting it back is what a commit
-                # costs the essential events waiting for it.
-                self._cache._con.execute(_insert_rows_sql(len(rows)), _flatten(rows))
-                return
-            with self._transaction() as connection:
+            connection = self._cache._con
+            # The caller's thread runs this, and on the main thread a signal handler can
+            # raise (KeyboardInterrupt, SystemExit) after any call. So the BEGIN and the
+            # roll-back sit in one try in this one frame, with no Python-level call
+            # between an exception and the roll-back: a transaction left open would
+            # keep SQLite's write lock from every other process, and every later
+            # statement on this connection would join it and never commit.
+            try:
+                if connection.in_transaction:  # never join one left open: it would not commit
+                    connection.execute("ROLLBACK")
+                if len(rows) <= _ROWS_PER_STATEMENT:
+                    # One statement is its own transaction: one call into SQLite, not the
+                    # three of BEGIN, executemany and COMMIT. Each call gives the GIL
+                    # away, and with other threads running, getting it back is what a
+                    # commit costs the essential events waiting for it.
+                    cursor = connection.execute(_insert_rows_sql(len(rows)), _flatten(rows))
+                    return cursor.lastrowid or 0
+                last = 0
+                connection.execute("BEGIN IMMEDIATE")
                 # Multi-row statements, not executemany: a statement gives the GIL away
                 # once, executemany once per row, and with the application's threads
                 # running, each hand-back can take a while.
@@ -520,25 +546,24 @@ class WriteAheadLog:
                 big = _insert_rows_sql(_ROWS_PER_BIG_STATEMENT)
                 for start in range(0, full, _ROWS_PER_BIG_STATEMENT):
                     chunk = rows[start : start + _ROWS_PER_BIG_STATEMENT]
-                    connection.execute(big, _flatten(chunk))
+                    last = connection.execute(big, _flatten(chunk)).lastrowid or last
                 for start in range(full, len(rows), _ROWS_PER_STATEMENT):
                     chunk = rows[start : start + _ROWS_PER_STATEMENT]
-                    connection.execute(_insert_rows_sql(len(chunk)), _flatten(chunk))
+                    sql = _insert_rows_sql(len(chunk))
+                    last = connection.execute(sql, _flatten(chunk)).lastrowid or last
+                connection.execute("COMMIT")
+                return last
+            except BaseException:
+                try:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                except BaseException:  # noqa: S110 - a failing disk, or a second interrupt
+                    pass  # the next write rolls it back first (above)
+                raise
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        connection: sqlite3.Connection = self._cache._con
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield connection
-            connection.execute("COMMIT")
-        except BaseException:
-            # Also when COMMIT itself fails (a full disk): a transaction left open
-            # would hold the write lock and make this connection unusable.
-            if connection.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.execute("ROLLBACK")
-            raise
+    def _transaction(self) -> _Transaction:
+        """``with self._transaction() as connection:`` one write transaction."""
+        return _Transaction(self._cache._con)
 
     @_sqlite_section
     def read_due(
@@ -646,6 +671,14 @@ class WriteAheadLog:
             return None if row is None else _decode_row(row)
         except (CorruptEntryError, InvalidEventError):
             return None
+
+    @_sqlite_section
+    def sendable_through(self, rowid: int, now: float) -> bool:
+        """Whether a row with a rowid at most ``rowid`` is still here and can go now:
+        never tried yet (whatever its due time says: a record stamped ahead of the
+        clock is still sent at once), or tried and due for its retry."""
+        rows = self._cache._sql(_SELECT_SENDABLE_THROUGH, (rowid, now)).fetchall()  # see get()
+        return bool(rows)
 
     @_sqlite_section
     def oldest_logged_at(self) -> float | None:
@@ -774,6 +807,59 @@ class WriteAheadLog:
             self._anchor = None
 
 
+class _Transaction:
+    """A write transaction on one connection, rolled back on any exception.
+
+    A class, not a generator-based context manager, on purpose: Python runs signal
+    handlers after calls return, and contextlib's ``__enter__`` is one call deeper
+    than BEGIN. An interrupt (KeyboardInterrupt, or SystemExit from a signal handler)
+    raised there, after BEGIN and before the ``with`` block is entered, left the
+    transaction open: the connection kept SQLite's write lock, other processes got
+    "database is locked", and every later statement on it joined a transaction that
+    never committed. Here the BEGIN and its roll-back are in one ``try``.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        connection = self.connection
+        try:
+            if connection.in_transaction:  # never join one left open: it would not commit
+                _roll_back(connection)
+            connection.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            _roll_back(connection)
+            raise
+        return connection
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            _roll_back(self.connection)
+            return
+        try:
+            self.connection.execute("COMMIT")
+        except BaseException:
+            # Also when COMMIT itself fails (a full disk): a transaction left open
+            # would hold the write lock and make this connection unusable.
+            _roll_back(self.connection)
+            raise
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    """Roll back an open transaction, even through a storm of interrupts."""
+
+    def roll_back() -> None:
+        if connection.in_transaction:
+            # A failing disk can make the connection unusable: nothing to roll back then.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+
+    run_through_interrupts(roll_back)
+
+
 def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
     # The fork gate waits for writers to finish, but only for so long.
     wal = reference()
@@ -861,6 +947,13 @@ _SELECT_DUE_AFTER = (
 )
 _SELECT_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+)
+# A row never tried has no history (null, the seventh value of a row; a version 1 row
+# has none at that path either and counts as never tried). A row that is not JSON is
+# the worker's to quarantine: it counts as sendable (json_extract would raise on it).
+_SELECT_SENDABLE_THROUGH = (
+    "SELECT 1 FROM Cache WHERE rowid <= ? AND raw = 1 AND (tag <= ? OR CASE"
+    " WHEN json_valid(value) THEN json_extract(value, '$[6]') IS NULL ELSE 1 END) LIMIT 1"
 )
 _SELECT_OLDEST_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"

@@ -145,13 +145,13 @@ class DeliveryWorker:
     def notify(self) -> None:
         self._wake.set()
 
-    def flush(self, timeout: float, last_key: str | None) -> bool:
+    def flush(self, timeout: float, last_rowid: int) -> bool:
         """Wait until nothing is due: all delivered, or what is left cannot go now.
 
         "Cannot go now": it waits for a retry, the breaker is open, or the credentials
         are refused. In the delivering process that covers the whole queue directory;
-        in any other process, it waits until the last event this handler appended has
-        left the queue (the delivering process sends in key order). False on timeout.
+        in any other process, it covers every row this process committed, which all
+        have a rowid at most ``last_rowid``. False on timeout.
         """
         self.ensure_started()
         deadline = time.monotonic() + timeout
@@ -166,7 +166,7 @@ class DeliveryWorker:
                 if (
                     self._lock_tried
                     and not self._lock.held
-                    and self._nothing_more_to_wait_for(last_key)
+                    and self._nothing_more_to_wait_for(last_rowid)
                 ):
                     return True
                 remaining = deadline - time.monotonic()
@@ -174,17 +174,12 @@ class DeliveryWorker:
                     return False
                 self._progress.wait(min(remaining, 0.05))
 
-    def _nothing_more_to_wait_for(self, last_key: str | None) -> bool:
-        """In a process that does not deliver: has our last event left the queue, or can
-        the delivering process not send it now? (Then waiting would only cost time, at
-        every exit during an outage.)"""
-        if last_key is None:
+    def _nothing_more_to_wait_for(self, last_rowid: int) -> bool:
+        """In a process that does not deliver: are all the rows it committed gone, or
+        waiting for a retry, or can the delivering process not send now? (Then waiting
+        would only cost time, at every exit during an outage.)"""
+        if last_rowid == 0 or not self._wal.sendable_through(last_rowid, self._clock()):
             return True
-        queued = self._wal.get(last_key)
-        if queued is None:
-            return True
-        if queued.next_attempt_at > self._clock():
-            return True  # it failed and waits for a retry
         state = read_state(self._settings.queue_dir)
         return state is not None and (
             state.get("breaker") != CLOSED or bool(state.get("delivery_paused"))

@@ -1,0 +1,59 @@
+"""The group committer: when rows are committed, and by whom (a real WAL, a fake clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cio_logging.commit import BUFFERED, COMMITTED, GroupCommitter
+from cio_logging.events import Event
+from cio_logging.wal import WriteAheadLog, encode_row
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _row(number: int) -> tuple[str, float, str]:
+    event = Event(
+        id=f"01JC{number:022d}",
+        name="page_viewed",
+        customer_id="user-1",
+        anonymous_id=None,
+        data_json="{}",
+        timestamp=1_764_300_000,
+        logged_at=1_764_300_000.0,
+    )
+    return encode_row(event)
+
+
+class TestAgeBound:
+    """No buffered row waits past commit_interval while callers keep logging."""
+
+    def test_a_caller_commits_once_the_oldest_row_is_past_the_interval(
+        self, tmp_path: Path
+    ) -> None:
+        """The writer is asleep (as when a busy thread keeps the GIL from it): the
+        first caller to find the oldest row past the interval commits the buffer."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        clock = FakeClock()
+        committer = GroupCommitter(
+            wal, interval=10.0, max_buffer_bytes=1 << 20, on_committed=lambda: None, clock=clock
+        )
+        try:
+            assert committer.submit(_row(0), durable=True) == COMMITTED  # writer's first turn
+            assert committer.submit(_row(1), durable=False) == BUFFERED
+            clock.now += 9.9
+            assert committer.submit(_row(2), durable=False) == BUFFERED
+            clock.now += 0.2  # row 1 is now 10.1 s old
+            assert committer.submit(_row(3), durable=False) == COMMITTED
+            assert committer.buffered == 0
+            assert len(wal) == 4
+        finally:
+            committer.close(5.0)
+            wal.close()
