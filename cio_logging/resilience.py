@@ -5,8 +5,11 @@
   a row (pybreaker's own rule) *and* when the error rate over a rolling window reaches
   ``error_threshold`` once ``volume_threshold`` calls were seen (our rule on top,
   which pybreaker lacks). ``reset_timeout`` later one probe goes through; success
-  closes it. Only failures that are Customer.io's count: a payload rejected as
-  invalid is a success for the breaker.
+  closes it. That wait is timed here on the monotonic clock: pybreaker compares
+  ``datetime.now()`` with the wall-clock time it opened, so a clock step back would
+  hold the probe for as long as the step (and a step forward let it through at
+  once). Only failures that are Customer.io's count: a payload rejected as invalid
+  is a success for the breaker.
 * :class:`RetryPolicy` decides, per event, when the next attempt is due and when to
   give up, from tenacity's wait and stop policies evaluated on the attempt count and
   first-failure time stored with the event in the write-ahead log (so a restart does
@@ -26,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import pybreaker
@@ -74,6 +76,8 @@ class DeliveryBreaker:
         self._outcomes: deque[tuple[float, bool]] = deque()
         self._outcomes_guard = threading.Lock()
         self._on_transition = on_transition
+        self._reset_timeout = reset_timeout
+        self._opened_at = float("-inf")  # on self._clock, set on every move to open
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=consecutive_failures,
             reset_timeout=reset_timeout,
@@ -105,11 +109,7 @@ class DeliveryBreaker:
         """How long until an open breaker lets a probe through (0 when not open)."""
         if self.state != OPEN:
             return 0.0
-        opened_at = self._breaker._state_storage.opened_at
-        if opened_at is None:
-            return 0.0
-        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
-        return max(0.0, self._breaker.reset_timeout - elapsed)
+        return max(0.0, self._reset_timeout - (self._clock() - self._opened_at))
 
     def call(self, send: Callable[[], Result], failed: Callable[[Result], bool]) -> Result:
         """Run ``send`` through the breaker; ``failed(result)`` says whether it counts.
@@ -125,6 +125,13 @@ class DeliveryBreaker:
             result = send()
             self._report(result, failed=failed(result))
             return result
+
+        if self.state == OPEN:
+            if self.seconds_until_probe() > 0:
+                raise pybreaker.CircuitBreakerError("circuit breaker still open")
+            # Half-open it ourselves: in the open state pybreaker would decide by the
+            # wall clock (see the module docstring).
+            self._breaker.half_open()
 
         def guarded() -> Result:
             result = send()
@@ -148,6 +155,8 @@ class DeliveryBreaker:
                 raise CountedFailure(result)
             return result
 
+        if self.state == OPEN:
+            return  # another request in flight opened it meanwhile; this one was sent
         try:
             self._breaker.call(outcome)
         except CountedFailure:
@@ -172,6 +181,8 @@ class DeliveryBreaker:
             self._breaker.open()
 
     def _notify(self, old: str, new: str) -> None:
+        if new == OPEN:
+            self._opened_at = self._clock()
         if new == CLOSED:
             self._outcomes.clear()  # a fresh start: old failures must not re-trip it
         if self._on_transition is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 
@@ -108,6 +109,46 @@ class TestDeliveryBreaker:
             (OPEN, HALF_OPEN),
             (HALF_OPEN, CLOSED),
         ]
+
+    def test_probe_waits_on_the_injected_monotonic_clock(self) -> None:
+        """reset_timeout is measured on the breaker's clock, not pybreaker's wall clock."""
+        clock = FakeClock()
+        breaker = DeliveryBreaker(consecutive_failures=1, reset_timeout=30, clock=clock)
+        call(breaker, ok=False)
+        clock.now += 29
+        assert breaker.seconds_until_probe() == pytest.approx(1)
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            call(breaker, ok=True)
+        clock.now += 1
+        assert breaker.seconds_until_probe() == 0
+        assert call(breaker, ok=True) == "ok"  # the probe
+        assert breaker.state == CLOSED
+
+    @pytest.mark.parametrize("step", [-3600.0, 3600.0])
+    def test_a_wall_clock_step_neither_holds_nor_hastens_the_probe(
+        self, monkeypatch: pytest.MonkeyPatch, step: float
+    ) -> None:
+        """pybreaker's datetime.now() stepped either way: the probe still comes at 30 s."""
+        offset = [0.0]
+
+        class SteppedDatetime(dt.datetime):
+            @classmethod
+            def now(cls, tz: dt.tzinfo | None = None) -> SteppedDatetime:
+                return cls.fromtimestamp(time.time() + offset[0], tz)
+
+        monkeypatch.setattr(pybreaker, "datetime", SteppedDatetime)
+        clock = FakeClock()
+        breaker = DeliveryBreaker(consecutive_failures=1, reset_timeout=30, clock=clock)
+        call(breaker, ok=False)
+        offset[0] = step
+        clock.now += 10
+        assert breaker.seconds_until_probe() == pytest.approx(20)
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            call(breaker, ok=True)  # not early after a step forward
+        clock.now += 20
+        assert breaker.seconds_until_probe() == 0
+        assert call(breaker, ok=True) == "ok"  # not an hour late after a step back
+        assert breaker.state == CLOSED
 
     def test_a_failing_listener_never_breaks_delivery(self) -> None:
         def explode(old: str, new: str) -> None:
