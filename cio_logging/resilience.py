@@ -220,6 +220,7 @@ class RetryPolicy:
         self._stop_attempts = stop_after_attempt(max_attempts)
         self._stop_age = stop_after_delay(max_event_age)
         self._max_retry_after = max_retry_after
+        self._max_backoff = max_backoff
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -234,9 +235,18 @@ class RetryPolicy:
         """Whether an event that failed ``attempts`` times must be dead-lettered."""
         return bool(self._stop_attempts(_retry_state(attempts, 0.0)))
 
-    def expired(self, logged_at: float, now: float) -> bool:
-        """Older than ``max_event_age``: Customer.io would no longer trigger campaigns."""
-        return bool(self._stop_age(_retry_state(1, now - logged_at)))
+    def expired(self, logged_at: float, now: float, *, uncounted: float = 0.0) -> bool:
+        """Older than ``max_event_age``: Customer.io would no longer trigger campaigns.
+
+        ``uncounted``: seconds of wall-clock steps forward since ``logged_at``, which
+        the event did not live through. A ``logged_at`` ahead of ``now`` is age 0.
+        """
+        return bool(self._stop_age(_retry_state(1, max(0.0, now - logged_at - uncounted))))
+
+    @property
+    def longest_delay(self) -> float:
+        """The longest wait :meth:`delay` can ever return."""
+        return max(self._max_backoff, self._max_retry_after)
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempts + 1``."""

@@ -185,6 +185,27 @@ class TestRetryPolicy:
         assert not policy.expired(logged, logged + 71 * 3600)
         assert policy.expired(logged, logged + 73 * 3600)
 
+    def test_forward_clock_steps_are_not_age(self) -> None:
+        """Logged, then the clock stepped 4 days forward: the event is minutes old."""
+        policy = RetryPolicy(max_event_age=72 * 3600.0)
+        logged = 1_000_000.0
+        now = logged + 4 * 86400 + 60
+        assert policy.expired(logged, now)
+        assert not policy.expired(logged, now, uncounted=4 * 86400)
+
+    def test_a_record_from_the_future_is_age_zero(self) -> None:
+        """A logged_at ahead of the clock is neither expired nor old."""
+        policy = RetryPolicy(max_event_age=1.0)
+        assert not policy.expired(1_000_000.0 + 4 * 86400, 1_000_000.0)
+        assert not policy.expired(1_000_000.0 + 10, 1_000_000.0, uncounted=5)
+
+    def test_longest_delay_bounds_every_delay(self) -> None:
+        """No wait the policy schedules is longer: due times past it are not ours."""
+        policy = RetryPolicy(max_backoff=60.0, max_retry_after=600.0)
+        assert policy.longest_delay == 600.0
+        assert max(policy.delay(n, retry_after=10**6) for n in range(1, 20)) <= 600.0
+        assert RetryPolicy(max_backoff=120.0, max_retry_after=0.0).longest_delay == 120.0
+
 
 class TestRequestRateCap:
     """No sliding one-second window holds more than the cap."""
