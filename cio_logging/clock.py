@@ -20,8 +20,10 @@ are remembered so that they do not count towards an event's age
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -63,6 +65,8 @@ class WallClock:
         self._untaken = 0.0
         # (wall time the clock would have shown without the step, seconds forward)
         self._forward: deque[tuple[float, float]] = deque(maxlen=_REMEMBERED_STEPS)
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
 
     def __call__(self) -> float:
         """The wall clock now (Unix seconds); notes a step since the last reading."""
@@ -93,3 +97,10 @@ class WallClock:
         """
         with self._guard:
             return sum(step for before, step in self._forward if moment < before)
+
+
+def _reset_in_child(reference: weakref.ref[WallClock]) -> None:
+    # A lock copied while another thread of the parent held it would stay held here.
+    clock = reference()
+    if clock is not None:
+        clock._guard = threading.Lock()
