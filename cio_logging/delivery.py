@@ -506,11 +506,25 @@ def _retry_after(response: requests.Response) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+        moment = _http_date(value)
+        if moment is None:
             return None  # neither seconds nor an HTTP date: ignore it
+        # Measured against the server's own Date header when it sent one: both stamps
+        # come from its clock, while ours may be off by any amount (or have stepped),
+        # and an hour behind would turn "in 30 s" into the max_retry_after cap.
+        served = _http_date(response.headers.get("Date"))
+        seconds = moment - (time.time() if served is None else served)
     return max(0.0, seconds)  # the retry policy caps it
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP date as Unix seconds, or None."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _transport_failure(cause: BaseException | None, timeout: float) -> Failure:

@@ -5,8 +5,11 @@
   a row (pybreaker's own rule) *and* when the error rate over a rolling window reaches
   ``error_threshold`` once ``volume_threshold`` calls were seen (our rule on top,
   which pybreaker lacks). ``reset_timeout`` later one probe goes through; success
-  closes it. Only failures that are Customer.io's count: a payload rejected as
-  invalid is a success for the breaker.
+  closes it. That wait is timed here on the monotonic clock: pybreaker compares
+  ``datetime.now()`` with the wall-clock time it opened, so a clock step back would
+  hold the probe for as long as the step (and a step forward let it through at
+  once). Only failures that are Customer.io's count: a payload rejected as invalid
+  is a success for the breaker.
 * :class:`RetryPolicy` decides, per event, when the next attempt is due and when to
   give up, from tenacity's wait and stop policies evaluated on the attempt count and
   first-failure time stored with the event in the write-ahead log (so a restart does
@@ -26,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import pybreaker
@@ -74,6 +76,8 @@ class DeliveryBreaker:
         self._outcomes: deque[tuple[float, bool]] = deque()
         self._outcomes_guard = threading.Lock()
         self._on_transition = on_transition
+        self._reset_timeout = reset_timeout
+        self._opened_at = float("-inf")  # on self._clock, set on every move to open
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=consecutive_failures,
             reset_timeout=reset_timeout,
@@ -105,11 +109,7 @@ class DeliveryBreaker:
         """How long until an open breaker lets a probe through (0 when not open)."""
         if self.state != OPEN:
             return 0.0
-        opened_at = self._breaker._state_storage.opened_at
-        if opened_at is None:
-            return 0.0
-        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
-        return max(0.0, self._breaker.reset_timeout - elapsed)
+        return max(0.0, self._reset_timeout - (self._clock() - self._opened_at))
 
     def call(self, send: Callable[[], Result], failed: Callable[[Result], bool]) -> Result:
         """Run ``send`` through the breaker; ``failed(result)`` says whether it counts.
@@ -125,6 +125,13 @@ class DeliveryBreaker:
             result = send()
             self._report(result, failed=failed(result))
             return result
+
+        if self.state == OPEN:
+            if self.seconds_until_probe() > 0:
+                raise pybreaker.CircuitBreakerError("circuit breaker still open")
+            # Half-open it ourselves: in the open state pybreaker would decide by the
+            # wall clock (see the module docstring).
+            self._breaker.half_open()
 
         def guarded() -> Result:
             result = send()
@@ -148,6 +155,8 @@ class DeliveryBreaker:
                 raise CountedFailure(result)
             return result
 
+        if self.state == OPEN:
+            return  # another request in flight opened it meanwhile; this one was sent
         try:
             self._breaker.call(outcome)
         except CountedFailure:
@@ -172,6 +181,8 @@ class DeliveryBreaker:
             self._breaker.open()
 
     def _notify(self, old: str, new: str) -> None:
+        if new == OPEN:
+            self._opened_at = self._clock()
         if new == CLOSED:
             self._outcomes.clear()  # a fresh start: old failures must not re-trip it
         if self._on_transition is not None:
@@ -209,6 +220,7 @@ class RetryPolicy:
         self._stop_attempts = stop_after_attempt(max_attempts)
         self._stop_age = stop_after_delay(max_event_age)
         self._max_retry_after = max_retry_after
+        self._max_backoff = max_backoff
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -223,9 +235,18 @@ class RetryPolicy:
         """Whether an event that failed ``attempts`` times must be dead-lettered."""
         return bool(self._stop_attempts(_retry_state(attempts, 0.0)))
 
-    def expired(self, logged_at: float, now: float) -> bool:
-        """Older than ``max_event_age``: Customer.io would no longer trigger campaigns."""
-        return bool(self._stop_age(_retry_state(1, now - logged_at)))
+    def expired(self, logged_at: float, now: float, *, uncounted: float = 0.0) -> bool:
+        """Older than ``max_event_age``: Customer.io would no longer trigger campaigns.
+
+        ``uncounted``: seconds of wall-clock steps forward since ``logged_at``, which
+        the event did not live through. A ``logged_at`` ahead of ``now`` is age 0.
+        """
+        return bool(self._stop_age(_retry_state(1, max(0.0, now - logged_at - uncounted))))
+
+    @property
+    def longest_delay(self) -> float:
+        """The longest wait :meth:`delay` can ever return."""
+        return max(self._max_backoff, self._max_retry_after)
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempts + 1``."""

@@ -661,6 +661,39 @@ class WriteAheadLog:
             )
 
     @_sqlite_section
+    def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
+        """Keep due times true to steady time across a wall-clock step; returns the rows moved.
+
+        ``step``: seconds the wall clock just stepped (negative: back), 0 for none;
+        ``now``: the wall clock after it; ``horizon``: the longest wait the delivering
+        process can schedule. Run by the delivering process only (another would move
+        the same rows twice).
+
+        * Back: every row due after ``now`` moves back by the step. A retry keeps the
+          rest of its wait; a row that was due already (logged before the step) is
+          due again. Rows written since have due times at most ``now`` and stay.
+        * Forward: retries that were waiting (a due time in the horizon before the
+          step, and an error recorded) move forward by it, so a backoff or a
+          Retry-After is not cut short. Fresh rows written since the step are due at
+          about ``now`` and must not move: they have no error recorded.
+        * Always: a due time further than ``horizon`` ahead cannot have been scheduled
+          on this clock (a step while no process delivered, a row of an older version
+          stamped with a record's future time): due now.
+        """
+        if not step and not self._cache._sql(_ANY_DUE_AFTER, (now + horizon,)).fetchall():
+            return 0  # the usual answer, without taking the write lock
+        moved = 0
+        with self._write_guard, self._transaction() as connection:
+            if step < 0:
+                moved += connection.execute(_SHIFT_LATER_DUE, (step, now)).rowcount
+            elif step > 0:
+                window = (step, now - step, now - step + horizon)
+                moved += connection.execute(_SHIFT_WAITING_RETRIES, window).rowcount
+            if connection.execute(_ANY_DUE_AFTER, (now + horizon,)).fetchall():
+                moved += connection.execute(_DUE_NOW_IF_AFTER, (now, now + horizon)).rowcount
+        return moved
+
+    @_sqlite_section
     def get(self, key: str) -> QueuedEvent | None:
         """One waiting event by key, or None (gone, or not readable: left for the worker)."""
         # fetchall, not fetchone: a statement left unfinished keeps its read snapshot
@@ -673,11 +706,14 @@ class WriteAheadLog:
             return None
 
     @_sqlite_section
-    def sendable_through(self, rowid: int, now: float) -> bool:
+    def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
         """Whether a row with a rowid at most ``rowid`` is still here and can go now:
         never tried yet (whatever its due time says: a record stamped ahead of the
-        clock is still sent at once), or tried and due for its retry."""
-        rows = self._cache._sql(_SELECT_SENDABLE_THROUGH, (rowid, now)).fetchall()  # see get()
+        clock is still sent at once), tried and due for its retry, or due further
+        ahead than ``horizon``, the longest wait ever scheduled (the clock stepped
+        back since: it is treated as due)."""
+        parameters = (rowid, now, now + horizon)
+        rows = self._cache._sql(_SELECT_SENDABLE_THROUGH, parameters).fetchall()  # see get()
         return bool(rows)
 
     @_sqlite_section
@@ -952,13 +988,24 @@ _SELECT_KEY = (
 # has none at that path either and counts as never tried). A row that is not JSON is
 # the worker's to quarantine: it counts as sendable (json_extract would raise on it).
 _SELECT_SENDABLE_THROUGH = (
-    "SELECT 1 FROM Cache WHERE rowid <= ? AND raw = 1 AND (tag <= ? OR CASE"
+    "SELECT 1 FROM Cache WHERE rowid <= ? AND raw = 1 AND (tag <= ? OR tag > ? OR CASE"
     " WHEN json_valid(value) THEN json_extract(value, '$[6]') IS NULL ELSE 1 END) LIMIT 1"
 )
 _SELECT_OLDEST_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
     " WHERE raw = 1 ORDER BY key LIMIT 1"
 )
+# Clock steps (see WriteAheadLog.adjust_due_times). A row waits for a retry when its
+# history (element 6 of a version 2 row) records an error; json_valid first, so a
+# damaged row (left for read_due to quarantine) does not fail the statement.
+_SHIFT_LATER_DUE = "UPDATE Cache SET tag = tag + ? WHERE tag > ? AND raw = 1"
+_SHIFT_WAITING_RETRIES = (
+    "UPDATE Cache SET tag = tag + ? WHERE tag > ? AND tag <= ? AND raw = 1"
+    " AND CASE WHEN json_valid(value) THEN json_extract(value, '$[6].last_error') END"
+    " IS NOT NULL"
+)
+_ANY_DUE_AFTER = "SELECT 1 FROM Cache WHERE tag > ? LIMIT 1"
+_DUE_NOW_IF_AFTER = "UPDATE Cache SET tag = ? WHERE tag > ? AND raw = 1"
 # Built once: json.dumps with options builds a new encoder on every call.
 _ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -996,7 +1043,10 @@ def encode_row(
             history,
         ]
     )
-    due = event.logged_at if replayed_at is None else replayed_at
+    # Due when logged, to keep the log in logging order, but never later than now: a
+    # record stamped ahead of this clock (a host with a fast clock forwarding it, a
+    # clock stepped back since) must not wait until the clock catches up.
+    due = min(event.logged_at, time.time()) if replayed_at is None else replayed_at
     return event.id, due, f"{head[:-1]},{event.data_json}]"
 
 

@@ -21,6 +21,12 @@ Failure handling (see resilience.py for the policies):
 * 401/403 pause delivery for ``auth_retry_interval`` without counting attempts: events
   accumulate on disk and flow again by themselves once the credentials work;
 * a payload rejected as invalid goes to the dead-letter store at once.
+
+Time: due times in the log are wall-clock times (they outlive the process), every
+wait in memory (breaker, Retry-After, 401/403 pause, rate cap) is monotonic. The wall
+clock is read through a :class:`~cio_logging.clock.WallClock`, which notices steps;
+the delivering process moves the persisted due times by each step it notices, and a
+forward step does not age the events queued before it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from .clock import STEP_TOLERANCE_SECONDS, WallClock
 from .config import Settings
 from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
 from .events import Event
@@ -61,6 +68,8 @@ _LINGER_SECONDS = 0.02
 _ERROR_REPEAT_SECONDS = 60.0
 # Rewrite state.json at most this often (and on every breaker transition).
 _STATE_RECORD_SECONDS = 2.0
+# Look for due times too far ahead to be ours at most this often (see _keep_due_times).
+_DUE_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -87,18 +96,21 @@ class DeliveryWorker:
         wal: WriteAheadLog,
         dead_letters: DeadLetterStore,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: WallClock | None = None,
         telemetry: Telemetry | None = None,
         status_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._settings = settings
         self._wal = wal
         self._dead_letters = dead_letters
-        self._clock = clock
+        self._clock = clock or WallClock()
         self._telemetry = telemetry
         self._status_report = status_report
         self._lock = DeliveryLock(settings.queue_dir / "delivery.lock")
         self.retry = RetryPolicy.from_settings(settings)
+        # No due time this process persists is further ahead than this; one that is
+        # was not scheduled on this clock and counts as due (see adjust_due_times).
+        self._due_horizon = self.retry.longest_delay + STEP_TOLERANCE_SECONDS
         self.stats = DeliveryStats()
         self._reset_threading_state()
         reference = weakref.ref(self)
@@ -121,6 +133,7 @@ class DeliveryWorker:
         self._recorded_news: tuple[str | None, str | None] = (None, None)
         self._unexpected_reported_at = float("-inf")
         self._status_logged_at = time.monotonic()
+        self._due_checked_at = float("-inf")
         settings = self._settings
         self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
         self._rate_cap = RequestRateCap(settings.max_requests_per_second, stop=self._stop)
@@ -178,7 +191,8 @@ class DeliveryWorker:
         """In a process that does not deliver: are all the rows it committed gone, or
         waiting for a retry, or can the delivering process not send now? (Then waiting
         would only cost time, at every exit during an outage.)"""
-        if last_rowid == 0 or not self._wal.sendable_through(last_rowid, self._clock()):
+        sendable = self._wal.sendable_through(last_rowid, self._clock(), self._due_horizon)
+        if last_rowid == 0 or not sendable:
             return True
         state = read_state(self._settings.queue_dir)
         return state is not None and (
@@ -231,6 +245,9 @@ class DeliveryWorker:
         # so no wake-up is lost.
         self._wake.clear()
         generation = self._flush_requested
+        # Taken in every process, applied only by the delivering one: a step noticed
+        # while another process delivered was that process's to apply.
+        step = self._clock.take_step()
         acquired = self._lock.try_acquire()
         # Until this thread has tried for the lock, state.json may be another (even an
         # earlier, dead) process's: flush() must not take its word for what can go.
@@ -240,6 +257,7 @@ class DeliveryWorker:
             return client
         self._record_state()
         self._log_status()
+        self._keep_due_times(step)
         if self._wal.replaced_on_disk(at_most_every=1.0):
             # Deleted under a process that only delivers (it never logs, so no commit
             # would notice): it would go on reading the unlinked file.
@@ -263,6 +281,30 @@ class DeliveryWorker:
             self._complete(generation)
             self._wait(self._settings.flush_interval)
         return client
+
+    def _keep_due_times(self, step: float) -> None:
+        """Move persisted due times by a wall-clock step, and make due those too far
+        ahead to be ours (on the first turn, then every _DUE_CHECK_SECONDS)."""
+        moment = time.monotonic()
+        if not step and moment - self._due_checked_at < _DUE_CHECK_SECONDS:
+            return
+        self._due_checked_at = moment
+        now = self._clock()
+        moved = self._wal.adjust_due_times(step, now, self._due_horizon)
+        if step:
+            internal_log.warning(
+                "cio_logging: the wall clock stepped %+.1f s; moved %d due time(s) in the "
+                "queue by it, so retries keep their wait",
+                step,
+                moved,
+            )
+        elif moved:
+            internal_log.warning(
+                "cio_logging: %d event(s) were due more than %g s ahead (written under "
+                "another clock); they are due now",
+                moved,
+                self._due_horizon,
+            )
 
     def _try_recovery(self) -> None:
         # A corrupt or deleted database fails every read: the log may repair itself
@@ -345,7 +387,7 @@ class DeliveryWorker:
         events: list[QueuedEvent] = []
         for queued in batch.events:
             since = max(queued.event.logged_at, queued.replayed_at or 0.0)
-            if self.retry.expired(since, now):
+            if self.retry.expired(since, now, uncounted=self._clock.uncounted_since(since)):
                 self._give_up(
                     queued,
                     "expired",
@@ -493,7 +535,7 @@ class DeliveryWorker:
     def _report(
         self, failure: Failure, waiting: int, level: int, message: str, *extra: object
     ) -> None:
-        now = self._clock()
+        now = time.monotonic()  # a wall-clock step must not silence a repeat for as long
         previous = self._last_reported
         repeated = previous is not None and previous[0] == failure.message
         if repeated and previous is not None and now - previous[1] < _ERROR_REPEAT_SECONDS:

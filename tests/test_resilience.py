@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 
@@ -109,6 +110,46 @@ class TestDeliveryBreaker:
             (HALF_OPEN, CLOSED),
         ]
 
+    def test_probe_waits_on_the_injected_monotonic_clock(self) -> None:
+        """reset_timeout is measured on the breaker's clock, not pybreaker's wall clock."""
+        clock = FakeClock()
+        breaker = DeliveryBreaker(consecutive_failures=1, reset_timeout=30, clock=clock)
+        call(breaker, ok=False)
+        clock.now += 29
+        assert breaker.seconds_until_probe() == pytest.approx(1)
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            call(breaker, ok=True)
+        clock.now += 1
+        assert breaker.seconds_until_probe() == 0
+        assert call(breaker, ok=True) == "ok"  # the probe
+        assert breaker.state == CLOSED
+
+    @pytest.mark.parametrize("step", [-3600.0, 3600.0])
+    def test_a_wall_clock_step_neither_holds_nor_hastens_the_probe(
+        self, monkeypatch: pytest.MonkeyPatch, step: float
+    ) -> None:
+        """pybreaker's datetime.now() stepped either way: the probe still comes at 30 s."""
+        offset = [0.0]
+
+        class SteppedDatetime(dt.datetime):
+            @classmethod
+            def now(cls, tz: dt.tzinfo | None = None) -> SteppedDatetime:
+                return cls.fromtimestamp(time.time() + offset[0], tz)
+
+        monkeypatch.setattr(pybreaker, "datetime", SteppedDatetime)
+        clock = FakeClock()
+        breaker = DeliveryBreaker(consecutive_failures=1, reset_timeout=30, clock=clock)
+        call(breaker, ok=False)
+        offset[0] = step
+        clock.now += 10
+        assert breaker.seconds_until_probe() == pytest.approx(20)
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            call(breaker, ok=True)  # not early after a step forward
+        clock.now += 20
+        assert breaker.seconds_until_probe() == 0
+        assert call(breaker, ok=True) == "ok"  # not an hour late after a step back
+        assert breaker.state == CLOSED
+
     def test_a_failing_listener_never_breaks_delivery(self) -> None:
         def explode(old: str, new: str) -> None:
             raise RuntimeError("listener bug")
@@ -143,6 +184,27 @@ class TestRetryPolicy:
         logged = 1_000_000.0
         assert not policy.expired(logged, logged + 71 * 3600)
         assert policy.expired(logged, logged + 73 * 3600)
+
+    def test_forward_clock_steps_are_not_age(self) -> None:
+        """Logged, then the clock stepped 4 days forward: the event is minutes old."""
+        policy = RetryPolicy(max_event_age=72 * 3600.0)
+        logged = 1_000_000.0
+        now = logged + 4 * 86400 + 60
+        assert policy.expired(logged, now)
+        assert not policy.expired(logged, now, uncounted=4 * 86400)
+
+    def test_a_record_from_the_future_is_age_zero(self) -> None:
+        """A logged_at ahead of the clock is neither expired nor old."""
+        policy = RetryPolicy(max_event_age=1.0)
+        assert not policy.expired(1_000_000.0 + 4 * 86400, 1_000_000.0)
+        assert not policy.expired(1_000_000.0 + 10, 1_000_000.0, uncounted=5)
+
+    def test_longest_delay_bounds_every_delay(self) -> None:
+        """No wait the policy schedules is longer: due times past it are not ours."""
+        policy = RetryPolicy(max_backoff=60.0, max_retry_after=600.0)
+        assert policy.longest_delay == 600.0
+        assert max(policy.delay(n, retry_after=10**6) for n in range(1, 20)) <= 600.0
+        assert RetryPolicy(max_backoff=120.0, max_retry_after=0.0).longest_delay == 120.0
 
 
 class TestRequestRateCap:

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import diskcache
@@ -216,6 +217,79 @@ class _PlantedPickle:
 
     def __reduce__(self) -> tuple[object, tuple[str, str]]:
         return (Path.write_text, (str(self.marker), "pickle ran"))
+
+
+def ahead_of_the_clock(seconds: float) -> Event:
+    """An event whose record is stamped ``seconds`` after this clock."""
+    return make_event()._replace(logged_at=time.time() + seconds)
+
+
+class TestDueTimesAcrossClockSteps:
+    """Persisted due times keep steady time across wall-clock steps (the worker's calls)."""
+
+    def test_a_record_stamped_ahead_of_the_clock_is_due_now(self, tmp_path: Path) -> None:
+        """Fresh rows are due at min(logged_at, now): a fast sender's clock delays nothing."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        event = ahead_of_the_clock(600)
+        wal.append(event)
+        assert [q.key for q in wal.read_due(10).events] == [event.id]
+        assert wal.read_due(10).events[0].event.logged_at == event.logged_at  # kept as is
+
+    def _fresh_and_waiting(self, wal: WriteAheadLog, now: float) -> tuple[str, str]:
+        fresh, waiting = make_event(1), make_event(2)
+        wal.append_rows([(fresh.id, now, encode_row(fresh)[2])])
+        wal.append_rows([(waiting.id, now, encode_row(waiting)[2])])
+        (queued,) = [q for q in wal.read_due(10, now=now).events if q.key == waiting.id]
+        wal.record_failure([(queued, now + 30)], "HTTP 503", now=now)
+        return fresh.id, waiting.id
+
+    def due_at(self, wal: WriteAheadLog, moment: float) -> set[str]:
+        return {q.key for q in wal.read_due(100, now=moment).events}
+
+    def test_a_step_back_keeps_every_wait(self, tmp_path: Path) -> None:
+        """Back an hour: the fresh row is due again, the retry still 30 s away."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        now = 1_800_000_000.0
+        fresh, waiting = self._fresh_and_waiting(wal, now)
+        stepped = now - 3600 + 1
+        assert self.due_at(wal, stepped) == set()  # what the old code saw: an hour's stall
+        assert wal.adjust_due_times(-3600, stepped, horizon=600) == 2
+        assert self.due_at(wal, stepped + 28) == {fresh}
+        assert self.due_at(wal, stepped + 29) == {fresh, waiting}  # 1 s passed before
+
+    def test_a_step_forward_keeps_retries_waiting_and_new_rows_due(self, tmp_path: Path) -> None:
+        """Forward an hour: the retry keeps its 30 s; a row logged after the step stays due."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        now = 1_800_000_000.0
+        fresh, waiting = self._fresh_and_waiting(wal, now)
+        stepped = now + 3600 + 1
+        newer = make_event(3)
+        wal.append_rows([(newer.id, stepped, encode_row(newer)[2])])
+        assert wal.adjust_due_times(3600, stepped, horizon=600) == 1
+        assert self.due_at(wal, stepped) == {fresh, newer.id}
+        assert self.due_at(wal, stepped + 28) == {fresh, newer.id}
+        assert self.due_at(wal, stepped + 29) == {fresh, newer.id, waiting}
+
+    def test_due_times_beyond_the_horizon_are_due_now(self, tmp_path: Path) -> None:
+        """No step seen (a restart after it, an older writer): too far ahead means due now."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        now = 1_800_000_000.0
+        far, near = make_event(1), make_event(2)
+        wal.append_rows([(far.id, now + 3600, encode_row(far)[2])])
+        wal.append_rows([(near.id, now + 300, encode_row(near)[2])])
+        assert wal.adjust_due_times(0, now, horizon=600) == 1
+        assert self.due_at(wal, now) == {far.id}
+        assert wal.adjust_due_times(0, now, horizon=600) == 0
+
+    def test_a_damaged_row_does_not_stop_the_adjustment(self, tmp_path: Path) -> None:
+        """A row that is not JSON is left for read_due to quarantine."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        now = 1_800_000_000.0
+        _, waiting = self._fresh_and_waiting(wal, now)
+        wal.append_rows([("01J0000000000000000000BAD0", now + 10, "{not json")])
+        assert wal.adjust_due_times(3600, now + 3600, horizon=600) == 1
+        assert waiting not in self.due_at(wal, now + 3600 + 29)
+        assert waiting in self.due_at(wal, now + 3600 + 30)
 
 
 class TestRefusesPickles:
