@@ -24,8 +24,10 @@ import enum
 import errno
 import fcntl
 import os
+import pwd
 import re
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -133,7 +135,9 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
 
     Raises:
         QueueDirectoryError: missing, not a directory, unreadable, not writable (when
-            ``writable``), or holding neither ``wal/`` nor ``dead/``.
+            ``writable``), holding neither ``wal/`` nor ``dead/``, or holding a file
+            or directory that the command must open and this user cannot (another
+            user's, left by a command run as root).
     """
     if not path.exists():
         raise QueueDirectoryError(f"queue directory {path} does not exist")
@@ -141,15 +145,53 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
         raise QueueDirectoryError(f"{path} is not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise QueueDirectoryError(f"queue directory {path} is not readable by this user")
+    for store in (path / WAL_DIR, path / DEAD_DIR):
+        if store.is_dir() and not os.access(store, os.R_OK | os.W_OK | os.X_OK):
+            raise QueueDirectoryError(not_writable_message(store))
     if not any((path / name / "cache.db").is_file() for name in (WAL_DIR, DEAD_DIR)):
         raise QueueDirectoryError(
             f"{path} is not a cio_logging queue directory (no {WAL_DIR}/ or {DEAD_DIR}/ in it)"
         )
+    # Every command opens the stores, and opening one writes (its open.lock, SQLite's
+    # shared memory): a file another user left there fails it half-way otherwise.
+    needed = [path / name / file for name in (WAL_DIR, DEAD_DIR) for file in _STORE_FILES]
     if writable:
         for directory in (path, path / WAL_DIR, path / DEAD_DIR):
             if directory.exists() and not os.access(directory, os.W_OK | os.X_OK):
                 raise QueueDirectoryError(f"{directory} is not writable by this user")
+        needed += [path / DELIVERY_LOCK, path / DLQ_LOCK]
+    for file in needed:
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            raise QueueDirectoryError(not_writable_message(file))
     return path
+
+
+# The files in wal/ and dead/ that opening a store opens for writing.
+_STORE_FILES = ("open.lock", "cache.db", "cache.db-wal", "cache.db-shm")
+
+
+def not_writable_message(path: Path) -> str:
+    """One line on a file this user cannot write: whose it is and what to do."""
+    try:
+        status = path.stat()
+        directory = path.parent.stat()
+    except OSError as exc:
+        return f"{path} cannot be opened by this user ({exc.strerror})"
+    owner, directory_owner = _user_name(status.st_uid), _user_name(directory.st_uid)
+    return (
+        f"{path} is owned by {owner} (mode {stat.S_IMODE(status.st_mode):04o}) and is not "
+        f"writable by this user ({_user_name(os.geteuid())}); a command run as {owner} "
+        f"left it: run `chown {'-R ' if path.is_dir() else ''}{directory_owner}: {path}` "
+        f"as root, or run this command as "
+        f"{owner}"
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def lock_holder(queue_dir: Path, name: str = DELIVERY_LOCK) -> int | None:
@@ -179,7 +221,11 @@ def lock_holder(queue_dir: Path, name: str = DELIVERY_LOCK) -> int | None:
 @contextlib.contextmanager
 def _exclusive(queue_dir: Path, name: str, purpose: str) -> Iterator[None]:
     lock = DeliveryLock(queue_dir / name)
-    if not lock.try_acquire():
+    try:
+        acquired = lock.try_acquire()
+    except PermissionError:  # made another user's since check_queue_dir looked
+        raise QueueDirectoryError(not_writable_message(queue_dir / name)) from None
+    if not acquired:
         pid = lock_holder(queue_dir, name)
         raise LockHeldError(
             f"another process (pid {pid}) is replaying or purging dead letters in "

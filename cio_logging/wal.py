@@ -255,17 +255,38 @@ def _retry_while_locked(action: Callable[[], None]) -> None:
             time.sleep(0.01)
 
 
+def inherited_owner(directory: Path) -> tuple[int, int] | None:
+    """The uid and gid a file or directory created in ``directory`` should be given:
+    the directory's own, when this process runs as root and they are not root's.
+
+    A root shell running the CLI on the application user's queue must not leave files
+    there that the application's user cannot open (a lock file, a database). None
+    when nothing needs changing, or this process could not change it anyway.
+    """
+    if os.geteuid() != 0:
+        return None
+    status = os.stat(directory)
+    if (status.st_uid, status.st_gid) == (os.geteuid(), os.getegid()):
+        return None
+    return status.st_uid, status.st_gid
+
+
 def secure_directory(directory: Path) -> None:
     """Create ``directory`` as 0700 and tighten it if it already exists.
 
     Missing parents are created 0700 too (``mkdir(parents=True)`` would give them the
     umask's default): the queue directory may be a parent of the log's own directory.
+    Run as root, what it creates belongs to the owner of the nearest existing parent
+    (see :func:`inherited_owner`).
     """
     missing = [directory, *directory.parents]
     missing = [path for path in missing if not path.exists()]
+    owner = inherited_owner(missing[-1].parent) if missing else None
     for path in reversed(missing):
         with contextlib.suppress(FileExistsError):  # another process made it meanwhile
             path.mkdir(mode=_DIRECTORY_MODE)
+            if owner is not None:
+                os.chown(path, *owner, follow_symlinks=False)
         path.chmod(_DIRECTORY_MODE)
     if stat.S_IMODE(directory.stat().st_mode) != _DIRECTORY_MODE:
         directory.chmod(_DIRECTORY_MODE)
@@ -278,15 +299,20 @@ def secure_file(path: Path) -> None:
     SQLite file drops every POSIX lock this process holds on it, including the lock
     that tells other processes this one still uses the database. Without it, another
     process closing its last connection deletes the write-ahead files under us.
+    Run as root, a new file belongs to its directory's owner (see
+    :func:`inherited_owner`); SQLite gives its -wal and -shm files the database's.
     """
     try:
-        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, _FILE_MODE)
     except FileExistsError:
-        if stat.S_IMODE(path.stat().st_mode) != _FILE_MODE:
+        if not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) != _FILE_MODE:
             path.chmod(_FILE_MODE)
         return
     try:
         os.fchmod(descriptor, _FILE_MODE)  # the umask may have taken bits away
+        owner = inherited_owner(path.parent)
+        if owner is not None:
+            os.fchown(descriptor, *owner)
     finally:
         os.close(descriptor)
 
@@ -329,7 +355,9 @@ def _opening_lock(directory: Path) -> Iterator[None]:
     """An exclusive flock on ``directory/open.lock`` for as long as a cache opens."""
     path = directory / "open.lock"
     secure_file(path)
-    descriptor = os.open(path, os.O_RDWR)
+    # Never through a link: root opening a queue its user prepared must not open
+    # (and lock) some other file.
+    descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
@@ -374,7 +402,11 @@ def _open_cache_once(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
             f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}"
         ) from exc
     for entry in directory.iterdir():
-        if entry.is_file() and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE:
+        if (
+            not entry.is_symlink()
+            and entry.is_file()
+            and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE
+        ):
             entry.chmod(_FILE_MODE)  # by path: see secure_file
     return cache
 

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pwd
 import re
+import shutil
 import signal
+import site
 import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +27,11 @@ import pytest
 
 from cio_logging import cio_event
 from cio_logging.cli import main
+from cio_logging.events import Event
 from cio_logging.operations import ExitCode, parse_time
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
+from cio_logging.wal import DeadLetterStore, WriteAheadLog
 
 from .conftest import (
     PROJECT_ROOT,
@@ -547,3 +556,174 @@ class TestDrain:
         assert simulator.accepted_ids() == set(ids)  # none lost
         assert simulator.duplicates == 0  # none sent twice
         assert len(simulator.accepted) == len(ids)
+
+
+# -- a queue directory owned by another user ---------------------------------------------
+
+APP_USER = "nobody"
+
+
+def _interpreter_for(user: str) -> list[str] | None:
+    """A command that runs this project's CLI as ``user``, or None when none can.
+
+    The test's own interpreter may live where ``user`` cannot read (a pyenv under
+    /root): try it, then the system's interpreter of the same minor version, with this
+    project and the virtual environment's site-packages on the path.
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = os.pathsep.join([str(PROJECT_ROOT), *sorted(set(site.getsitepackages()))])
+    for candidate in (sys.executable, f"/usr/bin/python{version}"):
+        command = ["runuser", "-u", user, "--", "env", f"PYTHONPATH={path}", candidate]
+        probe = subprocess.run(
+            [*command, "-c", "import cio_logging.cli"],
+            capture_output=True,
+            timeout=60,
+            cwd="/",
+            check=False,
+        )
+        if probe.returncode == 0:
+            return [*command, "-m", "cio_logging.cli"]
+    return None
+
+
+@pytest.fixture
+def app_user_cli() -> list[str]:
+    """The CLI as run by the application's (unprivileged) user; skips unless root."""
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root and runuser to act as another user")
+    command = _interpreter_for(APP_USER)
+    if command is None:
+        pytest.skip(f"no interpreter that {APP_USER} can run with this project's packages")
+    return command
+
+
+@pytest.fixture
+def app_queue_dir() -> Iterator[Path]:
+    """A queue directory owned by the application's user, where that user can reach it."""
+    parent = Path(tempfile.mkdtemp(prefix="cio-owner-", dir="/tmp"))
+    user = pwd.getpwnam(APP_USER)
+    os.chown(parent, user.pw_uid, user.pw_gid)
+    yield parent / "queue"
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def make_dead_letters(queue_dir: Path, count: int, reason: str = "max_attempts") -> list[str]:
+    """``count`` dead letters written through the store, as a handler would."""
+    WriteAheadLog(queue_dir / "wal").close()
+    store = DeadLetterStore(queue_dir / "dead")
+    keys = []
+    for number in range(count):
+        key = f"01J{number:023d}"
+        event = Event(key, "purchase", f"user-{number}", None, "{}", int(time.time()), time.time())
+        store.add(key, event, status=None, error_type=reason, message=reason, attempts=5)
+        keys.append(key)
+    store.close()
+    return keys
+
+
+def chown_tree(top: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    for root, directories, files in os.walk(top):
+        for name in [root, *(os.path.join(root, d) for d in directories)]:
+            os.chown(name, entry.pw_uid, entry.pw_gid)
+        for name in files:
+            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+
+
+def foreign_entries(top: Path, user: str) -> list[str]:
+    """Every path under ``top`` (itself included) not owned by ``user``'s uid and gid."""
+    entry = pwd.getpwnam(user)
+    wrong = []
+    for root, directories, files in os.walk(top):
+        for name in [root, *(os.path.join(root, n) for n in directories + files)]:
+            status = os.lstat(name)
+            if (status.st_uid, status.st_gid) != (entry.pw_uid, entry.pw_gid):
+                wrong.append(f"{name} ({status.st_uid}:{status.st_gid})")
+    return sorted(set(wrong))
+
+
+class TestAnotherUsersQueue:
+    """root works on the application user's queue directory without locking that user out."""
+
+    def test_a_lock_file_left_by_root_is_one_clear_line(
+        self, app_user_cli: list[str], app_queue_dir: Path
+    ) -> None:
+        """A root-owned 0600 dlq.lock: the user's purge exits 3 naming the file, no traceback."""
+        make_dead_letters(app_queue_dir, 2)
+        chown_tree(app_queue_dir, APP_USER)
+        lock = app_queue_dir / "dlq.lock"
+        lock.touch(mode=0o600)  # as root: what an earlier version's root replay left
+        result = subprocess.run(
+            [*app_user_cli, "dlq", "purge", "--yes", "--queue-dir", str(app_queue_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert result.returncode == ExitCode.NO_QUEUE, result.stderr
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert f"{lock} is owned by root" in lines[0]
+        assert "not writable by this user" in lines[0]
+        as_json = subprocess.run(
+            [*app_user_cli, "dlq", "purge", "--yes", "--json", "--queue-dir", str(app_queue_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert json.loads(as_json.stdout)["exit_code"] == ExitCode.NO_QUEUE
+
+    def test_root_leaves_every_file_to_the_directory_owner(
+        self,
+        simulator: TrackAPISimulator,
+        app_user_cli: list[str],
+        app_queue_dir: Path,
+    ) -> None:
+        """root's drain and replay create locks, state.json and dead/ as the owner's."""
+        # The application's backlog (it could not deliver), in a directory of its user.
+        simulator.fail(503)
+        assert len(run_child_app(simulator, app_queue_dir, "3", "--no-close")) == 3
+        simulator.clear_faults()
+        shutil.rmtree(app_queue_dir / "dead")  # no dead letters yet: the drain makes dead/
+        chown_tree(app_queue_dir, APP_USER)
+        # root drains it; the events are rejected, so the drain writes dead letters.
+        simulator.poison_names.add("purchase")
+        drained = run_cli(simulator, app_queue_dir, "drain", "--timeout", "20")
+        assert drained.returncode == 0, drained.stderr
+        assert "3 dead-lettered" in drained.stdout
+        replayed = run_cli(simulator, app_queue_dir, "dlq", "replay", "--timeout", "5")
+        assert replayed.returncode == ExitCode.INCOMPLETE, replayed.stderr  # rejected again
+        assert run_cli(simulator, app_queue_dir, "status").returncode == 0
+        assert foreign_entries(app_queue_dir, APP_USER) == []
+        # And the application's user can still do everything in it.
+        for command in (["status"], ["dlq", "count"], ["dlq", "purge", "--yes"]):
+            result = subprocess.run(
+                [*app_user_cli, *command, "--queue-dir", str(app_queue_dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+            assert result.returncode == 0, (command, result.stderr)
+
+    def test_a_store_directory_left_by_root_is_one_clear_line(
+        self, app_user_cli: list[str], app_queue_dir: Path
+    ) -> None:
+        """A root-owned 0700 dead/ (an earlier version's root run): exit 3, never a traceback."""
+        make_dead_letters(app_queue_dir, 1)
+        chown_tree(app_queue_dir, APP_USER)
+        os.chown(app_queue_dir / "dead", 0, 0)
+        for command in (["status"], ["dlq", "count"], ["dlq", "list"]):
+            result = subprocess.run(
+                [*app_user_cli, *command, "--queue-dir", str(app_queue_dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+            assert result.returncode == ExitCode.NO_QUEUE, (command, result.stderr)
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert f"{app_queue_dir / 'dead'} is owned by root" in result.stderr
+            assert "chown -R nobody:" in result.stderr
