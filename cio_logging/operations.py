@@ -43,7 +43,14 @@ from .events import event_from_dict
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state
-from .wal import DeadLetter, DeadLetterStore, QueuedEvent, WriteAheadLog
+from .wal import (
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterStore,
+    QueuedEvent,
+    ReplayRecord,
+    WriteAheadLog,
+)
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -450,6 +457,29 @@ def letter_summary(letter: DeadLetter) -> dict[str, Any]:
         "attempts": letter.attempts,
         "first_failure_at": iso_time(letter.first_failure_at),
         "last_failure_at": iso_time(letter.last_failure_at),
+        # Why it was dead-lettered first (the reason above is the latest), and the
+        # replays that did not deliver it, oldest first.
+        "original": None if letter.original is None else _reason_dict(letter.original),
+        "replay_count": letter.replay_count,
+        "replays": [
+            {
+                "at": iso_time(record.at),
+                "error_type": record.error_type,
+                "status": record.status,
+                "message": record.message,
+                "failed_at": iso_time(record.failed_at),
+            }
+            for record in letter.replays
+        ],
+    }
+
+
+def _reason_dict(reason: DeadLetterReason) -> dict[str, Any]:
+    return {
+        "error_type": reason.error_type,
+        "status": reason.status,
+        "message": reason.message,
+        "at": iso_time(reason.at),
     }
 
 
@@ -538,6 +568,7 @@ class ReplayReport:
     requests: int = 0
     elapsed_seconds: float = 0.0
     interrupted: bool = False
+    left_in_store: int = 0  # dead letters in the store when the replay ended, any match
 
     @property
     def done(self) -> int:
@@ -549,11 +580,36 @@ class ReplayReport:
             return ExitCode.INTERRUPTED
         if self.auth_error is not None:
             return ExitCode.AUTH
-        left = self.rejected or self.failed or self.not_sent or self.unreadable
-        return ExitCode.INCOMPLETE if left or self.missing_ids else ExitCode.OK
+        return ExitCode.INCOMPLETE if self.work_left() is not None else ExitCode.OK
+
+    def work_left(self) -> str | None:
+        """What this replay left to do, in one line, or None when nothing is left.
+
+        A replay that selected nothing while dead letters remain is work left too:
+        the runbook's ``--reason max_attempts`` finding nothing must not read as done.
+        """
+        parts = []
+        if self.selected == 0 and self.left_in_store:
+            parts.append("no dead letter matched the selection")
+        came_back = len(self.rejected) + len(self.failed)
+        if came_back:
+            parts.append(
+                f"{came_back} of the {self.selected} selected came back to the store "
+                f"({len(self.rejected)} rejected again, {len(self.failed)} still failing)"
+            )
+        if self.not_sent:
+            parts.append(f"{len(self.not_sent)} not sent before the bound")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable")
+        if self.missing_ids:
+            parts.append(f"{len(self.missing_ids)} id(s) not found")
+        if not parts:
+            return None
+        return f"{'; '.join(parts)}; {self.left_in_store} dead letter(s) remain in the store"
 
     def to_dict(self) -> dict[str, Any]:
         result = asdict(self)
+        result["work_left"] = self.work_left()
         result["exit_code"] = int(self.exit_code())
         return result
 
@@ -582,7 +638,8 @@ def replay_dead_letters(
     the rate cap, and the retry policy's backoff between attempts of an entry, within
     ``timeout`` seconds and at most ``max_attempts`` attempts per entry. An entry
     leaves the store only once Customer.io accepted it. One that fails again stays,
-    rewritten with the new reason and attempt count; one never tried stays unchanged.
+    with the new reason as its latest, its original reason kept, this replay added to
+    its history and its attempts counted; one never tried stays unchanged.
     The write-ahead log is not touched, so this cannot collide with a live
     application's worker: an event in both places is sent with the same id, which
     Customer.io deduplicates.
@@ -623,6 +680,7 @@ def replay_dead_letters(
             report.would_send = list(pending)
         else:
             _replay(settings, store, pending, report, started + timeout, stop, progress)
+        report.left_in_store = 0 if store is None else len(store)
     report.interrupted = stop.is_set()
     report.elapsed_seconds = round(time.monotonic() - started, 3)
     return report
@@ -645,6 +703,7 @@ def _replay(
         rate_cap=RequestRateCap(settings.max_requests_per_second, stop=stop),
     )
     held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
+    replayed_at = time.time()  # the replay's time in each entry's history
     try:
         while pending and not stop.is_set():
             now = time.monotonic()
@@ -668,8 +727,8 @@ def _replay(
                     del pending[queued.key]
             for queued, rejection in outcome.rejected:
                 entry = pending.pop(queued.key)
-                _rewrite(store, entry, rejection, tries=entry.tries + 1)
-                report.rejected.append(_reason(queued.key, rejection))
+                _rewrite(store, entry, rejection, replayed_at, tries=entry.tries + 1)
+                report.rejected.append(_reason(queued.key, rejection, entry.letter))
             failure = outcome.failure
             if failure is not None and failure.kind in (AUTH, CONFIG):
                 # Not the entries' fault: count nothing, rewrite nothing, stop.
@@ -685,8 +744,8 @@ def _replay(
                     entry.failure = failure
                     if entry.tries >= settings.max_attempts:
                         del pending[queued.key]
-                        _rewrite(store, entry, failure, tries=entry.tries)
-                        report.failed.append(_reason(queued.key, failure))
+                        _rewrite(store, entry, failure, replayed_at, tries=entry.tries)
+                        report.failed.append(_reason(queued.key, failure, entry.letter))
                     else:
                         delay = retry.delay(entry.tries, failure.retry_after)
                         entry.next_at = time.monotonic() + delay
@@ -698,28 +757,44 @@ def _replay(
             if entry.failure is None:
                 report.not_sent.append(key)
             else:
-                _rewrite(store, entry, entry.failure, tries=entry.tries)
-                report.failed.append(_reason(key, entry.failure))
+                _rewrite(store, entry, entry.failure, replayed_at, tries=entry.tries)
+                report.failed.append(_reason(key, entry.failure, entry.letter))
         pending.clear()
 
 
-def _rewrite(store: DeadLetterStore, entry: _Pending, failure: Failure, *, tries: int) -> None:
+def _rewrite(
+    store: DeadLetterStore, entry: _Pending, failure: Failure, replayed_at: float, *, tries: int
+) -> None:
     letter = entry.letter
     if store.get(letter.key) is None:
         return  # gone meanwhile (purged): never bring it back
+    message = f"replay: {failure.message}"
+    now = time.time()
+    came_back = DeadLetterReason(failure.error_type, failure.status, message, now)
     store.add(
         letter.key,
         entry.queued.event,
         status=failure.status,
         error_type=failure.error_type,
-        message=f"replay: {failure.message}",
+        message=message,
         attempts=letter.attempts + tries,
         first_failure_at=letter.first_failure_at,
+        now=now,
+        # The latest reason is the new one; the first stays, and the history grows.
+        original=letter.original or letter.latest,
+        replays=[*letter.replays, ReplayRecord.came_back(replayed_at, came_back)],
+        replay_count=letter.replay_count + 1,
     )
 
 
-def _reason(key: str, failure: Failure) -> dict[str, str]:
-    return {"id": key, "error_type": failure.error_type, "message": failure.message}
+def _reason(key: str, failure: Failure, letter: DeadLetter) -> dict[str, str]:
+    original = letter.original or letter.latest
+    return {
+        "id": key,
+        "error_type": failure.error_type,
+        "message": failure.message,
+        "original_error_type": original.error_type,
+    }
 
 
 # -- drain ---------------------------------------------------------------------------------

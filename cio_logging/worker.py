@@ -45,7 +45,15 @@ from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state, write_state
 from .telemetry import Telemetry
-from .wal import Batch, DeadLetterStore, QueuedEvent, WriteAheadLog
+from .wal import (
+    Batch,
+    DeadLetterHistory,
+    DeadLetterReason,
+    DeadLetterStore,
+    QueuedEvent,
+    ReplayRecord,
+    WriteAheadLog,
+)
 
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
@@ -472,15 +480,32 @@ class DeliveryWorker:
         attempts: int | None = None,
         remove: bool = True,
     ) -> None:
+        now = self._clock()
+        tries = attempts if attempts is not None else (queued.attempts + 1 if queued else 1)
+        first_failure_at = queued.first_failure_at if queued else None
+        history: dict[str, Any] = {}
+        if queued is not None and queued.replayed_at is not None:
+            # Replayed from the dead-letter store and failed again: it goes back with
+            # its first reason and its earlier replays, plus this one.
+            earlier = queued.dead_letter or _history_lost_by_an_earlier_version(queued)
+            reason = DeadLetterReason(failure.error_type, failure.status, failure.message, now)
+            history = {
+                "original": earlier.original,
+                "replays": [*earlier.replays, ReplayRecord.came_back(queued.replayed_at, reason)],
+                "replay_count": earlier.replay_count + 1,
+            }
+            tries += earlier.attempts
+            first_failure_at = earlier.first_failure_at or first_failure_at
         self._dead_letters.add(
             key,
             event,
             status=failure.status,
             error_type=failure.error_type,
             message=failure.message,
-            attempts=attempts if attempts is not None else (queued.attempts + 1 if queued else 1),
-            first_failure_at=queued.first_failure_at if queued else None,
-            now=self._clock(),
+            attempts=tries,
+            first_failure_at=first_failure_at,
+            now=now,
+            **history,
         )
         if remove and queued is not None:
             self._wal.remove([key])
@@ -584,6 +609,14 @@ class DeliveryWorker:
             # rather than the one event that woke us (essential events wake us one
             # by one), which also leaves the GIL to the threads that log.
             self._stop.wait(_LINGER_SECONDS)
+
+
+def _history_lost_by_an_earlier_version(queued: QueuedEvent) -> DeadLetterHistory:
+    # A row replayed by a version that did not carry the entry's history: its first
+    # reason is unknown, and saying so beats passing off this failure as the first.
+    replayed_at = queued.replayed_at or queued.event.logged_at
+    lost = "replayed by an earlier version, which did not keep the reason"
+    return DeadLetterHistory(DeadLetterReason("unknown", None, lost, replayed_at), (), 0, 0.0, 0)
 
 
 def _mark_flush_thread() -> None:

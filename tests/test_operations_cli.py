@@ -426,6 +426,89 @@ class TestReplay:
         assert {entry["attempts"] for entry in kept} == {3}  # 1 before, 2 in the replay
         assert simulator.accepted == []
 
+    def test_a_failed_replay_keeps_the_original_reason(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """A replay during an outage keeps the first reason and its time; --reason finds it."""
+        expired = make_dead_letters(queue_dir, 2, "max_attempts")
+        before = {entry["id"]: entry for entry in run_json(simulator, queue_dir, "dlq", "list")}
+        assert len(before) == 7
+        simulator.fail(503)
+        report = run_json(
+            simulator, queue_dir, "dlq", "replay", "--timeout", "10",
+            "-o", "max_attempts=1", "-o", "consecutive_failures=50",
+            expect=ExitCode.INCOMPLETE,
+        )  # fmt: skip
+        simulator.clear_faults()
+        # The runbook's command still finds what it is meant for, by either reason.
+        by_first = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts",
+                            "--dry-run")  # fmt: skip
+        assert sorted(by_first["would_send"]) == sorted(expired)
+        assert len(report["failed"]) == 7
+        assert {entry["original_error_type"] for entry in report["failed"]} == {
+            "item_rejected",
+            "max_attempts",
+        }
+        assert report["left_in_store"] == 7
+        assert "7 of the 7 selected came back to the store" in report["work_left"]
+
+        for entry in run_json(simulator, queue_dir, "dlq", "list"):
+            assert entry["error_type"] == "http_503"  # the latest reason
+            first = before[entry["id"]]
+            assert entry["original"] == {
+                "error_type": first["error_type"],
+                "status": first["status"],
+                "message": first["message"],
+                "at": first["last_failure_at"],
+            }
+            assert entry["replay_count"] == 1
+            (record,) = entry["replays"]
+            assert record["error_type"] == "http_503"
+            assert record["message"].startswith("replay: HTTP 503")
+        by_latest = run_json(simulator, queue_dir, "dlq", "list", "--reason", "http_503")
+        assert len(by_latest) == 7
+        shown = run_cli(simulator, queue_dir, "dlq", "show", expired[0]).stdout
+        assert "original          max_attempts at" in shown
+        assert "came back" in shown
+        listed = run_cli(simulator, queue_dir, "dlq", "list").stdout
+        assert re.search(r"http_503 +max_attempts +1 ", listed), listed
+        # A second replay that works empties the store.
+        done = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
+        assert sorted(done["accepted"]) == sorted(expired)
+        assert done["work_left"] is None
+
+    def test_a_replay_that_selects_nothing_is_work_left(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """Nothing matched while dead letters remain: exit 1 and a line saying so, not done."""
+        result = run_cli(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
+        assert result.returncode == ExitCode.INCOMPLETE, result.stderr
+        assert (
+            "work left: no dead letter matched the selection; 5 dead letter(s) remain "
+            "in the store" in result.stderr
+        )
+        report = run_json(
+            simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts",
+            expect=ExitCode.INCOMPLETE,
+        )  # fmt: skip
+        assert report["selected"] == 0
+        assert report["left_in_store"] == 5
+        assert report["work_left"].startswith("no dead letter matched the selection")
+        dry = run_cli(simulator, queue_dir, "dlq", "replay", "--event", "nope", "--dry-run")
+        assert dry.returncode == ExitCode.INCOMPLETE
+        assert simulator.requests == []
+        # Once the store is empty, nothing selected is nothing left.
+        run_json(simulator, queue_dir, "dlq", "purge", "--yes")
+        empty = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
+        assert empty["work_left"] is None
+        assert empty["exit_code"] == ExitCode.OK
+
     def test_wrong_credentials_leave_entries_unchanged(
         self,
         simulator: TrackAPISimulator,
