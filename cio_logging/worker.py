@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import sys
 import threading
 import time
@@ -128,6 +129,7 @@ class DeliveryWorker:
         self._state_recorded_at = float("-inf")
         self._recorded_news: tuple[str | None, str | None] = (None, None)
         self._unexpected_reported_at = float("-inf")
+        self._foreign_lock_reported_at = float("-inf")
         self._status_logged_at = time.monotonic()
         settings = self._settings
         self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
@@ -244,7 +246,11 @@ class DeliveryWorker:
         # so no wake-up is lost.
         self._wake.clear()
         generation = self._flush_requested
-        acquired = self._lock.try_acquire()
+        try:
+            acquired = self._lock.try_acquire()
+        except PermissionError as exc:
+            self._report_foreign_lock(exc)
+            acquired = False
         # Until this thread has tried for the lock, state.json may be another (even an
         # earlier, dead) process's: flush() must not take its word for what can go.
         self._lock_tried = True
@@ -288,6 +294,26 @@ class DeliveryWorker:
             return
         if action is not None:
             internal_log.error("cio_logging: %s", action)
+
+    def _report_foreign_lock(self, error: PermissionError) -> None:
+        # A root shell ran the CLI here with an older version and left the lock as
+        # root's: this process can log (events wait on disk) but never deliver.
+        now = time.monotonic()
+        if now - self._foreign_lock_reported_at >= _ERROR_REPEAT_SECONDS:
+            self._foreign_lock_reported_at = now
+            path = self._lock.path
+            try:
+                owner = pwd.getpwuid(path.stat().st_uid).pw_name
+            except (OSError, KeyError):
+                owner = "another user"
+            internal_log.error(
+                "cio_logging: cannot open %s (%s): it belongs to %s, so this process "
+                "cannot deliver from this queue; events wait on disk. Give it back to "
+                "the queue directory's owner (chown)",
+                path,
+                error.strerror,
+                owner,
+            )
 
     def _report_unexpected(self) -> None:
         now = time.monotonic()

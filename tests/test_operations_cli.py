@@ -810,3 +810,30 @@ class TestAnotherUsersQueue:
             assert result.stderr.count("\n") == 1, result.stderr
             assert f"{app_queue_dir / 'dead'} is owned by root" in result.stderr
             assert "chown -R nobody:" in result.stderr
+
+    def test_an_application_with_a_delivery_lock_left_by_root_says_so(
+        self,
+        simulator: TrackAPISimulator,
+        app_user_cli: list[str],
+        app_queue_dir: Path,
+    ) -> None:
+        """The app's user cannot open delivery.lock: one clear error, no traceback."""
+        make_dead_letters(app_queue_dir, 0)
+        chown_tree(app_queue_dir, APP_USER)
+        (app_queue_dir / "delivery.lock").touch(mode=0o600)  # root's, from a root drain
+        ca_file = app_queue_dir.parent / "ca.pem"
+        shutil.copy(simulator.ca_file, ca_file)
+        os.chmod(ca_file, 0o644)
+        env = child_environment(simulator, app_queue_dir, CIO_LOGGING_CA_BUNDLE=str(ca_file))
+        python = app_user_cli[: app_user_cli.index("-m")]
+        result = subprocess.run(
+            [*python, str(PROJECT_ROOT / "tests" / "child_app.py"), "2", "--linger", "1",
+             "--no-close"],
+            env={name: env[name] for name in env if name != "PYTHONPATH"},
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"cannot open {app_queue_dir / 'delivery.lock'}" in result.stderr
+        assert "belongs to root" in result.stderr
+        assert result.stderr.count("delivery.lock") == 1  # said once, not every poll
