@@ -168,9 +168,18 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
                 raise QueueDirectoryError(f"{directory} is not writable by this user")
         needed += [path / DELIVERY_LOCK, path / DLQ_LOCK]
     for file in needed:
+        if file.name.endswith(".lock") and file.is_symlink():
+            raise QueueDirectoryError(_symlink_message(file))
         if file.exists() and not os.access(file, os.R_OK | os.W_OK):
             raise QueueDirectoryError(not_writable_message(file))
     return path
+
+
+def _symlink_message(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link; cio-logging never opens a lock file through one "
+        "(it writes its pid into it): remove the link"
+    )
 
 
 # The files in wal/ and dead/ that opening a store opens for writing.
@@ -232,6 +241,10 @@ def _exclusive(queue_dir: Path, name: str, purpose: str) -> Iterator[None]:
         acquired = lock.try_acquire()
     except PermissionError:  # made another user's since check_queue_dir looked
         raise QueueDirectoryError(not_writable_message(queue_dir / name)) from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise QueueDirectoryError(_symlink_message(queue_dir / name)) from None
     if not acquired:
         pid = lock_holder(queue_dir, name)
         raise LockHeldError(

@@ -837,3 +837,17 @@ class TestAnotherUsersQueue:
         assert f"cannot open {app_queue_dir / 'delivery.lock'}" in result.stderr
         assert "belongs to root" in result.stderr
         assert result.stderr.count("delivery.lock") == 1  # said once, not every poll
+
+    def test_a_lock_file_that_is_a_link_is_never_opened(
+        self, simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path
+    ) -> None:
+        """dlq.lock planted as a symlink: exit 3, and the file it points at is untouched."""
+        make_dead_letters(queue_dir, 1)
+        target = tmp_path / "precious"
+        target.write_text("keep me\n")
+        (queue_dir / "dlq.lock").symlink_to(target)
+        result = run_cli(simulator, queue_dir, "dlq", "purge", "--yes")
+        assert target.read_text() == "keep me\n"
+        assert result.returncode == ExitCode.NO_QUEUE, result.stderr
+        assert f"{queue_dir / 'dlq.lock'} is a symbolic link" in result.stderr
+        assert run_json(simulator, queue_dir, "dlq", "count")["total"] == 1
