@@ -198,8 +198,7 @@ def not_writable_message(path: Path) -> str:
         f"{path} is owned by {owner} (mode {stat.S_IMODE(status.st_mode):04o}) and is not "
         f"writable by this user ({_user_name(os.geteuid())}); a command run as {owner} "
         f"left it: run `chown {'-R ' if path.is_dir() else ''}{directory_owner}: {path}` "
-        f"as root, or run this command as "
-        f"{owner}"
+        f"as root, or run this command as {owner}"
     )
 
 
