@@ -47,10 +47,13 @@ EXIT_CODES = """\
 exit codes:
   0    done: nothing is left to do
   1    work left: events still queued at the time bound, dead letters not replayed
-       (failed again, unreadable, not found), an id not found, a purge declined
+       (failed again, unreadable, not found), a replay that selected nothing while
+       dead letters remain, an id not found, a purge declined
   2    usage: bad arguments or settings, or a purge refused without --yes
   3    the queue directory is missing, unreadable or not a queue directory
-       (it is never created by these commands)
+       (it is never created by these commands), or a file or directory in it
+       belongs to another user and is not writable by this one (left by a
+       command run as root, say; the message names it and its owner)
   4    another process held the lock for the whole time bound (its pid is printed)
   5    Customer.io refused the credentials (401/403)
   130  interrupted by SIGINT or SIGTERM; nothing is lost
@@ -267,7 +270,10 @@ def _filters(
         parser.add_argument("--event", metavar="NAME", help="entries of this event name")
     if reason:
         parser.add_argument(
-            "--reason", metavar="TEXT", help="error type (e.g. http_400), or text in the message"
+            "--reason",
+            metavar="TEXT",
+            help="error type (e.g. http_400, max_attempts), or text in the message; "
+            "matches the latest reason or the original one (before any replay)",
         )
     times = "ISO 8601 (2024-05-01T12:00:00Z) or an age (30m, 2h, 3d)"
     if since:
@@ -573,11 +579,16 @@ def _run_list(args: argparse.Namespace, out: _Output) -> int:
     if not letters:
         out.line("no dead letters match")
         return ExitCode.OK
-    out.line(f"{'ID':<26}  {'LAST FAILURE':<20}  {'EVENT':<20}  {'REASON':<14}  TRIES  MESSAGE")
+    out.line(
+        f"{'ID':<26}  {'LAST FAILURE':<20}  {'EVENT':<20}  {'REASON':<14}  "
+        f"{'ORIGINAL':<14}  REPLAYS  TRIES  MESSAGE"
+    )
     for letter in letters:
+        original = letter["original"]["error_type"] if letter["original"] else None
         out.line(
             f"{letter['id']:<26}  {letter['last_failure_at']:<20}  "
             f"{_shorten(letter['event'], 20):<20}  {letter['error_type']:<14}  "
+            f"{_shorten(original, 14):<14}  {letter['replay_count']:>7}  "
             f"{letter['attempts']:>5}  {_shorten(letter['message'], 60)}"
         )
     if limit is not None and len(letters) >= limit:
@@ -597,6 +608,17 @@ def _run_show(args: argparse.Namespace, out: _Output) -> int:
     for name in ("first_failure_at", "last_failure_at", "logged_at"):
         if name in letter:
             out.line(f"{name:<17} {letter[name]}")
+    original = letter["original"]
+    if original is not None:
+        out.line(
+            f"{'original':<17} {original['error_type']} at {original['at']}: {original['message']}"
+        )
+    out.line(f"{'replays':<17} {letter['replay_count']}")
+    for record in letter["replays"]:
+        out.line(
+            f"  replayed {record['at']}, came back {record['failed_at']}: "
+            f"{record['error_type']}: {record['message']}"
+        )
     stored = letter["stored_event"]
     out.line("event:")
     out.line(
@@ -647,7 +669,10 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
             f"again, {len(report.failed)} still failing, {len(report.not_sent)} not sent"
         )
         for entry in report.rejected + report.failed:
-            out.line(f"  kept {entry['id']}: {entry['error_type']}: {entry['message']}")
+            out.line(
+                f"  kept {entry['id']}: {entry['error_type']}: {entry['message']} "
+                f"(original reason kept: {entry['original_error_type']})"
+            )
     if report.unreadable:
         out.note(
             f"skipped {len(report.unreadable)} unreadable entr(ies): {', '.join(report.unreadable)}"
@@ -658,6 +683,8 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
         out.note(f"error: {_refusal_advice(report.auth_error)}; entries left unchanged")
     if report.interrupted:
         out.note("interrupted: entries not yet accepted stay in the store")
+    elif code == ExitCode.INCOMPLETE:
+        out.note(f"work left: {report.work_left()}")
     return code
 
 

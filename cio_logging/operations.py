@@ -24,8 +24,10 @@ import enum
 import errno
 import fcntl
 import os
+import pwd
 import re
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,7 +43,14 @@ from .events import event_from_dict
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state
-from .wal import DeadLetter, DeadLetterStore, QueuedEvent, WriteAheadLog
+from .wal import (
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterStore,
+    QueuedEvent,
+    ReplayRecord,
+    WriteAheadLog,
+)
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -133,7 +142,9 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
 
     Raises:
         QueueDirectoryError: missing, not a directory, unreadable, not writable (when
-            ``writable``), or holding neither ``wal/`` nor ``dead/``.
+            ``writable``), holding neither ``wal/`` nor ``dead/``, or holding a file
+            or directory that the command must open and this user cannot (another
+            user's, left by a command run as root).
     """
     if not path.exists():
         raise QueueDirectoryError(f"queue directory {path} does not exist")
@@ -141,15 +152,61 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
         raise QueueDirectoryError(f"{path} is not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise QueueDirectoryError(f"queue directory {path} is not readable by this user")
+    for store in (path / WAL_DIR, path / DEAD_DIR):
+        if store.is_dir() and not os.access(store, os.R_OK | os.W_OK | os.X_OK):
+            raise QueueDirectoryError(not_writable_message(store))
     if not any((path / name / "cache.db").is_file() for name in (WAL_DIR, DEAD_DIR)):
         raise QueueDirectoryError(
             f"{path} is not a cio_logging queue directory (no {WAL_DIR}/ or {DEAD_DIR}/ in it)"
         )
+    # Every command opens the stores, and opening one writes (its open.lock, SQLite's
+    # shared memory): a file another user left there fails it half-way otherwise.
+    needed = [path / name / file for name in (WAL_DIR, DEAD_DIR) for file in _STORE_FILES]
     if writable:
         for directory in (path, path / WAL_DIR, path / DEAD_DIR):
             if directory.exists() and not os.access(directory, os.W_OK | os.X_OK):
                 raise QueueDirectoryError(f"{directory} is not writable by this user")
+        needed += [path / DELIVERY_LOCK, path / DLQ_LOCK]
+    for file in needed:
+        if file.name.endswith(".lock") and file.is_symlink():
+            raise QueueDirectoryError(_symlink_message(file))
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            raise QueueDirectoryError(not_writable_message(file))
     return path
+
+
+def _symlink_message(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link; cio-logging never opens a lock file through one "
+        "(it writes its pid into it): remove the link"
+    )
+
+
+# The files in wal/ and dead/ that opening a store opens for writing.
+_STORE_FILES = ("open.lock", "cache.db", "cache.db-wal", "cache.db-shm")
+
+
+def not_writable_message(path: Path) -> str:
+    """One line on a file this user cannot write: whose it is and what to do."""
+    try:
+        status = path.stat()
+        directory = path.parent.stat()
+    except OSError as exc:
+        return f"{path} cannot be opened by this user ({exc.strerror})"
+    owner, directory_owner = _user_name(status.st_uid), _user_name(directory.st_uid)
+    return (
+        f"{path} is owned by {owner} (mode {stat.S_IMODE(status.st_mode):04o}) and is not "
+        f"writable by this user ({_user_name(os.geteuid())}); a command run as {owner} "
+        f"left it: run `chown {'-R ' if path.is_dir() else ''}{directory_owner}: {path}` "
+        f"as root, or run this command as {owner}"
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def lock_holder(queue_dir: Path, name: str = DELIVERY_LOCK) -> int | None:
@@ -179,7 +236,15 @@ def lock_holder(queue_dir: Path, name: str = DELIVERY_LOCK) -> int | None:
 @contextlib.contextmanager
 def _exclusive(queue_dir: Path, name: str, purpose: str) -> Iterator[None]:
     lock = DeliveryLock(queue_dir / name)
-    if not lock.try_acquire():
+    try:
+        acquired = lock.try_acquire()
+    except PermissionError:  # made another user's since check_queue_dir looked
+        raise QueueDirectoryError(not_writable_message(queue_dir / name)) from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise QueueDirectoryError(_symlink_message(queue_dir / name)) from None
+    if not acquired:
         pid = lock_holder(queue_dir, name)
         raise LockHeldError(
             f"another process (pid {pid}) is replaying or purging dead letters in "
@@ -404,6 +469,29 @@ def letter_summary(letter: DeadLetter) -> dict[str, Any]:
         "attempts": letter.attempts,
         "first_failure_at": iso_time(letter.first_failure_at),
         "last_failure_at": iso_time(letter.last_failure_at),
+        # Why it was dead-lettered first (the reason above is the latest), and the
+        # replays that did not deliver it, oldest first.
+        "original": None if letter.original is None else _reason_dict(letter.original),
+        "replay_count": letter.replay_count,
+        "replays": [
+            {
+                "at": iso_time(record.at),
+                "error_type": record.error_type,
+                "status": record.status,
+                "message": record.message,
+                "failed_at": iso_time(record.failed_at),
+            }
+            for record in letter.replays
+        ],
+    }
+
+
+def _reason_dict(reason: DeadLetterReason) -> dict[str, Any]:
+    return {
+        "error_type": reason.error_type,
+        "status": reason.status,
+        "message": reason.message,
+        "at": iso_time(reason.at),
     }
 
 
@@ -492,6 +580,7 @@ class ReplayReport:
     requests: int = 0
     elapsed_seconds: float = 0.0
     interrupted: bool = False
+    left_in_store: int = 0  # dead letters in the store when the replay ended, any match
 
     @property
     def done(self) -> int:
@@ -503,11 +592,36 @@ class ReplayReport:
             return ExitCode.INTERRUPTED
         if self.auth_error is not None:
             return ExitCode.AUTH
-        left = self.rejected or self.failed or self.not_sent or self.unreadable
-        return ExitCode.INCOMPLETE if left or self.missing_ids else ExitCode.OK
+        return ExitCode.INCOMPLETE if self.work_left() is not None else ExitCode.OK
+
+    def work_left(self) -> str | None:
+        """What this replay left to do, in one line, or None when nothing is left.
+
+        A replay that selected nothing while dead letters remain is work left too:
+        the runbook's ``--reason max_attempts`` finding nothing must not read as done.
+        """
+        parts = []
+        if self.selected == 0 and self.left_in_store:
+            parts.append("no dead letter matched the selection")
+        came_back = len(self.rejected) + len(self.failed)
+        if came_back:
+            parts.append(
+                f"{came_back} of the {self.selected} selected came back to the store "
+                f"({len(self.rejected)} rejected again, {len(self.failed)} still failing)"
+            )
+        if self.not_sent:
+            parts.append(f"{len(self.not_sent)} not sent before the bound")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable")
+        if self.missing_ids:
+            parts.append(f"{len(self.missing_ids)} id(s) not found")
+        if not parts:
+            return None
+        return f"{'; '.join(parts)}; {self.left_in_store} dead letter(s) remain in the store"
 
     def to_dict(self) -> dict[str, Any]:
         result = asdict(self)
+        result["work_left"] = self.work_left()
         result["exit_code"] = int(self.exit_code())
         return result
 
@@ -536,7 +650,8 @@ def replay_dead_letters(
     the rate cap, and the retry policy's backoff between attempts of an entry, within
     ``timeout`` seconds and at most ``max_attempts`` attempts per entry. An entry
     leaves the store only once Customer.io accepted it. One that fails again stays,
-    rewritten with the new reason and attempt count; one never tried stays unchanged.
+    with the new reason as its latest, its original reason kept, this replay added to
+    its history and its attempts counted; one never tried stays unchanged.
     The write-ahead log is not touched, so this cannot collide with a live
     application's worker: an event in both places is sent with the same id, which
     Customer.io deduplicates.
@@ -577,6 +692,7 @@ def replay_dead_letters(
             report.would_send = list(pending)
         else:
             _replay(settings, store, pending, report, started + timeout, stop, progress)
+        report.left_in_store = 0 if store is None else len(store)
     report.interrupted = stop.is_set()
     report.elapsed_seconds = round(time.monotonic() - started, 3)
     return report
@@ -599,6 +715,7 @@ def _replay(
         rate_cap=RequestRateCap(settings.max_requests_per_second, stop=stop),
     )
     held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
+    replayed_at = time.time()  # the replay's time in each entry's history
     try:
         while pending and not stop.is_set():
             now = time.monotonic()
@@ -622,8 +739,8 @@ def _replay(
                     del pending[queued.key]
             for queued, rejection in outcome.rejected:
                 entry = pending.pop(queued.key)
-                _rewrite(store, entry, rejection, tries=entry.tries + 1)
-                report.rejected.append(_reason(queued.key, rejection))
+                _rewrite(store, entry, rejection, replayed_at, tries=entry.tries + 1)
+                report.rejected.append(_reason(queued.key, rejection, entry.letter))
             failure = outcome.failure
             if failure is not None and failure.kind in (AUTH, CONFIG):
                 # Not the entries' fault: count nothing, rewrite nothing, stop.
@@ -639,8 +756,8 @@ def _replay(
                     entry.failure = failure
                     if entry.tries >= settings.max_attempts:
                         del pending[queued.key]
-                        _rewrite(store, entry, failure, tries=entry.tries)
-                        report.failed.append(_reason(queued.key, failure))
+                        _rewrite(store, entry, failure, replayed_at, tries=entry.tries)
+                        report.failed.append(_reason(queued.key, failure, entry.letter))
                     else:
                         delay = retry.delay(entry.tries, failure.retry_after)
                         entry.next_at = time.monotonic() + delay
@@ -652,28 +769,44 @@ def _replay(
             if entry.failure is None:
                 report.not_sent.append(key)
             else:
-                _rewrite(store, entry, entry.failure, tries=entry.tries)
-                report.failed.append(_reason(key, entry.failure))
+                _rewrite(store, entry, entry.failure, replayed_at, tries=entry.tries)
+                report.failed.append(_reason(key, entry.failure, entry.letter))
         pending.clear()
 
 
-def _rewrite(store: DeadLetterStore, entry: _Pending, failure: Failure, *, tries: int) -> None:
+def _rewrite(
+    store: DeadLetterStore, entry: _Pending, failure: Failure, replayed_at: float, *, tries: int
+) -> None:
     letter = entry.letter
     if store.get(letter.key) is None:
         return  # gone meanwhile (purged): never bring it back
+    message = f"replay: {failure.message}"
+    now = time.time()
+    came_back = DeadLetterReason(failure.error_type, failure.status, message, now)
     store.add(
         letter.key,
         entry.queued.event,
         status=failure.status,
         error_type=failure.error_type,
-        message=f"replay: {failure.message}",
+        message=message,
         attempts=letter.attempts + tries,
         first_failure_at=letter.first_failure_at,
+        now=now,
+        # The latest reason is the new one; the first stays, and the history grows.
+        original=letter.original or letter.latest,
+        replays=[*letter.replays, ReplayRecord.came_back(replayed_at, came_back)],
+        replay_count=letter.replay_count + 1,
     )
 
 
-def _reason(key: str, failure: Failure) -> dict[str, str]:
-    return {"id": key, "error_type": failure.error_type, "message": failure.message}
+def _reason(key: str, failure: Failure, letter: DeadLetter) -> dict[str, str]:
+    original = letter.original or letter.latest
+    return {
+        "id": key,
+        "error_type": failure.error_type,
+        "message": failure.message,
+        "original_error_type": original.error_type,
+    }
 
 
 # -- drain ---------------------------------------------------------------------------------

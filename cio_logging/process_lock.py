@@ -39,12 +39,18 @@ class DeliveryLock:
         return self._descriptor is not None
 
     def try_acquire(self) -> bool:
-        """Take the lock if nobody holds it; never blocks."""
+        """Take the lock if nobody holds it; never blocks.
+
+        Raises:
+            PermissionError: the lock file is another user's and not writable by this
+                one (left by a command run as root, say).
+        """
         with self._guard:
             if self._descriptor is not None:
                 return True
             secure_file(self.path)
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            # Never through a link: the pid is written into what this opens.
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .wal import inherited_owner
+
 STATE_FILE = "state.json"
 
 
@@ -22,9 +24,16 @@ def write_state(queue_dir: Path, state: dict[str, Any]) -> None:
     target = queue_dir / STATE_FILE
     temporary = queue_dir / f".{STATE_FILE}.{os.getpid()}"
     try:
-        descriptor = os.open(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with contextlib.suppress(FileNotFoundError):  # left by a process with our pid
+            temporary.unlink()
+        # A new file, never through a link: root writes it in its user's directory.
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+        descriptor = os.open(temporary, flags, 0o600)
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
             os.fchmod(stream.fileno(), 0o600)
+            owner = inherited_owner(queue_dir)
+            if owner is not None:  # the directory's user must be able to replace it
+                os.fchown(stream.fileno(), *owner)
             json.dump(state, stream, separators=(",", ":"))
         os.replace(temporary, target)
     except OSError:

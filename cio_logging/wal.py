@@ -269,17 +269,38 @@ def _retry_while_locked(action: Callable[[], None]) -> None:
             time.sleep(0.01)
 
 
+def inherited_owner(directory: Path) -> tuple[int, int] | None:
+    """The uid and gid a file or directory created in ``directory`` should be given:
+    the directory's own, when this process runs as root and they are not root's.
+
+    A root shell running the CLI on the application user's queue must not leave files
+    there that the application's user cannot open (a lock file, a database). None
+    when nothing needs changing, or this process could not change it anyway.
+    """
+    if os.geteuid() != 0:
+        return None
+    status = os.stat(directory)
+    if (status.st_uid, status.st_gid) == (os.geteuid(), os.getegid()):
+        return None
+    return status.st_uid, status.st_gid
+
+
 def secure_directory(directory: Path) -> None:
     """Create ``directory`` as 0700 and tighten it if it already exists.
 
     Missing parents are created 0700 too (``mkdir(parents=True)`` would give them the
     umask's default): the queue directory may be a parent of the log's own directory.
+    Run as root, what it creates belongs to the owner of the nearest existing parent
+    (see :func:`inherited_owner`).
     """
     missing = [directory, *directory.parents]
     missing = [path for path in missing if not path.exists()]
+    owner = inherited_owner(missing[-1].parent) if missing else None
     for path in reversed(missing):
         with contextlib.suppress(FileExistsError):  # another process made it meanwhile
             path.mkdir(mode=_DIRECTORY_MODE)
+            if owner is not None:
+                os.chown(path, *owner, follow_symlinks=False)
         path.chmod(_DIRECTORY_MODE)
     if stat.S_IMODE(directory.stat().st_mode) != _DIRECTORY_MODE:
         directory.chmod(_DIRECTORY_MODE)
@@ -292,15 +313,20 @@ def secure_file(path: Path) -> None:
     SQLite file drops every POSIX lock this process holds on it, including the lock
     that tells other processes this one still uses the database. Without it, another
     process closing its last connection deletes the write-ahead files under us.
+    Run as root, a new file belongs to its directory's owner (see
+    :func:`inherited_owner`); SQLite gives its -wal and -shm files the database's.
     """
     try:
-        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, _FILE_MODE)
     except FileExistsError:
-        if stat.S_IMODE(path.stat().st_mode) != _FILE_MODE:
+        if not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) != _FILE_MODE:
             path.chmod(_FILE_MODE)
         return
     try:
         os.fchmod(descriptor, _FILE_MODE)  # the umask may have taken bits away
+        owner = inherited_owner(path.parent)
+        if owner is not None:
+            os.fchown(descriptor, *owner)
     finally:
         os.close(descriptor)
 
@@ -343,7 +369,9 @@ def _opening_lock(directory: Path) -> Iterator[None]:
     """An exclusive flock on ``directory/open.lock`` for as long as a cache opens."""
     path = directory / "open.lock"
     secure_file(path)
-    descriptor = os.open(path, os.O_RDWR)
+    # Never through a link: root opening a queue its user prepared must not open
+    # (and lock) some other file.
+    descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
@@ -388,7 +416,11 @@ def _open_cache_once(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
             f"cannot open the queue in {directory}: {type(exc).__name__}: {exc}"
         ) from exc
     for entry in directory.iterdir():
-        if entry.is_file() and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE:
+        if (
+            not entry.is_symlink()
+            and entry.is_file()
+            and stat.S_IMODE(entry.stat().st_mode) != _FILE_MODE
+        ):
             entry.chmod(_FILE_MODE)  # by path: see secure_file
     return cache
 
@@ -424,6 +456,9 @@ class QueuedEvent(NamedTuple):
     last_error: str | None
     next_attempt_at: float
     replayed_at: float | None = None
+    # Set for an event replayed from the dead-letter store: what it was dead-lettered
+    # for first and its earlier replays, so failing again keeps them.
+    dead_letter: DeadLetterHistory | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,13 +535,20 @@ class WriteAheadLog:
             anchor.execute("SELECT count(*) FROM Settings").fetchall()
             self._anchor = (os.getpid(), anchor)
 
-    def append(self, event: Event, *, replayed_at: float | None = None) -> None:
+    def append(
+        self,
+        event: Event,
+        *,
+        replayed_at: float | None = None,
+        dead_letter: DeadLetterHistory | None = None,
+    ) -> None:
         """Write ``event`` durably (committed to SQLite) before returning.
 
         ``replayed_at``: set by a replay from the dead-letter store; the age limit then
-        counts from it rather than from when the event was logged.
+        counts from it rather than from when the event was logged. ``dead_letter``:
+        that entry's history, kept with the row until it is delivered.
         """
-        self.append_rows([encode_row(event, replayed_at=replayed_at)])
+        self.append_rows([encode_row(event, replayed_at=replayed_at, dead_letter=dead_letter)])
 
     @_sqlite_section
     def append_rows(self, rows: Sequence[Row]) -> int:
@@ -645,6 +687,7 @@ class WriteAheadLog:
                 encode_row(
                     queued.event,
                     replayed_at=queued.replayed_at,
+                    dead_letter=queued.dead_letter,
                     attempts=queued.attempts + (1 if count_attempt else 0),
                     first_failure_at=queued.first_failure_at or moment,
                     last_error=error,
@@ -984,12 +1027,14 @@ _SELECT_DUE_AFTER = (
 _SELECT_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
 )
-# A row never tried has no history (null, the seventh value of a row; a version 1 row
-# has none at that path either and counts as never tried). A row that is not JSON is
-# the worker's to quarantine: it counts as sendable (json_extract would raise on it).
+# A row that never failed has no error in its history (the seventh value of a row: null,
+# or a replay's history without one; a version 1 row has none at that path either and
+# counts as never failed). A row that is not JSON is the worker's to quarantine: it
+# counts as sendable (json_extract would raise on it).
 _SELECT_SENDABLE_THROUGH = (
     "SELECT 1 FROM Cache WHERE rowid <= ? AND raw = 1 AND (tag <= ? OR tag > ? OR CASE"
-    " WHEN json_valid(value) THEN json_extract(value, '$[6]') IS NULL ELSE 1 END) LIMIT 1"
+    " WHEN json_valid(value) THEN json_extract(value, '$[6].last_error') IS NULL ELSE 1 END)"
+    " LIMIT 1"
 )
 _SELECT_OLDEST_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
@@ -1017,12 +1062,15 @@ def encode_row(
     attempts: int = 0,
     first_failure_at: float | None = None,
     last_error: str | None = None,
+    dead_letter: DeadLetterHistory | None = None,
 ) -> Row:
     """The log row for ``event``: ``[2, name, customer_id, anonymous_id, timestamp,
     logged_at, history, data]``, where history is null for an event never tried.
 
     Positional and without the id (it is the key), so a row costs little more than
-    the event's own JSON. The data is spliced in as encoded at emit.
+    the event's own JSON. The data is spliced in as encoded at emit. A replayed dead
+    letter's history goes in ``history["dead_letter"]``; rows without it (never
+    replayed, or replayed by an earlier version) read as before.
     """
     history: dict[str, Any] | None = None
     if attempts or first_failure_at is not None or last_error is not None or replayed_at:
@@ -1032,6 +1080,9 @@ def encode_row(
             "last_error": last_error,
             "replayed_at": replayed_at,
         }
+    if dead_letter is not None:
+        history = history or {"attempts": attempts, "replayed_at": replayed_at}
+        history["dead_letter"] = dead_letter.to_json()
     head = _ROW_ENCODER.encode(
         [
             _ROW_VERSION,
@@ -1089,6 +1140,7 @@ def _decode_row(row: tuple[Any, ...]) -> QueuedEvent:
             last_error=history.get("last_error"),
             next_attempt_at=float(tag) if tag is not None else 0.0,
             replayed_at=history.get("replayed_at"),
+            dead_letter=DeadLetterHistory.from_json(history.get("dead_letter")),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidEventError(
@@ -1114,8 +1166,124 @@ def _decode_entry(key: str, text: str) -> QueuedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetterReason:
+    """Why an event was dead-lettered, and when."""
+
+    error_type: str
+    status: int | None
+    message: str
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "error_type": self.error_type,
+            "status": self.status,
+            "message": self.message,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> DeadLetterReason:
+        """Raises ``KeyError``, ``TypeError`` or ``ValueError`` for anything else."""
+        status = raw["status"]
+        return cls(
+            error_type=str(raw["error_type"]),
+            status=None if status is None else int(status),
+            message=str(raw["message"]),
+            at=float(raw["at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRecord:
+    """One replay of a dead letter that did not deliver it: when, and what came back.
+
+    An accepted replay leaves no record: the entry leaves the store.
+    """
+
+    at: float  # when it was replayed
+    error_type: str  # the reason it came back with
+    status: int | None
+    message: str
+    failed_at: float  # when it came back
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "error_type": self.error_type,
+            "status": self.status,
+            "message": self.message,
+            "failed_at": self.failed_at,
+        }
+
+    @classmethod
+    def came_back(cls, replayed_at: float, reason: DeadLetterReason) -> ReplayRecord:
+        """The record of a replay at ``replayed_at`` that came back for ``reason``."""
+        return cls(replayed_at, reason.error_type, reason.status, reason.message, reason.at)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ReplayRecord:
+        """Raises ``KeyError``, ``TypeError`` or ``ValueError`` for anything else."""
+        status = raw["status"]
+        return cls(
+            at=float(raw["at"]),
+            error_type=str(raw["error_type"]),
+            status=None if status is None else int(status),
+            message=str(raw["message"]),
+            failed_at=float(raw["failed_at"]),
+        )
+
+
+# The replays an entry keeps (the latest); replay_count counts them all. A cron job
+# replaying through a long outage must not grow an entry without bound.
+_REPLAY_HISTORY = 20
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterHistory:
+    """What a dead letter carries back into the write-ahead log when it is replayed
+    there, so that failing again writes it back with its first reason and attempts."""
+
+    original: DeadLetterReason
+    replays: tuple[ReplayRecord, ...]
+    replay_count: int
+    first_failure_at: float
+    attempts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "original": self.original.to_json(),
+            "replays": [record.to_json() for record in self.replays],
+            "replay_count": self.replay_count,
+            "first_failure_at": self.first_failure_at,
+            "attempts": self.attempts,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> DeadLetterHistory | None:
+        """None when absent or not ours: the event is delivered all the same."""
+        if raw is None:
+            return None
+        try:
+            return cls(
+                original=DeadLetterReason.from_json(raw["original"]),
+                replays=tuple(ReplayRecord.from_json(item) for item in raw["replays"]),
+                replay_count=int(raw["replay_count"]),
+                first_failure_at=float(raw["first_failure_at"]),
+                attempts=int(raw["attempts"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """An event Customer.io will never accept, kept with why."""
+    """An event Customer.io will never accept, kept with why.
+
+    ``error_type``, ``status``, ``message`` and ``last_failure_at`` are the latest
+    reason; ``original`` is the reason it was first dead-lettered for (the same, for
+    an entry never replayed), and ``replays`` the replays that did not deliver it.
+    """
 
     key: str
     event: dict[str, Any] | None  # None when the stored row could not even be read
@@ -1125,10 +1293,33 @@ class DeadLetter:
     attempts: int
     first_failure_at: float
     last_failure_at: float
+    original: DeadLetterReason | None = None  # None only for an unreadable entry
+    replays: tuple[ReplayRecord, ...] = ()
+    replay_count: int = 0  # every replay that failed, also those dropped from replays
 
     @property
     def event_name(self) -> str | None:
         return None if self.event is None else str(self.event.get("name"))
+
+    @property
+    def latest(self) -> DeadLetterReason:
+        return DeadLetterReason(self.error_type, self.status, self.message, self.last_failure_at)
+
+    def matches_reason(self, reason: str) -> bool:
+        """Whether ``reason`` is the latest or the original error type, or text in
+        either message."""
+        reasons = [self.latest] if self.original is None else [self.latest, self.original]
+        return any(reason == r.error_type or reason in r.message for r in reasons)
+
+    def history(self) -> DeadLetterHistory:
+        """What a replay into the write-ahead log carries with the event."""
+        return DeadLetterHistory(
+            original=self.original or self.latest,
+            replays=self.replays,
+            replay_count=self.replay_count,
+            first_failure_at=self.first_failure_at,
+            attempts=self.attempts,
+        )
 
 
 class DeadLetterStore:
@@ -1152,8 +1343,27 @@ class DeadLetterStore:
         attempts: int,
         first_failure_at: float | None = None,
         now: float | None = None,
+        original: DeadLetterReason | None = None,
+        replays: Sequence[ReplayRecord] = (),
+        replay_count: int | None = None,
     ) -> None:
+        """Store (or overwrite) the entry ``key`` with this reason as the latest.
+
+        ``original``: the reason it was first dead-lettered for; when not given, an
+        entry already stored under ``key`` keeps its own (an event in both the log and
+        this store after a crash, failing again), and a new entry's is this reason.
+        ``replays``: the replays that failed, oldest first; the latest
+        ``_REPLAY_HISTORY`` are kept, ``replay_count`` (default: how many are given)
+        counts them all.
+        """
         moment = time.time() if now is None else now
+        if original is None:
+            existing = self.get(key)
+            if existing is not None and existing.original is not None:
+                original = existing.original
+                replays, replay_count = existing.replays, existing.replay_count
+            else:
+                original = DeadLetterReason(error_type, status, message, moment)
         entry = {
             "v": _ENTRY_VERSION,
             "key": key,
@@ -1164,6 +1374,11 @@ class DeadLetterStore:
             "attempts": attempts,
             "first_failure_at": first_failure_at or moment,
             "last_failure_at": moment,
+            # Added in place, still version 1: an entry without them reads as one
+            # never replayed, and an earlier version reading these ignores them.
+            "original": original.to_json(),
+            "replays": [record.to_json() for record in replays[-_REPLAY_HISTORY:]],
+            "replay_count": len(replays) if replay_count is None else replay_count,
         }
         self._cache.set(key, json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
 
@@ -1196,6 +1411,11 @@ class DeadLetterStore:
             return None
         try:
             raw = json.loads(text)
+            latest = DeadLetterReason(
+                raw["error_type"], raw["status"], raw["message"], raw["last_failure_at"]
+            )
+            # An entry from before replays kept history: its reason is the original.
+            original = raw.get("original")
             return DeadLetter(
                 key=raw["key"],
                 event=raw["event"],
@@ -1205,6 +1425,9 @@ class DeadLetterStore:
                 attempts=raw["attempts"],
                 first_failure_at=raw["first_failure_at"],
                 last_failure_at=raw["last_failure_at"],
+                original=latest if original is None else DeadLetterReason.from_json(original),
+                replays=tuple(ReplayRecord.from_json(item) for item in raw.get("replays", ())),
+                replay_count=int(raw.get("replay_count", 0)),
             )
         except (ValueError, KeyError, TypeError):
             return DeadLetter(
@@ -1231,15 +1454,17 @@ class DeadLetterStore:
     ) -> list[DeadLetter]:
         """Entries matching every filter given, oldest key first.
 
-        ``reason`` matches the error type exactly or appears in the message.
-        ``since`` and ``before`` compare with the last failure time.
+        ``reason`` matches the latest or the original error type exactly, or appears
+        in either message (a replay that failed must not hide an entry from a second
+        one by its first reason). ``since`` and ``before`` compare with the last
+        failure time.
         """
         wanted = None if keys is None else set(keys)
         chosen: list[DeadLetter] = []
         for letter in self if wanted is None else filter(None, map(self.get, sorted(wanted))):
             if event is not None and letter.event_name != event:
                 continue
-            if reason is not None and reason != letter.error_type and reason not in letter.message:
+            if reason is not None and not letter.matches_reason(reason):
                 continue
             if since is not None and letter.last_failure_at < since:
                 continue
@@ -1256,13 +1481,17 @@ class DeadLetterStore:
 
         Each entry is appended to the log before it leaves this store, so a crash in
         between leaves it in both (the id deduplicates), never in neither. Entries
-        whose event could not be read stay here. Returns how many moved.
+        whose event could not be read stay here. The log row carries the entry's
+        original reason and replay history: if it fails again, the worker writes it
+        back with them. Returns how many moved.
         """
         moved = 0
         for letter in letters:
             if letter.event is None:
                 continue
-            wal.append(event_from_dict(letter.event), replayed_at=time.time())
+            wal.append(
+                event_from_dict(letter.event), replayed_at=time.time(), dead_letter=letter.history()
+            )
             self._cache.delete(letter.key)
             moved += 1
         return moved

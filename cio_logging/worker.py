@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import sys
 import threading
 import time
@@ -52,7 +53,15 @@ from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state, write_state
 from .telemetry import Telemetry
-from .wal import Batch, DeadLetterStore, QueuedEvent, WriteAheadLog
+from .wal import (
+    Batch,
+    DeadLetterHistory,
+    DeadLetterReason,
+    DeadLetterStore,
+    QueuedEvent,
+    ReplayRecord,
+    WriteAheadLog,
+)
 
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
@@ -132,6 +141,7 @@ class DeliveryWorker:
         self._state_recorded_at = float("-inf")
         self._recorded_news: tuple[str | None, str | None] = (None, None)
         self._unexpected_reported_at = float("-inf")
+        self._foreign_lock_reported_at = float("-inf")
         self._status_logged_at = time.monotonic()
         self._due_checked_at = float("-inf")
         settings = self._settings
@@ -248,7 +258,11 @@ class DeliveryWorker:
         # Taken in every process, applied only by the delivering one: a step noticed
         # while another process delivered was that process's to apply.
         step = self._clock.take_step()
-        acquired = self._lock.try_acquire()
+        try:
+            acquired = self._lock.try_acquire()
+        except PermissionError as exc:
+            self._report_foreign_lock(exc)
+            acquired = False
         # Until this thread has tried for the lock, state.json may be another (even an
         # earlier, dead) process's: flush() must not take its word for what can go.
         self._lock_tried = True
@@ -317,6 +331,26 @@ class DeliveryWorker:
             return
         if action is not None:
             internal_log.error("cio_logging: %s", action)
+
+    def _report_foreign_lock(self, error: PermissionError) -> None:
+        # A root shell ran the CLI here with an older version and left the lock as
+        # root's: this process can log (events wait on disk) but never deliver.
+        now = time.monotonic()
+        if now - self._foreign_lock_reported_at >= _ERROR_REPEAT_SECONDS:
+            self._foreign_lock_reported_at = now
+            path = self._lock.path
+            try:
+                owner = pwd.getpwuid(path.stat().st_uid).pw_name
+            except (OSError, KeyError):
+                owner = "another user"
+            internal_log.error(
+                "cio_logging: cannot open %s (%s): it belongs to %s, so this process "
+                "cannot deliver from this queue; events wait on disk. Give it back to "
+                "the queue directory's owner (chown)",
+                path,
+                error.strerror,
+                owner,
+            )
 
     def _report_unexpected(self) -> None:
         now = time.monotonic()
@@ -509,15 +543,32 @@ class DeliveryWorker:
         attempts: int | None = None,
         remove: bool = True,
     ) -> None:
+        now = self._clock()
+        tries = attempts if attempts is not None else (queued.attempts + 1 if queued else 1)
+        first_failure_at = queued.first_failure_at if queued else None
+        history: dict[str, Any] = {}
+        if queued is not None and queued.replayed_at is not None:
+            # Replayed from the dead-letter store and failed again: it goes back with
+            # its first reason and its earlier replays, plus this one.
+            earlier = queued.dead_letter or _history_lost_by_an_earlier_version(queued)
+            reason = DeadLetterReason(failure.error_type, failure.status, failure.message, now)
+            history = {
+                "original": earlier.original,
+                "replays": [*earlier.replays, ReplayRecord.came_back(queued.replayed_at, reason)],
+                "replay_count": earlier.replay_count + 1,
+            }
+            tries += earlier.attempts
+            first_failure_at = earlier.first_failure_at or first_failure_at
         self._dead_letters.add(
             key,
             event,
             status=failure.status,
             error_type=failure.error_type,
             message=failure.message,
-            attempts=attempts if attempts is not None else (queued.attempts + 1 if queued else 1),
-            first_failure_at=queued.first_failure_at if queued else None,
-            now=self._clock(),
+            attempts=tries,
+            first_failure_at=first_failure_at,
+            now=now,
+            **history,
         )
         if remove and queued is not None:
             self._wal.remove([key])
@@ -621,6 +672,14 @@ class DeliveryWorker:
             # rather than the one event that woke us (essential events wake us one
             # by one), which also leaves the GIL to the threads that log.
             self._stop.wait(_LINGER_SECONDS)
+
+
+def _history_lost_by_an_earlier_version(queued: QueuedEvent) -> DeadLetterHistory:
+    # A row replayed by a version that did not carry the entry's history: its first
+    # reason is unknown, and saying so beats passing off this failure as the first.
+    replayed_at = queued.replayed_at or queued.event.logged_at
+    lost = "replayed by an earlier version, which did not keep the reason"
+    return DeadLetterHistory(DeadLetterReason("unknown", None, lost, replayed_at), (), 0, 0.0, 0)
 
 
 def _mark_flush_thread() -> None:

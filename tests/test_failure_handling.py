@@ -404,3 +404,35 @@ class TestDeadLetterAPI:
         assert {e.id for e in simulator.accepted} == {letter.key for letter in replayed}
         assert store.purge(store.select(event="bad_b")) == 2
         assert len(store) == 0
+
+    def test_an_event_replayed_into_the_log_fails_again_with_its_first_reason(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
+        """Replayed through the log in an outage: dead-lettered again with the first reason."""
+        handler = make_handler(max_attempts=2, consecutive_failures=50)
+        logger = attach(handler, "dlq-again")
+        simulator.poison_names = {"bad_a"}
+        log_events(logger, 2, name="bad_a")
+        handler.flush()
+        store = handler._dead_letters
+        first = {letter.key: letter for letter in store.select()}
+        assert {letter.error_type for letter in first.values()} == {"item_rejected"}
+        simulator.clear_faults()
+        simulator.fail(503)  # the outage: each is retried once, then given up on
+        replayed_at = time.time()
+        assert store.replay(list(first.values()), handler._wal) == 2
+        handler._worker.notify()
+        assert wait_for(lambda: len(store) == 2, 20)
+        for letter in store.select():
+            assert letter.error_type == "max_attempts"  # the latest reason
+            assert letter.original == first[letter.key].latest  # the first, and its time
+            assert letter.matches_reason("item_rejected")
+            assert letter.replay_count == 1
+            (record,) = letter.replays
+            assert record.at >= replayed_at
+            assert record.error_type == "max_attempts"
+            assert record.failed_at >= record.at
+            # Attempts add up; the first failure stays the first.
+            assert letter.attempts == first[letter.key].attempts + 2
+            assert letter.first_failure_at == first[letter.key].first_failure_at
+        assert len(store.select(reason="item_rejected")) == 2

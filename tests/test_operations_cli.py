@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pwd
 import re
+import shutil
 import signal
+import site
 import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +27,11 @@ import pytest
 
 from cio_logging import cio_event
 from cio_logging.cli import main
+from cio_logging.events import Event
 from cio_logging.operations import ExitCode, parse_time
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
+from cio_logging.wal import DeadLetterStore, WriteAheadLog
 
 from .conftest import (
     PROJECT_ROOT,
@@ -417,6 +426,89 @@ class TestReplay:
         assert {entry["attempts"] for entry in kept} == {3}  # 1 before, 2 in the replay
         assert simulator.accepted == []
 
+    def test_a_failed_replay_keeps_the_original_reason(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """A replay during an outage keeps the first reason and its time; --reason finds it."""
+        expired = make_dead_letters(queue_dir, 2, "max_attempts")
+        before = {entry["id"]: entry for entry in run_json(simulator, queue_dir, "dlq", "list")}
+        assert len(before) == 7
+        simulator.fail(503)
+        report = run_json(
+            simulator, queue_dir, "dlq", "replay", "--timeout", "10",
+            "-o", "max_attempts=1", "-o", "consecutive_failures=50",
+            expect=ExitCode.INCOMPLETE,
+        )  # fmt: skip
+        simulator.clear_faults()
+        # The runbook's command still finds what it is meant for, by either reason.
+        by_first = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts",
+                            "--dry-run")  # fmt: skip
+        assert sorted(by_first["would_send"]) == sorted(expired)
+        assert len(report["failed"]) == 7
+        assert {entry["original_error_type"] for entry in report["failed"]} == {
+            "item_rejected",
+            "max_attempts",
+        }
+        assert report["left_in_store"] == 7
+        assert "7 of the 7 selected came back to the store" in report["work_left"]
+
+        for entry in run_json(simulator, queue_dir, "dlq", "list"):
+            assert entry["error_type"] == "http_503"  # the latest reason
+            first = before[entry["id"]]
+            assert entry["original"] == {
+                "error_type": first["error_type"],
+                "status": first["status"],
+                "message": first["message"],
+                "at": first["last_failure_at"],
+            }
+            assert entry["replay_count"] == 1
+            (record,) = entry["replays"]
+            assert record["error_type"] == "http_503"
+            assert record["message"].startswith("replay: HTTP 503")
+        by_latest = run_json(simulator, queue_dir, "dlq", "list", "--reason", "http_503")
+        assert len(by_latest) == 7
+        shown = run_cli(simulator, queue_dir, "dlq", "show", expired[0]).stdout
+        assert "original          max_attempts at" in shown
+        assert "came back" in shown
+        listed = run_cli(simulator, queue_dir, "dlq", "list").stdout
+        assert re.search(r"http_503 +max_attempts +1 ", listed), listed
+        # A second replay that works empties the store.
+        done = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
+        assert sorted(done["accepted"]) == sorted(expired)
+        assert done["work_left"] is None
+
+    def test_a_replay_that_selects_nothing_is_work_left(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        """Nothing matched while dead letters remain: exit 1 and a line saying so, not done."""
+        result = run_cli(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
+        assert result.returncode == ExitCode.INCOMPLETE, result.stderr
+        assert (
+            "work left: no dead letter matched the selection; 5 dead letter(s) remain "
+            "in the store" in result.stderr
+        )
+        report = run_json(
+            simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts",
+            expect=ExitCode.INCOMPLETE,
+        )  # fmt: skip
+        assert report["selected"] == 0
+        assert report["left_in_store"] == 5
+        assert report["work_left"].startswith("no dead letter matched the selection")
+        dry = run_cli(simulator, queue_dir, "dlq", "replay", "--event", "nope", "--dry-run")
+        assert dry.returncode == ExitCode.INCOMPLETE
+        assert simulator.requests == []
+        # Once the store is empty, nothing selected is nothing left.
+        run_json(simulator, queue_dir, "dlq", "purge", "--yes")
+        empty = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
+        assert empty["work_left"] is None
+        assert empty["exit_code"] == ExitCode.OK
+
     def test_wrong_credentials_leave_entries_unchanged(
         self,
         simulator: TrackAPISimulator,
@@ -547,3 +639,215 @@ class TestDrain:
         assert simulator.accepted_ids() == set(ids)  # none lost
         assert simulator.duplicates == 0  # none sent twice
         assert len(simulator.accepted) == len(ids)
+
+
+# -- a queue directory owned by another user ---------------------------------------------
+
+APP_USER = "nobody"
+
+
+def _interpreter_for(user: str) -> list[str] | None:
+    """A command that runs this project's CLI as ``user``, or None when none can.
+
+    The test's own interpreter may live where ``user`` cannot read (a pyenv under
+    /root): try it, then the system's interpreter of the same minor version, with this
+    project and the virtual environment's site-packages on the path.
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = os.pathsep.join([str(PROJECT_ROOT), *sorted(set(site.getsitepackages()))])
+    for candidate in (sys.executable, f"/usr/bin/python{version}"):
+        command = ["runuser", "-u", user, "--", "env", f"PYTHONPATH={path}", candidate]
+        probe = subprocess.run(
+            [*command, "-c", "import cio_logging.cli"],
+            capture_output=True,
+            timeout=60,
+            cwd="/",
+            check=False,
+        )
+        if probe.returncode == 0:
+            return [*command, "-m", "cio_logging.cli"]
+    return None
+
+
+@pytest.fixture
+def app_user_cli() -> list[str]:
+    """The CLI as run by the application's (unprivileged) user; skips unless root."""
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root and runuser to act as another user")
+    command = _interpreter_for(APP_USER)
+    if command is None:
+        pytest.skip(f"no interpreter that {APP_USER} can run with this project's packages")
+    return command
+
+
+@pytest.fixture
+def app_queue_dir() -> Iterator[Path]:
+    """A queue directory owned by the application's user, where that user can reach it."""
+    parent = Path(tempfile.mkdtemp(prefix="cio-owner-", dir="/tmp"))
+    user = pwd.getpwnam(APP_USER)
+    os.chown(parent, user.pw_uid, user.pw_gid)
+    yield parent / "queue"
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def make_dead_letters(queue_dir: Path, count: int, reason: str = "max_attempts") -> list[str]:
+    """``count`` dead letters written through the store, as a handler would."""
+    WriteAheadLog(queue_dir / "wal").close()
+    store = DeadLetterStore(queue_dir / "dead")
+    keys = []
+    for number in range(count):
+        key = f"01J{number:023d}"
+        event = Event(key, "purchase", f"user-{number}", None, "{}", int(time.time()), time.time())
+        store.add(key, event, status=None, error_type=reason, message=reason, attempts=5)
+        keys.append(key)
+    store.close()
+    return keys
+
+
+def chown_tree(top: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    for root, directories, files in os.walk(top):
+        for name in [root, *(os.path.join(root, d) for d in directories)]:
+            os.chown(name, entry.pw_uid, entry.pw_gid)
+        for name in files:
+            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+
+
+def foreign_entries(top: Path, user: str) -> list[str]:
+    """Every path under ``top`` (itself included) not owned by ``user``'s uid and gid."""
+    entry = pwd.getpwnam(user)
+    wrong = []
+    for root, directories, files in os.walk(top):
+        for name in [root, *(os.path.join(root, n) for n in directories + files)]:
+            status = os.lstat(name)
+            if (status.st_uid, status.st_gid) != (entry.pw_uid, entry.pw_gid):
+                wrong.append(f"{name} ({status.st_uid}:{status.st_gid})")
+    return sorted(set(wrong))
+
+
+class TestAnotherUsersQueue:
+    """root works on the application user's queue directory without locking that user out."""
+
+    def test_a_lock_file_left_by_root_is_one_clear_line(
+        self, app_user_cli: list[str], app_queue_dir: Path
+    ) -> None:
+        """A root-owned 0600 dlq.lock: the user's purge exits 3 naming the file, no traceback."""
+        make_dead_letters(app_queue_dir, 2)
+        chown_tree(app_queue_dir, APP_USER)
+        lock = app_queue_dir / "dlq.lock"
+        lock.touch(mode=0o600)  # as root: what an earlier version's root replay left
+        result = subprocess.run(
+            [*app_user_cli, "dlq", "purge", "--yes", "--queue-dir", str(app_queue_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert result.returncode == ExitCode.NO_QUEUE, result.stderr
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert f"{lock} is owned by root" in lines[0]
+        assert "not writable by this user" in lines[0]
+        as_json = subprocess.run(
+            [*app_user_cli, "dlq", "purge", "--yes", "--json", "--queue-dir", str(app_queue_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert json.loads(as_json.stdout)["exit_code"] == ExitCode.NO_QUEUE
+
+    def test_root_leaves_every_file_to_the_directory_owner(
+        self,
+        simulator: TrackAPISimulator,
+        app_user_cli: list[str],
+        app_queue_dir: Path,
+    ) -> None:
+        """root's drain and replay create locks, state.json and dead/ as the owner's."""
+        # The application's backlog (it could not deliver), in a directory of its user.
+        simulator.fail(503)
+        assert len(run_child_app(simulator, app_queue_dir, "3", "--no-close")) == 3
+        simulator.clear_faults()
+        shutil.rmtree(app_queue_dir / "dead")  # no dead letters yet: the drain makes dead/
+        chown_tree(app_queue_dir, APP_USER)
+        # root drains it; the events are rejected, so the drain writes dead letters.
+        simulator.poison_names.add("purchase")
+        drained = run_cli(simulator, app_queue_dir, "drain", "--timeout", "20")
+        assert drained.returncode == 0, drained.stderr
+        assert "3 dead-lettered" in drained.stdout
+        replayed = run_cli(simulator, app_queue_dir, "dlq", "replay", "--timeout", "5")
+        assert replayed.returncode == ExitCode.INCOMPLETE, replayed.stderr  # rejected again
+        assert run_cli(simulator, app_queue_dir, "status").returncode == 0
+        assert foreign_entries(app_queue_dir, APP_USER) == []
+        # And the application's user can still do everything in it.
+        for command in (["status"], ["dlq", "count"], ["dlq", "purge", "--yes"]):
+            result = subprocess.run(
+                [*app_user_cli, *command, "--queue-dir", str(app_queue_dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+            assert result.returncode == 0, (command, result.stderr)
+
+    def test_a_store_directory_left_by_root_is_one_clear_line(
+        self, app_user_cli: list[str], app_queue_dir: Path
+    ) -> None:
+        """A root-owned 0700 dead/ (an earlier version's root run): exit 3, never a traceback."""
+        make_dead_letters(app_queue_dir, 1)
+        chown_tree(app_queue_dir, APP_USER)
+        os.chown(app_queue_dir / "dead", 0, 0)
+        for command in (["status"], ["dlq", "count"], ["dlq", "list"]):
+            result = subprocess.run(
+                [*app_user_cli, *command, "--queue-dir", str(app_queue_dir)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+            assert result.returncode == ExitCode.NO_QUEUE, (command, result.stderr)
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert f"{app_queue_dir / 'dead'} is owned by root" in result.stderr
+            assert "chown -R nobody:" in result.stderr
+
+    def test_an_application_with_a_delivery_lock_left_by_root_says_so(
+        self,
+        simulator: TrackAPISimulator,
+        app_user_cli: list[str],
+        app_queue_dir: Path,
+    ) -> None:
+        """The app's user cannot open delivery.lock: one clear error, no traceback."""
+        make_dead_letters(app_queue_dir, 0)
+        chown_tree(app_queue_dir, APP_USER)
+        (app_queue_dir / "delivery.lock").touch(mode=0o600)  # root's, from a root drain
+        ca_file = app_queue_dir.parent / "ca.pem"
+        shutil.copy(simulator.ca_file, ca_file)
+        os.chmod(ca_file, 0o644)
+        env = child_environment(simulator, app_queue_dir, CIO_LOGGING_CA_BUNDLE=str(ca_file))
+        python = app_user_cli[: app_user_cli.index("-m")]
+        result = subprocess.run(
+            [*python, str(PROJECT_ROOT / "tests" / "child_app.py"), "2", "--linger", "1",
+             "--no-close"],
+            env={name: env[name] for name in env if name != "PYTHONPATH"},
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"cannot open {app_queue_dir / 'delivery.lock'}" in result.stderr
+        assert "belongs to root" in result.stderr
+        assert result.stderr.count("delivery.lock") == 1  # said once, not every poll
+
+    def test_a_lock_file_that_is_a_link_is_never_opened(
+        self, simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path
+    ) -> None:
+        """dlq.lock planted as a symlink: exit 3, and the file it points at is untouched."""
+        make_dead_letters(queue_dir, 1)
+        target = tmp_path / "precious"
+        target.write_text("keep me\n")
+        (queue_dir / "dlq.lock").symlink_to(target)
+        result = run_cli(simulator, queue_dir, "dlq", "purge", "--yes")
+        assert target.read_text() == "keep me\n"
+        assert result.returncode == ExitCode.NO_QUEUE, result.stderr
+        assert f"{queue_dir / 'dlq.lock'} is a symbolic link" in result.stderr
+        assert run_json(simulator, queue_dir, "dlq", "count")["total"] == 1

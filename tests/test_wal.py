@@ -20,7 +20,13 @@ import pytest
 
 from cio_logging import cio_event
 from cio_logging.events import Event, event_from_record
-from cio_logging.wal import DeadLetterStore, WriteAheadLog, encode_row
+from cio_logging.wal import (
+    DeadLetterHistory,
+    DeadLetterReason,
+    DeadLetterStore,
+    WriteAheadLog,
+    encode_row,
+)
 
 from .conftest import PROJECT_ROOT
 
@@ -361,6 +367,66 @@ class TestDeadLetterStore:
         assert store.count(by="event") == {"purchase": 1, "signup": 1}
         assert store.count(by="reason") == {"http_400": 1, "item_rejected": 1}
         assert len(store) == 2
+
+    def test_an_entry_from_before_replay_history_reads_as_never_replayed(
+        self, tmp_path: Path
+    ) -> None:
+        """A version 1 entry without original or replays: its reason is the original."""
+        store = DeadLetterStore(tmp_path / "dead")
+        event = make_event(1)
+        old = {
+            "v": 1,
+            "key": event.id,
+            "event": json.loads(event.to_json()),
+            "status": None,
+            "error_type": "max_attempts",
+            "message": "gave up after 5 attempts",
+            "attempts": 5,
+            "first_failure_at": 5.0,
+            "last_failure_at": 9.0,
+        }
+        store._cache.set(event.id, json.dumps(old))
+        letter = store.get(event.id)
+        assert letter is not None
+        assert letter.original == DeadLetterReason("max_attempts", None, old["message"], 9.0)
+        assert (letter.replays, letter.replay_count) == ((), 0)
+        assert store.select(reason="max_attempts") == [letter]
+
+    def test_adding_again_keeps_the_first_reason(self, tmp_path: Path) -> None:
+        """An event dead-lettered twice (in the log and here after a crash) keeps the first."""
+        store = DeadLetterStore(tmp_path / "dead")
+        event = make_event(1)
+        for error_type, now in (("item_rejected", 10.0), ("http_400", 20.0)):
+            store.add(
+                event.id,
+                event,
+                status=None,
+                error_type=error_type,
+                message=error_type,
+                attempts=1,
+                now=now,
+            )
+        letter = store.get(event.id)
+        assert letter is not None
+        assert letter.error_type == "http_400"
+        assert letter.original == DeadLetterReason("item_rejected", None, "item_rejected", 10.0)
+
+    def test_a_log_row_without_dead_letter_history_still_reads(self, tmp_path: Path) -> None:
+        """Rows replayed by an earlier version (replayed_at only) read and deliver as before."""
+        wal = WriteAheadLog(tmp_path / "wal")
+        event = make_event(1)
+        wal.append(event, replayed_at=50.0)
+        queued = wal.get(event.id)
+        assert queued is not None
+        assert (queued.replayed_at, queued.dead_letter) == (50.0, None)
+        history = DeadLetterHistory(
+            DeadLetterReason("expired", None, "too old", 40.0), (), 0, 30.0, 3
+        )
+        wal.record_failure([(queued._replace(dead_letter=history), 60.0)], "HTTP 503", 55.0)
+        retried = wal.get(event.id)
+        assert retried is not None
+        assert retried.dead_letter == history  # a retry keeps it
+        wal.close()
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
