@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
-from .wal import Row, WriteAheadLog
+from .store import EventLog, Row
 
 internal_log = logging.getLogger("cio_logging")
 
@@ -75,7 +75,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        wal: WriteAheadLog,
+        wal: EventLog,
         *,
         interval: float,
         max_buffer_bytes: int,

@@ -38,8 +38,8 @@ from requests.adapters import HTTPAdapter
 from .config import Settings
 from .metadata import PACKAGE_VERSION, SDK_VERSION
 from .resilience import DeliveryBreaker, RequestRateCap
+from .store import QueuedEvent
 from .telemetry import Telemetry
-from .wal import QueuedEvent
 
 MAX_BATCH_BYTES = 500 * 1024
 MAX_ITEM_BYTES = 32 * 1024

@@ -28,8 +28,8 @@ from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resol
 from .errors import ConfigurationError, InvalidEventError, QueueError
 from .events import EXTRA_KEY, event_from_record
 from .signals import install_commit_on_signals
+from .store import DeadLetterStore, WriteAheadLog, encode_row, secure_directory
 from .telemetry import QueueProbes, Telemetry
-from .wal import DeadLetterStore, WriteAheadLog, encode_row, secure_directory
 from .worker import DeliveryWorker, flush_thread_marker
 
 internal_log = logging.getLogger("cio_logging")

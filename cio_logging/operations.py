@@ -43,7 +43,7 @@ from .events import event_from_dict
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state
-from .wal import (
+from .store import (
     DeadLetter,
     DeadLetterReason,
     DeadLetterStore,

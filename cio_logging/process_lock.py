@@ -21,7 +21,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from .wal import secure_file
+from .store import secure_file
 
 
 class DeliveryLock:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .wal import inherited_owner
+from .store import inherited_owner
 
 STATE_FILE = "state.json"
 

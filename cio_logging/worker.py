@@ -52,16 +52,16 @@ from .events import Event
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state, write_state
-from .telemetry import Telemetry
-from .wal import (
+from .store import (
     Batch,
+    DeadLetterArchive,
     DeadLetterHistory,
     DeadLetterReason,
-    DeadLetterStore,
+    EventLog,
     QueuedEvent,
     ReplayRecord,
-    WriteAheadLog,
 )
+from .telemetry import Telemetry
 
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
@@ -102,8 +102,8 @@ class DeliveryWorker:
     def __init__(
         self,
         settings: Settings,
-        wal: WriteAheadLog,
-        dead_letters: DeadLetterStore,
+        wal: EventLog,
+        dead_letters: DeadLetterArchive,
         *,
         clock: WallClock | None = None,
         telemetry: Telemetry | None = None,

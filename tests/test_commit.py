@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cio_logging.commit import BUFFERED, COMMITTED, GroupCommitter
 from cio_logging.events import Event
-from cio_logging.wal import WriteAheadLog, encode_row
+from cio_logging.store import WriteAheadLog, encode_row
 
 
 class FakeClock:

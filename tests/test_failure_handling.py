@@ -13,7 +13,7 @@ import pytest
 from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
-from cio_logging.wal import WriteAheadLog
+from cio_logging.store import WriteAheadLog
 
 from .conftest import HandlerFactory, wait_for
 

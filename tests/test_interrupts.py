@@ -21,7 +21,7 @@ import pytest
 
 from cio_logging import CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
-from cio_logging.wal import WriteAheadLog
+from cio_logging.store import WriteAheadLog
 
 from . import sigterm_app
 from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment

@@ -31,7 +31,7 @@ from cio_logging.events import Event
 from cio_logging.operations import ExitCode, parse_time
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
-from cio_logging.wal import DeadLetterStore, WriteAheadLog
+from cio_logging.store import DeadLetterStore, WriteAheadLog
 
 from .conftest import (
     PROJECT_ROOT,

@@ -17,7 +17,7 @@ import pytest
 
 from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
-from cio_logging.wal import DeadLetterStore, WriteAheadLog
+from cio_logging.store import DeadLetterStore, WriteAheadLog
 
 from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, wait_for
 

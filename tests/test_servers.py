@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cio_logging.simulator import TrackAPISimulator
-from cio_logging.wal import DeadLetterStore, WriteAheadLog
+from cio_logging.store import DeadLetterStore, WriteAheadLog
 
 from .conftest import (
     PROJECT_ROOT,

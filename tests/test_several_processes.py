@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cio_logging.simulator import RequestRecord, TrackAPISimulator
-from cio_logging.wal import DeadLetterStore, WriteAheadLog
+from cio_logging.store import DeadLetterStore, WriteAheadLog
 
 from .conftest import CHILD_APP, PYTHON, child_environment, printed_ids, wait_for
 

@@ -20,7 +20,7 @@ import pytest
 
 from cio_logging import cio_event
 from cio_logging.events import Event, event_from_record
-from cio_logging.wal import (
+from cio_logging.store import (
     DeadLetterHistory,
     DeadLetterReason,
     DeadLetterStore,
@@ -160,7 +160,7 @@ def test_fork_waits_for_threads_inside_sqlite(tmp_path: Path) -> None:
     import threading
     import time
 
-    from cio_logging.wal import _FORK_GATE
+    from cio_logging.store._sqlite import FORK_GATE as _FORK_GATE
 
     entered = threading.Event()
 
@@ -196,7 +196,7 @@ def test_another_process_closing_does_not_pull_the_log_away(tmp_path: Path) -> N
         from pathlib import Path
         from cio_logging import cio_event
         from cio_logging.events import event_from_record
-        from cio_logging.wal import WriteAheadLog
+        from cio_logging.store import WriteAheadLog
         wal = WriteAheadLog(Path({str(tmp_path / "wal")!r}))
         record = logging.getLogger().makeRecord("t", 20, "f", 1, "m", (), None,
                                                  extra=cio_event("other"))
@@ -436,7 +436,7 @@ def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     script = textwrap.dedent(f"""
         import os, logging
         os.umask({umask})
-        from cio_logging.wal import WriteAheadLog, DeadLetterStore
+        from cio_logging.store import WriteAheadLog, DeadLetterStore
         from cio_logging.process_lock import DeliveryLock
         from cio_logging import cio_event
         from cio_logging.events import event_from_record
