@@ -24,6 +24,7 @@ ENV_REGION = "CUSTOMERIO_REGION"
 ENV_QUEUE_DIR = "CIO_LOGGING_QUEUE_DIR"
 ENV_TRACK_URL = "CIO_LOGGING_TRACK_URL"
 ENV_CA_BUNDLE = "CIO_LOGGING_CA_BUNDLE"
+ENV_QUEUE_URL = "CIO_LOGGING_QUEUE_URL"
 
 TRACK_HOSTS = {"us": "track.customer.io", "eu": "track-eu.customer.io"}
 
@@ -86,6 +87,12 @@ _NUMERIC_OPTIONS: dict[str, tuple[float, float, float]] = {
     # The reference design's periodic breaker report: log status() on the
     # cio_logging.status logger this often (seconds); 0 switches it off.
     "status_log_interval": (0.0, 0.0, 86_400.0),
+    # Fleet mode (queue_url): how long a sender's lease lasts without a renewal, so
+    # the longest a workspace goes without a sender after its sender died.
+    "lease_seconds": (15.0, 1.0, 3600.0),
+    # Fleet mode: how long a commit to PostgreSQL may take before the rows go to the
+    # local spill directory instead (the caller never waits longer).
+    "database_timeout": (1.0, 0.05, 60.0),
 }
 _BOOLEAN_OPTIONS: dict[str, bool] = {
     # fsync every commit (SQLite synchronous=FULL): survives power loss, costs ~4x per
@@ -96,7 +103,7 @@ _BOOLEAN_OPTIONS: dict[str, bool] = {
     # main thread.
     "signal_handlers": False,
 }
-_OTHER_OPTIONS = ("degradation", "essential_events")
+_OTHER_OPTIONS = ("degradation", "essential_events", "queue_url")
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,9 @@ class Settings:
     endpoint: Endpoint
     queue_dir: Path
     ca_bundle: Path | None
+    # The PostgreSQL URL of fleet mode (None: the diskcache store). It carries the
+    # password: never in the repr (see queue_url_for_display).
+    queue_url: str | None = field(repr=False)
     flush_timeout: float
     close_timeout: float
     request_timeout: float
@@ -147,6 +157,13 @@ class Settings:
     signal_handlers: bool
     degradation: str
     essential_events: frozenset[str]
+    lease_seconds: float = 15.0
+    database_timeout: float = 1.0
+
+    @property
+    def workspace(self) -> str:
+        """The key of this workspace's rows in a shared store: site id and endpoint."""
+        return f"{self.site_id}@{self.endpoint.base_url}"
 
 
 def resolve_settings(
@@ -200,6 +217,7 @@ def resolve_settings(
         endpoint=endpoint,
         queue_dir=directory,
         ca_bundle=bundle,
+        queue_url=_queue_url(options.get("queue_url", env.get(ENV_QUEUE_URL) or None)),
         flush_timeout=numbers["flush_timeout"],
         close_timeout=numbers["close_timeout"],
         request_timeout=numbers["request_timeout"],
@@ -226,6 +244,8 @@ def resolve_settings(
         signal_handlers=flags["signal_handlers"],
         degradation=degradation_level(options.get("degradation", env.get(ENV_DEGRADATION, FULL))),
         essential_events=_event_names(options.get("essential_events", DEFAULT_ESSENTIAL_EVENTS)),
+        lease_seconds=numbers["lease_seconds"],
+        database_timeout=numbers["database_timeout"],
     )
 
 
@@ -310,6 +330,21 @@ def _endpoint(track_url: str | None, region: str) -> Endpoint:
     if not host or not _HOST_PATTERN.match(host if ":" not in host else f"[{host}]"):
         raise ConfigurationError("track_url has no valid host")
     return Endpoint(host if ":" not in host else f"[{host}]", port)
+
+
+def _queue_url(value: object) -> str | None:
+    """A ``postgresql://`` URL, or None for the diskcache store. The message of a bad
+    one never repeats it: it may hold a password."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigurationError("queue_url must be a string")
+    scheme = value.split(":", 1)[0].lower()
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            "queue_url must be a postgresql:// URL (leave it unset for the local store)"
+        )
+    return value
 
 
 def _ca_bundle(value: str | os.PathLike[str] | None) -> Path | None:

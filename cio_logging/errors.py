@@ -6,7 +6,10 @@
     ├── ConfigurationError      bad or missing settings; raised at construction
     ├── InvalidEventError       a record's ``cio`` extra cannot become an event
     └── QueueError              the write-ahead log or dead-letter store failed
-        └── CorruptEntryError   a stored row is not the JSON we wrote (never unpickled)
+        ├── CorruptEntryError   a stored row is not the JSON we wrote (never unpickled)
+        └── DatabaseError       the PostgreSQL store failed (the driver's error, its
+            │                   text scrubbed of the password, is the __cause__)
+            └── LeaseLostError  this process no longer holds the workspace's lease
 
 Only ``ConfigurationError`` ever reaches application code: it is raised by the
 handler's constructor (a missing credential, a bad value, a queue directory that
@@ -47,4 +50,20 @@ class CorruptEntryError(QueueError):
     """A stored row is not a JSON text written by cio_logging.
 
     Raised instead of decoding it: a planted pickle must never be loaded.
+    """
+
+
+class DatabaseError(QueueError):
+    """The PostgreSQL store could not be read or written.
+
+    The driver's exception is the ``__cause__``; neither text ever holds the password
+    of the queue URL (it is replaced by ``***`` where the database quoted it).
+    """
+
+
+class LeaseLostError(DatabaseError):
+    """An acknowledgement was refused: this process's term is no longer the lease's.
+
+    A sender that was paused past its lease finds another sender took over; it must
+    stop sending. Its rows stay for the new sender.
     """

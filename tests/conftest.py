@@ -257,3 +257,55 @@ def pytest_runtest_makereport(
         report.longrepr = "the API key (or its Basic authorization value) appeared in:\n" + (
             "\n".join(f"  - {place}" for place in places)
         )
+
+
+# -- PostgreSQL: a throwaway cluster for the fleet-mode tests -------------------------
+#
+# Started once per session, as the postgres user when the suite runs as root, and
+# stopped at the end. Without server binaries the tests that need it are skipped with
+# the reason; under CI=true that is a failure instead, so CI always runs them. The
+# application role's password is watched like the API key.
+
+from .pg_cluster import APP_PASSWORD, Cluster, server_binaries  # noqa: E402
+
+WATCHED_SECRETS.append(APP_PASSWORD)
+
+
+def _postgres_or_skip() -> Any:
+    binaries = server_binaries()
+    if binaries is None:
+        reason = "PostgreSQL server binaries (initdb, pg_ctl) are not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}, and CI=true: the fleet-mode tests must run in CI")
+        pytest.skip(reason)
+    return binaries
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster on a free port of 127.0.0.1, for the whole session."""
+    cluster = Cluster(_postgres_or_skip())
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Cluster, request: pytest.FixtureRequest) -> str:
+    """The URL of a fresh, empty database for this test (the app role owns it)."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return pg_cluster.new_database(f"t_{stem}_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A cluster of this test's own, which it may stop and start (an outage)."""
+    cluster = Cluster(_postgres_or_skip())
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()

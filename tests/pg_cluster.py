@@ -1,0 +1,115 @@
+"""A throwaway PostgreSQL cluster for the tests: initdb in a temporary directory, a free
+port on 127.0.0.1, run as the ``postgres`` user (via runuser) when the tests run as root,
+because initdb and postgres refuse root."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+BIN_DIRS = [Path("/usr/lib/postgresql/15/bin"), Path("/usr/lib/postgresql/16/bin")]
+
+#: The role the library connects as, with a password every test watches for leaks.
+APP_USER = "cio_app"
+APP_PASSWORD = "pg-Secret-7f3a9c1e"
+
+
+def server_binaries() -> Path | None:
+    """The directory of initdb and pg_ctl, or None when PostgreSQL is not installed."""
+    for directory in BIN_DIRS:
+        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
+            return directory
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Cluster:
+    """One cluster; :meth:`start` and :meth:`stop` may be called again (an outage)."""
+
+    def __init__(self, binaries: Path) -> None:
+        self.binaries = binaries
+        self.root = Path(tempfile.mkdtemp(prefix="cio-pg-"))
+        self.data = self.root / "data"
+        self.sockets = self.root / "sockets"
+        self.port = free_port()
+        self._as_postgres = os.geteuid() == 0
+        self.sockets.mkdir()
+        if self._as_postgres:
+            user = pwd.getpwnam("postgres")
+            for path in (self.root, self.sockets):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        (self.data / "postgresql.auto.conf").write_text(
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+            "max_connections = 200\nlog_min_messages = fatal\n"
+        )
+        self.start()
+        with self.admin() as conn:
+            conn.execute(f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'")
+            conn.execute(f"CREATE DATABASE cio OWNER {APP_USER}")
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.binaries / tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, cwd=self.root, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1"
+        log = str(self.root / "server.log")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def admin(self, dbname: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
+        """A superuser connection over the Unix socket."""
+        return psycopg.connect(
+            host=str(self.sockets), port=self.port, user="postgres", dbname=dbname, autocommit=True
+        )
+
+    def url(self, dbname: str = "cio", **query: str) -> str:
+        """The library's URL: the application role, with its password, over TCP."""
+        tail = "&".join(f"{key}={value}" for key, value in query.items())
+        base = f"postgresql://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.port}/{dbname}"
+        return f"{base}?{tail}" if tail else base
+
+    def new_database(self, name: str) -> str:
+        """A fresh empty database owned by the application role; its URL."""
+        with self.admin() as conn:
+            conn.execute(f"CREATE DATABASE {name} OWNER {APP_USER}")
+        return self.url(name)
+
+    def destroy(self) -> None:
+        for _ in range(3):
+            try:
+                self.stop("immediate")
+                break
+            except subprocess.CalledProcessError:
+                time.sleep(0.2)
+        shutil.rmtree(self.root, ignore_errors=True)
