@@ -18,7 +18,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -28,9 +28,19 @@ from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resol
 from .errors import ConfigurationError, InvalidEventError, QueueError
 from .events import EXTRA_KEY, event_from_record
 from .signals import install_commit_on_signals
-from .store import DeadLetterStore, WriteAheadLog, encode_row, secure_directory
+from .store import (
+    DeadLetterArchive,
+    DeadLetterStore,
+    EventLog,
+    WriteAheadLog,
+    encode_row,
+    secure_directory,
+)
 from .telemetry import QueueProbes, Telemetry
 from .worker import DeliveryWorker, flush_thread_marker
+
+if TYPE_CHECKING:
+    from .store.postgres import PostgresLease, SenderState
 
 internal_log = logging.getLogger("cio_logging")
 
@@ -99,8 +109,28 @@ class CustomerIOHandler(logging.Handler):
         queue_dir_path = self.settings.queue_dir
         try:
             secure_directory(queue_dir_path)
-            self._wal = WriteAheadLog(queue_dir_path / "wal", fsync=self.settings.fsync)
-            self._dead_letters = DeadLetterStore(queue_dir_path / "dead", fsync=self.settings.fsync)
+            self._wal: EventLog
+            self._dead_letters: DeadLetterArchive
+            self._lease: PostgresLease | None = None
+            self._fleet_state: SenderState | None = None
+            if self.settings.queue_url is None:
+                self._wal = WriteAheadLog(queue_dir_path / "wal", fsync=self.settings.fsync)
+                self._dead_letters = DeadLetterStore(
+                    queue_dir_path / "dead", fsync=self.settings.fsync
+                )
+            else:
+                # Fleet mode: the queue on PostgreSQL, queue_dir only for the spill.
+                # Nothing here waits for the database: it may be away at start-up.
+                from .store.postgres import open_fleet_store
+
+                self._wal, self._dead_letters, self._lease, self._fleet_state = open_fleet_store(
+                    self.settings.queue_url,
+                    self.settings.workspace,
+                    queue_dir_path,
+                    fsync=self.settings.fsync,
+                    timeout=self.settings.database_timeout,
+                    lease_seconds=self.settings.lease_seconds,
+                )
         except (OSError, QueueError) as exc:  # a bad queue_dir is a bad setting: fail now
             raise ConfigurationError(
                 f"queue_dir {str(queue_dir_path)!r} cannot be used: {type(exc).__name__}: {exc}"
@@ -126,6 +156,8 @@ class CustomerIOHandler(logging.Handler):
             self._dead_letters,
             telemetry=self._telemetry,
             status_report=self.status,
+            lock=self._lease,
+            fleet_state=self._fleet_state,
         )
         self._committer = GroupCommitter(
             self._wal,
@@ -403,6 +435,43 @@ class CustomerIOHandler(logging.Handler):
             "delivering_process": self._worker.is_delivering_process,
             "queue_bytes": _or_none(self._wal.volume),
             "queue_dir": str(self.settings.queue_dir),
+            **self._fleet_status(),
+        }
+
+    def _fleet_status(self) -> dict[str, Any]:
+        """Fleet mode: the store, the lease holder and the sender's state as the
+        database has them (None where the database does not answer)."""
+        if self._lease is None or self._fleet_state is None:
+            return {"store": "diskcache"}
+        from .store.postgres import display_url
+
+        url = self.settings.queue_url or ""
+        lease, fleet = None, None
+        try:
+            info = self._lease.info()
+            lease = (
+                None
+                if info is None
+                else {
+                    "host": info.host,
+                    "pid": info.pid,
+                    "term": info.term,
+                    "since": info.since,
+                    "expires_at": info.expires_at,
+                    "valid": info.valid,
+                }
+            )
+            fleet = self._fleet_state.read()
+        except Exception as exc:  # status() never raises; the error is scrubbed
+            fleet = {"database_error": str(exc)}
+        spill = getattr(self._wal, "spill", None)
+        return {
+            "store": "postgresql",
+            "queue_url": display_url(url),
+            "workspace": self.settings.workspace,
+            "lease": lease,
+            "fleet": fleet,
+            "spilled": None if spill is None else _or_none(spill.__len__),
         }
 
     def _count_drop(self, reason: str, essential: bool | None) -> None:

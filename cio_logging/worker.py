@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import pwd
+import socket
 import sys
 import threading
 import time
@@ -43,11 +44,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .clock import STEP_TOLERANCE_SECONDS, WallClock
 from .config import Settings
 from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
+from .errors import DatabaseError, LeaseLostError
 from .events import Event
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
@@ -81,6 +83,27 @@ _STATE_RECORD_SECONDS = 2.0
 _DUE_CHECK_SECONDS = 1.0
 
 
+class SenderLock(Protocol):
+    """The right to send: the queue directory's flock, or fleet mode's lease."""
+
+    path: Any
+
+    @property
+    def held(self) -> bool: ...
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class FleetState(Protocol):
+    """Fleet mode's record of the sender's state, in the database."""
+
+    def write(self, state: dict[str, Any]) -> None: ...
+
+    def read(self) -> dict[str, Any] | None: ...
+
+
 @dataclass
 class DeliveryStats:
     """What this process's worker did; read by ``handler.status()``."""
@@ -108,14 +131,22 @@ class DeliveryWorker:
         clock: WallClock | None = None,
         telemetry: Telemetry | None = None,
         status_report: Callable[[], dict[str, Any]] | None = None,
+        lock: SenderLock | None = None,
+        fleet_state: FleetState | None = None,
     ) -> None:
+        """``lock``: the right to send (default: the queue directory's delivery.lock);
+        fleet mode passes the workspace's lease, and ``fleet_state`` where the sender
+        records its state for the fleet. The directory's lock then only chooses which
+        local process moves spilled rows to the database."""
         self._settings = settings
         self._wal = wal
         self._dead_letters = dead_letters
         self._clock = clock or WallClock()
         self._telemetry = telemetry
         self._status_report = status_report
-        self._lock = DeliveryLock(settings.queue_dir / "delivery.lock")
+        self._local_lock = DeliveryLock(settings.queue_dir / "delivery.lock")
+        self._lock: SenderLock = lock or self._local_lock
+        self._fleet_state = fleet_state
         self.retry = RetryPolicy.from_settings(settings)
         # No due time this process persists is further ahead than this; one that is
         # was not scheduled on this clock and counts as due (see adjust_due_times).
@@ -204,10 +235,18 @@ class DeliveryWorker:
         sendable = self._wal.sendable_through(last_rowid, self._clock(), self._due_horizon)
         if last_rowid == 0 or not sendable:
             return True
-        state = read_state(self._settings.queue_dir)
+        state = self._read_state()
         return state is not None and (
             state.get("breaker") != CLOSED or bool(state.get("delivery_paused"))
         )
+
+    def _read_state(self) -> dict[str, Any] | None:
+        if self._fleet_state is None:
+            return read_state(self._settings.queue_dir)
+        try:
+            return self._fleet_state.read()
+        except DatabaseError:
+            return None
 
     def close(self, timeout: float) -> bool:
         """Stop the thread, waiting at most ``timeout``; returns whether it stopped."""
@@ -220,6 +259,7 @@ class DeliveryWorker:
             stopped = not thread.is_alive()
         if stopped:
             self._lock.release()
+            self._local_lock.release()
         return stopped
 
     def _run(self) -> None:
@@ -229,6 +269,16 @@ class DeliveryWorker:
             while not self._stop.is_set():
                 try:
                     client = self._cycle(client)
+                except LeaseLostError as exc:
+                    # Paused or cut off past the lease: another process sends now. Stop
+                    # at once; the rows not acknowledged are the new sender's.
+                    internal_log.warning("cio_logging: %s; this process stops sending", exc)
+                    lost = getattr(self._lock, "lost", None)
+                    if lost is not None:
+                        lost()
+                    if client is not None:
+                        client.close()
+                        client = None
                 except Exception:
                     # A locked database (another process held it past the timeout), a
                     # full disk, a bug: never let the thread die. Events stay on disk;
@@ -246,6 +296,7 @@ class DeliveryWorker:
                 with contextlib.suppress(Exception):
                     self._record_state(now=True)  # the final counters, for status after exit
             self._lock.release()
+            self._local_lock.release()
             with self._progress:
                 self._progress.notify_all()
 
@@ -258,6 +309,9 @@ class DeliveryWorker:
         # Taken in every process, applied only by the delivering one: a step noticed
         # while another process delivered was that process's to apply.
         step = self._clock.take_step()
+        if self._fleet_state is not None:
+            self._move_spilled()
+        was_held = self._lock.held
         try:
             acquired = self._lock.try_acquire()
         except PermissionError as exc:
@@ -269,6 +323,8 @@ class DeliveryWorker:
         if not acquired:
             self._wait(self._settings.flush_interval)
             return client
+        if not was_held and self._fleet_state is not None:
+            self._adopt_fleet_state()
         self._record_state()
         self._log_status()
         self._keep_due_times(step)
@@ -295,6 +351,44 @@ class DeliveryWorker:
             self._complete(generation)
             self._wait(self._settings.flush_interval)
         return client
+
+    def _move_spilled(self) -> None:
+        """Fleet mode: move rows spilled while the database was away (by this process
+        or an earlier one using this queue directory) into it. One local process does
+        it: the holder of the directory's delivery.lock."""
+        mover = getattr(self._wal, "move_spilled", None)
+        if mover is None:
+            return
+        try:
+            if not self._local_lock.try_acquire():
+                return
+            while not self._stop.is_set() and mover() > 0:
+                pass
+        except PermissionError as exc:
+            self._report_foreign_lock(exc)
+        except DatabaseError as exc:
+            internal_log.debug("cio_logging: spilled rows not moved yet: %s", exc)
+
+    def _adopt_fleet_state(self) -> None:
+        """A process that just took over the fleet's sending keeps the last sender's
+        pauses: an open breaker and a Retry-After or credentials pause still running
+        (the fleet must not probe again at once because its sender changed)."""
+        state = self._read_state()
+        if not state:
+            return
+        wall_now = time.time()
+        resume_at = state.get("hold_until")
+        if isinstance(resume_at, (int, float)) and resume_at > wall_now:
+            self._held_until = max(self._held_until, time.monotonic() + (resume_at - wall_now))
+        if state.get("breaker") == OPEN:
+            probe_at = state.get("probe_at")
+            wait = probe_at - wall_now if isinstance(probe_at, (int, float)) else 0.0
+            if wait > 0:
+                self._held_until = max(self._held_until, time.monotonic() + wait)
+        if state.get("delivery_paused"):
+            self.stats.delivery_paused = str(state["delivery_paused"])
+        if state.get("last_error"):
+            self.stats.last_error = str(state["last_error"])
 
     def _keep_due_times(self, step: float) -> None:
         """Move persisted due times by a wall-clock step, and make due those too far
@@ -389,7 +483,7 @@ class DeliveryWorker:
         found = failed = False
         while True:
             while not failed and len(in_flight) < settings.max_in_flight:
-                if self._stop.is_set() or self.breaker.state != CLOSED:
+                if self._stop.is_set() or self.breaker.state != CLOSED or not self._lock.held:
                     break
                 events, batch = self._take_due(settings.batch_size, self._clock(), cursor)
                 if not (batch.events or batch.corrupt):
@@ -607,22 +701,33 @@ class DeliveryWorker:
             return
         self._state_recorded_at = moment
         self._recorded_news = news
-        write_state(
-            self._settings.queue_dir,
-            {
-                "pid": os.getpid(),
-                "updated_at": self._clock(),
-                # pybreaker notifies before it stores the new state: take it as given.
-                "breaker": breaker or self.breaker.state,
-                "last_error": stats.last_error,
-                "last_error_at": stats.last_error_at,
-                "delivery_paused": stats.delivery_paused,
-                "delivered": stats.delivered,
-                "dead_lettered": stats.dead_lettered,
-                "requests": stats.requests,
-                "failed_requests": stats.failed_requests,
-            },
-        )
+        state = {
+            "pid": os.getpid(),
+            "updated_at": self._clock(),
+            # pybreaker notifies before it stores the new state: take it as given.
+            "breaker": breaker or self.breaker.state,
+            "last_error": stats.last_error,
+            "last_error_at": stats.last_error_at,
+            "delivery_paused": stats.delivery_paused,
+            "delivered": stats.delivered,
+            "dead_lettered": stats.dead_lettered,
+            "requests": stats.requests,
+            "failed_requests": stats.failed_requests,
+        }
+        if self._fleet_state is None:
+            write_state(self._settings.queue_dir, state)
+            return
+        # For a successor: when the pauses end, on the wall clock (another host's).
+        wall_now, moment = time.time(), time.monotonic()
+        hold = self._held_until - moment
+        probe = self.breaker.seconds_until_probe()
+        state["hold_until"] = wall_now + hold if hold > 0 else None
+        state["probe_at"] = wall_now + probe if probe > 0 else None
+        state["host"] = socket.gethostname()
+        try:
+            self._fleet_state.write(state)
+        except DatabaseError as exc:
+            internal_log.debug("cio_logging: sender state not recorded: %s", exc)
 
     def _log_status(self) -> None:
         """The reference design's periodic breaker report, when status_log_interval is set."""

@@ -273,8 +273,11 @@ def test_a_cli_read_keeps_the_applications_fsync(
     assert cli("status", "--queue-dir", str(queue_dir), "--site-id", "s").returncode == 0
     seen: list[int] = []
 
+    wal = handler._wal
+    assert isinstance(wal, WriteAheadLog)
+
     def new_thread_connection() -> None:  # a thread the application starts afterwards
-        seen.append(handler._wal._cache._con.execute("PRAGMA synchronous").fetchone()[0])
+        seen.append(wal._cache._con.execute("PRAGMA synchronous").fetchone()[0])
 
     thread = threading.Thread(target=new_thread_connection)
     thread.start()

@@ -259,6 +259,18 @@ class Database:
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             raise _mapped(exc) from exc
 
+    def check(self) -> None:
+        """Connect once, outside the pool, so a failure says why (the pool only says
+        it timed out); creates the schema if needed. Raises :class:`DatabaseError`."""
+        psycopg, _ = _driver()
+        try:
+            with psycopg.connect(
+                self.url, connect_timeout=max(2, math.ceil(self.timeout)), autocommit=True
+            ) as conn:
+                self._migrate(conn)
+        except (psycopg.Error, OSError) as exc:
+            raise _mapped(exc) from exc
+
     def run(
         self, name: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> list[tuple[Any, ...]]:
