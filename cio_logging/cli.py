@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
+from urllib.parse import unquote, urlsplit
 
-from .config import ENV_API_KEY
+from .config import ENV_API_KEY, ENV_QUEUE_URL
 from .errors import CIOLoggingError, ConfigurationError, QueueError
 from .operations import (
     ExitCode,
+    FleetLocation,
     LockHeldError,
     QueueDirectoryError,
     ReplayReport,
@@ -33,6 +35,8 @@ from .operations import (
     count_dead_letters,
     drain,
     explicit_queue_dir,
+    fleet_location,
+    fleet_status,
     list_dead_letters,
     operator_settings,
     parse_time,
@@ -227,6 +231,12 @@ def _common_options() -> argparse.ArgumentParser:
         help="the queue directory (default: $CIO_LOGGING_QUEUE_DIR, else the handler's "
         "default for the site id and endpoint)",
     )
+    group.add_argument(
+        "--queue-url",
+        help="fleet mode: the PostgreSQL URL the handlers use (default: "
+        "$CIO_LOGGING_QUEUE_URL); the workspace's rows are read there, not in a queue "
+        "directory. Its password is never printed.",
+    )
     group.add_argument("--site-id", help="Track API site id (default: $CUSTOMERIO_SITE_ID)")
     group.add_argument(
         "--api-key",
@@ -333,6 +343,8 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
         if not separator or not name.strip():
             raise ConfigurationError(f"-o takes NAME=VALUE, not {item!r}")
         options[name.strip()] = value.strip()
+    if getattr(args, "queue_url", None):
+        options["queue_url"] = args.queue_url
     return options
 
 
@@ -347,6 +359,18 @@ def _settings(args: argparse.Namespace, *, sends: bool) -> Any:
         options=_options(args),
         sends=sends,
     )
+
+
+def _fleet(args: argparse.Namespace) -> FleetLocation | None:
+    """Fleet mode's workspace in the database, when --queue-url or its variable is set."""
+    if not (getattr(args, "queue_url", None) or os.environ.get(ENV_QUEUE_URL)):
+        return None
+    return fleet_location(_settings(args, sends=False))
+
+
+def _location(args: argparse.Namespace) -> Path | FleetLocation:
+    """Where dead-letter commands look: the fleet's database, or a queue directory."""
+    return _fleet(args) or _queue_dir(args)
 
 
 def _queue_dir(args: argparse.Namespace) -> Path:
@@ -372,6 +396,11 @@ def _configuration_message(exc: ConfigurationError, args: argparse.Namespace) ->
 
 def _secrets(args: argparse.Namespace) -> set[str]:
     keys = {getattr(args, "api_key", None), os.environ.get(ENV_API_KEY)}
+    for url in (getattr(args, "queue_url", None), os.environ.get(ENV_QUEUE_URL)):
+        if url:
+            with contextlib.suppress(ValueError):
+                password = urlsplit(url).password
+                keys |= {password, unquote(password or "")}
     return {key for key in keys if key and len(key) >= 3}
 
 
@@ -505,7 +534,51 @@ def _refusal_advice(error: str) -> str:
     return f"TLS verification failed ({error}); check --ca-bundle and any proxy"
 
 
+def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
+    status = fleet_status(fleet)
+    if out.json_mode:
+        out.json(status)
+        return ExitCode.OK
+    oldest = status["oldest_age_seconds"]
+    sender = status["sender"]
+    if sender is None:
+        sending = "no process has held the lease yet: nothing is being sent"
+    else:
+        sending = (
+            f"{sender['host']} pid {sender['pid']} (term {sender['term']}, since {sender['since']})"
+        )
+        if not sender["holds_lease"]:
+            sending += f"; its lease expired at {sender['expires_at']}: nobody sends now"
+    if status["breaker"] is None:
+        breaker = "- (no sender has recorded its state yet)"
+    else:
+        recorder = status["recorded_by"] or {}
+        breaker = (
+            f"{status['breaker']} (recorded by {recorder.get('host')} pid {recorder.get('pid')} "
+            f"{_age(status['recorded_age_seconds'])} ago)"
+        )
+    last_error = "-"
+    if status["last_error"]:
+        last_error = f"{status['last_error']} (at {status['last_error_at']})"
+    rows = [
+        ("store", f"PostgreSQL {status['queue_url']}"),
+        ("workspace", status["workspace"]),
+        ("queued", f"{status['queued']}" + ("" if oldest is None else f" (oldest {_age(oldest)})")),
+        ("dead letters", str(status["dead_letters"])),
+        ("sender", sending),
+        ("breaker", breaker),
+        ("last error", last_error),
+        ("delivery paused", status["delivery_paused"] or "no"),
+    ]
+    for label, value in rows:
+        out.line(f"{label:<16} {value}")
+    return ExitCode.OK
+
+
 def _run_status(args: argparse.Namespace, out: _Output) -> int:
+    fleet = _fleet(args)
+    if fleet is not None:
+        return _run_fleet_status(fleet, out)
     status = queue_status(_queue_dir(args))
     if out.json_mode:
         out.json(status.to_dict())
@@ -547,7 +620,7 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _run_count(args: argparse.Namespace, out: _Output) -> int:
-    counts = count_dead_letters(_queue_dir(args), by=args.by)
+    counts = count_dead_letters(_location(args), by=args.by)
     if out.json_mode:
         out.json(counts)
         return ExitCode.OK
@@ -572,7 +645,7 @@ def _selection(args: argparse.Namespace, *, limit: int | None = None) -> Selecti
 
 def _run_list(args: argparse.Namespace, out: _Output) -> int:
     limit = args.limit or None
-    letters = list_dead_letters(_queue_dir(args), _selection(args, limit=limit))
+    letters = list_dead_letters(_location(args), _selection(args, limit=limit))
     if out.json_mode:
         out.json(letters)
         return ExitCode.OK
@@ -597,7 +670,7 @@ def _run_list(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _run_show(args: argparse.Namespace, out: _Output) -> int:
-    letter = show_dead_letter(_queue_dir(args), args.id)
+    letter = show_dead_letter(_location(args), args.id)
     if letter is None:
         return out.fail(f"no dead letter with id {args.id}", ExitCode.INCOMPLETE)
     if out.json_mode:
@@ -689,7 +762,7 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _run_purge(args: argparse.Namespace, out: _Output) -> int:
-    queue_dir = _queue_dir(args)
+    queue_dir = _location(args)
     letters = select_dead_letters(queue_dir, _selection(args))
     if not letters:
         if out.json_mode:
@@ -769,7 +842,13 @@ def _run_drain(args: argparse.Namespace, out: _Output) -> int:
             f"{report.queued} left (of {report.queued_at_start}) in "
             f"{time.monotonic() - started:.1f} s"
         )
-    if code == ExitCode.LOCKED:
+    if code == ExitCode.LOCKED and settings.queue_url is not None:
+        out.note(
+            f"error: pid {report.lock_holder_pid} (see status for its host) held the "
+            f"workspace's lease for the whole {args.timeout:g} s bound; it sends the "
+            "fleet's events itself"
+        )
+    elif code == ExitCode.LOCKED:
         out.note(
             f"error: pid {report.lock_holder_pid} held delivery.lock for the whole "
             f"{args.timeout:g} s bound; that process delivers this queue itself"

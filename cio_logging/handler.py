@@ -186,7 +186,12 @@ class CustomerIOHandler(logging.Handler):
                     "signal_handlers=True needs the handler built on the main thread; "
                     "no signal handler installed"
                 )
-        if len(self._wal):
+        if self._lease is not None:
+            # Fleet mode: every process competes for the lease from the start (one that
+            # never logs still takes over from a sender that died) and moves what an
+            # earlier process spilled here. Nothing here waits for the database.
+            self._worker.ensure_started()
+        elif len(self._wal):
             # An earlier process left events: deliver them without waiting for a new one.
             self._worker.ensure_started()
 

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ENV_API_KEY, ENV_QUEUE_DIR, Settings, resolve_settings
+from .config import ENV_API_KEY, ENV_QUEUE_DIR, ENV_QUEUE_URL, Settings, resolve_settings
 from .delivery import AUTH, CONFIG, TRANSIENT, Failure, TrackClient
 from .errors import CIOLoggingError
 from .events import event_from_dict
@@ -45,6 +45,7 @@ from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state
 from .store import (
     DeadLetter,
+    DeadLetterArchive,
     DeadLetterReason,
     DeadLetterStore,
     QueuedEvent,
@@ -89,6 +90,33 @@ class LockHeldError(CIOLoggingError):
 
 
 # -- settings and the queue directory --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetLocation:
+    """Fleet mode's queue: a workspace's rows in PostgreSQL (``--queue-url``)."""
+
+    url: str = field(repr=False)
+    workspace: str
+
+    def database(self) -> Any:
+        """A :class:`~cio_logging.store.postgres.Database`, checked (schema made)."""
+        from .store.postgres import Database
+
+        database = Database(self.url)
+        database.check()  # one clear (scrubbed) error if it cannot be reached
+        return database
+
+
+#: Where a command reads dead letters: a queue directory, or a fleet's database.
+Location = Path | FleetLocation
+
+
+def fleet_location(settings: Settings) -> FleetLocation | None:
+    """The fleet's queue when ``settings`` name one (queue_url), else None."""
+    if settings.queue_url is None:
+        return None
+    return FleetLocation(settings.queue_url, settings.workspace)
 
 
 def operator_settings(
@@ -378,6 +406,62 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
     )
 
 
+def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str, Any]:
+    """A workspace's queue in the fleet's database: rows, dead letters, who sends (the
+    lease holder: host, pid, since when) and what the sender last recorded (breaker,
+    last error, pauses). Read from any host; disturbs no one.
+
+    Raises:
+        QueueError: the database cannot be reached (the text holds no password).
+    """
+    from .store.postgres import PostgresLease, SenderState, display_url
+
+    moment = time.time() if now is None else now
+    database = location.database()
+    try:
+        workspace = location.workspace
+        ((queued, oldest),) = database.run("queue_summary", {"workspace": workspace})
+        ((dead,),) = database.run("count_dead_letters", {"workspace": workspace})
+        info = PostgresLease(database, workspace, seconds=1.0, log=None).info()
+        state = SenderState(database, workspace, None).read() or {}
+    finally:
+        database.close()
+    recorded_at = _number_or_none(state.get("recorded_at"))
+    return {
+        "store": "postgresql",
+        "queue_url": display_url(location.url),
+        "workspace": workspace,
+        "queued": int(queued),
+        "oldest_logged_at": iso_time(_number_or_none(oldest)),
+        "oldest_age_seconds": None if oldest is None else round(max(0.0, moment - oldest), 3),
+        "dead_letters": int(dead),
+        "sender": None
+        if info is None
+        else {
+            "host": info.host,
+            "pid": info.pid,
+            "term": info.term,
+            "since": iso_time(info.since),
+            "expires_at": iso_time(info.expires_at),
+            "holds_lease": info.valid,
+        },
+        "breaker": _string_or_none(state.get("breaker")),
+        "last_error": _string_or_none(state.get("last_error")),
+        "last_error_at": iso_time(_number_or_none(state.get("last_error_at"))),
+        "delivery_paused": _string_or_none(state.get("delivery_paused")),
+        "recorded_by": None
+        if not state
+        else {"host": _string_or_none(state.get("host")), "pid": state.get("pid")},
+        "recorded_at": iso_time(recorded_at),
+        "recorded_age_seconds": None if recorded_at is None else round(moment - recorded_at, 3),
+        "counters": {
+            name: int(state[name])
+            for name in ("delivered", "dead_lettered", "requests", "failed_requests")
+            if isinstance(state.get(name), int)
+        },
+    }
+
+
 def _directory_bytes(directory: Path) -> int:
     total = 0
     for root, _, files in os.walk(directory):
@@ -410,8 +494,22 @@ class Selection:
     limit: int | None = None
 
 
+def _check(location: Location, *, writable: bool = False) -> None:
+    if isinstance(location, Path):
+        check_queue_dir(location, writable=writable)
+
+
 @contextlib.contextmanager
-def _dead_letters(queue_dir: Path) -> Iterator[DeadLetterStore | None]:
+def _dead_letters(queue_dir: Location) -> Iterator[DeadLetterArchive | None]:
+    if isinstance(queue_dir, FleetLocation):
+        from .store.postgres import PostgresDeadLetters
+
+        database = queue_dir.database()
+        try:
+            yield PostgresDeadLetters(database, queue_dir.workspace, Path("."))
+        finally:
+            database.close()
+        return
     # A queue directory whose handler never dead-lettered may lack dead/: say "none"
     # rather than create it.
     if not (queue_dir / DEAD_DIR).is_dir():
@@ -424,7 +522,7 @@ def _dead_letters(queue_dir: Path) -> Iterator[DeadLetterStore | None]:
         store.close()
 
 
-def _select(store: DeadLetterStore | None, selection: Selection) -> list[DeadLetter]:
+def _select(store: DeadLetterArchive | None, selection: Selection) -> list[DeadLetter]:
     if store is None:
         return []
     return store.select(
@@ -438,7 +536,7 @@ def _select(store: DeadLetterStore | None, selection: Selection) -> list[DeadLet
 
 
 def count_dead_letters(
-    queue_dir: Path, by: Literal["event", "reason"] | None = None
+    queue_dir: Location, by: Literal["event", "reason"] | None = None
 ) -> dict[str, Any]:
     """``{"total": n, "by": by, "counts": {group: n}}``, largest group first.
 
@@ -446,7 +544,7 @@ def count_dead_letters(
         QueueDirectoryError: see :func:`check_queue_dir`.
         QueueError: the store could not be read.
     """
-    check_queue_dir(queue_dir)
+    _check(queue_dir)
     with _dead_letters(queue_dir) as store:
         if store is None:
             return {"total": 0, "by": by, "counts": {}}
@@ -505,26 +603,26 @@ def letter_detail(letter: DeadLetter) -> dict[str, Any]:
     return detail
 
 
-def list_dead_letters(queue_dir: Path, selection: Selection) -> list[dict[str, Any]]:
+def list_dead_letters(queue_dir: Location, selection: Selection) -> list[dict[str, Any]]:
     """Summaries of the matching dead letters, oldest key first.
 
     Raises:
         QueueDirectoryError: see :func:`check_queue_dir`.
         QueueError: the store could not be read.
     """
-    check_queue_dir(queue_dir)
+    _check(queue_dir)
     with _dead_letters(queue_dir) as store:
         return [letter_summary(letter) for letter in _select(store, selection)]
 
 
-def show_dead_letter(queue_dir: Path, key: str) -> dict[str, Any] | None:
+def show_dead_letter(queue_dir: Location, key: str) -> dict[str, Any] | None:
     """One dead letter in full, or None when there is no such id.
 
     Raises:
         QueueDirectoryError: see :func:`check_queue_dir`.
         QueueError: the store could not be read.
     """
-    check_queue_dir(queue_dir)
+    _check(queue_dir)
     with _dead_letters(queue_dir) as store:
         letter = None if store is None else store.get(key)
         return None if letter is None else letter_detail(letter)
@@ -533,27 +631,30 @@ def show_dead_letter(queue_dir: Path, key: str) -> dict[str, Any] | None:
 # -- dead letters: purge -------------------------------------------------------------------
 
 
-def select_dead_letters(queue_dir: Path, selection: Selection) -> list[DeadLetter]:
+def select_dead_letters(queue_dir: Location, selection: Selection) -> list[DeadLetter]:
     """The entries a purge or a replay would work on.
 
     Raises:
         QueueDirectoryError: see :func:`check_queue_dir`.
         QueueError: the store could not be read.
     """
-    check_queue_dir(queue_dir)
+    _check(queue_dir)
     with _dead_letters(queue_dir) as store:
         return _select(store, selection)
 
 
-def purge_dead_letters(queue_dir: Path, letters: Sequence[DeadLetter]) -> int:
+def purge_dead_letters(queue_dir: Location, letters: Sequence[DeadLetter]) -> int:
     """Delete these entries for good; returns how many were still there.
 
     Raises:
         QueueDirectoryError: see :func:`check_queue_dir`.
         LockHeldError: a replay or another purge is running on this directory.
     """
-    check_queue_dir(queue_dir, writable=True)
-    with _exclusive(queue_dir, DLQ_LOCK, "purge"), _dead_letters(queue_dir) as store:
+    _check(queue_dir, writable=True)
+    with contextlib.ExitStack() as cleanup:
+        if isinstance(queue_dir, Path):
+            cleanup.enter_context(_exclusive(queue_dir, DLQ_LOCK, "purge"))
+        store = cleanup.enter_context(_dead_letters(queue_dir))
         return 0 if store is None else store.purge(letters)
 
 
@@ -660,15 +761,15 @@ def replay_dead_letters(
         QueueDirectoryError: see :func:`check_queue_dir`.
         LockHeldError: another replay or a purge is running on this directory.
     """
-    queue_dir = settings.queue_dir
+    location: Location = fleet_location(settings) or settings.queue_dir
     report = ReplayReport(dry_run=dry_run)
     started = time.monotonic()
-    check_queue_dir(queue_dir, writable=not dry_run)
+    _check(location, writable=not dry_run)
     stop = stop or threading.Event()
     with contextlib.ExitStack() as cleanup:
-        if not dry_run:
-            cleanup.enter_context(_exclusive(queue_dir, DLQ_LOCK, "replay"))
-        store = cleanup.enter_context(_dead_letters(queue_dir))
+        if not dry_run and isinstance(location, Path):
+            cleanup.enter_context(_exclusive(location, DLQ_LOCK, "replay"))
+        store = cleanup.enter_context(_dead_letters(location))
         letters = _select(store, selection)
         report.selected = len(letters)
         if selection.ids is not None:
@@ -700,7 +801,7 @@ def replay_dead_letters(
 
 def _replay(
     settings: Settings,
-    store: DeadLetterStore,
+    store: DeadLetterArchive,
     pending: dict[str, _Pending],
     report: ReplayReport,
     deadline: float,
@@ -775,7 +876,7 @@ def _replay(
 
 
 def _rewrite(
-    store: DeadLetterStore, entry: _Pending, failure: Failure, replayed_at: float, *, tries: int
+    store: DeadLetterArchive, entry: _Pending, failure: Failure, replayed_at: float, *, tries: int
 ) -> None:
     letter = entry.letter
     if store.get(letter.key) is None:
@@ -846,6 +947,13 @@ class DrainReport:
         return result
 
 
+def _lease_holder(status: Mapping[str, Any]) -> int | None:
+    lease = status.get("lease")
+    if not isinstance(lease, dict) or not lease.get("valid"):
+        return None
+    return int(lease["pid"]) if lease.get("pid") else -1
+
+
 def drain(
     handler_arguments: Mapping[str, Any],
     queue_dir: Path,
@@ -878,6 +986,7 @@ def drain(
     started = time.monotonic()
     deadline = started + timeout
     report = DrainReport(queue_dir=str(queue_dir))
+    fleet = bool(handler_arguments.get("queue_url") or os.environ.get(ENV_QUEUE_URL))
     arguments = dict(handler_arguments)
     arguments.setdefault("flush_interval", _DRAIN_FLUSH_INTERVAL)
     arguments["queue_dir"] = str(queue_dir)
@@ -893,7 +1002,8 @@ def drain(
             report.breaker = status["breaker"]
             report.last_error = status["last_error"]
             if not status["delivering_process"] and not report.held_lock:
-                holder = lock_holder(queue_dir)
+                # Fleet mode: the workspace's lease holder, on any host, sends.
+                holder = _lease_holder(status) if fleet else lock_holder(queue_dir)
                 # Our own worker may have taken the lock since status() was read.
                 if holder is not None and handler.status()["delivering_process"]:
                     holder = None

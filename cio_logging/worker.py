@@ -357,10 +357,11 @@ class DeliveryWorker:
         or an earlier one using this queue directory) into it. One local process does
         it: the holder of the directory's delivery.lock."""
         mover = getattr(self._wal, "move_spilled", None)
-        if mover is None:
+        probe = getattr(self._wal, "probe", None)
+        if mover is None or probe is None:
             return
         try:
-            if not self._local_lock.try_acquire():
+            if not probe() or not self._local_lock.try_acquire():
                 return
             while not self._stop.is_set() and mover() > 0:
                 pass

@@ -122,12 +122,25 @@ def _remember_password(url: str) -> None:
 
 
 class _ScrubDriverLogs(logging.Filter):
-    """The driver's own log lines (a pool failing to connect) with passwords scrubbed."""
+    """The driver's own log lines with passwords scrubbed; our pool's reconnection
+    warnings at most once a minute (an outage would otherwise log one per attempt; our
+    own warning says what happens to the events)."""
+
+    _REPEAT_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reported_at = float("-inf")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _PASSWORDS:
             record.msg = scrub(record.getMessage())
             record.args = None
+        if record.levelno <= logging.WARNING and "'cio_logging'" in str(record.msg):
+            now = time.monotonic()
+            if now - self._reported_at < self._REPEAT_SECONDS:
+                return False
+            self._reported_at = now
         return True
 
 
@@ -340,16 +353,15 @@ class PostgresLog:
 
     ``spill``: a diskcache log in the queue directory. A commit goes to the database
     while it answers within ``timeout``; otherwise to the spill, and for the next
-    ``_PROBE_SECONDS`` straight to the spill (no caller waits on a database known to
-    be away). :meth:`move_spilled` moves spilled rows to the database.
+    while straight to the spill (no caller waits on a database known to
+    be away) until the worker's :meth:`probe` finds it answering; :meth:`move_spilled`
+    moves spilled rows to the database.
 
     Fencing: while :attr:`fence` is set (the worker holds the lease), an
     acknowledgement (remove, record_failure) commits only if the lease's term is
     still the fence's, under a shared lock on the lease row, so no takeover can
     interleave; otherwise it raises :class:`LeaseLostError` and changes nothing.
     """
-
-    _PROBE_SECONDS = 1.0
 
     def __init__(
         self, database: Database, workspace: str, spill: WriteAheadLog, *, timeout: float = 1.0
@@ -404,12 +416,25 @@ class PostgresLog:
         return 0
 
     def available(self) -> bool:
-        """Whether a commit should try the database (False for a while after it failed)."""
+        """Whether a commit should try the database: not after one failed, until
+        :meth:`probe` (the worker's, never a caller's) finds it answering again."""
         return time.monotonic() >= self._unavailable_until
+
+    def probe(self) -> bool:
+        """When commits go to the spill: whether the database answers again (then
+        commits go to it again). Run by the worker, so no caller waits on it."""
+        if self.available():
+            return True
+        try:
+            self.database.run("ping", timeout=self.timeout)
+        except DatabaseError:
+            return False
+        self._unavailable_until = 0.0
+        return True
 
     def _mark_unavailable(self, error: BaseException | None) -> None:
         first = self.available()
-        self._unavailable_until = time.monotonic() + self._PROBE_SECONDS
+        self._unavailable_until = math.inf
         if first:
             internal_log.warning(
                 "cio_logging: PostgreSQL (%s) did not take a commit (%s); events go to the "
@@ -473,7 +498,6 @@ class PostgresLog:
         if rows:
             self._insert(rows)
             self.spill.remove([row[0] for row in rows])
-            self._unavailable_until = 0.0
         return len(rows)
 
     # -- reading and acknowledging (the sender) ----------------------------------------
@@ -587,10 +611,17 @@ class PostgresLog:
         return self.spill.get(key)
 
     def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
+        """Also True while rows wait in the spill for a database that answers; False
+        when it does not answer (nothing can go now: the rows are safe in the spill)."""
+        if not self.available():
+            return False
         if len(self.spill):
-            return True  # spilled rows wait for the database: not delivered yet
+            return True
         params = {"workspace": self.workspace, "seq": rowid, "now": now, "horizon": now + horizon}
-        return bool(self.database.run("sendable_through", params))
+        try:
+            return bool(self.database.run("sendable_through", params))
+        except DatabaseError:
+            return False
 
     def oldest_logged_at(self) -> float | None:
         ((oldest,),) = self.database.run("oldest_logged_at", {"workspace": self.workspace})

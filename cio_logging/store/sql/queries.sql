@@ -18,6 +18,9 @@ SELECT pg_advisory_xact_lock(hashtext('cio_logging schema'));
 -- name: record_schema_version
 INSERT INTO cio_schema_version (version) VALUES (%(version)s) ON CONFLICT DO NOTHING;
 
+-- name: ping
+SELECT 1;
+
 -- name: insert_rows
 INSERT INTO cio_queue (workspace, id, event, due_at, logged_at, body)
 SELECT %(workspace)s, r.id, r.event, r.due_at, r.logged_at, r.body
@@ -52,6 +55,9 @@ SELECT id, due_at, body, seq FROM cio_queue WHERE workspace = %(workspace)s AND 
 
 -- name: count_rows
 SELECT count(*) FROM cio_queue WHERE workspace = %(workspace)s;
+
+-- name: queue_summary
+SELECT count(*), min(logged_at) FROM cio_queue WHERE workspace = %(workspace)s;
 
 -- name: oldest_logged_at
 SELECT min(logged_at) FROM cio_queue WHERE workspace = %(workspace)s;
