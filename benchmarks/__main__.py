@@ -11,7 +11,9 @@ Sections:
 - ``delivery``: events delivered per second when every answer takes 50 ms more;
 - ``drain``: time to empty a backlog queued during an outage once it ends;
 - ``rss``: peak RSS growth while events wait during an outage, beside the peers;
-- ``wal``: bytes on disk per queued event against the JSON sent for it.
+- ``wal``: bytes on disk per queued event against the JSON sent for it;
+- ``fleet``: fleet mode on a throwaway PostgreSQL cluster: the caller's cost against the
+  diskcache store, delivered events/s with one and four processes, takeover time.
 
 The simulator (``python -m cio_logging.simulator``) and the CDP stub run in their own
 processes; every measurement runs in a fresh process; each peer runs from its own
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import processes
+from .fleet import fleet_section
 from .processes import BenchmarkError, cdp_stub, peer_python, run_case, simulator
 from .report import Check, Section, machine, number, render
 from .workload import ESSENTIAL_NAME, NON_ESSENTIAL_NAME
@@ -55,7 +58,7 @@ class Sizes:
 
 FULL = Sizes(20_000, 400, 100_000, 20_000, 200, 100_000, 1_000_000, 100_000)
 QUICK = Sizes(3_000, 120, 20_000, 5_000, 40, 20_000, 250_000, 5_000)
-SECTIONS = ("emit", "delivery", "drain", "rss", "wal")
+SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet")
 
 
 class Run:
@@ -583,6 +586,7 @@ BUILDERS: dict[str, Callable[[Run], Section]] = {
     "drain": drain_section,
     "rss": rss_section,
     "wal": wal_section,
+    "fleet": lambda run: fleet_section(run, _attempt),
 }
 
 

@@ -468,7 +468,27 @@ def _v2_item_bytes(count: int) -> float:
     return total / count
 
 
+def fleet_log(arguments: dict[str, Any]) -> dict[str, Any]:
+    """One fleet process: log N non-essential events into PostgreSQL, then stay up (a
+    possible sender) until the orchestrator creates ``release_file`` (every event
+    was accepted)."""
+    release = Path(arguments["release_file"])
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        options = {"queue_url": arguments["queue_url"], "flush_interval": 0.05}
+        handler, _ = build_handler(arguments["url"], arguments["ca_file"], Path(work), options)
+        logger = event_logger(handler)
+        began = time.perf_counter()
+        log_events(logger, NON_ESSENTIAL_NAME, arguments["events"])
+        logged = time.perf_counter() - began
+        commit(handler)
+        wait_until(release.exists, 600, interval=0.1)
+        sender = handler.status()["delivering_process"]
+        handler.close()
+    return {"log_seconds": logged, "sender": sender}
+
+
 CASES = {
+    "fleet_log": fleet_log,
     "emit_cio": emit_cio,
     "emit_queue_handler": emit_queue_handler,
     "emit_diskcache_push": emit_diskcache_push,

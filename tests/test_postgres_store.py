@@ -275,3 +275,23 @@ class TestSecrets:
         assert APP_PASSWORD not in repr(log)
         quoting.close()
         database.close()
+
+
+class TestTLSOptions:
+    """sslmode and sslrootcert in the URL reach libpq as given."""
+
+    def test_sslmode_passes_through(self, pg_cluster: Cluster, tmp_path: Path) -> None:
+        plain = Database(pg_cluster.url(sslmode="disable"), timeout=2.0)
+        plain.check()
+        plain.close()
+        # The throwaway server has no TLS: demanding it must fail, and say why.
+        demanding = Database(
+            pg_cluster.url(sslmode="verify-full", sslrootcert=str(tmp_path / "missing-ca.pem")),
+            timeout=2.0,
+        )
+        with pytest.raises(DatabaseError) as caught:
+            demanding.check()
+        text = str(caught.value)
+        assert "ssl" in text.lower() or "root certificate" in text.lower(), text
+        assert APP_PASSWORD not in text
+        demanding.close()
