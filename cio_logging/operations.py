@@ -981,12 +981,13 @@ def drain(
     """
     from .handler import CustomerIOHandler  # the handler pulls in the worker: only here
 
-    check_queue_dir(queue_dir, writable=True)
+    fleet = bool(handler_arguments.get("queue_url") or os.environ.get(ENV_QUEUE_URL))
+    if not fleet:  # fleet mode: the queue is the database; queue_dir only holds a spill
+        check_queue_dir(queue_dir, writable=True)
     stop = stop or threading.Event()
     started = time.monotonic()
     deadline = started + timeout
     report = DrainReport(queue_dir=str(queue_dir))
-    fleet = bool(handler_arguments.get("queue_url") or os.environ.get(ENV_QUEUE_URL))
     arguments = dict(handler_arguments)
     arguments.setdefault("flush_interval", _DRAIN_FLUSH_INTERVAL)
     arguments["queue_dir"] = str(queue_dir)

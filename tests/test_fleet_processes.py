@@ -435,3 +435,36 @@ def handler_logger(handler: CustomerIOHandler) -> Any:
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return logger
+
+
+class TestFleetDrain:
+    """cio-logging drain --queue-url sends what the fleet left, taking the lease."""
+
+    def test_drain_sends_the_backlog(
+        self, simulator: TrackAPISimulator, pg_url: str, tmp_path: Path
+    ) -> None:
+        from cio_logging.store import WriteAheadLog
+        from cio_logging.store.postgres import Database, PostgresLog
+
+        from .test_wal import make_event
+
+        database = Database(pg_url)
+        workspace = f"{simulator.site_id}@{simulator.url}"
+        log = PostgresLog(database, workspace, WriteAheadLog(tmp_path / "left"))
+        events = [make_event(n) for n in range(40)]
+        for event in events:
+            log.append(event)  # left by a fleet whose processes are all gone
+        log.close()
+        result = subprocess.run(
+            [*CLI, "drain", "--queue-url", pg_url, "--queue-dir", str(tmp_path / "op"), "--json"],
+            env=child_environment(simulator, tmp_path / "op"),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert APP_PASSWORD not in result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert (report["delivered"], report["queued"], report["held_lock"]) == (40, 0, True)
+        assert {e.id for e in events} <= simulator.accepted_ids()

@@ -215,7 +215,6 @@ class Database:
         self._pool: ConnectionPool[Any] | None = None
         self._pool_pid = 0
         self._schema_ready = False
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"Database({display_url(self.url)!r})"
@@ -259,9 +258,8 @@ class Database:
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of the pool (autocommit; ``with conn.transaction():`` for more)."""
-        if self._closed:
-            raise DatabaseError("the PostgreSQL store is closed")
+        """A connection of the pool (autocommit; ``with conn.transaction():`` for more).
+        After :meth:`close` a new pool is opened: a handler used after close works."""
         psycopg, psycopg_pool = _driver()
         try:
             pool = self._get_pool()
@@ -314,18 +312,14 @@ class Database:
         self._schema_ready = True
 
     def close(self) -> None:
+        """Close the pool's connections (a later use opens a new pool)."""
         with self._guard:
             pool, self._pool = self._pool, None
-            self._closed = True
         if pool is not None and self._pool_pid == os.getpid():
             with contextlib.suppress(Exception):
                 pool.close(timeout=1.0)
         elif pool is not None:
             _INHERITED.append(pool)
-
-    def reopen(self) -> None:
-        """Allow use again after :meth:`close` (a handler used after close)."""
-        self._closed = False
 
 
 def _mapped(exc: BaseException) -> DatabaseError:
@@ -652,6 +646,7 @@ class PostgresLog:
         if executor is not None:
             executor.shutdown(wait=False)
         self.spill.close()
+        self.database.close()  # shared with the lease and the dead letters: reopens on use
 
 
 def _reset_log_in_child(reference: weakref.ref[PostgresLog]) -> None:
