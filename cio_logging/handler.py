@@ -452,7 +452,10 @@ class CustomerIOHandler(logging.Handler):
 
         url = self.settings.queue_url or ""
         lease, fleet = None, None
+        available = getattr(self._wal, "available", None)
         try:
+            if available is not None and not available():
+                raise QueueError("PostgreSQL does not answer (commits go to the local spill)")
             info = self._lease.info()
             lease = (
                 None

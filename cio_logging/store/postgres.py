@@ -618,6 +618,7 @@ class PostgresLog:
             return False
 
     def oldest_logged_at(self) -> float | None:
+        self._require_available()
         ((oldest,),) = self.database.run("oldest_logged_at", {"workspace": self.workspace})
         spilled = self.spill.oldest_logged_at()
         candidates = [value for value in (oldest, spilled) if value is not None]
@@ -633,7 +634,14 @@ class PostgresLog:
     def recover(self, error: BaseException | None) -> str | None:
         return self.spill.recover(error)
 
+    def _require_available(self) -> None:
+        # Figures for status() and the gauges: answered at once while commits spill,
+        # rather than each waiting for the pool's timeout.
+        if not self.available():
+            raise DatabaseError("PostgreSQL does not answer (commits go to the local spill)")
+
     def __len__(self) -> int:
+        self._require_available()
         ((count,),) = self.database.run("count_rows", {"workspace": self.workspace})
         return int(count) + len(self.spill)
 
