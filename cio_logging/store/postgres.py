@@ -492,6 +492,7 @@ class PostgresLog:
         if rows:
             self._insert(rows)
             self.spill.remove([row[0] for row in rows])
+            self._unavailable_until = 0.0  # it answered: commits go to it again
         return len(rows)
 
     # -- reading and acknowledging (the sender) ----------------------------------------
