@@ -477,6 +477,7 @@ def fleet_log(arguments: dict[str, Any]) -> dict[str, Any]:
         options = {"queue_url": arguments["queue_url"], "flush_interval": 0.05}
         handler, _ = build_handler(arguments["url"], arguments["ca_file"], Path(work), options)
         logger = event_logger(handler)
+        started_at = time.time()
         began = time.perf_counter()
         log_events(logger, NON_ESSENTIAL_NAME, arguments["events"])
         logged = time.perf_counter() - began
@@ -484,7 +485,7 @@ def fleet_log(arguments: dict[str, Any]) -> dict[str, Any]:
         wait_until(release.exists, 600, interval=0.1)
         sender = handler.status()["delivering_process"]
         handler.close()
-    return {"log_seconds": logged, "sender": sender}
+    return {"log_seconds": logged, "started_at": started_at, "sender": sender}
 
 
 CASES = {
