@@ -568,21 +568,34 @@ class PostgresLog:
     def _fenced(self, name: str, params: dict[str, Any]) -> None:
         """Run a sender's write, checked against :attr:`fence` when one is set."""
         params = {"workspace": self.workspace, **params}
+        with self._fenced_transaction() as conn:
+            conn.execute(QUERIES[name], params)
+
+    @contextlib.contextmanager
+    def _fenced_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction that first checks :attr:`fence` (when set) under a shared lock
+        on the lease row, so no take-over commits between the check and the writes.
+
+        Raises:
+            LeaseLostError: the lease's term or holder is no longer the fence's.
+        """
         fence = self.fence
         with self.database.connection() as conn, conn.transaction():
             if fence is not None:
-                lease = conn.execute(QUERIES["lease_for_share"], params).fetchall()
+                lease = conn.execute(
+                    QUERIES["lease_for_share"], {"workspace": self.workspace}
+                ).fetchall()
                 if not lease or (lease[0][0], lease[0][1]) != (fence.term, fence.holder):
                     raise LeaseLostError(
                         f"the lease of this workspace moved past term {fence.term}: "
                         "another sender took over"
                     )
-            conn.execute(QUERIES[name], params)
+            yield conn
 
     def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
         moved = 0
         base = {"workspace": self.workspace}
-        with self.database.connection() as conn, conn.transaction():
+        with self._fenced_transaction() as conn:
             if step < 0:
                 moved += conn.execute(
                     QUERIES["shift_later_due"], {**base, "step": step, "now": now}
