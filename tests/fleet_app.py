@@ -7,7 +7,8 @@ deliver), and stays up as a possible sender until stdin closes, then closes. It
 prints ``done`` after its last event and ``emit-max <seconds>`` with the slowest emit.
 
 Usage: python tests/fleet_app.py COUNT [--pause SECONDS] [--lease SECONDS]
-       [--reset-timeout SECONDS] [--latency-report]
+       [--reset-timeout SECONDS] [--batch-size N] [--exit-after] [--max-rps N]
+       [--data-bytes N]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> int:
     parser.add_argument("--reset-timeout", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--exit-after", action="store_true", help="close once logged")
+    parser.add_argument("--max-rps", type=float, default=50)
+    parser.add_argument("--data-bytes", type=int, default=0, help="pad each event's data")
     args = parser.parse_args()
 
     handler = CustomerIOHandler(
@@ -42,6 +45,7 @@ def main() -> int:
         reset_timeout=args.reset_timeout,
         batch_size=args.batch_size,
         database_timeout=0.5,
+        max_requests_per_second=args.max_rps,
     )
     logger = logging.getLogger("fleet.events")
     logger.setLevel(logging.INFO)
@@ -59,7 +63,7 @@ def main() -> int:
                 "cio": {
                     "customer_id": f"host-{os.getpid()}",
                     "id": event_id,
-                    "data": {"n": number},
+                    "data": {"n": number, "pad": "x" * args.data_bytes},
                 }
             },
         )

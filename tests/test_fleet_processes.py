@@ -319,6 +319,45 @@ class TestOutage:
         print(f"requests during the 20 s outage: {len(during)}")
 
 
+class TestFleetRateCap:
+    """max_requests_per_second holds for the fleet: the one sender's cap is the fleet's."""
+
+    @pytest.mark.slow
+    @pytest.mark.xfail(
+        reason="issue 12 item 6: RequestRateCap counts a slot from when a request is "
+        "prepared, not from when it went out to its answer + 1 s (being changed in "
+        "resilience.py on another branch); measured here: 8 requests in one second",
+        strict=False,
+    )
+    def test_no_second_at_the_server_holds_more(
+        self, simulator: TrackAPISimulator, pg_url: str, tmp_path: Path, hosts: list[Host]
+    ) -> None:
+        for number in range(4):
+            hosts.append(
+                Host(
+                    simulator,
+                    pg_url,
+                    tmp_path / f"host{number}",
+                    100,
+                    "--max-rps",
+                    "5",
+                    "--data-bytes",
+                    "30000",
+                )
+            )
+        assert wait_for(lambda: all(host.done for host in hosts), 60)
+        printed = {i for host in hosts for i in host.ids}
+        assert wait_for(lambda: printed <= simulator.accepted_ids(), 120)
+        times = sorted(record.time for record in simulator.requests)
+        first, peak = 0, 0
+        for last, arrived in enumerate(times):
+            while arrived - times[first] >= 1.0:
+                first += 1
+            peak = max(peak, last - first + 1)
+        print(f"{len(times)} requests, at most {peak} in one second")
+        assert peak <= 5
+
+
 class TestDatabaseDown:
     """PostgreSQL stopped for 10 s while events are logged; the app restarts meanwhile."""
 
