@@ -111,6 +111,13 @@ class DeliveryBreaker:
             return 0.0
         return max(0.0, self._reset_timeout - (self._clock() - self._opened_at))
 
+    def open_for(self, seconds: float) -> None:
+        """Open now, with the probe due in ``seconds`` (at most ``reset_timeout``): a
+        process taking over an outage that the fleet's previous sender was probing."""
+        if self.state != OPEN:
+            self._breaker.open()
+        self._opened_at = self._clock() - max(0.0, self._reset_timeout - seconds)
+
     def call(self, send: Callable[[], Result], failed: Callable[[Result], bool]) -> Result:
         """Run ``send`` through the breaker; ``failed(result)`` says whether it counts.
 

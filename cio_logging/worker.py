@@ -382,10 +382,10 @@ class DeliveryWorker:
         if isinstance(resume_at, (int, float)) and resume_at > wall_now:
             self._held_until = max(self._held_until, time.monotonic() + (resume_at - wall_now))
         if state.get("breaker") == OPEN:
+            # Its breaker, too: one probe when the predecessor's was due, not a batch.
             probe_at = state.get("probe_at")
             wait = probe_at - wall_now if isinstance(probe_at, (int, float)) else 0.0
-            if wait > 0:
-                self._held_until = max(self._held_until, time.monotonic() + wait)
+            self.breaker.open_for(max(0.0, wait))
         if state.get("delivery_paused"):
             self.stats.delivery_paused = str(state["delivery_paused"])
         if state.get("last_error"):

@@ -3,6 +3,7 @@ simulator over HTTPS, its status, two workspaces on one database, the database a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -90,6 +91,30 @@ class TestFleetHandler:
             ).fetchall()[0]
         assert rows == [(1, "broken")]
         assert (customer, plan) == ("u1", "pro")
+
+
+class TestTakeover:
+    """A process taking the lease keeps the fleet's open breaker and pauses."""
+
+    def test_an_open_breaker_is_adopted(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, pg_url: str
+    ) -> None:
+        handler = make_handler(queue_url=pg_url, reset_timeout=30)
+        workspace = handler.settings.workspace
+        handler.close()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO cio_sender_state (workspace, term, state) VALUES (%s, 0, %s)"
+                " ON CONFLICT (workspace) DO UPDATE SET state = excluded.state",
+                (workspace, json.dumps({"breaker": "open", "probe_at": time.time() + 20})),
+            )
+        successor = make_handler(queue_url=pg_url, reset_timeout=30)
+        attach(successor).info("purchase", extra=cio_event("u1"))
+        assert wait_for(lambda: successor.status()["delivering_process"])
+        assert wait_for(lambda: successor.status()["breaker"] == "open")
+        time.sleep(1.0)
+        assert simulator.requests == []  # no batch, no early probe
+        assert 15 < successor._worker.breaker.seconds_until_probe() <= 20
 
 
 class TestWorkspaces:
