@@ -277,6 +277,18 @@ class TestSecrets:
         database.close()
 
 
+class TestPasswordForms:
+    """A password given as a URL parameter is hidden too, and works."""
+
+    def test_query_parameter_password(self, pg_cluster: Cluster) -> None:
+        url = pg_cluster.url().replace(f":{APP_PASSWORD}@", "@") + f"?password={APP_PASSWORD}"
+        assert APP_PASSWORD not in display_url(url)
+        database = Database(url)
+        database.check()
+        assert APP_PASSWORD not in repr(database)
+        database.close()
+
+
 class TestTLSOptions:
     """sslmode and sslrootcert in the URL reach libpq as given."""
 

@@ -94,7 +94,9 @@ def scrub(text: str) -> str:
 
 
 def display_url(url: str) -> str:
-    """The URL without its password (``postgresql://user:***@host/db``), for people."""
+    """The URL without its password (``postgresql://user:***@host/db``, also one given
+    as a ``password=`` parameter), for people."""
+    _remember_password(url)
     parts = urlsplit(url)
     if parts.password is None:
         return scrub(url)
