@@ -371,10 +371,10 @@ class CustomerIOHandler(logging.Handler):
         last_rowid = self._committer.last_rowid
         if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_rowid):
             internal_log.warning(
-                "cio_logging: flush timed out after %gs; %d event(s) wait on "
+                "cio_logging: flush timed out after %gs; %s event(s) wait on "
                 "disk and will be sent later",
                 self.settings.flush_timeout,
-                len(self._wal),
+                _or_none(self._wal.__len__),  # a failing store must not raise here
             )
 
     def close(self) -> None:

@@ -507,3 +507,26 @@ class TestFleetDrain:
         report = json.loads(result.stdout)
         assert (report["delivered"], report["queued"], report["held_lock"]) == (40, 0, True)
         assert {e.id for e in events} <= simulator.accepted_ids()
+
+
+class TestForkedChildren:
+    """Fleet mode across fork: each child opens its own pool and commits its events."""
+
+    @pytest.mark.parametrize("mode", ["parent-logs-first", "mp-fork"])
+    def test_forked_children_deliver(
+        self, simulator: TrackAPISimulator, pg_url: str, tmp_path: Path, mode: str
+    ) -> None:
+        result = subprocess.run(
+            [PYTHON, str(PROJECT_ROOT / "tests" / "fork_app.py"), mode, "3", "20"],
+            env=child_environment(simulator, tmp_path / "q", CIO_LOGGING_QUEUE_URL=pg_url),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert APP_PASSWORD not in result.stdout + result.stderr
+        ids = [line for line in result.stdout.splitlines() if len(line) == 26]
+        assert len(ids) == 3 * 20 + (2 if mode == "parent-logs-first" else 1)
+        assert wait_for(lambda: simulator.accepted_ids() >= set(ids), 30), (
+            f"missing {len(set(ids) - simulator.accepted_ids())}"
+        )

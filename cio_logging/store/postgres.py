@@ -183,15 +183,26 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+_DRIVER: tuple[Any, Any] | None = None
+
+
 def _driver() -> Any:
+    """psycopg and psycopg_pool, imported once. Never an import statement on the hot
+    path: a fork while another thread is inside one leaves the child's import lock
+    held (seen here: a multiprocessing child hung in its first commit)."""
+    global _DRIVER
+    if _DRIVER is not None:
+        return _DRIVER
     try:
         import psycopg
+        import psycopg.types.json
         import psycopg_pool
     except ImportError as exc:
         raise ConfigurationError(
             "queue_url needs the PostgreSQL driver: pip install 'cio-logging[postgres]'"
         ) from exc
-    return psycopg, psycopg_pool
+    _DRIVER = (psycopg, psycopg_pool)
+    return _DRIVER
 
 
 # Connections (and pools) a forked child inherited: kept referenced and never closed
@@ -209,6 +220,7 @@ class Database:
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0, max_size: int = 4) -> None:
+        _driver()  # imported now, on the constructing thread (see _driver)
         _remember_password(url)
         self.url = url
         self.timeout = timeout
@@ -217,6 +229,8 @@ class Database:
         self._pool: ConnectionPool[Any] | None = None
         self._pool_pid = 0
         self._schema_ready = False
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_database_in_child(reference))
 
     def __repr__(self) -> str:
         return f"Database({display_url(self.url)!r})"
@@ -322,6 +336,22 @@ class Database:
                 pool.close(timeout=1.0)
         elif pool is not None:
             _INHERITED.append(pool)
+
+
+def _reset_database_in_child(reference: weakref.ref[Database]) -> None:
+    # Another thread of the parent may have held the guard at the fork: it would stay
+    # held here. The parent's pool is left alone (see _get_pool).
+    database = reference()
+    if database is not None:
+        database._guard = threading.Lock()
+
+
+def _reset_passwords_guard() -> None:
+    global _PASSWORDS_GUARD
+    _PASSWORDS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_passwords_guard)
 
 
 def _mapped(exc: BaseException) -> DatabaseError:
