@@ -35,6 +35,7 @@ import requests
 from customerio import CustomerIO, CustomerIOException
 from requests.adapters import HTTPAdapter
 
+from . import background
 from .config import Settings
 from .metadata import PACKAGE_VERSION, SDK_VERSION
 from .resilience import DeliveryBreaker, RequestRateCap
@@ -182,6 +183,7 @@ class TrackClient:
         self._sdk.http  # build the session now: the SDK builds it lazily, unlocked  # noqa: B018
         self._thread_initializer = thread_initializer
         self._senders: ThreadPoolExecutor | None = None
+        background.guard_loggers()  # the SDK's, requests' and urllib3's loggers exist now
 
     def close(self) -> None:
         if self._senders is not None:

@@ -41,6 +41,10 @@ from .config import Settings
 
 Result = TypeVar("Result")
 
+# At import: getLogger takes logging's module lock, which the flush thread must never
+# wait for (see background.py).
+_internal_log = logging.getLogger("cio_logging")
+
 #: Breaker states as reported by ``status()`` and telemetry.
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -188,7 +192,7 @@ class _TransitionListener(pybreaker.CircuitBreakerListener):
         try:
             self._notify(getattr(old_state, "name", CLOSED), getattr(new_state, "name", ""))
         except Exception:  # reporting a transition must never break delivery
-            logging.getLogger("cio_logging").exception("cio_logging: breaker listener failed")
+            _internal_log.exception("cio_logging: breaker listener failed")
 
 
 class RetryPolicy:

@@ -38,6 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import background
 from .config import Settings
 from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
 from .events import Event
@@ -50,9 +51,10 @@ from .wal import Batch, DeadLetterStore, QueuedEvent, WriteAheadLog
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
 
-#: Set on the flush thread: records logged there (by the SDK, urllib3, ourselves) must
-#: never come back into a handler (a feedback loop).
-flush_thread_marker = threading.local()
+#: Set on our threads (flush, senders, commit): records logged there (by the SDK,
+#: urllib3, ourselves) must never come back into a handler (a feedback loop), and their
+#: level checks never take logging's module lock (see background.py).
+flush_thread_marker = background.marker
 
 # How long the flush thread lets events gather after new ones woke it.
 _LINGER_SECONDS = 0.02
@@ -204,7 +206,8 @@ class DeliveryWorker:
         return stopped
 
     def _run(self) -> None:
-        flush_thread_marker.active = True
+        background.mark_current_thread()
+        background.guard_loggers()
         client: TrackClient | None = None
         try:
             while not self._stop.is_set():
@@ -588,8 +591,8 @@ class DeliveryWorker:
 
 def _mark_flush_thread() -> None:
     # Delivery's sender threads work for the flush thread: what they log must not
-    # come back into the handler either.
-    flush_thread_marker.active = True
+    # come back into the handler either, nor wait for logging's module lock.
+    background.mark_current_thread()
 
 
 def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:
