@@ -125,7 +125,12 @@ class DeliveryWorker:
         self._status_logged_at = time.monotonic()
         settings = self._settings
         self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
-        self._rate_cap = RequestRateCap(settings.max_requests_per_second, stop=self._stop)
+        self._rate_cap = RequestRateCap(
+            settings.max_requests_per_second,
+            stop=self._stop,
+            # This process's handlers on one workspace share one cap.
+            workspace=(settings.site_id, settings.endpoint.base_url),
+        )
 
     @property
     def is_delivering_process(self) -> bool:
