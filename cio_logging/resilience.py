@@ -286,6 +286,7 @@ class _SlotWindow:
         self._guard = threading.Lock()
         self._in_flight = 0
         self._freed_at: deque[float] = deque()  # answered: free at these times (ascending)
+        self.held_until = float("-inf")  # Customer.io asked for a pause (Retry-After)
 
     def try_take(self, limit: int) -> float:
         """Take a slot if fewer than ``limit`` are taken (0.0), else how long to wait."""
@@ -306,6 +307,13 @@ class _SlotWindow:
             if sent:
                 self._freed_at.append(self._clock() + 1.0)
 
+    def hold(self, seconds: float) -> None:
+        with self._guard:
+            self.held_until = max(self.held_until, self._clock() + seconds)
+
+    def seconds_on_hold(self) -> float:
+        return max(0.0, self.held_until - self._clock())
+
 
 class RequestRateCap:
     """At most ``per_second`` requests in any one-second window, where the server
@@ -323,8 +331,9 @@ class RequestRateCap:
 
     ``workspace``: handlers of one process that send to one workspace (site id and
     endpoint) share one set of slots, so together they keep the cap; each waits
-    until fewer than its own ``per_second`` are taken. Without it, the cap is this
-    object's own. A forked child starts with no slot taken.
+    until fewer than its own ``per_second`` are taken. They share a Retry-After
+    pause too (:meth:`hold`). Without it, the cap is this object's own. A forked
+    child starts with no slot taken and no pause.
     """
 
     def __init__(
@@ -338,6 +347,14 @@ class RequestRateCap:
         self._limit = max(1, int(per_second))
         self._stop = stop or threading.Event()
         self._window = _SlotWindow(clock) if workspace is None else _shared_window(workspace)
+
+    def hold(self, seconds: float) -> None:
+        """Customer.io asked every client to wait (Retry-After): so must the others."""
+        self._window.hold(seconds)
+
+    def seconds_on_hold(self) -> float:
+        """How long the workspace's pause (see :meth:`hold`) still lasts; 0 if none."""
+        return self._window.seconds_on_hold()
 
     def acquire(self) -> RateSlot | None:
         """Wait for a slot; None if stopped meanwhile (then send nothing)."""

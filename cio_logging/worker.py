@@ -300,7 +300,9 @@ class DeliveryWorker:
 
     def _seconds_on_hold(self) -> float:
         held = self._held_until - time.monotonic()
-        return max(held, self.breaker.seconds_until_probe())
+        # A Retry-After answered to another handler of this process on this workspace
+        # holds this one too.
+        return max(held, self.breaker.seconds_until_probe(), self._rate_cap.seconds_on_hold())
 
     def _deliver_once(self, client: TrackClient) -> bool:
         """Deliver what is due (one event as a breaker probe); False when nothing was."""
@@ -326,7 +328,11 @@ class DeliveryWorker:
         found = failed = False
         while True:
             while not failed and len(in_flight) < settings.max_in_flight:
-                if self._stop.is_set() or self.breaker.state != CLOSED:
+                if (
+                    self._stop.is_set()
+                    or self.breaker.state != CLOSED
+                    or self._rate_cap.seconds_on_hold() > 0
+                ):
                     break
                 events, batch = self._take_due(settings.batch_size, self._clock(), cursor)
                 if not (batch.events or batch.corrupt):
@@ -426,6 +432,7 @@ class DeliveryWorker:
             if failure.retry_after:
                 # Customer.io asked every client to wait, not just these events.
                 wait = min(failure.retry_after, self._settings.max_retry_after)
+                self._rate_cap.hold(wait)  # and this process's other handlers on it
                 self._held_until = max(self._held_until, time.monotonic() + wait)
             self._report(
                 failure,

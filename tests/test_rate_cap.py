@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from cio_logging import CustomerIOHandler
 from cio_logging.resilience import RequestRateCap
 from cio_logging.simulator import TrackAPISimulator
 
-from .conftest import PYTHON, handler_settings
+from .conftest import PYTHON, handler_settings, wait_for
 
 CAP = 5
 EVENTS = 200
@@ -90,6 +91,39 @@ class TestAtTheServer:
         arrivals = [request.arrived_at for request in simulator.requests]
         assert len({request.user_agent for request in simulator.requests}) == 1  # one process
         assert most_in_one_second(arrivals) <= CAP
+
+
+class TestRetryAfterOnOneWorkspace:
+    """Customer.io asked every client to wait: every handler of the process waits."""
+
+    def test_a_retry_after_answered_to_one_handler_holds_the_other(
+        self, simulator: TrackAPISimulator, tmp_path: Path
+    ) -> None:
+        handlers = [
+            CustomerIOHandler(**handler_settings(simulator, tmp_path / f"queue-{n}"))
+            for n in range(2)
+        ]
+        loggers = []
+        for n, handler in enumerate(handlers):
+            logger = logging.getLogger(f"test.rate.retry_after.{n}")
+            logger.propagate = False
+            logger.setLevel(logging.INFO)
+            logger.addHandler(handler)
+            loggers.append(logger)
+        try:
+            simulator.fail(429, count=1, retry_after="2")
+            loggers[0].info("purchase", extra={"cio": {"customer_id": "first", "data": {}}})
+            worker = handlers[0]._worker
+            assert wait_for(lambda: worker._held_until > time.monotonic())  # it was told
+            loggers[1].info("purchase", extra={"cio": {"customer_id": "second", "data": {}}})
+            assert simulator.wait_for_events(2, timeout=20)
+        finally:
+            for handler in handlers:
+                handler.close()
+        refused = next(r for r in simulator.requests if r.status == 429)
+        later = [r for r in simulator.requests if r.arrived_at > refused.arrived_at]
+        assert later
+        assert min(r.arrived_at for r in later) > refused.arrived_at + 2.0
 
 
 class FakeClock:
