@@ -35,6 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
+from . import background
 from .wal import Row, WriteAheadLog
 
 internal_log = logging.getLogger("cio_logging")
@@ -365,6 +366,10 @@ class GroupCommitter:
             self._writer.start()
 
     def _run(self) -> None:
+        # A flush or close may wait for this thread while holding logging's module lock
+        # (dictConfig does): what it logs must not wait for that lock.
+        background.mark_current_thread()
+        background.guard_loggers()
         while True:
             with self._lock:
                 while not (

@@ -113,6 +113,9 @@ class RequestRecord:
     item_count: int
     payload: Any = None  # the decoded JSON body, kept only while ``record_bodies`` is set
     user_agent: str = ""
+    #: ``time.monotonic()`` when the request line and headers had arrived, before the
+    #: body was read: where a server's rate limiter counts a request.
+    arrived_at: float = 0.0
 
 
 class _Answer(NamedTuple):
@@ -366,6 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _dispatch(self) -> None:
+        arrived_at = time.monotonic()
         simulator = cast(_Server, self.server).simulator
         path = self.path.partition("?")[0]
         body = self._read_body()
@@ -377,7 +381,12 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 authorization = self.headers.get("Authorization")
                 answer = simulator._track(
-                    self.command, path, authorization, body, self.headers.get("User-Agent", "")
+                    self.command,
+                    path,
+                    authorization,
+                    body,
+                    self.headers.get("User-Agent", ""),
+                    arrived_at,
                 )
         except Exception as exc:  # a simulator bug: say so to the client rather than hang up
             answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
@@ -668,9 +677,12 @@ class TrackAPISimulator:
         authorization: str | None,
         body: bytes,
         user_agent: str = "",
+        arrived_at: float | None = None,
     ) -> _Answer | None:
         """Answer one Track request; None means drop the connection unanswered."""
         received = time.time()
+        if arrived_at is None:
+            arrived_at = time.monotonic()
         match = _V1_IDENTIFIED.fullmatch(path)
         route = "v1" if match else _ROUTES.get(path)
         payload = _loads(body) if route else None
@@ -711,6 +723,7 @@ class TrackAPISimulator:
             _item_count(route, payload),
             payload if self.record_bodies else None,
             user_agent,
+            arrived_at,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)

@@ -45,6 +45,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import background
 from .clock import STEP_TOLERANCE_SECONDS, WallClock
 from .config import Settings
 from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
@@ -66,9 +67,10 @@ from .wal import (
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
 
-#: Set on the flush thread: records logged there (by the SDK, urllib3, ourselves) must
-#: never come back into a handler (a feedback loop).
-flush_thread_marker = threading.local()
+#: Set on our threads (flush, senders, commit): records logged there (by the SDK,
+#: urllib3, ourselves) must never come back into a handler (a feedback loop), and their
+#: level checks never take logging's module lock (see background.py).
+flush_thread_marker = background.marker
 
 # How long the flush thread lets events gather after new ones woke it.
 _LINGER_SECONDS = 0.02
@@ -146,7 +148,12 @@ class DeliveryWorker:
         self._due_checked_at = float("-inf")
         settings = self._settings
         self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
-        self._rate_cap = RequestRateCap(settings.max_requests_per_second, stop=self._stop)
+        self._rate_cap = RequestRateCap(
+            settings.max_requests_per_second,
+            stop=self._stop,
+            # This process's handlers on one workspace share one cap.
+            workspace=(settings.site_id, settings.endpoint.base_url),
+        )
 
     @property
     def is_delivering_process(self) -> bool:
@@ -223,7 +230,8 @@ class DeliveryWorker:
         return stopped
 
     def _run(self) -> None:
-        flush_thread_marker.active = True
+        background.mark_current_thread()
+        background.guard_loggers()
         client: TrackClient | None = None
         try:
             while not self._stop.is_set():
@@ -363,7 +371,9 @@ class DeliveryWorker:
 
     def _seconds_on_hold(self) -> float:
         held = self._held_until - time.monotonic()
-        return max(held, self.breaker.seconds_until_probe())
+        # A Retry-After answered to another handler of this process on this workspace
+        # holds this one too.
+        return max(held, self.breaker.seconds_until_probe(), self._rate_cap.seconds_on_hold())
 
     def _deliver_once(self, client: TrackClient) -> bool:
         """Deliver what is due (one event as a breaker probe); False when nothing was."""
@@ -389,7 +399,11 @@ class DeliveryWorker:
         found = failed = False
         while True:
             while not failed and len(in_flight) < settings.max_in_flight:
-                if self._stop.is_set() or self.breaker.state != CLOSED:
+                if (
+                    self._stop.is_set()
+                    or self.breaker.state != CLOSED
+                    or self._rate_cap.seconds_on_hold() > 0
+                ):
                     break
                 events, batch = self._take_due(settings.batch_size, self._clock(), cursor)
                 if not (batch.events or batch.corrupt):
@@ -489,6 +503,7 @@ class DeliveryWorker:
             if failure.retry_after:
                 # Customer.io asked every client to wait, not just these events.
                 wait = min(failure.retry_after, self._settings.max_retry_after)
+                self._rate_cap.hold(wait)  # and this process's other handlers on it
                 self._held_until = max(self._held_until, time.monotonic() + wait)
             self._report(
                 failure,
@@ -684,8 +699,8 @@ def _history_lost_by_an_earlier_version(queued: QueuedEvent) -> DeadLetterHistor
 
 def _mark_flush_thread() -> None:
     # Delivery's sender threads work for the flush thread: what they log must not
-    # come back into the handler either.
-    flush_thread_marker.active = True
+    # come back into the handler either, nor wait for logging's module lock.
+    background.mark_current_thread()
 
 
 def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:
