@@ -199,7 +199,7 @@ class _TransitionListener(pybreaker.CircuitBreakerListener):
         try:
             self._notify(getattr(old_state, "name", CLOSED), getattr(new_state, "name", ""))
         except Exception:  # reporting a transition must never break delivery
-            logging.getLogger("cio_logging").exception("cio_logging: breaker listener failed")
+            logging.getLogger("cio_logging").exception("breaker listener failed")
 
 
 class RetryPolicy:

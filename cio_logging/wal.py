@@ -342,8 +342,7 @@ def _open_cache(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
             raise
         moved = quarantine_database(directory)
         _internal_log.error(
-            "cio_logging: the database in %s is corrupt (%s); quarantined as %s and "
-            "started a fresh one",
+            "the database in %s is corrupt (%s); quarantined as %s and started a fresh one",
             directory,
             cause,
             ", ".join(moved),
@@ -1389,7 +1388,7 @@ class DeadLetterStore:
             except CorruptEntryError:
                 for quarantined in _delete_non_text_keys(self._cache):
                     _internal_log.error(
-                        "cio_logging: dead-letter %s deleted: %s",
+                        "dead-letter %s deleted: %s",
                         quarantined.key,
                         quarantined.reason,
                     )
