@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TextIO
 
 from .config import ENV_API_KEY
 from .errors import CIOLoggingError, ConfigurationError, QueueError
+from .metadata import PACKAGE_VERSION
 from .operations import (
     ExitCode,
     LockHeldError,
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {PACKAGE_VERSION}")
     _early_json(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
