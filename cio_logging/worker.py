@@ -605,6 +605,13 @@ class DeliveryWorker:
             return
         self._state_recorded_at = moment
         self._recorded_news = news
+        if not self._did_anything(stats):
+            # A process that has sent nothing (a gunicorn --preload master taking the
+            # lock at shutdown, a drain with nothing to do) must not replace the record
+            # of one that did with zeros: status would show "delivered: 0".
+            existing = read_state(self._settings.queue_dir)
+            if existing is not None and existing.get("pid") != os.getpid():
+                return
         write_state(
             self._settings.queue_dir,
             {
@@ -620,6 +627,18 @@ class DeliveryWorker:
                 "requests": stats.requests,
                 "failed_requests": stats.failed_requests,
             },
+        )
+
+    @staticmethod
+    def _did_anything(stats: DeliveryStats) -> bool:
+        """Has this process's worker anything of its own to record?"""
+        return bool(
+            stats.requests
+            or stats.delivered
+            or stats.dead_lettered
+            or stats.breaker_transitions
+            or stats.last_error
+            or stats.delivery_paused
         )
 
     def _log_status(self) -> None:
@@ -689,3 +708,5 @@ def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:
     worker = reference()
     if worker is not None:
         worker._reset_threading_state()
+        # What the parent's worker delivered is not the child's to report or record.
+        worker.stats = DeliveryStats()
