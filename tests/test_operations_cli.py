@@ -117,7 +117,7 @@ def dead_letters(
     assert wait_for(lambda: handler.status()["queued"] == 0)
     logger.removeHandler(handler)
     handler.close()
-    simulator.clear_faults()
+    simulator.clear_poison()  # a replay may now deliver them
     simulator.clear()
     dead = run_json(simulator, queue_dir, "dlq", "list")
     return {
