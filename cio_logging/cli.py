@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             format="[%(asctime)s]   (%(name)s log) %(message)s",
             datefmt="%H:%M:%S",
         )
-        return run_demo(outage_seconds=args.outage_seconds)
+        return run_demo(
+            outage_seconds=args.outage_seconds,
+            directory=None if args.dir is None else Path(args.dir),
+        )
     run: Callable[[argparse.Namespace, _Output], int] | None = getattr(args, "run", None)
     if run is None:
         parser.error(f"unknown command {args.command}")
@@ -137,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         help="how long the simulated outage lasts (default 4)",
+    )
+    demo.add_argument(
+        "--dir",
+        help="where to keep the demo's queue directory, as DIR/queue "
+        "(default: a new temporary directory; kept either way, for the commands it suggests)",
     )
     commands.add_parser("simulator", help="run the Track API simulator", add_help=False)
 
