@@ -133,7 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {PACKAGE_VERSION}")
     _early_json(parser)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,simulator,status,dlq,drain}"
+    )
     demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
     demo.add_argument(
         "--outage-seconds",
@@ -167,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _early_json(dlq)
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_commands = dlq.add_subparsers(
+        dest="dlq_command", required=True, metavar="{count,list,show,replay,purge}"
+    )
     count = _subcommand(dlq_commands, "count", common, "count dead letters", None)
     count.add_argument("--by", choices=["event", "reason"], help="group by event name or reason")
     count.set_defaults(run=_run_count)

@@ -1400,9 +1400,12 @@ class DeadLetterStore:
 
     @_sqlite_section
     def get(self, key: str) -> DeadLetter | None:
-        """One entry by its key (the event id), or None."""
+        """One entry by its key (the event id, in either case), or None."""
         try:
             text = self._cache.get(key)
+            if text is None and key != key.upper():  # ULIDs are case-insensitive
+                key = key.upper()
+                text = self._cache.get(key)
         except CorruptEntryError as exc:
             # Listed, counted and purgeable like any entry; never decoded or replayed.
             return DeadLetter(key, None, None, "corrupt_entry", str(exc), 0, 0.0, 0.0)

@@ -182,6 +182,17 @@ class TestHelpAndErrors:
             assert "exit codes:" in text
             assert "130" in text
 
+    def test_a_missing_subcommand_is_named_by_its_choices(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Not "required: dlq_command": the words an operator can type."""
+        for command, choices in [([], "{demo,simulator,status,dlq,drain}"), (["dlq"], "{count,")]:
+            with pytest.raises(SystemExit):
+                main(command)
+            error = capsys.readouterr().err.splitlines()[-1]
+            assert f"the following arguments are required: {choices}" in error
+            assert "_command" not in error
+
     def test_help_says_exit_code_5_covers_tls_failures(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
