@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cio_logging.cli import main
+from cio_logging.cli import _parser, main
 from cio_logging.simulator import TrackAPISimulator
 
 from .conftest import PROJECT_ROOT, PYTHON, child_environment
@@ -141,3 +141,18 @@ class TestReadmeCommandSynopsis:
             usage = capsys.readouterr().out
             for flag in (w.split("|")[0] for w in words if w.startswith("--")):
                 assert re.search(rf"(^|\s){re.escape(flag)}\b", usage), (command, flag)
+
+    def test_every_command_quoted_in_the_text_parses(self) -> None:
+        """`cio-logging ...` in the prose (the runbook's steps): real commands and flags."""
+        quoted = re.findall(r"`(cio-logging [^`]*)`", README.read_text())
+        assert len(quoted) >= 8
+        for text in quoted:
+            words = shlex.split(text.replace("[", " ").replace("]", " "))[1:]
+            if words[0] == "simulator":  # its own parser: checked through --help elsewhere
+                continue
+            if "--version" in words:
+                with pytest.raises(SystemExit) as exit_:
+                    _parser().parse_args(words)
+                assert exit_.value.code == 0, text
+            else:
+                _parser().parse_args(words)  # a bad flag or value: SystemExit(2)
