@@ -584,6 +584,16 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         ("last error", last_error),
         ("delivery paused", status.delivery_paused or "no"),
     ]
+    if status.counters:  # the recording process's own, since it started
+        counters = status.counters
+        rows.append(
+            (
+                "counters",
+                f"delivered {counters.get('delivered', 0)}, dead-lettered "
+                f"{counters.get('dead_lettered', 0)}, requests {counters.get('requests', 0)} "
+                f"({counters.get('failed_requests', 0)} failed), by pid {status.recorded_by_pid}",
+            )
+        )
     for label, value in rows:
         out.line(f"{label:<16} {value}")
     return ExitCode.OK
