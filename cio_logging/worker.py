@@ -649,7 +649,7 @@ class DeliveryWorker:
         moment = time.monotonic()
         if moment - self._status_logged_at >= interval:
             self._status_logged_at = moment
-            status_log.info("cio_logging status: %s", self._status_report())
+            status_log.info("%s", self._status_report())  # the logger's name says what it is
 
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
