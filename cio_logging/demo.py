@@ -77,6 +77,15 @@ def run_demo(
         logging.config.dictConfig(_logging_config(simulator, queue_dir))
         handler = next(h for h in logger.handlers if isinstance(h, CustomerIOHandler))
         say(f"handler configured with dictConfig; write-ahead log in {queue_dir}")
+        # A --dir used before holds that run's dead letters (and maybe events): count
+        # this run's only.
+        earlier = handler.status()
+        dead_before, queued_before = earlier["dead_letters"] or 0, earlier["queued"] or 0
+        if dead_before or queued_before:
+            say(
+                f"  the directory holds {dead_before} dead letter(s) and {queued_before} "
+                "queued event(s) from an earlier run; the summary counts this run's"
+            )
 
         def show(prefix: str) -> None:
             status = handler.status()
@@ -144,18 +153,19 @@ def run_demo(
         print(f"  logged              {logged}", file=out)
         print(f"  delivered           {delivered}", file=out)
         print(f"  queued on disk      {status['queued']}", file=out)
-        print(f"  dead-lettered       {status['dead_letters']}", file=out)
+        dead_lettered = (status["dead_letters"] or 0) - dead_before
+        print(f"  dead-lettered       {dead_lettered}", file=out)
         print(f"  dropped at emit     {dropped}  {status['dropped']}", file=out)
         print(f"  breaker transitions {' , '.join(f'{a}->{b}' for a, b in transitions)}", file=out)
-        accounted = delivered + status["dead_letters"] + dropped == logged
+        accounted = delivered + dead_lettered + dropped == logged + queued_before
         accounted = accounted and status["queued"] == 0
         print(f"  {'every event accounted for' if accounted else 'EVENTS MISSING'}", file=out)
         dead_letters = DeadLetterStore(queue_dir / "dead", fsync=None)
         try:
-            dead = [letter.key for letter in dead_letters.select(limit=1)]
+            dead = [letter.key for letter in dead_letters.select()]
         finally:
             dead_letters.close()
-        _try_next(out, workdir, queue_dir, dead[0] if dead else None)
+        _try_next(out, workdir, queue_dir, max(dead) if dead else None)  # ULIDs: the newest
         return 0 if accounted else 1
     finally:
         for h in list(logger.handlers):

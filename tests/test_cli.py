@@ -30,6 +30,17 @@ def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
     assert re.search(r"dead-lettered +1\n", text)
 
 
+def test_demo_run_again_in_the_same_directory_counts_its_own_events(tmp_path: Path) -> None:
+    """--dir kept from an earlier run holds its dead letter: not this run's missing event."""
+    assert run_demo(out=io.StringIO(), outage_seconds=0.5, directory=tmp_path) == 0
+    out = io.StringIO()
+    assert run_demo(out=out, outage_seconds=0.5, directory=tmp_path) == 0
+    text = out.getvalue()
+    assert "the directory holds 1 dead letter(s) and 0 queued event(s) from an earlier run" in text
+    assert re.search(r"dead-lettered +1\n", text)
+    assert "every event accounted for" in text
+
+
 def test_demo_says_what_it_does_and_keeps_its_queue_for_the_commands_it_suggests(
     tmp_path: Path,
 ) -> None:
