@@ -34,6 +34,8 @@ MAX_IDENTIFIER_BYTES = 150
 MAX_DATA_BYTES = 100_000
 
 _ALLOWED_KEYS = frozenset({"customer_id", "anonymous_id", "name", "data", "timestamp", "id"})
+# Set by cio_event on a mistake it must not raise for; the record is refused at emit.
+_TAG_ERROR_KEY = "cio_event_error"
 
 # Crockford's base32 (the ULID alphabet), two characters (10 bits) at a time.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -86,28 +88,62 @@ def cio_event(
     *,
     anonymous_id: str | None = None,
     name: str | None = None,
-    **data: Any,
+    id: str | ULID | None = None,  # the Track API's own field name
+    timestamp: float | dt.datetime | None = None,
+    data: Mapping[str, Any] | None = None,
+    **data_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Build the ``extra`` dict that tags a log record as a Customer.io event.
+
+    ``name``, ``id``, ``timestamp``, ``anonymous_id`` and ``data`` are the event's own
+    fields, never data. Data keys with those names go in the ``data`` mapping, which is
+    merged with the other keywords.
 
     Args:
         customer_id: the person's identifier (``identifiers.id`` in Customer.io).
         anonymous_id: for an event from someone not yet identified, instead of
             ``customer_id``.
         name: the event name; by default the record's formatted message.
-        **data: the event's data (attributes).
+        id: the event's ULID; by default a new one made at emit. Reuse an id to make
+            Customer.io ignore the event as one it already received.
+        timestamp: when the event happened, Unix seconds or a datetime; by default the
+            record's creation time.
+        data: event data as a mapping, for keys that cannot be keywords (``name``,
+            ``id``, ``timestamp``, ``data``, ``customer_id``, ``anonymous_id``, or not
+            identifiers at all).
+        **data_keywords: more event data. A key given here and in ``data`` too is
+            not resolved either way: the record is refused at emit, with a warning
+            that names the key (this function itself never raises).
 
     Example::
 
         log.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
+        log.info("profile_updated", extra=cio_event("user-1", data={"name": "Alice"}))
     """
-    tag: dict[str, Any] = {"data": data}
+    tag: dict[str, Any] = {}
+    if data is None:
+        tag["data"] = data_keywords
+    elif not isinstance(data, Mapping):
+        tag[_TAG_ERROR_KEY] = f"cio_event's data= must be a mapping, not {type(data).__name__}"
+    else:
+        clashes = data_keywords.keys() & data.keys()
+        if clashes:
+            keys = ", ".join(repr(key) for key in sorted(clashes))
+            tag[_TAG_ERROR_KEY] = (
+                f"cio_event got data key(s) {keys} both in data= and as keywords; "
+                "give each key once"
+            )
+        tag["data"] = {**data, **data_keywords}
     if customer_id is not None:
         tag["customer_id"] = customer_id
     if anonymous_id is not None:
         tag["anonymous_id"] = anonymous_id
     if name is not None:
         tag["name"] = name
+    if id is not None:
+        tag["id"] = id
+    if timestamp is not None:
+        tag["timestamp"] = timestamp
     return {EXTRA_KEY: tag}
 
 
@@ -124,6 +160,8 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
     if type(tag) is not dict and not isinstance(tag, Mapping):  # the ABC check is slow
         raise InvalidEventError(f"extra[{EXTRA_KEY!r}] must be a dict, not {type(tag).__name__}")
     if not _ALLOWED_KEYS.issuperset(tag):
+        if _TAG_ERROR_KEY in tag:
+            raise InvalidEventError(str(tag[_TAG_ERROR_KEY]))
         unknown = set(tag) - _ALLOWED_KEYS
         names = ", ".join(sorted(map(str, unknown)))
         raise InvalidEventError(
@@ -303,6 +341,8 @@ def new_event_id() -> str:
 def _event_id(value: object) -> str:
     if value is None:
         return new_event_id()
+    if isinstance(value, ULID):
+        return str(value)
     if not isinstance(value, str):
         raise InvalidEventError(f"id must be a ULID string, not {type(value).__name__}")
     try:

@@ -222,7 +222,7 @@ class CustomerIOHandler(logging.Handler):
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID, None)
             internal_log.warning(
-                "cio_logging: event refused at emit (logger %s, %s:%d): %s",
+                "event refused at emit (logger %s, %s:%d): %s",
                 record.name,
                 record.filename,
                 record.lineno,
@@ -248,7 +248,7 @@ class CustomerIOHandler(logging.Handler):
         if now - self._buffer_warned_at > 60.0:
             self._buffer_warned_at = now
             internal_log.error(
-                "cio_logging: %d event(s) wait in memory, past max_buffer_bytes=%d (%s); "
+                "%d event(s) wait in memory, past max_buffer_bytes=%d (%s); "
                 "shedding events at emit",
                 self._committer.buffered,
                 self.settings.max_buffer_bytes,
@@ -292,7 +292,7 @@ class CustomerIOHandler(logging.Handler):
         new = degradation_level(level)
         old, self._degradation = self._degradation, new
         if old != new:
-            internal_log.warning("cio_logging: degradation %s -> %s", old, new)
+            internal_log.warning("degradation %s -> %s", old, new)
 
     def _disk_limit_reached(self, essential: bool) -> str | None:
         """The drop reason when the queue is past a size limit, else None. Never blocks."""
@@ -309,7 +309,7 @@ class CustomerIOHandler(logging.Handler):
         if now - self._disk_warned_at > 60.0:
             self._disk_warned_at = now
             internal_log.error(
-                "cio_logging: the queue holds %d bytes on disk, past %s; shedding %s events "
+                "the queue holds %d bytes on disk, past %s; shedding %s events "
                 "at emit until delivery catches up",
                 size,
                 "hard_max_queue_bytes" if reason == DROP_DISK_HARD else "max_queue_bytes",
@@ -324,7 +324,7 @@ class CustomerIOHandler(logging.Handler):
         deadline = time.monotonic() + self.settings.flush_timeout
         if not self._committer.commit(self.settings.flush_timeout):
             internal_log.warning(
-                "cio_logging: flush could not write %d event(s) to disk (%s)",
+                "flush could not write %d event(s) to disk (%s)",
                 self._committer.buffered,
                 self._committer.disk_error or "timed out",
             )
@@ -334,8 +334,7 @@ class CustomerIOHandler(logging.Handler):
         last_rowid = self._committer.last_rowid
         if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_rowid):
             internal_log.warning(
-                "cio_logging: flush timed out after %gs; %d event(s) wait on "
-                "disk and will be sent later",
+                "flush timed out after %gs; %d event(s) wait on disk and will be sent later",
                 self.settings.flush_timeout,
                 len(self._wal),
             )
@@ -358,8 +357,7 @@ class CustomerIOHandler(logging.Handler):
             with self._counts_guard:
                 self._dropped[DROP_UNWRITTEN_AT_CLOSE] += unwritten
             internal_log.error(
-                "cio_logging: %d event(s) could not be written to disk before close (%s) "
-                "and are lost",
+                "%d event(s) could not be written to disk before close (%s) and are lost",
                 unwritten,
                 self._committer.disk_error,
             )
@@ -370,8 +368,7 @@ class CustomerIOHandler(logging.Handler):
                 self._dead_letters.close()
             else:
                 internal_log.warning(
-                    "cio_logging: the flush thread did not stop within %gs; "
-                    "its unsent events stay on disk",
+                    "the flush thread did not stop within %gs; its unsent events stay on disk",
                     self.settings.close_timeout,
                 )
             self._close_done = True

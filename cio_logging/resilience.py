@@ -206,7 +206,7 @@ class _TransitionListener(pybreaker.CircuitBreakerListener):
         try:
             self._notify(getattr(old_state, "name", CLOSED), getattr(new_state, "name", ""))
         except Exception:  # reporting a transition must never break delivery
-            _internal_log.exception("cio_logging: breaker listener failed")
+            _internal_log.exception("breaker listener failed")
 
 
 class RetryPolicy:

@@ -484,8 +484,7 @@ def _open_cache(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
             raise
         moved = quarantine_database(directory)
         _internal_log.error(
-            "cio_logging: the database in %s is corrupt (%s); quarantined as %s and "
-            "started a fresh one",
+            "the database in %s is corrupt (%s); quarantined as %s and started a fresh one",
             directory,
             cause,
             ", ".join(moved),
@@ -1535,7 +1534,7 @@ class DeadLetterStore:
             except CorruptEntryError:
                 for quarantined in _delete_non_text_keys(self._cache):
                     _internal_log.error(
-                        "cio_logging: dead-letter %s deleted: %s",
+                        "dead-letter %s deleted: %s",
                         quarantined.key,
                         quarantined.reason,
                     )
@@ -1547,9 +1546,12 @@ class DeadLetterStore:
 
     @_sqlite_section
     def get(self, key: str) -> DeadLetter | None:
-        """One entry by its key (the event id), or None."""
+        """One entry by its key (the event id, in either case), or None."""
         try:
             text = self._cache.get(key)
+            if text is None and key != key.upper():  # ULIDs are case-insensitive
+                key = key.upper()
+                text = self._cache.get(key)
         except CorruptEntryError as exc:
             # Listed, counted and purgeable like any entry; never decoded or replayed.
             return DeadLetter(key, None, None, "corrupt_entry", str(exc), 0, 0.0, 0.0)

@@ -285,7 +285,7 @@ class DeliveryWorker:
             # would notice): it would go on reading the unlinked file.
             action = self._wal.recover(None)
             if action is not None:
-                internal_log.error("cio_logging: %s", action)
+                internal_log.error("%s", action)
         on_hold = self._seconds_on_hold()
         if on_hold > 0:
             self._complete(generation)  # flush(): nothing can go now
@@ -315,14 +315,14 @@ class DeliveryWorker:
         moved = self._wal.adjust_due_times(step, now, self._due_horizon)
         if step:
             internal_log.warning(
-                "cio_logging: the wall clock stepped %+.1f s; moved %d due time(s) in the "
+                "the wall clock stepped %+.1f s; moved %d due time(s) in the "
                 "queue by it, so retries keep their wait",
                 step,
                 moved,
             )
         elif moved:
             internal_log.warning(
-                "cio_logging: %d event(s) were due more than %g s ahead (written under "
+                "%d event(s) were due more than %g s ahead (written under "
                 "another clock); they are due now",
                 moved,
                 self._due_horizon,
@@ -335,10 +335,10 @@ class DeliveryWorker:
         try:
             action = self._wal.recover(error)
         except Exception as exc:  # the disk is not back yet: the next turn tries again
-            internal_log.debug("cio_logging: queue recovery failed: %r", exc)
+            internal_log.debug("queue recovery failed: %r", exc)
             return
         if action is not None:
-            internal_log.error("cio_logging: %s", action)
+            internal_log.error("%s", action)
 
     def _report_foreign_lock(self, error: PermissionError) -> None:
         # A root shell ran the CLI here with an older version and left the lock as
@@ -352,7 +352,7 @@ class DeliveryWorker:
             except (OSError, KeyError):
                 owner = "another user"
             internal_log.error(
-                "cio_logging: cannot open %s (%s): it belongs to %s, so this process "
+                "cannot open %s (%s): it belongs to %s, so this process "
                 "cannot deliver from this queue; events wait on disk. Give it back to "
                 "the queue directory's owner (chown)",
                 path,
@@ -365,8 +365,7 @@ class DeliveryWorker:
         if now - self._unexpected_reported_at >= _ERROR_REPEAT_SECONDS:
             self._unexpected_reported_at = now
             internal_log.exception(
-                "cio_logging: unexpected error in the flush thread; events stay on disk "
-                "and delivery is retried"
+                "unexpected error in the flush thread; events stay on disk and delivery is retried"
             )
 
     def _seconds_on_hold(self) -> float:
@@ -428,8 +427,7 @@ class DeliveryWorker:
         for corrupt in batch.corrupt:
             self._dead_letter(corrupt.key, None, Failure(None, "corrupt_entry", corrupt.reason))
             internal_log.error(
-                "cio_logging: a queue entry could not be read and was moved to "
-                "the dead-letter store: %s",
+                "a queue entry could not be read and was moved to the dead-letter store: %s",
                 corrupt.reason,
             )
         events: list[QueuedEvent] = []
@@ -461,7 +459,7 @@ class DeliveryWorker:
             )
         self.stats.requests += report.requests
         if report.accepted and self.stats.delivery_paused:
-            internal_log.warning("cio_logging: Customer.io accepts events again; delivery resumed")
+            internal_log.warning("Customer.io accepts events again; delivery resumed")
             self.stats.delivery_paused = None
         failure = report.failure
         if failure is None:
@@ -592,7 +590,7 @@ class DeliveryWorker:
             essential = None if event is None else event.name in self._settings.essential_events
             self._telemetry.event_dead_lettered(failure.error_type, essential)
         internal_log.warning(
-            "cio_logging: event %s (%s) moved to the dead-letter store: %s",
+            "event %s (%s) moved to the dead-letter store: %s",
             key,
             event.name if event else "unreadable",
             failure.message,
@@ -607,7 +605,7 @@ class DeliveryWorker:
         if repeated and previous is not None and now - previous[1] < _ERROR_REPEAT_SECONDS:
             return
         self._last_reported = (failure.message, now)
-        internal_log.log(level, "cio_logging: " + message, failure.message, waiting, *extra)
+        internal_log.log(level, message, failure.message, waiting, *extra)
 
     def _record_state(self, *, now: bool = False, breaker: str | None = None) -> None:
         """Rewrite state.json for ``cio-logging status`` (the delivering process only)."""
@@ -622,6 +620,13 @@ class DeliveryWorker:
             return
         self._state_recorded_at = moment
         self._recorded_news = news
+        if not self._did_anything(stats):
+            # A process that has sent nothing (a gunicorn --preload master taking the
+            # lock at shutdown, a drain with nothing to do) must not replace the record
+            # of one that did with zeros: status would show "delivered: 0".
+            existing = read_state(self._settings.queue_dir)
+            if existing is not None and existing.get("pid") != os.getpid():
+                return
         write_state(
             self._settings.queue_dir,
             {
@@ -639,6 +644,18 @@ class DeliveryWorker:
             },
         )
 
+    @staticmethod
+    def _did_anything(stats: DeliveryStats) -> bool:
+        """Has this process's worker anything of its own to record?"""
+        return bool(
+            stats.requests
+            or stats.delivered
+            or stats.dead_lettered
+            or stats.breaker_transitions
+            or stats.last_error
+            or stats.delivery_paused
+        )
+
     def _log_status(self) -> None:
         """The reference design's periodic breaker report, when status_log_interval is set."""
         interval = self._settings.status_log_interval
@@ -647,7 +664,7 @@ class DeliveryWorker:
         moment = time.monotonic()
         if moment - self._status_logged_at >= interval:
             self._status_logged_at = moment
-            status_log.info("cio_logging status: %s", self._status_report())
+            status_log.info("%s", self._status_report())  # the logger's name says what it is
 
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
@@ -655,7 +672,7 @@ class DeliveryWorker:
             self._record_state(now=True, breaker=new)
         if new == OPEN:
             internal_log.warning(
-                "cio_logging: circuit breaker opened (%s -> %s): Customer.io keeps failing; "
+                "circuit breaker opened (%s -> %s): Customer.io keeps failing; "
                 "sending stops, events wait on disk, a probe follows in %g s",
                 old,
                 new,
@@ -663,13 +680,12 @@ class DeliveryWorker:
             )
         elif new == CLOSED:
             internal_log.warning(
-                "cio_logging: circuit breaker closed (%s -> %s): Customer.io answers again; "
-                "delivery resumes",
+                "circuit breaker closed (%s -> %s): Customer.io answers again; delivery resumes",
                 old,
                 new,
             )
         else:
-            internal_log.info("cio_logging: circuit breaker %s -> %s", old, new)
+            internal_log.info("circuit breaker %s -> %s", old, new)
         if self._telemetry is not None:
             self._telemetry.breaker_transition(old, new)
 
@@ -707,3 +723,5 @@ def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:
     worker = reference()
     if worker is not None:
         worker._reset_threading_state()
+        # What the parent's worker delivered is not the child's to report or record.
+        worker.stats = DeliveryStats()

@@ -39,6 +39,41 @@ class TestCioEvent:
             "cio": {"anonymous_id": "anon-1", "name": "viewed", "data": {}}
         }
 
+    def test_id_and_timestamp_are_the_events_own(self) -> None:
+        """id= and timestamp= set the event's id and time, not data keys of those names."""
+        given = str(ULID())
+        event = event_from_record(
+            make_record(extra=cio_event("u", id=given.lower(), timestamp=1_700_000_000, n=1))
+        )
+        assert event is not None
+        assert (event.id, event.timestamp, event.data) == (given, 1_700_000_000, {"n": 1})
+
+    def test_an_id_may_be_a_ulid_object(self) -> None:
+        given = ULID()
+        event = event_from_record(make_record(extra=cio_event("u", id=given)))
+        assert event is not None
+        assert event.id == str(given)
+
+    def test_data_keys_named_like_fields_go_through_data(self) -> None:
+        """name, id, timestamp (and data) as data keys: through data=, merged with keywords."""
+        fields = {"name": "Alice", "id": 7, "timestamp": "yesterday", "data": [1]}
+        event = event_from_record(
+            make_record("profile_updated", cio_event("user-1", data=fields, plan="pro"))
+        )
+        assert event is not None
+        assert event.name == "profile_updated"
+        assert event.data == {**fields, "plan": "pro"}
+
+    def test_a_key_given_twice_is_refused_at_emit_naming_it(self) -> None:
+        tag = cio_event("u", data={"plan": "pro", "seats": 1}, plan="basic")  # never raises
+        with pytest.raises(InvalidEventError, match=r"'plan' both in data= and as keywords"):
+            event_from_record(make_record(extra=tag))
+
+    def test_data_that_is_not_a_mapping_is_refused_at_emit(self) -> None:
+        tag = cio_event("u", data=[("plan", "pro")])  # type: ignore[arg-type]
+        with pytest.raises(InvalidEventError, match="data= must be a mapping, not list"):
+            event_from_record(make_record(extra=tag))
+
 
 class TestEventFromRecord:
     """Mapping a tagged record, with its defaults."""

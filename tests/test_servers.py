@@ -238,3 +238,49 @@ def test_pool_children_exiting_without_logging_shutdown_lose_nothing(
     assert wait_for(sent_once, 5), {
         event_id: carrying(simulator, event_id) for event_id in parent_ids
     }
+
+
+def test_after_a_preload_shutdown_status_shows_the_workers_deliveries(
+    simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path
+) -> None:
+    """The master logged nothing; taking the lock at shutdown, it must not record zeros."""
+    env = child_environment(simulator, queue_dir, CIO_TEST_REQUEST_PAUSE="0.005")
+    arguments = [
+        PYTHON, "-m", "gunicorn", "--preload", "--workers", str(WORKERS),
+        "--worker-class", "sync", "--bind", "127.0.0.1:0", "--chdir", str(PROJECT_ROOT),
+        "--graceful-timeout", "30", "--no-control-socket", "tests.wsgi_app:application",
+    ]  # fmt: skip
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as log_stream:
+        gunicorn = subprocess.Popen(
+            arguments,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_stream,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        port = listening_port(log, gunicorn)
+        answers = [get(port) for _ in range(40)]
+    finally:
+        gunicorn.send_signal(signal.SIGTERM)
+        try:
+            gunicorn.wait(timeout=60)
+        finally:
+            if gunicorn.poll() is None:
+                gunicorn.kill()
+                gunicorn.wait(10)
+    assert gunicorn.returncode == 0, log.read_text(errors="replace")
+    assert {event_id for event_id, _ in answers} <= simulator.accepted_ids()
+    status = subprocess.run(
+        [PYTHON, "-m", "cio_logging.cli", "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(status.stdout)
+    assert report["recorded_by_pid"] != gunicorn.pid
+    assert report["recorded_by_pid"] in {pid for _, pid in answers}
+    assert report["counters"]["delivered"] > 0

@@ -252,6 +252,7 @@ def test_periodic_status_report(
         attach(handler).info("purchase", extra=cio_event("u1"))
         assert wait_for(lambda: sum(r.name == "cio_logging.status" for r in caplog.records) >= 2, 5)
     report = next(r for r in caplog.records if r.name == "cio_logging.status")
+    assert report.getMessage().startswith("{")  # not "cio_logging.status: cio_logging status:"
     assert "'breaker': 'closed'" in report.getMessage()
     assert simulator.api_key not in report.getMessage()
 
