@@ -18,6 +18,7 @@ from .errors import (
     CorruptEntryError,
     InvalidEventError,
     QueueError,
+    UnreadableTagError,
 )
 from .events import cio_event
 from .handler import CustomerIOHandler
@@ -29,5 +30,6 @@ __all__ = [
     "CustomerIOHandler",
     "InvalidEventError",
     "QueueError",
+    "UnreadableTagError",
     "cio_event",
 ]
