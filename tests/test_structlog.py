@@ -1,0 +1,190 @@
+"""structlog's standard-library set-ups deliver tagged events, with the real structlog."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from cio_logging import CustomerIOHandler, cio_event
+from cio_logging.simulator import TrackAPISimulator
+from cio_logging.structlog import CioEventRenderer
+
+from .conftest import HandlerFactory
+
+#: The processors structlog's documentation puts before the last one.
+USUAL_CHAIN: list[structlog.typing.Processor] = [
+    structlog.stdlib.filter_by_level,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.PositionalArgumentsFormatter(),
+    structlog.processors.TimeStamper(fmt="iso"),
+    structlog.processors.StackInfoRenderer(),
+    structlog.processors.format_exc_info,
+    structlog.processors.UnicodeDecoder(),
+]
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def stdlib_logger(handler: logging.Handler, *others: logging.Handler) -> logging.Logger:
+    logger = logging.getLogger(f"test.structlog.{time.monotonic_ns()}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    for other in others:
+        logger.addHandler(other)
+    logger.addHandler(handler)
+    return logger
+
+
+def configure(last: structlog.typing.Processor) -> None:
+    structlog.configure(
+        processors=[*USUAL_CHAIN, last],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def delivered(handler: CustomerIOHandler, simulator: TrackAPISimulator) -> list[tuple[str, str]]:
+    handler.flush()
+    return sorted((e.name, str(e.customer_id)) for e in simulator.accepted)
+
+
+def log_both_styles(name: str) -> None:
+    log = structlog.get_logger(name)
+    log.info("purchase", extra=cio_event("user-1", amount=5))  # the README's style
+    log.info("signup", **cio_event("user-2", plan="pro"))  # the tag as a key of its own
+    log.info("just a log line", user="user-3")  # untagged: not an event
+
+
+class TestRenderToLogKwargs:
+    """A chain ending in structlog.stdlib.render_to_log_kwargs."""
+
+    def test_both_styles_deliver(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
+        handler = make_handler()
+        logger = stdlib_logger(handler)
+        configure(structlog.stdlib.render_to_log_kwargs)
+        log_both_styles(logger.name)
+        assert delivered(handler, simulator) == [("purchase", "user-1"), ("signup", "user-2")]
+        by_name = {e.name: e.data for e in simulator.accepted}
+        assert by_name == {"purchase": {"amount": 5}, "signup": {"plan": "pro"}}
+        assert handler.status()["dropped"] == {}
+
+
+class TestProcessorFormatter:
+    """A chain ending in ProcessorFormatter.wrap_for_formatter, rendered by stdlib handlers."""
+
+    def test_both_styles_deliver_and_the_console_still_renders(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
+        handler = make_handler()
+        console = io.StringIO()
+        stream = logging.StreamHandler(console)
+        stream.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.JSONRenderer(),
+                ]
+            )
+        )
+        logger = stdlib_logger(handler, stream)
+        configure(structlog.stdlib.ProcessorFormatter.wrap_for_formatter)
+        log_both_styles(logger.name)
+        assert delivered(handler, simulator) == [("purchase", "user-1"), ("signup", "user-2")]
+        lines = [json.loads(line) for line in console.getvalue().splitlines()]
+        assert [line["event"] for line in lines] == ["purchase", "signup", "just a log line"]
+
+    def test_a_foreign_stdlib_record_still_delivers(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
+        handler = make_handler()
+        stream = logging.StreamHandler(io.StringIO())
+        stream.setFormatter(
+            structlog.stdlib.ProcessorFormatter(processor=structlog.dev.ConsoleRenderer())
+        )
+        logger = stdlib_logger(handler, stream)
+        configure(structlog.stdlib.ProcessorFormatter.wrap_for_formatter)
+        logger.info("purchase", extra=cio_event("user-1"))
+        assert delivered(handler, simulator) == [("purchase", "user-1")]
+
+
+class TestRenderingWithinStructlog:
+    """structlog.stdlib.LoggerFactory and BoundLogger, a renderer last."""
+
+    @pytest.mark.parametrize(
+        "renderer",
+        [
+            structlog.processors.JSONRenderer(),
+            structlog.dev.ConsoleRenderer(colors=True),
+            structlog.processors.KeyValueRenderer(),
+            structlog.processors.LogfmtRenderer(),
+        ],
+        ids=["json", "console", "key-value", "logfmt"],
+    )
+    def test_the_wrapped_renderer_delivers(
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        renderer: structlog.typing.Processor,
+    ) -> None:
+        handler = make_handler()
+        logger = stdlib_logger(handler)
+        configure(CioEventRenderer(renderer))
+        log_both_styles(logger.name)
+        assert delivered(handler, simulator) == [("purchase", "user-1"), ("signup", "user-2")]
+
+    def test_the_rendered_text_is_unchanged(self) -> None:
+        renderer = structlog.processors.JSONRenderer(sort_keys=True)
+        event = {"event": "purchase", "cio": {"customer_id": "u", "data": {}}}
+        result = CioEventRenderer(renderer)(None, "info", dict(event))
+        assert isinstance(result, tuple)
+        args, kwargs = result
+        assert args == (renderer(None, "info", dict(event)),)
+        assert kwargs == {"extra": {"cio": {"customer_id": "u", "data": {}, "name": "purchase"}}}
+
+    def test_an_explicit_name_wins_over_the_event(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
+        handler = make_handler()
+        logger = stdlib_logger(handler)
+        configure(CioEventRenderer(structlog.processors.JSONRenderer()))
+        structlog.get_logger(logger.name).info("ignored", **cio_event("u", name="renamed"))
+        assert delivered(handler, simulator) == [("renamed", "u")]
+
+    @pytest.mark.parametrize(
+        "renderer",
+        [structlog.processors.JSONRenderer(), structlog.dev.ConsoleRenderer(colors=True)],
+        ids=["json", "console"],
+    )
+    def test_an_unwrapped_renderer_is_reported_once_per_logger(
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        caplog: pytest.LogCaptureFixture,
+        renderer: structlog.typing.Processor,
+    ) -> None:
+        handler = make_handler()
+        logger = stdlib_logger(handler)
+        configure(renderer)
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            log_both_styles(logger.name)
+            log_both_styles(logger.name)
+        warnings = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert len(warnings) == 1, warnings
+        assert logger.name in warnings[0]
+        assert "CioEventRenderer" in warnings[0]
+        assert handler.status()["dropped"] == {"unreadable_tag": 4}
+        assert delivered(handler, simulator) == []
