@@ -225,12 +225,12 @@ def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
     if type(message) is str and "cio" in message and _RENDERED_TAG.search(message):
         raise UnreadableTagError(
             "rendered",
-            "the record's message text holds a rendered Customer.io tag: a structlog "
-            "renderer turned it into text before it reached logging, and text is not read "
-            "as an event. Wrap the renderer, as in "
-            "cio_logging.structlog.CioEventRenderer(structlog.processors.JSONRenderer()), "
-            "or end the chain with structlog.stdlib.render_to_log_kwargs or "
-            "ProcessorFormatter.wrap_for_formatter",
+            "the record's message is text holding a rendered Customer.io tag: a structlog "
+            "renderer (or a QueueHandler, formatting the record) turned the tag into text "
+            "before it reached this handler, and text is not read as an event. Wrap the last "
+            "processor of structlog's chain, as in "
+            "cio_logging.structlog.CioEventRenderer(structlog.processors.JSONRenderer()): it "
+            "passes the tag beside the text",
         )
     args = record.args
     if type(args) is dict and EXTRA_KEY in args:

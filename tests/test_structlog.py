@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import logging.handlers
+import queue
 import time
 from collections.abc import Iterator
 
@@ -119,6 +121,48 @@ class TestProcessorFormatter:
         configure(structlog.stdlib.ProcessorFormatter.wrap_for_formatter)
         logger.info("purchase", extra=cio_event("user-1"))
         assert delivered(handler, simulator) == [("purchase", "user-1")]
+
+
+class TestBehindAQueueHandler:
+    """A QueueHandler formats the event dict into text before the listener's handlers see it."""
+
+    def run_through_a_queue(
+        self, handler: CustomerIOHandler, last: structlog.typing.Processor
+    ) -> None:
+        records: queue.Queue[logging.LogRecord] = queue.Queue()
+        logger = stdlib_logger(logging.handlers.QueueHandler(records))
+        listener = logging.handlers.QueueListener(records, handler)
+        configure(last)
+        listener.start()
+        try:
+            log_both_styles(logger.name)
+        finally:
+            listener.stop()
+
+    def test_the_wrapped_last_processor_delivers(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+    ) -> None:
+        handler = make_handler()
+        self.run_through_a_queue(
+            handler, CioEventRenderer(structlog.stdlib.ProcessorFormatter.wrap_for_formatter)
+        )
+        assert delivered(handler, simulator) == [("purchase", "user-1"), ("signup", "user-2")]
+
+    def test_unwrapped_it_is_reported_not_silently_dropped(
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        handler = make_handler()
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            self.run_through_a_queue(
+                handler, structlog.stdlib.ProcessorFormatter.wrap_for_formatter
+            )
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert "QueueHandler" in warning
+        assert handler.status()["dropped"] == {"unreadable_tag": 2}
+        assert delivered(handler, simulator) == []
 
 
 class TestRenderingWithinStructlog:
