@@ -7,8 +7,10 @@ import json
 import logging
 import logging.handlers
 import queue
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -17,7 +19,7 @@ from cio_logging import CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.structlog import CioEventRenderer
 
-from .conftest import HandlerFactory
+from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment
 
 #: The processors structlog's documentation puts before the last one.
 USUAL_CHAIN: list[structlog.typing.Processor] = [
@@ -232,3 +234,24 @@ class TestRenderingWithinStructlog:
         assert "CioEventRenderer" in warnings[0]
         assert handler.status()["dropped"] == {"unreadable_tag": 4}
         assert delivered(handler, simulator) == []
+
+
+@pytest.mark.parametrize("setup", ["render_to_log_kwargs", "processor_formatter", "renderer"])
+def test_the_example_app_delivers_in_each_set_up(
+    simulator: TrackAPISimulator, queue_dir: Path, setup: str
+) -> None:
+    """examples/structlog_app.py, the README's recipe, run as a user would run it."""
+    result = subprocess.run(
+        [PYTHON, str(PROJECT_ROOT / "examples" / "structlog_app.py"), setup],
+        env=child_environment(simulator, queue_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert sorted((e.name, e.customer_id, e.data) for e in simulator.accepted) == [
+        ("purchase", "user-42", {"amount": 9.99}),
+        ("signup", "user-42", {"plan": "pro"}),
+    ]
+    assert "an ordinary structlog line" in result.stderr  # the console still logs
+    assert "cio_logging" not in result.stderr  # no warning
