@@ -160,6 +160,16 @@ class TestPytestPlugin:
         result = pytester.runpytest_subprocess("-q")
         result.assert_outcomes(passed=3)
 
+    def test_the_readme_shows_the_example_as_it_is(self) -> None:
+        from .test_structlog import readme_block
+
+        def code(text: str) -> list[str]:
+            return [line.split("  #")[0].rstrip() for line in text.splitlines() if line.strip()]
+
+        example = code((EXAMPLE / "test_shop.py").read_text())
+        shown = code(readme_block("## Testing your application"))
+        assert [line for line in shown if line not in example] == []
+
     def test_a_wrong_expectation_fails_with_the_events_shown(
         self, pytester: pytest.Pytester
     ) -> None:
