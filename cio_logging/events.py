@@ -132,18 +132,30 @@ def carries_tag(record: logging.LogRecord) -> bool:
     fields = record.__dict__
     if EXTRA_KEY in fields or ("extra" in fields and _holds_tag(fields["extra"])):
         return True
-    message = fields["msg"]
+    message = fields.get("msg")  # .get: handle() must never raise into the caller
     if type(message) is str:
-        if "cio" in message and _RENDERED_TAG.search(message):
+        if "cio" in message and _rendered_tag(message):
             return True
     elif type(message) is dict:
         return EXTRA_KEY in message or _holds_tag(message.get("extra"))
-    args = fields["args"]
-    return type(args) is dict and EXTRA_KEY in args
+    return _tag_as_argument(fields.get("args"))
 
 
 def _holds_tag(value: object) -> TypeGuard[Mapping[str, Any]]:
     return value is not None and isinstance(value, Mapping) and EXTRA_KEY in value
+
+
+def _rendered_tag(text: str) -> bool:
+    """Whether ``text`` holds a rendered tag: ``cio`` then a dict naming a person."""
+    found = _RENDERED_TAG.search(text)
+    return found is not None and (
+        "customer_id" in text[found.end() :] or "anonymous_id" in text[found.end() :]
+    )
+
+
+def _tag_as_argument(args: object) -> bool:
+    """``log.info("purchase", cio_event(...))``: logging takes a lone dict as the arguments."""
+    return type(args) is dict and isinstance(args.get(EXTRA_KEY), Mapping)
 
 
 def event_from_record(record: logging.LogRecord) -> Event | None:
@@ -222,7 +234,7 @@ def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
         if _holds_tag(nested):
             return nested[EXTRA_KEY], default_name
         return None
-    if type(message) is str and "cio" in message and _RENDERED_TAG.search(message):
+    if type(message) is str and "cio" in message and _rendered_tag(message):
         raise UnreadableTagError(
             "rendered",
             "the record's message is text holding a rendered Customer.io tag: a structlog "
@@ -232,8 +244,7 @@ def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
             "cio_logging.structlog.CioEventRenderer(structlog.processors.JSONRenderer()): it "
             "passes the tag beside the text",
         )
-    args = record.args
-    if type(args) is dict and EXTRA_KEY in args:
+    if _tag_as_argument(record.args):
         raise UnreadableTagError(
             "args",
             "the Customer.io tag was passed as the message's argument, as in "

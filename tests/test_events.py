@@ -242,10 +242,24 @@ class TestTagShapes:
         assert caught.value.shape == "args"
 
     @pytest.mark.parametrize(
-        "text", ["plain", "cio_logging: flush timed out", "precious={1}", "cio=5", "cio_id: {x}"]
+        "text",
+        [
+            "plain",
+            "cio_logging: flush timed out",
+            "precious={1}",
+            "cio=5",
+            "cio_id: {x}",
+            'settings {"cio": {"enabled": true}}',  # a dict, but naming no person
+        ],
     )
     def test_text_that_only_mentions_cio_is_not_tagged(self, text: str) -> None:
         record = make_record(text)
+        assert not carries_tag(record)
+        assert event_from_record(record) is None
+
+    def test_a_mapping_argument_named_cio_that_is_no_tag_is_not_tagged(self) -> None:
+        record = make_record("officer: %(cio)s", args=({"cio": "Alice"},))
+        assert record.getMessage() == "officer: Alice"
         assert not carries_tag(record)
         assert event_from_record(record) is None
 
