@@ -72,14 +72,22 @@ def log_both_styles(name: str) -> None:
 
 
 class TestRenderToLogKwargs:
-    """A chain ending in structlog.stdlib.render_to_log_kwargs."""
+    """A chain ending in render_to_log_kwargs (or render_to_log_args_and_kwargs)."""
 
+    @pytest.mark.parametrize(
+        "last",
+        [structlog.stdlib.render_to_log_kwargs, structlog.stdlib.render_to_log_args_and_kwargs],
+        ids=["kwargs", "args-and-kwargs"],
+    )
     def test_both_styles_deliver(
-        self, make_handler: HandlerFactory, simulator: TrackAPISimulator
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        last: structlog.typing.Processor,
     ) -> None:
         handler = make_handler()
         logger = stdlib_logger(handler)
-        configure(structlog.stdlib.render_to_log_kwargs)
+        configure(last)
         log_both_styles(logger.name)
         assert delivered(handler, simulator) == [("purchase", "user-1"), ("signup", "user-2")]
         by_name = {e.name: e.data for e in simulator.accepted}
