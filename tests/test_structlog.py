@@ -185,8 +185,9 @@ class TestRenderingWithinStructlog:
             structlog.dev.ConsoleRenderer(colors=True),
             structlog.processors.KeyValueRenderer(),
             structlog.processors.LogfmtRenderer(),
+            structlog.stdlib.render_to_log_kwargs,  # wrapping what needs no wrapping is fine
         ],
-        ids=["json", "console", "key-value", "logfmt"],
+        ids=["json", "console", "key-value", "logfmt", "kwargs"],
     )
     def test_the_wrapped_renderer_delivers(
         self,
