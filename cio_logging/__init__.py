@@ -19,6 +19,7 @@ from .errors import (
     CorruptEntryError,
     InvalidEventError,
     QueueError,
+    UnreadableTagError,
 )
 from .events import cio_event
 from .handler import CustomerIOHandler
@@ -34,6 +35,7 @@ __all__ = [
     "CustomerIOHandler",
     "InvalidEventError",
     "QueueError",
+    "UnreadableTagError",
     "__version__",
     "cio_event",
 ]

@@ -25,8 +25,8 @@ from opentelemetry.trace import TracerProvider
 
 from .commit import REFUSED, GroupCommitter
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
-from .errors import ConfigurationError, InvalidEventError, QueueError
-from .events import EXTRA_KEY, event_from_record
+from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
+from .events import EXTRA_KEY, carries_tag, event_from_record
 from .signals import install_commit_on_signals
 from .telemetry import QueueProbes, Telemetry
 from .wal import DeadLetterStore, WriteAheadLog, encode_row, secure_directory
@@ -36,6 +36,7 @@ internal_log = logging.getLogger("cio_logging")
 
 #: Reasons under which ``status()["dropped"]`` counts events that were not queued.
 DROP_INVALID = "invalid_event"
+DROP_UNREADABLE = "unreadable_tag"  # a tag where it cannot be read (a rendered structlog one)
 DROP_QUEUE_ERROR = "queue_error"
 DROP_DISABLED = "degradation_disabled"
 DROP_NON_ESSENTIAL = "degradation_essential_only"
@@ -141,6 +142,7 @@ class CustomerIOHandler(logging.Handler):
         os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
         self._enqueued = 0
         self._dropped: Counter[str] = Counter()
+        self._unreadable_warned: set[tuple[str, str]] = set()
         self._closed = False
         self._close_done = False
         self._degradation = self.settings.degradation
@@ -169,12 +171,12 @@ class CustomerIOHandler(logging.Handler):
     def handle(self, record: logging.LogRecord) -> Any:
         """Filter and emit, without the handler lock.
 
-        Untagged records return at the cost of one dict lookup. The lock is skipped on
-        purpose: the write-ahead log is safe for concurrent writers, and serialising
-        every caller behind one lock would make logging threads queue up.
+        Untagged records return at the cost of a few lookups (``carries_tag``). The lock
+        is skipped on purpose: the write-ahead log is safe for concurrent writers, and
+        serialising every caller behind one lock would make logging threads queue up.
         """
         if (
-            EXTRA_KEY not in record.__dict__
+            (EXTRA_KEY not in record.__dict__ and not carries_tag(record))
             or getattr(_inside_emit, "active", False)
             or getattr(flush_thread_marker, "active", False)
         ):
@@ -219,6 +221,9 @@ class CustomerIOHandler(logging.Handler):
             self._telemetry.event_enqueued(essential)
             with self._counts_guard:
                 self._enqueued += 1
+        except UnreadableTagError as exc:
+            self._count_drop(DROP_UNREADABLE, None)
+            self._warn_unreadable(record, exc)
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID, None)
             internal_log.warning(
@@ -233,6 +238,23 @@ class CustomerIOHandler(logging.Handler):
             self.handleError(record)
         finally:
             _inside_emit.active = False
+
+    def _warn_unreadable(self, record: logging.LogRecord, exc: UnreadableTagError) -> None:
+        """Say once per logger and shape that its tags cannot be read, and how to fix that."""
+        key = (record.name, exc.shape)
+        with self._counts_guard:
+            if key in self._unreadable_warned:
+                return
+            self._unreadable_warned.add(key)
+        internal_log.warning(
+            "records on logger %s carry a Customer.io tag the handler cannot read "
+            "(%s:%d); they are counted as dropped (%s) and this is said once: %s",
+            record.name,
+            record.filename,
+            record.lineno,
+            DROP_UNREADABLE,
+            exc,
+        )
 
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""

@@ -284,6 +284,38 @@ class TestBadInput:
         ]
         assert prefixed == []
 
+    def test_a_tag_passed_as_the_argument_is_reported_once_per_logger(
+        self,
+        event_logger: Logged,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        logger, handler = event_logger
+        other = logging.getLogger(f"{logger.name}.other")
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            for _ in range(3):
+                logger.info("purchase", cio_event("u"))  # not extra=: silently lost before
+            other.info("signup", cio_event("u"))
+        warnings = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert len(warnings) == 2, warnings
+        assert f"logger {logger.name} carry" in warnings[0]
+        assert f"logger {other.name} carry" in warnings[1]
+        assert all("extra=cio_event(...)" in warning for warning in warnings)
+        assert handler.status()["dropped"] == {"unreadable_tag": 4}
+        handler.flush()
+        assert simulator.accepted == []
+
+    def test_a_tag_nested_under_its_own_key_is_refused_with_the_fix(
+        self, event_logger: Logged, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        logger, handler = event_logger
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            logger.info("purchase", extra={"cio": cio_event("u")})
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert "pass extra=cio_event(...), not" in warning
+        assert handler.status()["dropped"] == {"invalid_event": 1}
+
     def test_a_failing_disk_keeps_events_in_memory_until_it_recovers(
         self,
         event_logger: Logged,
