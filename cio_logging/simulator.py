@@ -113,6 +113,8 @@ class RequestRecord:
     item_count: int
     payload: Any = None  # the decoded JSON body, kept only while ``record_bodies`` is set
     user_agent: str = ""
+    #: Seconds from the request's headers read to its answer ready (latency included).
+    duration: float = 0.0
 
 
 class _Answer(NamedTuple):
@@ -366,6 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _dispatch(self) -> None:
+        started = time.perf_counter()
         simulator = cast(_Server, self.server).simulator
         path = self.path.partition("?")[0]
         body = self._read_body()
@@ -377,7 +380,12 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 authorization = self.headers.get("Authorization")
                 answer = simulator._track(
-                    self.command, path, authorization, body, self.headers.get("User-Agent", "")
+                    self.command,
+                    path,
+                    authorization,
+                    body,
+                    self.headers.get("User-Agent", ""),
+                    started,
                 )
         except Exception as exc:  # a simulator bug: say so to the client rather than hang up
             answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
@@ -668,9 +676,15 @@ class TrackAPISimulator:
         authorization: str | None,
         body: bytes,
         user_agent: str = "",
+        started: float | None = None,
     ) -> _Answer | None:
-        """Answer one Track request; None means drop the connection unanswered."""
+        """Answer one Track request; None means drop the connection unanswered.
+
+        ``started``: the ``time.perf_counter()`` reading when its headers were read.
+        """
         received = time.time()
+        if started is None:
+            started = time.perf_counter()
         match = _V1_IDENTIFIED.fullmatch(path)
         route = "v1" if match else _ROUTES.get(path)
         payload = _loads(body) if route else None
@@ -711,6 +725,7 @@ class TrackAPISimulator:
             _item_count(route, payload),
             payload if self.record_bodies else None,
             user_agent,
+            time.perf_counter() - started,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)
