@@ -4,8 +4,8 @@ The broker is kombu's filesystem transport (``CIO_TEST_BROKER_DIR``): no broker 
 The handler is configured the way a Celery user would, chosen by ``CIO_TEST_CELERY_SETUP``:
 
 ``worker_process_init``
-    each pool child builds its own handler when it starts, and closes it on
-    ``worker_process_shutdown`` (pool children leave through ``os._exit``, so
+    each pool child builds its own handler when it starts, and flushes and closes it
+    on ``worker_process_shutdown`` (pool children leave through ``os._exit``, so
     ``logging.shutdown`` never runs there); the main worker process has none.
 ``setup_logging``
     the main process configures logging with ``dictConfig`` in Celery's
@@ -98,7 +98,8 @@ def start_event_logging(**kwargs: Any) -> None:
 def stop_event_logging(**kwargs: Any) -> None:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()  # delivers what this child logged, or leaves it on disk for the others
+        handler.flush()  # as logging.shutdown would: wait (flush_timeout) for delivery
+        handler.close()  # what is still unsent stays on disk for the next process
 
 
 if SETUP == "worker_process_init":
