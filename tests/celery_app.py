@@ -50,6 +50,7 @@ def broker_settings(broker_dir: str) -> dict[str, Any]:
         "broker_transport_options": {
             "data_folder_in": broker_dir,
             "data_folder_out": broker_dir,
+            "control_folder": broker_dir,  # default: ./control, beside the project
             "polling_interval": 0.05,
         },
         # The filesystem transport has no fanout: no remote control, gossip or mingle.
