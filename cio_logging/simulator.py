@@ -162,6 +162,8 @@ class RequestRecord:
     #: ``time.monotonic()`` when the request line and headers had arrived, before the
     #: body was read: where a server's rate limiter counts a request.
     arrived_at: float = 0.0
+    #: Seconds from the request's headers read to its answer ready (latency included).
+    duration: float = 0.0
 
 
 class _Answer(NamedTuple):
@@ -416,6 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         arrived_at = time.monotonic()
+        started = time.perf_counter()
         simulator = cast(_Server, self.server).simulator
         path = self.path.partition("?")[0]
         body = self._read_body()
@@ -433,6 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body,
                     self.headers.get("User-Agent", ""),
                     arrived_at,
+                    started,
                 )
         except Exception as exc:  # a simulator bug: say so to the client rather than hang up
             answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
@@ -742,11 +746,18 @@ class TrackAPISimulator:
         body: bytes,
         user_agent: str = "",
         arrived_at: float | None = None,
+        started: float | None = None,
     ) -> _Answer | None:
-        """Answer one Track request; None means drop the connection unanswered."""
+        """Answer one Track request; None means drop the connection unanswered.
+
+        ``arrived_at``: ``time.monotonic()`` and ``started``: ``time.perf_counter()``
+        when its headers were read.
+        """
         received = time.time()
         if arrived_at is None:
             arrived_at = time.monotonic()
+        if started is None:
+            started = time.perf_counter()
         match = _V1_IDENTIFIED.fullmatch(path)
         route = "v1" if match else _ROUTES.get(path)
         payload = _loads(body) if route else None
@@ -788,6 +799,7 @@ class TrackAPISimulator:
             payload if self.record_bodies else None,
             user_agent,
             arrived_at,
+            time.perf_counter() - started,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)

@@ -429,6 +429,21 @@ class TestFaults:
         call(sim, "/_simulator/events", method="GET")
         assert time.monotonic() - started < 0.4
 
+    def test_each_request_records_how_long_its_answer_took(
+        self, sim: TrackAPISimulator, client: Any
+    ) -> None:
+        """The duration of every request, latency included (the truth for the dashboards)."""
+        client.track("42", "quick")
+        sim.set_latency(0.3)
+        started = time.perf_counter()
+        client.track("42", "slow")
+        seen_by_client = time.perf_counter() - started
+        quick, slow = sim.requests
+        assert 0 < quick.duration < 0.3
+        assert 0.3 <= slow.duration <= seen_by_client
+        (recorded,) = call(sim, "/_simulator/requests", method="GET").json()["requests"][1:]
+        assert recorded["duration"] == slow.duration
+
     def test_reset_connections_gives_the_sdk_a_connection_error(
         self, sim: TrackAPISimulator, client: Any
     ) -> None:
