@@ -5,9 +5,10 @@
     import logging
     from cio_logging import CustomerIOHandler, cio_event
 
-    logging.getLogger("app.events").addHandler(CustomerIOHandler())
-    logging.getLogger("app.events").info(
-        "purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
+    log = logging.getLogger("app.events")
+    log.setLevel(logging.INFO)  # the root's WARNING would drop log.info
+    log.addHandler(CustomerIOHandler())
+    log.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from .errors import (
     CorruptEntryError,
     InvalidEventError,
     QueueError,
+    UnreadableTagError,
 )
 from .events import cio_event
 from .handler import CustomerIOHandler
+from .metadata import PACKAGE_VERSION
+
+#: The installed distribution's version ("unknown" when run from a bare source tree).
+__version__ = PACKAGE_VERSION
 
 __all__ = [
     "CIOLoggingError",
@@ -29,5 +35,7 @@ __all__ = [
     "CustomerIOHandler",
     "InvalidEventError",
     "QueueError",
+    "UnreadableTagError",
+    "__version__",
     "cio_event",
 ]

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from .config import ENV_API_KEY, ENV_QUEUE_URL
 from .errors import CIOLoggingError, ConfigurationError, QueueError
+from .metadata import PACKAGE_VERSION
 from .operations import (
     ExitCode,
     FleetLocation,
@@ -59,7 +60,9 @@ exit codes:
        belongs to another user and is not writable by this one (left by a
        command run as root, say; the message names it and its owner)
   4    another process held the lock for the whole time bound (its pid is printed)
-  5    Customer.io refused the credentials (401/403)
+  5    delivery refused by the set-up: Customer.io refused the credentials
+       (401/403), or TLS verification failed (a wrong --ca-bundle, an
+       intercepting proxy); the message says which
   130  interrupted by SIGINT or SIGTERM; nothing is lost
 """
 
@@ -99,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             format="[%(asctime)s]   (%(name)s log) %(message)s",
             datefmt="%H:%M:%S",
         )
-        return run_demo(outage_seconds=args.outage_seconds)
+        return run_demo(
+            outage_seconds=args.outage_seconds,
+            directory=None if args.dir is None else Path(args.dir),
+        )
     run: Callable[[argparse.Namespace, _Output], int] | None = getattr(args, "run", None)
     if run is None:
         parser.error(f"unknown command {args.command}")
         return ExitCode.USAGE
-    out = _Output(json_mode=args.json, secrets=_secrets(args))
+    out = _Output(json_mode=args.json or getattr(args, "json_early", False), secrets=_secrets(args))
     try:
         return run(args, out)
     except ConfigurationError as exc:
@@ -129,13 +135,22 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {PACKAGE_VERSION}")
+    _early_json(parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,simulator,status,dlq,drain}"
+    )
     demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
     demo.add_argument(
         "--outage-seconds",
         type=float,
         default=4.0,
         help="how long the simulated outage lasts (default 4)",
+    )
+    demo.add_argument(
+        "--dir",
+        help="where to keep the demo's queue directory, as DIR/queue "
+        "(default: a new temporary directory; kept either way, for the commands it suggests)",
     )
     commands.add_parser("simulator", help="run the Track API simulator", add_help=False)
 
@@ -157,7 +172,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    _early_json(dlq)
+    dlq_commands = dlq.add_subparsers(
+        dest="dlq_command", required=True, metavar="{count,list,show,replay,purge}"
+    )
     count = _subcommand(dlq_commands, "count", common, "count dead letters", None)
     count.add_argument("--by", choices=["event", "reason"], help="group by event name or reason")
     count.set_defaults(run=_run_count)
@@ -173,7 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=_run_list)
 
     show = _subcommand(dlq_commands, "show", common, "one dead letter, with its event", None)
-    show.add_argument("id", help="the entry's id (the event's ULID)")
+    show.add_argument(
+        "id", type=_event_key, help="the entry's id (the event's ULID, in either case)"
+    )
     show.set_defaults(run=_run_show)
 
     replay = _subcommand(
@@ -189,7 +209,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _filters(replay, event=True, reason=True, since=True, before=True)
     replay.add_argument(
-        "--id", dest="ids", action="extend", nargs="+", metavar="ID", help="these entries only"
+        "--id",
+        dest="ids",
+        action="extend",
+        nargs="+",
+        type=_event_key,
+        metavar="ID",
+        help="these entries only (ULIDs, in either case)",
     )
     replay.add_argument(
         "--dry-run", action="store_true", help="say what would be sent; send nothing"
@@ -221,6 +247,23 @@ def _parser() -> argparse.ArgumentParser:
     _timeout(drain_command)
     drain_command.set_defaults(run=_run_drain)
     return parser
+
+
+def _early_json(parser: argparse.ArgumentParser) -> None:
+    """Accept --json before the subcommand too (``cio-logging --json status``)."""
+    # SUPPRESS: a sub-parser's default would overwrite a value given before it.
+    parser.add_argument(
+        "--json",
+        dest="json_early",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output on stdout (also accepted after the subcommand)",
+    )
+
+
+def _event_key(text: str) -> str:
+    """A typed event id (ULID): case-insensitive, as the ids are stored upper-case."""
+    return text.strip().upper()
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -614,6 +657,16 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         ("last error", last_error),
         ("delivery paused", status.delivery_paused or "no"),
     ]
+    if status.counters:  # the recording process's own, since it started
+        counters = status.counters
+        rows.append(
+            (
+                "counters",
+                f"delivered {counters.get('delivered', 0)}, dead-lettered "
+                f"{counters.get('dead_lettered', 0)}, requests {counters.get('requests', 0)} "
+                f"({counters.get('failed_requests', 0)} failed), by pid {status.recorded_by_pid}",
+            )
+        )
     for label, value in rows:
         out.line(f"{label:<16} {value}")
     return ExitCode.OK
@@ -766,7 +819,7 @@ def _run_purge(args: argparse.Namespace, out: _Output) -> int:
     letters = select_dead_letters(queue_dir, _selection(args))
     if not letters:
         if out.json_mode:
-            out.json({"selected": 0, "purged": 0, "ids": []})
+            out.json({"selected": 0, "purged": 0, "ids": [], "exit_code": int(ExitCode.OK)})
         else:
             out.line("no dead letters match: nothing to purge")
         return ExitCode.OK
@@ -780,10 +833,30 @@ def _run_purge(args: argparse.Namespace, out: _Output) -> int:
         sys.stderr.write(f"Delete {len(letters)} dead letter(s) for good? [y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-            return out.fail("not purged", ExitCode.INCOMPLETE)
+            # Declining is the operator's choice, not an error; exit 1 as documented.
+            if out.json_mode:
+                out.json(
+                    {
+                        "selected": len(letters),
+                        "purged": 0,
+                        "ids": [],
+                        "declined": True,
+                        "exit_code": int(ExitCode.INCOMPLETE),
+                    }
+                )
+            else:
+                out.line(f"declined: nothing purged; the {len(letters)} dead letter(s) stay")
+            return ExitCode.INCOMPLETE
     purged = purge_dead_letters(queue_dir, letters)
     if out.json_mode:
-        out.json({"selected": len(letters), "purged": purged, "ids": [x.key for x in letters]})
+        out.json(
+            {
+                "selected": len(letters),
+                "purged": purged,
+                "ids": [x.key for x in letters],
+                "exit_code": int(ExitCode.OK),
+            }
+        )
     else:
         out.line(f"purged {purged} dead letter(s)")
     return ExitCode.OK

@@ -35,6 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
+from . import background
 from .store import EventLog, Row
 
 internal_log = logging.getLogger("cio_logging")
@@ -327,7 +328,7 @@ class GroupCommitter:
                 recovered, self._failing, self._last_error = True, None, None
         if recovered:
             internal_log.warning(
-                "cio_logging: the queue in %s is writable again; %d buffered event(s) are on disk",
+                "the queue in %s is writable again; %d buffered event(s) are on disk",
                 self._wal.directory,
                 taken,
             )
@@ -346,7 +347,7 @@ class GroupCommitter:
             self._wake.notify()
         if first_failure:
             internal_log.error(
-                "cio_logging: cannot write events to the queue in %s (%s); they are "
+                "cannot write events to the queue in %s (%s); they are "
                 "kept in memory (at most max_buffer_bytes=%d) and NOT safe from a "
                 "crash until the disk recovers",
                 self._wal.directory,
@@ -365,6 +366,10 @@ class GroupCommitter:
             self._writer.start()
 
     def _run(self) -> None:
+        # A flush or close may wait for this thread while holding logging's module lock
+        # (dictConfig does): what it logs must not wait for that lock.
+        background.mark_current_thread()
+        background.guard_loggers()
         while True:
             with self._lock:
                 while not (
@@ -386,7 +391,7 @@ class GroupCommitter:
                         self._recover_replaced()
                 self._refresh_volume()
             except Exception:  # never let the writer die; the next turn tries again
-                internal_log.exception("cio_logging: unexpected error in the commit thread")
+                internal_log.exception("unexpected error in the commit thread")
                 time.sleep(_RETRY_FIRST)
             if stopping:
                 return
@@ -438,7 +443,7 @@ class GroupCommitter:
             with self._lock:
                 self._done.notify_all()
         if action is not None:
-            internal_log.error("cio_logging: %s", action)
+            internal_log.error("%s", action)
 
     def _try_recovery(self) -> None:
         with self._lock:
@@ -451,9 +456,9 @@ class GroupCommitter:
             action = None
             with self._lock:
                 self._failing = f"{type(exc).__name__}: {exc}"  # what status() shows now
-            internal_log.debug("cio_logging: queue recovery failed: %s", self._failing)
+            internal_log.debug("queue recovery failed: %s", self._failing)
         if action is not None:
-            internal_log.error("cio_logging: %s", action)
+            internal_log.error("%s", action)
             with self._lock:
                 self._retry_at = self._clock()  # try the fresh database at once
 

@@ -35,6 +35,7 @@ import requests
 from customerio import CustomerIO, CustomerIOException
 from requests.adapters import HTTPAdapter
 
+from . import background
 from .config import Settings
 from .metadata import PACKAGE_VERSION, SDK_VERSION
 from .resilience import DeliveryBreaker, RequestRateCap
@@ -182,6 +183,7 @@ class TrackClient:
         self._sdk.http  # build the session now: the SDK builds it lazily, unlocked  # noqa: B018
         self._thread_initializer = thread_initializer
         self._senders: ThreadPoolExecutor | None = None
+        background.guard_loggers()  # the SDK's, requests' and urllib3's loggers exist now
 
     def close(self) -> None:
         if self._senders is not None:
@@ -310,10 +312,16 @@ class TrackClient:
         chunk: Sequence[tuple[QueuedEvent, Any, int]],
         route: str,
     ) -> tuple[Failure | None, requests.Response | None]:
-        if self._rate_cap is not None and not self._rate_cap.acquire():
-            return Failure(None, "stopped", "shutting down: not sent"), None
+        slot = None
+        if self._rate_cap is not None:
+            slot = self._rate_cap.acquire()
+            if slot is None:
+                return Failure(None, "stopped", "shutting down: not sent"), None
+        sent = False
 
         def attempt() -> tuple[Failure | None, requests.Response | None]:
+            nonlocal sent
+            sent = True
             if self._telemetry is None:
                 return self._attempt(send, chunk)
             with self._telemetry.request(route, len(chunk)) as span:
@@ -327,15 +335,19 @@ class TrackClient:
                     span.failed(failure.error_type, failure.message)
                 return outcome
 
-        if self._breaker is None:
-            return attempt()
         try:
+            if self._breaker is None:
+                return attempt()
             return self._breaker.call(
                 attempt,
                 failed=lambda outcome: outcome[0] is not None and outcome[0].kind == TRANSIENT,
             )
         except pybreaker.CircuitBreakerError:
             return Failure(None, "circuit_open", "circuit breaker open: not sent"), None
+        finally:
+            # The slot counts until the answer is in (a second more, see RequestRateCap).
+            if slot is not None:
+                (slot.release if sent else slot.cancel)()
 
     def _attempt(
         self, send: Callable[[], Any], chunk: Sequence[tuple[QueuedEvent, Any, int]]

@@ -4,13 +4,15 @@ No credentials, no set-up: it starts the simulator, configures logging through
 ``dictConfig`` as an application would, logs a stream of events, cuts Customer.io off
 (the breaker opens, events wait on disk, a probe finds recovery, the breaker closes),
 runs a period of essential-only degradation, sends a poison event to the dead-letter
-store, and ends with a summary in which every event is accounted for.
+store, and ends with a summary in which every event is accounted for. The queue
+directory is kept, with its dead letter, for the operator commands it suggests next.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.config
+import shlex
 import shutil
 import sys
 import tempfile
@@ -21,25 +23,39 @@ from typing import Any, TextIO
 
 from .events import cio_event
 from .handler import CustomerIOHandler
+from .store import DeadLetterStore
 
 _EVENTS = ("signup", "page_viewed", "purchase", "subscription_changed", "search")
+_POISON = "poison_pill"
 
 
-def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
-    """Run the demo; returns the process exit code (0 when every event is accounted for)."""
-    try:
-        from .simulator import TrackAPISimulator
-    except ImportError:
-        print("the simulator needs trustme: pip install 'cio-logging[simulator]'", file=out)
-        return 2
+def run_demo(
+    *, out: TextIO = sys.stdout, outage_seconds: float = 4.0, directory: Path | None = None
+) -> int:
+    """Run the demo; returns the process exit code (0 when every event is accounted for).
+
+    Args:
+        out: where the story goes.
+        outage_seconds: how long the simulated outage lasts.
+        directory: where to keep the queue directory (``queue/`` in it); by default a new
+            temporary directory. It is left in place for the operator commands.
+    """
+    from .simulator import SimulatorUnavailableError, TrackAPISimulator
 
     def say(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=out, flush=True)
 
-    workdir = Path(tempfile.mkdtemp(prefix="cio-logging-demo-"))
-    simulator = TrackAPISimulator(state_dir=workdir / "simulator")
-    simulator.poison_names = {"poison_pill"}
-    simulator.start()
+    workdir = Path(tempfile.mkdtemp(prefix="cio-logging-demo-")) if directory is None else directory
+    queue_dir = workdir / "queue"
+    try:
+        simulator = TrackAPISimulator(state_dir=workdir / "simulator")
+        simulator.poison(_POISON)
+        simulator.start()
+    except SimulatorUnavailableError as exc:
+        print(f"cio-logging demo: error: {exc}", file=sys.stderr, flush=True)
+        if directory is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 2
     logger = logging.getLogger("demo.shop")
     logged = 0
 
@@ -54,9 +70,22 @@ def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
 
     try:
         say(f"Track API simulator listening on {simulator.url}")
-        logging.config.dictConfig(_logging_config(simulator, workdir / "queue"))
+        say(
+            f"  it was told to reject events named {_POISON!r}, as Customer.io rejects an "
+            "invalid event: phase 4 logs one"
+        )
+        logging.config.dictConfig(_logging_config(simulator, queue_dir))
         handler = next(h for h in logger.handlers if isinstance(h, CustomerIOHandler))
-        say(f"handler configured with dictConfig; write-ahead log in {workdir / 'queue'}")
+        say(f"handler configured with dictConfig; write-ahead log in {queue_dir}")
+        # A --dir used before holds that run's dead letters (and maybe events): count
+        # this run's only.
+        earlier = handler.status()
+        dead_before, queued_before = earlier["dead_letters"] or 0, earlier["queued"] or 0
+        if dead_before or queued_before:
+            say(
+                f"  the directory holds {dead_before} dead letter(s) and {queued_before} "
+                "queued event(s) from an earlier run; the summary counts this run's"
+            )
 
         def show(prefix: str) -> None:
             status = handler.status()
@@ -74,6 +103,7 @@ def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
                 f"(id {event.id}, data {event.data}, via {event.route})"
             )
         show("")
+        say("  phase 1 logged 30 events")
 
         say(
             f"phase 2: outage (every request answered 503 for {outage_seconds:g} s); "
@@ -91,19 +121,28 @@ def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
         say("  the outage is over: the next probe finds Customer.io back and closes the breaker")
         _wait_until(lambda: handler.status()["queued"] == 0, 20)
         show("")
+        say("  phase 2 logged 30 events (60 so far); all of them delivered after the outage")
 
-        say("phase 3: the operator switches to essential_only for a while")
+        say("phase 3: the operator switches to essential_only for a while; logging 10 events")
         handler.set_degradation("essential_only")
         log_events(10, 60)
-        say(f"  dropped at emit so far: {handler.status()['dropped']}")
+        dropped_now = handler.status()["dropped"].get("degradation_essential_only", 0)
+        say(
+            f"  phase 3 logged 10 events: {10 - dropped_now} essential ones kept, "
+            f"{dropped_now} others dropped at emit ({handler.status()['dropped']})"
+        )
         handler.set_degradation("full")
 
-        say("phase 4: bad events")
-        logger.info("poison_pill", extra=cio_event("user-1", note="the API rejects this name"))
+        say(
+            f"phase 4: 2 bad events: {_POISON!r} (the simulator rejects it: dead-lettered) "
+            "and 'bad_data' (NaN in its data: refused at emit)"
+        )
+        logger.info(_POISON, extra=cio_event("user-1", note="the API rejects this name"))
         logger.info("bad_data", extra=cio_event("user-1", ratio=float("nan")))
         logged += 2
         handler.flush()
         _wait_until(lambda: handler.status()["queued"] == 0, 15)
+        say("  phase 4 logged 2 events")
 
         status = handler.status()
         delivered = len(simulator.accepted)
@@ -114,19 +153,43 @@ def run_demo(*, out: TextIO = sys.stdout, outage_seconds: float = 4.0) -> int:
         print(f"  logged              {logged}", file=out)
         print(f"  delivered           {delivered}", file=out)
         print(f"  queued on disk      {status['queued']}", file=out)
-        print(f"  dead-lettered       {status['dead_letters']}", file=out)
+        dead_lettered = (status["dead_letters"] or 0) - dead_before
+        print(f"  dead-lettered       {dead_lettered}", file=out)
         print(f"  dropped at emit     {dropped}  {status['dropped']}", file=out)
         print(f"  breaker transitions {' , '.join(f'{a}->{b}' for a, b in transitions)}", file=out)
-        accounted = delivered + status["dead_letters"] + dropped == logged
+        accounted = delivered + dead_lettered + dropped == logged + queued_before
         accounted = accounted and status["queued"] == 0
         print(f"  {'every event accounted for' if accounted else 'EVENTS MISSING'}", file=out)
+        dead_letters = DeadLetterStore(queue_dir / "dead", fsync=None)
+        try:
+            dead = [letter.key for letter in dead_letters.select()]
+        finally:
+            dead_letters.close()
+        _try_next(out, workdir, queue_dir, max(dead) if dead else None)  # ULIDs: the newest
         return 0 if accounted else 1
     finally:
         for h in list(logger.handlers):
             logger.removeHandler(h)
             h.close()
-        simulator.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        simulator.close()  # the queue directory stays; the simulator's CA is of no more use
+        shutil.rmtree(workdir / "simulator", ignore_errors=True)
+
+
+def _try_next(out: TextIO, workdir: Path, queue_dir: Path, dead_letter: str | None) -> None:
+    where = shlex.quote(str(queue_dir))
+    commands = [
+        f"cio-logging status --queue-dir {where}",
+        f"cio-logging dlq count --by reason --queue-dir {where}",
+        f"cio-logging dlq list --queue-dir {where}",
+    ]
+    if dead_letter is not None:
+        commands.append(f"cio-logging dlq show {dead_letter} --queue-dir {where}")
+    print(file=out)
+    print(f"the queue directory is kept: {queue_dir}", file=out)
+    print("try the operator commands on it next (no credentials needed to read):", file=out)
+    for command in commands:
+        print(f"  {command}", file=out)
+    print(f"when done: rm -rf {shlex.quote(str(workdir))}", file=out, flush=True)
 
 
 def _logging_config(simulator: Any, queue_dir: Path) -> dict[str, Any]:

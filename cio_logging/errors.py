@@ -5,6 +5,7 @@
     CIOLoggingError
     ├── ConfigurationError      bad or missing settings; raised at construction
     ├── InvalidEventError       a record's ``cio`` extra cannot become an event
+    │   └── UnreadableTagError  a record carries a tag where the handler cannot read it
     └── QueueError              the write-ahead log or dead-letter store failed
         ├── CorruptEntryError   a stored row is not the JSON we wrote (never unpickled)
         └── DatabaseError       the PostgreSQL store failed (the driver's error, its
@@ -40,6 +41,19 @@ class InvalidEventError(CIOLoggingError, ValueError):
     The message names the field and the rule it breaks, never the field's value:
     event data is personal data.
     """
+
+
+class UnreadableTagError(InvalidEventError):
+    """A record carries a Customer.io tag in a shape the handler cannot read.
+
+    For example a structlog renderer turned the tag into text before the record
+    reached logging. ``shape`` names the shape (``"rendered"``, ``"args"``): the
+    handler warns once per logger and shape, with the message, which says how to fix it.
+    """
+
+    def __init__(self, shape: str, message: str) -> None:
+        super().__init__(message)
+        self.shape = shape
 
 
 class QueueError(CIOLoggingError):

@@ -17,14 +17,15 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from ulid import ULID
 
-from .errors import InvalidEventError
+from .errors import InvalidEventError, UnreadableTagError
 
 #: The ``extra`` key that marks a log record as a Customer.io event.
 EXTRA_KEY = "cio"
@@ -34,6 +35,15 @@ MAX_IDENTIFIER_BYTES = 150
 MAX_DATA_BYTES = 100_000
 
 _ALLOWED_KEYS = frozenset({"customer_id", "anonymous_id", "name", "data", "timestamp", "id"})
+# Set by cio_event on a mistake it must not raise for; the record is refused at emit.
+_TAG_ERROR_KEY = "cio_event_error"
+
+# A tag a structlog renderer (JSON, console, key-value, logfmt) wrote into the message
+# text: ``"cio": {``, ``cio={``, ``'cio': {``, ``cio="{``, with colour codes between.
+_COLOUR = r"(?:\x1b\[[0-9;]*m)*"
+_RENDERED_TAG = re.compile(
+    rf"""(?:^|[^\w]|\x1b\[[0-9;]*m)cio['"]?{_COLOUR}\s*[:=]\s*{_COLOUR}['"]?\{{"""
+)
 
 # Crockford's base32 (the ULID alphabet), two characters (10 bits) at a time.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -86,45 +96,140 @@ def cio_event(
     *,
     anonymous_id: str | None = None,
     name: str | None = None,
-    **data: Any,
+    id: str | ULID | None = None,  # the Track API's own field name
+    timestamp: float | dt.datetime | None = None,
+    data: Mapping[str, Any] | None = None,
+    **data_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Build the ``extra`` dict that tags a log record as a Customer.io event.
+
+    ``name``, ``id``, ``timestamp``, ``anonymous_id`` and ``data`` are the event's own
+    fields, never data. Data keys with those names go in the ``data`` mapping, which is
+    merged with the other keywords.
 
     Args:
         customer_id: the person's identifier (``identifiers.id`` in Customer.io).
         anonymous_id: for an event from someone not yet identified, instead of
             ``customer_id``.
         name: the event name; by default the record's formatted message.
-        **data: the event's data (attributes).
+        id: the event's ULID; by default a new one made at emit. Reuse an id to make
+            Customer.io ignore the event as one it already received.
+        timestamp: when the event happened, Unix seconds or a datetime; by default the
+            record's creation time.
+        data: event data as a mapping, for keys that cannot be keywords (``name``,
+            ``id``, ``timestamp``, ``data``, ``customer_id``, ``anonymous_id``, or not
+            identifiers at all).
+        **data_keywords: more event data. A key given here and in ``data`` too is
+            not resolved either way: the record is refused at emit, with a warning
+            that names the key (this function itself never raises).
 
     Example::
 
         log.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
+        log.info("profile_updated", extra=cio_event("user-1", data={"name": "Alice"}))
     """
-    tag: dict[str, Any] = {"data": data}
+    tag: dict[str, Any] = {}
+    if data is None:
+        tag["data"] = data_keywords
+    elif not isinstance(data, Mapping):
+        tag[_TAG_ERROR_KEY] = f"cio_event's data= must be a mapping, not {type(data).__name__}"
+    else:
+        clashes = data_keywords.keys() & data.keys()
+        if clashes:
+            keys = ", ".join(repr(key) for key in sorted(clashes))
+            tag[_TAG_ERROR_KEY] = (
+                f"cio_event got data key(s) {keys} both in data= and as keywords; "
+                "give each key once"
+            )
+        tag["data"] = {**data, **data_keywords}
     if customer_id is not None:
         tag["customer_id"] = customer_id
     if anonymous_id is not None:
         tag["anonymous_id"] = anonymous_id
     if name is not None:
         tag["name"] = name
+    if id is not None:
+        tag["id"] = id
+    if timestamp is not None:
+        tag["timestamp"] = timestamp
     return {EXTRA_KEY: tag}
+
+
+def carries_tag(record: logging.LogRecord) -> bool:
+    """Whether ``record`` carries a Customer.io tag, in any shape :func:`event_from_record`
+    reads or reports.
+
+    Besides ``record.cio`` (``extra=cio_event(...)``), the shapes structlog leaves:
+    ``record.extra["cio"]`` (``render_to_log_kwargs`` given ``extra=cio_event(...)``),
+    an event dict as the message (``ProcessorFormatter.wrap_for_formatter``), a tag
+    rendered into the message text; and a tag passed as the message's argument. A few
+    lookups and type checks for an untagged record.
+    """
+    fields = record.__dict__
+    if EXTRA_KEY in fields or ("extra" in fields and _holds_tag(fields["extra"])):
+        return True
+    message = fields.get("msg")  # .get: handle() must never raise into the caller
+    if type(message) is str:
+        if "cio" in message and _rendered_tag(message):
+            return True
+    elif type(message) is dict:
+        return EXTRA_KEY in message or _holds_tag(message.get("extra"))
+    return _tag_as_argument(fields.get("args"))
+
+
+def _holds_tag(value: object) -> TypeGuard[Mapping[str, Any]]:
+    return value is not None and isinstance(value, Mapping) and EXTRA_KEY in value
+
+
+def _rendered_tag(text: str) -> bool:
+    """Whether ``text`` holds a rendered tag: ``cio`` then a dict naming a person."""
+    found = _RENDERED_TAG.search(text)
+    return found is not None and (
+        "customer_id" in text[found.end() :] or "anonymous_id" in text[found.end() :]
+    )
+
+
+def _tag_as_argument(args: object) -> bool:
+    """``log.info("purchase", cio_event(...))``: logging takes a lone dict as the arguments."""
+    return type(args) is dict and isinstance(args.get(EXTRA_KEY), Mapping)
 
 
 def event_from_record(record: logging.LogRecord) -> Event | None:
     """Map a log record to an :class:`Event`, or ``None`` if it is not tagged.
 
+    The tag is read from ``record.cio``, from ``record.extra["cio"]``, or from the
+    message when it is a structlog event dict (``msg["cio"]`` or
+    ``msg["extra"]["cio"]``; the default name is then ``msg["event"]``).
+
     Raises:
+        UnreadableTagError: the record carries a tag where it cannot be read (rendered
+            into the message text, or passed as the message's argument).
         InvalidEventError: the record is tagged but the tag breaks a rule; the
             message names the field and the rule, never the value.
     """
-    tag = record.__dict__.get(EXTRA_KEY)
+    fields = record.__dict__
+    default_name: object = None  # None: the record's formatted message
+    if EXTRA_KEY in fields:
+        tag = fields[EXTRA_KEY]
+    else:
+        located = _tag_elsewhere(record)
+        if located is None:
+            return None
+        tag, default_name = located
     if tag is None:
         return None
     if type(tag) is not dict and not isinstance(tag, Mapping):  # the ABC check is slow
         raise InvalidEventError(f"extra[{EXTRA_KEY!r}] must be a dict, not {type(tag).__name__}")
     if not _ALLOWED_KEYS.issuperset(tag):
+        if _TAG_ERROR_KEY in tag:
+            raise InvalidEventError(str(tag[_TAG_ERROR_KEY]))
         unknown = set(tag) - _ALLOWED_KEYS
+        if unknown == {EXTRA_KEY}:
+            raise InvalidEventError(
+                f"extra[{EXTRA_KEY!r}] holds another {EXTRA_KEY!r} key: cio_event(...) returns "
+                f"the whole extra dict, so pass extra=cio_event(...), not "
+                f"extra={{{EXTRA_KEY!r}: cio_event(...)}}"
+            )
         names = ", ".join(sorted(map(str, unknown)))
         raise InvalidEventError(
             f"unknown key(s) {names} in extra[{EXTRA_KEY!r}]; event data goes under 'data' "
@@ -135,15 +240,56 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
     if (customer_id is None) == (anonymous_id is None):
         raise InvalidEventError("an event needs exactly one of customer_id and anonymous_id")
     name = tag.get("name")
+    if name is None:
+        name = record.getMessage() if default_name is None else default_name
     return Event(
         id=_event_id(tag.get("id")),
-        name=_name(record.getMessage() if name is None else name),
+        name=_name(name),
         customer_id=customer_id,
         anonymous_id=anonymous_id,
         data_json=encode_data(tag.get("data")),
         timestamp=_timestamp(tag.get("timestamp"), record.created),
         logged_at=record.created,
     )
+
+
+def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
+    """The tag and the default name from a shape other than ``record.cio``, or None.
+
+    Raises:
+        UnreadableTagError: the tag is there but cannot be read.
+    """
+    extra = record.__dict__.get("extra")
+    if _holds_tag(extra):
+        return extra[EXTRA_KEY], None
+    message = record.msg
+    if type(message) is dict:  # a structlog event dict (ProcessorFormatter.wrap_for_formatter)
+        event = message.get("event")
+        default_name = None if event is None else str(event)
+        if EXTRA_KEY in message:
+            return message[EXTRA_KEY], default_name
+        nested = message.get("extra")
+        if _holds_tag(nested):
+            return nested[EXTRA_KEY], default_name
+        return None
+    if type(message) is str and "cio" in message and _rendered_tag(message):
+        raise UnreadableTagError(
+            "rendered",
+            "the record's message is text holding a rendered Customer.io tag: a structlog "
+            "renderer (or a QueueHandler, formatting the record) turned the tag into text "
+            "before it reached this handler, and text is not read as an event. Wrap the last "
+            "processor of structlog's chain, as in "
+            "cio_logging.structlog.CioEventRenderer(structlog.processors.JSONRenderer()): it "
+            "passes the tag beside the text",
+        )
+    if _tag_as_argument(record.args):
+        raise UnreadableTagError(
+            "args",
+            "the Customer.io tag was passed as the message's argument, as in "
+            "log.info('purchase', cio_event(...)); pass it as a keyword: "
+            "log.info('purchase', extra=cio_event(...))",
+        )
+    return None
 
 
 def event_from_dict(raw: Mapping[str, Any]) -> Event:
@@ -303,6 +449,8 @@ def new_event_id() -> str:
 def _event_id(value: object) -> str:
     if value is None:
         return new_event_id()
+    if isinstance(value, ULID):
+        return str(value)
     if not isinstance(value, str):
         raise InvalidEventError(f"id must be a ULID string, not {type(value).__name__}")
     try:

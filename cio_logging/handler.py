@@ -25,8 +25,8 @@ from opentelemetry.trace import TracerProvider
 
 from .commit import REFUSED, GroupCommitter
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
-from .errors import ConfigurationError, InvalidEventError, QueueError
-from .events import EXTRA_KEY, event_from_record
+from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
+from .events import EXTRA_KEY, carries_tag, event_from_record
 from .signals import install_commit_on_signals
 from .store import (
     DeadLetterArchive,
@@ -46,6 +46,7 @@ internal_log = logging.getLogger("cio_logging")
 
 #: Reasons under which ``status()["dropped"]`` counts events that were not queued.
 DROP_INVALID = "invalid_event"
+DROP_UNREADABLE = "unreadable_tag"  # a tag where it cannot be read (a rendered structlog one)
 DROP_QUEUE_ERROR = "queue_error"
 DROP_DISABLED = "degradation_disabled"
 DROP_NON_ESSENTIAL = "degradation_essential_only"
@@ -173,6 +174,7 @@ class CustomerIOHandler(logging.Handler):
         os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
         self._enqueued = 0
         self._dropped: Counter[str] = Counter()
+        self._unreadable_warned: set[tuple[str, str]] = set()
         self._closed = False
         self._close_done = False
         self._degradation = self.settings.degradation
@@ -206,12 +208,12 @@ class CustomerIOHandler(logging.Handler):
     def handle(self, record: logging.LogRecord) -> Any:
         """Filter and emit, without the handler lock.
 
-        Untagged records return at the cost of one dict lookup. The lock is skipped on
-        purpose: the write-ahead log is safe for concurrent writers, and serialising
-        every caller behind one lock would make logging threads queue up.
+        Untagged records return at the cost of a few lookups (``carries_tag``). The lock
+        is skipped on purpose: the write-ahead log is safe for concurrent writers, and
+        serialising every caller behind one lock would make logging threads queue up.
         """
         if (
-            EXTRA_KEY not in record.__dict__
+            (EXTRA_KEY not in record.__dict__ and not carries_tag(record))
             or getattr(_inside_emit, "active", False)
             or getattr(flush_thread_marker, "active", False)
         ):
@@ -256,10 +258,13 @@ class CustomerIOHandler(logging.Handler):
             self._telemetry.event_enqueued(essential)
             with self._counts_guard:
                 self._enqueued += 1
+        except UnreadableTagError as exc:
+            self._count_drop(DROP_UNREADABLE, None)
+            self._warn_unreadable(record, exc)
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID, None)
             internal_log.warning(
-                "cio_logging: event refused at emit (logger %s, %s:%d): %s",
+                "event refused at emit (logger %s, %s:%d): %s",
                 record.name,
                 record.filename,
                 record.lineno,
@@ -270,6 +275,23 @@ class CustomerIOHandler(logging.Handler):
             self.handleError(record)
         finally:
             _inside_emit.active = False
+
+    def _warn_unreadable(self, record: logging.LogRecord, exc: UnreadableTagError) -> None:
+        """Say once per logger and shape that its tags cannot be read, and how to fix that."""
+        key = (record.name, exc.shape)
+        with self._counts_guard:
+            if key in self._unreadable_warned:
+                return
+            self._unreadable_warned.add(key)
+        internal_log.warning(
+            "records on logger %s carry a Customer.io tag the handler cannot read "
+            "(%s:%d); they are counted as dropped (%s) and this is said once: %s",
+            record.name,
+            record.filename,
+            record.lineno,
+            DROP_UNREADABLE,
+            exc,
+        )
 
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""
@@ -285,7 +307,7 @@ class CustomerIOHandler(logging.Handler):
         if now - self._buffer_warned_at > 60.0:
             self._buffer_warned_at = now
             internal_log.error(
-                "cio_logging: %d event(s) wait in memory, past max_buffer_bytes=%d (%s); "
+                "%d event(s) wait in memory, past max_buffer_bytes=%d (%s); "
                 "shedding events at emit",
                 self._committer.buffered,
                 self.settings.max_buffer_bytes,
@@ -329,7 +351,7 @@ class CustomerIOHandler(logging.Handler):
         new = degradation_level(level)
         old, self._degradation = self._degradation, new
         if old != new:
-            internal_log.warning("cio_logging: degradation %s -> %s", old, new)
+            internal_log.warning("degradation %s -> %s", old, new)
 
     def _disk_limit_reached(self, essential: bool) -> str | None:
         """The drop reason when the queue is past a size limit, else None. Never blocks."""
@@ -346,7 +368,7 @@ class CustomerIOHandler(logging.Handler):
         if now - self._disk_warned_at > 60.0:
             self._disk_warned_at = now
             internal_log.error(
-                "cio_logging: the queue holds %d bytes on disk, past %s; shedding %s events "
+                "the queue holds %d bytes on disk, past %s; shedding %s events "
                 "at emit until delivery catches up",
                 size,
                 "hard_max_queue_bytes" if reason == DROP_DISK_HARD else "max_queue_bytes",
@@ -361,7 +383,7 @@ class CustomerIOHandler(logging.Handler):
         deadline = time.monotonic() + self.settings.flush_timeout
         if not self._committer.commit(self.settings.flush_timeout):
             internal_log.warning(
-                "cio_logging: flush could not write %d event(s) to disk (%s)",
+                "flush could not write %d event(s) to disk (%s)",
                 self._committer.buffered,
                 self._committer.disk_error or "timed out",
             )
@@ -371,8 +393,7 @@ class CustomerIOHandler(logging.Handler):
         last_rowid = self._committer.last_rowid
         if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_rowid):
             internal_log.warning(
-                "cio_logging: flush timed out after %gs; %s event(s) wait on "
-                "disk and will be sent later",
+                "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
                 self.settings.flush_timeout,
                 _or_none(self._wal.__len__),  # a failing store must not raise here
             )
@@ -395,8 +416,7 @@ class CustomerIOHandler(logging.Handler):
             with self._counts_guard:
                 self._dropped[DROP_UNWRITTEN_AT_CLOSE] += unwritten
             internal_log.error(
-                "cio_logging: %d event(s) could not be written to disk before close (%s) "
-                "and are lost",
+                "%d event(s) could not be written to disk before close (%s) and are lost",
                 unwritten,
                 self._committer.disk_error,
             )
@@ -407,8 +427,7 @@ class CustomerIOHandler(logging.Handler):
                 self._dead_letters.close()
             else:
                 internal_log.warning(
-                    "cio_logging: the flush thread did not stop within %gs; "
-                    "its unsent events stay on disk",
+                    "the flush thread did not stop within %gs; its unsent events stay on disk",
                     self.settings.close_timeout,
                 )
             self._close_done = True

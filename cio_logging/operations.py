@@ -813,7 +813,11 @@ def _replay(
     client = TrackClient(
         settings,
         breaker=breaker,
-        rate_cap=RequestRateCap(settings.max_requests_per_second, stop=stop),
+        rate_cap=RequestRateCap(
+            settings.max_requests_per_second,
+            stop=stop,
+            workspace=(settings.site_id, settings.endpoint.base_url),
+        ),
     )
     held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
     replayed_at = time.time()  # the replay's time in each entry's history

@@ -14,9 +14,11 @@
   give up, from tenacity's wait and stop policies evaluated on the attempt count and
   first-failure time stored with the event in the write-ahead log (so a restart does
   not reset them). ``Retry-After`` wins when it asks for longer, up to a cap.
-* :class:`RequestRateCap` keeps any one-second window at or under
-  ``max_requests_per_second`` requests (a sliding log, not a token bucket, which lets
-  twice the rate through a window), so recovery after an outage is not a burst.
+* :class:`RequestRateCap` keeps any one-second window at the server at or under
+  ``max_requests_per_second`` requests (a slot is held from before a request goes out
+  until a second after its answer; a token bucket would let twice the rate through a
+  window), so recovery after an outage is not a burst. One process's handlers on one
+  workspace share it.
 
 All waits take an ``Event`` so ``close()`` cuts them short, and a clock, so tests
 need no real time.
@@ -25,10 +27,11 @@ need no real time.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 import pybreaker
@@ -42,6 +45,10 @@ from tenacity import (
 from .config import Settings
 
 Result = TypeVar("Result")
+
+# At import: getLogger takes logging's module lock, which the flush thread must never
+# wait for (see background.py).
+_internal_log = logging.getLogger("cio_logging")
 
 #: Breaker states as reported by ``status()`` and telemetry.
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
@@ -206,7 +213,7 @@ class _TransitionListener(pybreaker.CircuitBreakerListener):
         try:
             self._notify(getattr(old_state, "name", CLOSED), getattr(new_state, "name", ""))
         except Exception:  # reporting a transition must never break delivery
-            logging.getLogger("cio_logging").exception("cio_logging: breaker listener failed")
+            _internal_log.exception("breaker listener failed")
 
 
 class RetryPolicy:
@@ -272,8 +279,90 @@ def _retry_state(attempts: int, elapsed: float) -> RetryCallState:
     return state
 
 
+class RateSlot:
+    """One request's place under a :class:`RequestRateCap`.
+
+    Taken before the request goes out; :meth:`release` once its answer (or its
+    failure) is in, and the slot stays taken one second more; :meth:`cancel` if
+    nothing was sent after all. Either is idempotent.
+    """
+
+    __slots__ = ("_done", "_window")
+
+    def __init__(self, window: _SlotWindow) -> None:
+        self._window = window
+        self._done = False
+
+    def release(self) -> None:
+        """The answer arrived: the slot frees one second from now."""
+        if not self._done:
+            self._done = True
+            self._window.give_back(sent=True)
+
+    def cancel(self) -> None:
+        """Nothing was sent: the slot frees at once."""
+        if not self._done:
+            self._done = True
+            self._window.give_back(sent=False)
+
+
+class _SlotWindow:
+    """The slots taken for one workspace in this process, with when each frees."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._guard = threading.Lock()
+        self._in_flight = 0
+        self._freed_at: deque[float] = deque()  # answered: free at these times (ascending)
+        self.held_until = float("-inf")  # Customer.io asked for a pause (Retry-After)
+
+    def try_take(self, limit: int) -> float:
+        """Take a slot if fewer than ``limit`` are taken (0.0), else how long to wait."""
+        with self._guard:
+            now = self._clock()
+            while self._freed_at and self._freed_at[0] <= now:
+                self._freed_at.popleft()
+            if self._in_flight + len(self._freed_at) < limit:
+                self._in_flight += 1
+                return 0.0
+            # All taken. The first to free is the first answered one; with every
+            # slot still in flight, none frees sooner than a second from now.
+            return self._freed_at[0] - now if self._freed_at else 1.0
+
+    def give_back(self, *, sent: bool) -> None:
+        with self._guard:
+            self._in_flight -= 1
+            if sent:
+                self._freed_at.append(self._clock() + 1.0)
+
+    def hold(self, seconds: float) -> None:
+        with self._guard:
+            self.held_until = max(self.held_until, self._clock() + seconds)
+
+    def seconds_on_hold(self) -> float:
+        return max(0.0, self.held_until - self._clock())
+
+
 class RequestRateCap:
-    """At most ``per_second`` requests in any sliding one-second window."""
+    """At most ``per_second`` requests in any one-second window, where the server
+    counts them.
+
+    A request reaches the server at some moment between taking its slot (before it
+    is sent) and its answer. So a slot is held from before the request goes out
+    until its answer plus one second, and at most ``per_second`` slots are held at
+    once. Were more than ``per_second`` requests to arrive within one window from
+    ``t`` to ``t + 1``, each one's slot would be held at ``t + 1`` (taken before it
+    arrived, freed a second after its answer, which came after ``t``): impossible.
+    Counting from when a request was prepared instead let 8 requests into one
+    second under a cap of 5, as preparation times vary. The price is a slot held for
+    the request's latency on top of the second.
+
+    ``workspace``: handlers of one process that send to one workspace (site id and
+    endpoint) share one set of slots, so together they keep the cap; each waits
+    until fewer than its own ``per_second`` are taken. They share a Retry-After
+    pause too (:meth:`hold`). Without it, the cap is this object's own. A forked
+    child starts with no slot taken and no pause.
+    """
 
     def __init__(
         self,
@@ -281,23 +370,48 @@ class RequestRateCap:
         *,
         clock: Callable[[], float] = time.monotonic,
         stop: threading.Event | None = None,
+        workspace: Hashable | None = None,
     ) -> None:
         self._limit = max(1, int(per_second))
-        self._clock = clock
         self._stop = stop or threading.Event()
-        self._sent: deque[float] = deque()
-        self._guard = threading.Lock()
+        self._window = _SlotWindow(clock) if workspace is None else _shared_window(workspace)
 
-    def acquire(self) -> bool:
-        """Wait for a slot; False if stopped meanwhile (then send nothing)."""
+    def hold(self, seconds: float) -> None:
+        """Customer.io asked every client to wait (Retry-After): so must the others."""
+        self._window.hold(seconds)
+
+    def seconds_on_hold(self) -> float:
+        """How long the workspace's pause (see :meth:`hold`) still lasts; 0 if none."""
+        return self._window.seconds_on_hold()
+
+    def acquire(self) -> RateSlot | None:
+        """Wait for a slot; None if stopped meanwhile (then send nothing)."""
         while True:
-            with self._guard:
-                now = self._clock()
-                while self._sent and self._sent[0] <= now - 1.0:
-                    self._sent.popleft()
-                if len(self._sent) < self._limit:
-                    self._sent.append(now)
-                    return True
-                wait = self._sent[0] + 1.0 - now
+            wait = self._window.try_take(self._limit)
+            if wait <= 0:
+                return RateSlot(self._window)
             if self._stop.wait(wait):
-                return False
+                return None
+
+
+# One slot window per workspace in this process.
+_WINDOWS: dict[Hashable, _SlotWindow] = {}
+_WINDOWS_GUARD = threading.Lock()
+
+
+def _shared_window(workspace: Hashable) -> _SlotWindow:
+    with _WINDOWS_GUARD:
+        window = _WINDOWS.get(workspace)
+        if window is None:
+            window = _WINDOWS[workspace] = _SlotWindow(time.monotonic)
+        return window
+
+
+def _forget_windows_in_child() -> None:
+    # The parent's slots are its requests, and its locks may have been copied held.
+    global _WINDOWS_GUARD
+    _WINDOWS_GUARD = threading.Lock()
+    _WINDOWS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_windows_in_child)

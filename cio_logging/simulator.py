@@ -14,9 +14,10 @@ It answers the four event routes (`/api/v1/customers/{identifier}/events`, `/api
 `/api/v2/batch`, `/api/v2/entity`) the way the published OpenAPI description and the documented
 limits say: Basic auth, ULID deduplication, per-item 207 errors, whole-request 400s. Tests drive
 it from the same process through its methods (`fail`, `set_latency`, `reset_connections`,
-`refuse_connections`, `poison_names`, ...) and read what it accepted from `accepted` and
+`refuse_connections`, `poison`, ...) and read what it accepted from `accepted` and
 `requests`; another process can do the same through the unauthenticated control routes under
-`/_simulator/`. `python -m cio_logging.simulator` runs one until interrupted.
+`/_simulator/` (listed in `CONTROL_API`, and in the README). `python -m cio_logging.simulator`
+(or `cio-logging simulator`) runs one until interrupted.
 
 The TLS certificate comes from a throwaway CA made by trustme; its PEM is at `ca_file`.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import hmac
 import json
 import re
@@ -36,6 +38,7 @@ import socket
 import socketserver
 import ssl
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -48,9 +51,14 @@ from types import FrameType
 from typing import Any, NamedTuple, cast
 from urllib.parse import unquote
 
-import trustme
-
-__all__ = ["AcceptedEvent", "RequestRecord", "TrackAPISimulator", "run_from_command_line"]
+__all__ = [
+    "CONTROL_API",
+    "AcceptedEvent",
+    "RequestRecord",
+    "SimulatorUnavailableError",
+    "TrackAPISimulator",
+    "run_from_command_line",
+]
 
 # Limits from Customer.io's documentation. Sizes are measured on compact UTF-8 JSON
 # (separators without spaces, no ASCII escaping): the smallest form of the same content.
@@ -80,11 +88,49 @@ _V1_IDENTIFIED = re.compile(r"/api/v1/customers/([^/]*)/events")
 _CONTROL_PREFIX = "/_simulator/"
 _UNAUTHORIZED = "Unauthorized request. Make sure that you provided the right credentials."
 _CHALLENGE = (("WWW-Authenticate", 'Basic realm="Customer.io Track API"'),)
-_CONTROL_METHODS = dict.fromkeys(["events", "requests"], "GET") | dict.fromkeys(
-    ["faults", "clear_faults", "clear"], "POST"
-)
+_CONTROL_METHODS = {
+    "events": ("GET",),
+    "requests": ("GET",),
+    "poison": ("GET", "POST"),
+    "faults": ("POST",),
+    "clear_faults": ("POST",),
+    "clear_poison": ("POST",),
+    "clear": ("POST",),
+}
+
+#: The unauthenticated control routes, as ``--help`` and the README describe them.
+CONTROL_API = """\
+control API (unauthenticated, JSON; never recorded, never faulted):
+  GET  /_simulator/events        accepted events: {"events": [...], "duplicates": N}
+  GET  /_simulator/requests      every Track request: time, method, path, status, ...
+  POST /_simulator/faults        {"status": 503, "count": N | "duration": S,
+                                  "retry_after": "7", "body": {...}},
+                                 {"latency": S}, {"reset_connections": {"count": N}}
+  POST /_simulator/clear_faults  end failures, latency, resets and a refusal
+                                 (poison names stay)
+  GET  /_simulator/poison        the poison names: {"names": [...]}
+  POST /_simulator/poison        {"names": ["bad_event"]}: events with these names are
+                                 rejected (400 on v1, a 207 item error in a v2 batch)
+  POST /_simulator/clear_poison  forget every poison name
+  POST /_simulator/clear         forget accepted events, requests and seen ids
+"""
 _FAULT_KEYS = frozenset({"status", "latency", "reset_connections"})
 _NOT_JSON = object()  # stands for a body that did not parse
+
+
+class SimulatorUnavailableError(RuntimeError):
+    """The simulator cannot run here: trustme is missing, or it cannot listen."""
+
+
+def _trustme() -> Any:
+    try:
+        import trustme
+    except ImportError:
+        raise SimulatorUnavailableError(
+            "the Track API simulator needs trustme, which is not installed: "
+            "pip install 'cio-logging[simulator]'"
+        ) from None
+    return trustme
 
 
 @dataclass(frozen=True)
@@ -113,6 +159,11 @@ class RequestRecord:
     item_count: int
     payload: Any = None  # the decoded JSON body, kept only while ``record_bodies`` is set
     user_agent: str = ""
+    #: ``time.monotonic()`` when the request line and headers had arrived, before the
+    #: body was read: where a server's rate limiter counts a request.
+    arrived_at: float = 0.0
+    #: Seconds from the request's headers read to its answer ready (latency included).
+    duration: float = 0.0
 
 
 class _Answer(NamedTuple):
@@ -366,6 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _dispatch(self) -> None:
+        arrived_at = time.monotonic()
+        started = time.perf_counter()
         simulator = cast(_Server, self.server).simulator
         path = self.path.partition("?")[0]
         body = self._read_body()
@@ -377,7 +430,13 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 authorization = self.headers.get("Authorization")
                 answer = simulator._track(
-                    self.command, path, authorization, body, self.headers.get("User-Agent", "")
+                    self.command,
+                    path,
+                    authorization,
+                    body,
+                    self.headers.get("User-Agent", ""),
+                    arrived_at,
+                    started,
                 )
         except Exception as exc:  # a simulator bug: say so to the client rather than hang up
             answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
@@ -441,6 +500,7 @@ class TrackAPISimulator:
         port: int = 0,
         state_dir: str | Path | None = None,
     ) -> None:
+        trustme = _trustme()  # first: nothing to clean up when it is missing
         self.site_id, self.api_key = site_id, api_key
         self.poison_names: set[str] = set()
         #: Keep each request's decoded body in ``requests`` (off: benchmarks send millions).
@@ -495,7 +555,15 @@ class TrackAPISimulator:
             if self._closed:
                 raise RuntimeError("the simulator is closed")
             if self._server is None:
-                server = self._server = _Server((self._host, self._port), self, self._context)
+                try:
+                    server = _Server((self._host, self._port), self, self._context)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    advice = "; --port 0 picks a free one" if exc.errno == errno.EADDRINUSE else ""
+                    raise SimulatorUnavailableError(
+                        f"cannot listen on {self._host}:{self._port}: {reason}{advice}"
+                    ) from exc
+                self._server = server
                 self._port = server.server_address[1]
                 self._thread = threading.Thread(
                     target=server.serve_forever,
@@ -648,12 +716,21 @@ class TrackAPISimulator:
         with self._lock:
             self.site_id, self.api_key = site_id, api_key
 
+    def poison(self, *names: str) -> None:
+        """Reject events with these names from now on (added to ``poison_names``)."""
+        with self._lock:
+            self.poison_names = self.poison_names | set(names)
+
+    def clear_poison(self) -> None:
+        """Accept every event name again."""
+        with self._lock:
+            self.poison_names = set()
+
     def clear_faults(self) -> None:
-        """Remove every fault: failures, latency, resets, poison names, a refusal."""
+        """End failures, latency, resets and a refusal. Poison names stay: clear_poison()."""
         with self._lock:
             self._failure = self._reset = None
             self._latency = 0.0
-            self.poison_names.clear()
         with self._lifecycle:
             if self._refusing and not self._closed:
                 self._cancel_refusal()
@@ -668,9 +745,19 @@ class TrackAPISimulator:
         authorization: str | None,
         body: bytes,
         user_agent: str = "",
+        arrived_at: float | None = None,
+        started: float | None = None,
     ) -> _Answer | None:
-        """Answer one Track request; None means drop the connection unanswered."""
+        """Answer one Track request; None means drop the connection unanswered.
+
+        ``arrived_at``: ``time.monotonic()`` and ``started``: ``time.perf_counter()``
+        when its headers were read.
+        """
         received = time.time()
+        if arrived_at is None:
+            arrived_at = time.monotonic()
+        if started is None:
+            started = time.perf_counter()
         match = _V1_IDENTIFIED.fullmatch(path)
         route = "v1" if match else _ROUTES.get(path)
         payload = _loads(body) if route else None
@@ -711,6 +798,8 @@ class TrackAPISimulator:
             _item_count(route, payload),
             payload if self.record_bodies else None,
             user_agent,
+            arrived_at,
+            time.perf_counter() - started,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)
@@ -790,18 +879,30 @@ class TrackAPISimulator:
         expected = _CONTROL_METHODS.get(action)
         if expected is None:
             return _Answer(404, {"meta": {"error": "Not Found"}})
-        if method != expected:
-            return _Answer(405, {"meta": {"error": "Method Not Allowed"}}, (("Allow", expected),))
+        if method not in expected:
+            allow = (("Allow", ", ".join(expected)),)
+            return _Answer(405, {"meta": {"error": "Method Not Allowed"}}, allow)
         if action == "events":
             with self._lock:
                 events, duplicates = list(self._accepted), self._duplicates
             return _Answer(200, {"events": [asdict(e) for e in events], "duplicates": duplicates})
         if action == "requests":
             return _Answer(200, {"requests": [asdict(r) for r in self.requests]})
+        if action == "poison" and method == "GET":
+            return _Answer(200, {"names": sorted(self.poison_names)})
         if action == "clear":
             self.clear()
         elif action == "clear_faults":
             self.clear_faults()
+        elif action == "clear_poison":
+            self.clear_poison()
+        elif action == "poison":
+            names = _loads(body)
+            names = names.get("names") if isinstance(names, dict) else None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                return _Answer(400, {"meta": {"error": 'expected {"names": ["event name", ...]}'}})
+            self.poison(*names)
+            return _Answer(200, {"names": sorted(self.poison_names)})
         else:
             spec = _loads(body)
             try:
@@ -830,15 +931,46 @@ class TrackAPISimulator:
 
 
 def run_from_command_line(argv: list[str] | None = None) -> int:
-    """Serve a simulator until SIGINT or SIGTERM; print what a client needs to reach it."""
+    """Serve a simulator until SIGINT or SIGTERM; print what a client needs to reach it.
+
+    Returns 0 after an interrupt, 1 when it cannot start (one line on stderr says why).
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m cio_logging.simulator", description="Local Customer.io Track API."
+        prog="cio-logging simulator",
+        description="A local Customer.io Track API over HTTPS, for trying the handler and "
+        "the CLI without a workspace. It prints the environment variables that point a "
+        "handler (or cio-logging) at it, then serves until interrupted.",
+        epilog=f"{CONTROL_API}\nexit codes: 0 after SIGINT or SIGTERM; 1 when it cannot "
+        "start (port in use, trustme missing).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8443, help="0 picks a free port")
-    parser.add_argument("--site-id", default="sim-site")
-    parser.add_argument("--api-key", default="sim-key")
-    parser.add_argument("--state-dir", help="where to write the CA file (default: a temp dir)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=8443,
+        help="port to listen on (default %(default)s; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--site-id", default="sim-site", help="the site id it accepts (default %(default)s)"
+    )
+    parser.add_argument(
+        "--api-key", default="sim-key", help="the API key it accepts (default %(default)s)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="where to write the CA file (default: a temporary directory, removed at exit)",
+    )
+    parser.add_argument(
+        "--poison",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="reject events with this name (400 on v1, a 207 item error in a batch); "
+        "repeat for more; also POST /_simulator/poison",
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
 
@@ -846,10 +978,12 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    simulator = TrackAPISimulator(
-        args.site_id, args.api_key, host=args.host, port=args.port, state_dir=args.state_dir
-    )
+    simulator: TrackAPISimulator | None = None
     try:
+        simulator = TrackAPISimulator(
+            args.site_id, args.api_key, host=args.host, port=args.port, state_dir=args.state_dir
+        )
+        simulator.poison(*args.poison)
         simulator.start()
         exports = {
             "CUSTOMERIO_SITE_ID": simulator.site_id,
@@ -862,10 +996,20 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
         print(f"site id: {simulator.site_id}  api key: {simulator.api_key}", flush=True)
         line = " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items())
         print(f"export {line}", flush=True)
+        if args.poison:
+            print(f"poison names (rejected): {', '.join(sorted(args.poison))}", flush=True)
+        print(f"control API: {simulator.url}/_simulator/ (see --help)", flush=True)
         while not stop.wait(0.5):  # wake now and then so a signal is handled promptly
             pass
+    except SimulatorUnavailableError as exc:
+        print(f"cio-logging simulator: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:  # the state directory cannot be made or written
+        print(f"cio-logging simulator: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
-        simulator.close()
+        if simulator is not None:
+            simulator.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

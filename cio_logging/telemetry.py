@@ -34,6 +34,21 @@ _STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 
 _INSTRUMENTATION_NAME = "cio_logging"
 
+#: Bucket boundaries (seconds) the two latency histograms advise. Each boundary is at
+#: most twice the one before, so a quantile read from the buckets (Prometheus's
+#: histogram_quantile) is within 2x of the truth between 1 ms and 60 s. The SDK's
+#: default (0, 5, 10 ... 10000) is made for milliseconds and put every request under
+#: 5 s in one bucket. A View on the MeterProvider overrides them (README, "Observability").
+DELIVERY_DURATION_BOUNDARIES: tuple[float, ...] = (
+    0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.1, 0.2, 0.4, 0.8,
+    1.5, 3.0, 6.0, 10.0, 20.0, 40.0, 60.0,
+)  # fmt: skip
+#: The lag goes on to 72 hours, when Customer.io stops triggering campaigns for an event.
+EVENT_LAG_BOUNDARIES: tuple[float, ...] = (
+    *DELIVERY_DURATION_BOUNDARIES,
+    120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 259200.0,
+)  # fmt: skip
+
 
 @dataclass
 class QueueProbes:
@@ -119,11 +134,13 @@ class Telemetry:
             "cio.delivery.duration",
             unit="s",
             description="Duration of one request to the Track API",
+            explicit_bucket_boundaries_advisory=DELIVERY_DURATION_BOUNDARIES,
         )
         self.event_lag = meter.create_histogram(
             "cio.event.lag",
             unit="s",
             description="From the log record's time to acceptance by Customer.io",
+            explicit_bucket_boundaries_advisory=EVENT_LAG_BOUNDARIES,
         )
 
     # -- the caller's thread: one counter add each ------------------------------------

@@ -46,6 +46,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import background
 from .clock import STEP_TOLERANCE_SECONDS, WallClock
 from .config import Settings
 from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
@@ -68,9 +69,10 @@ from .telemetry import Telemetry
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")
 
-#: Set on the flush thread: records logged there (by the SDK, urllib3, ourselves) must
-#: never come back into a handler (a feedback loop).
-flush_thread_marker = threading.local()
+#: Set on our threads (flush, senders, commit): records logged there (by the SDK,
+#: urllib3, ourselves) must never come back into a handler (a feedback loop), and their
+#: level checks never take logging's module lock (see background.py).
+flush_thread_marker = background.marker
 
 # How long the flush thread lets events gather after new ones woke it.
 _LINGER_SECONDS = 0.02
@@ -177,7 +179,12 @@ class DeliveryWorker:
         self._due_checked_at = float("-inf")
         settings = self._settings
         self.breaker = DeliveryBreaker.from_settings(settings, self._breaker_changed)
-        self._rate_cap = RequestRateCap(settings.max_requests_per_second, stop=self._stop)
+        self._rate_cap = RequestRateCap(
+            settings.max_requests_per_second,
+            stop=self._stop,
+            # This process's handlers on one workspace share one cap.
+            workspace=(settings.site_id, settings.endpoint.base_url),
+        )
 
     @property
     def is_delivering_process(self) -> bool:
@@ -263,7 +270,8 @@ class DeliveryWorker:
         return stopped
 
     def _run(self) -> None:
-        flush_thread_marker.active = True
+        background.mark_current_thread()
+        background.guard_loggers()
         client: TrackClient | None = None
         try:
             while not self._stop.is_set():
@@ -272,7 +280,7 @@ class DeliveryWorker:
                 except LeaseLostError as exc:
                     # Paused or cut off past the lease: another process sends now. Stop
                     # at once; the rows not acknowledged are the new sender's.
-                    internal_log.warning("cio_logging: %s; this process stops sending", exc)
+                    internal_log.warning("%s; this process stops sending", exc)
                     lost = getattr(self._lock, "lost", None)
                     if lost is not None:
                         lost()
@@ -333,7 +341,7 @@ class DeliveryWorker:
             # would notice): it would go on reading the unlinked file.
             action = self._wal.recover(None)
             if action is not None:
-                internal_log.error("cio_logging: %s", action)
+                internal_log.error("%s", action)
         on_hold = self._seconds_on_hold()
         if on_hold > 0:
             self._complete(generation)  # flush(): nothing can go now
@@ -368,7 +376,7 @@ class DeliveryWorker:
         except PermissionError as exc:
             self._report_foreign_lock(exc)
         except DatabaseError as exc:
-            internal_log.debug("cio_logging: spilled rows not moved yet: %s", exc)
+            internal_log.debug("spilled rows not moved yet: %s", exc)
 
     def _adopt_fleet_state(self) -> None:
         """A process that just took over the fleet's sending keeps the last sender's
@@ -402,14 +410,14 @@ class DeliveryWorker:
         moved = self._wal.adjust_due_times(step, now, self._due_horizon)
         if step:
             internal_log.warning(
-                "cio_logging: the wall clock stepped %+.1f s; moved %d due time(s) in the "
+                "the wall clock stepped %+.1f s; moved %d due time(s) in the "
                 "queue by it, so retries keep their wait",
                 step,
                 moved,
             )
         elif moved:
             internal_log.warning(
-                "cio_logging: %d event(s) were due more than %g s ahead (written under "
+                "%d event(s) were due more than %g s ahead (written under "
                 "another clock); they are due now",
                 moved,
                 self._due_horizon,
@@ -422,10 +430,10 @@ class DeliveryWorker:
         try:
             action = self._wal.recover(error)
         except Exception as exc:  # the disk is not back yet: the next turn tries again
-            internal_log.debug("cio_logging: queue recovery failed: %r", exc)
+            internal_log.debug("queue recovery failed: %r", exc)
             return
         if action is not None:
-            internal_log.error("cio_logging: %s", action)
+            internal_log.error("%s", action)
 
     def _report_foreign_lock(self, error: PermissionError) -> None:
         # A root shell ran the CLI here with an older version and left the lock as
@@ -439,7 +447,7 @@ class DeliveryWorker:
             except (OSError, KeyError):
                 owner = "another user"
             internal_log.error(
-                "cio_logging: cannot open %s (%s): it belongs to %s, so this process "
+                "cannot open %s (%s): it belongs to %s, so this process "
                 "cannot deliver from this queue; events wait on disk. Give it back to "
                 "the queue directory's owner (chown)",
                 path,
@@ -452,13 +460,14 @@ class DeliveryWorker:
         if now - self._unexpected_reported_at >= _ERROR_REPEAT_SECONDS:
             self._unexpected_reported_at = now
             internal_log.exception(
-                "cio_logging: unexpected error in the flush thread; events stay on disk "
-                "and delivery is retried"
+                "unexpected error in the flush thread; events stay on disk and delivery is retried"
             )
 
     def _seconds_on_hold(self) -> float:
         held = self._held_until - time.monotonic()
-        return max(held, self.breaker.seconds_until_probe())
+        # A Retry-After answered to another handler of this process on this workspace
+        # holds this one too.
+        return max(held, self.breaker.seconds_until_probe(), self._rate_cap.seconds_on_hold())
 
     def _deliver_once(self, client: TrackClient) -> bool:
         """Deliver what is due (one event as a breaker probe); False when nothing was."""
@@ -484,7 +493,12 @@ class DeliveryWorker:
         found = failed = False
         while True:
             while not failed and len(in_flight) < settings.max_in_flight:
-                if self._stop.is_set() or self.breaker.state != CLOSED or not self._lock.held:
+                if (
+                    self._stop.is_set()
+                    or self.breaker.state != CLOSED
+                    or self._rate_cap.seconds_on_hold() > 0
+                    or not self._lock.held
+                ):
                     break
                 events, batch = self._take_due(settings.batch_size, self._clock(), cursor)
                 if not (batch.events or batch.corrupt):
@@ -509,8 +523,7 @@ class DeliveryWorker:
         for corrupt in batch.corrupt:
             self._dead_letter(corrupt.key, None, Failure(None, "corrupt_entry", corrupt.reason))
             internal_log.error(
-                "cio_logging: a queue entry could not be read and was moved to "
-                "the dead-letter store: %s",
+                "a queue entry could not be read and was moved to the dead-letter store: %s",
                 corrupt.reason,
             )
         events: list[QueuedEvent] = []
@@ -542,7 +555,7 @@ class DeliveryWorker:
             )
         self.stats.requests += report.requests
         if report.accepted and self.stats.delivery_paused:
-            internal_log.warning("cio_logging: Customer.io accepts events again; delivery resumed")
+            internal_log.warning("Customer.io accepts events again; delivery resumed")
             self.stats.delivery_paused = None
         failure = report.failure
         if failure is None:
@@ -584,6 +597,7 @@ class DeliveryWorker:
             if failure.retry_after:
                 # Customer.io asked every client to wait, not just these events.
                 wait = min(failure.retry_after, self._settings.max_retry_after)
+                self._rate_cap.hold(wait)  # and this process's other handlers on it
                 self._held_until = max(self._held_until, time.monotonic() + wait)
             self._report(
                 failure,
@@ -672,7 +686,7 @@ class DeliveryWorker:
             essential = None if event is None else event.name in self._settings.essential_events
             self._telemetry.event_dead_lettered(failure.error_type, essential)
         internal_log.warning(
-            "cio_logging: event %s (%s) moved to the dead-letter store: %s",
+            "event %s (%s) moved to the dead-letter store: %s",
             key,
             event.name if event else "unreadable",
             failure.message,
@@ -687,7 +701,7 @@ class DeliveryWorker:
         if repeated and previous is not None and now - previous[1] < _ERROR_REPEAT_SECONDS:
             return
         self._last_reported = (failure.message, now)
-        internal_log.log(level, "cio_logging: " + message, failure.message, waiting, *extra)
+        internal_log.log(level, message, failure.message, waiting, *extra)
 
     def _record_state(self, *, now: bool = False, breaker: str | None = None) -> None:
         """Rewrite state.json for ``cio-logging status`` (the delivering process only)."""
@@ -716,6 +730,13 @@ class DeliveryWorker:
             "failed_requests": stats.failed_requests,
         }
         if self._fleet_state is None:
+            if not self._did_anything(stats):
+                # A process that has sent nothing (a gunicorn --preload master taking
+                # the lock at shutdown, a drain with nothing to do) must not replace the
+                # record of one that did with zeros: status would show "delivered: 0".
+                existing = read_state(self._settings.queue_dir)
+                if existing is not None and existing.get("pid") != os.getpid():
+                    return
             write_state(self._settings.queue_dir, state)
             return
         # For a successor: when the pauses end, on the wall clock (another host's).
@@ -728,7 +749,19 @@ class DeliveryWorker:
         try:
             self._fleet_state.write(state)
         except DatabaseError as exc:
-            internal_log.debug("cio_logging: sender state not recorded: %s", exc)
+            internal_log.debug("sender state not recorded: %s", exc)
+
+    @staticmethod
+    def _did_anything(stats: DeliveryStats) -> bool:
+        """Has this process's worker anything of its own to record?"""
+        return bool(
+            stats.requests
+            or stats.delivered
+            or stats.dead_lettered
+            or stats.breaker_transitions
+            or stats.last_error
+            or stats.delivery_paused
+        )
 
     def _log_status(self) -> None:
         """The reference design's periodic breaker report, when status_log_interval is set."""
@@ -738,7 +771,7 @@ class DeliveryWorker:
         moment = time.monotonic()
         if moment - self._status_logged_at >= interval:
             self._status_logged_at = moment
-            status_log.info("cio_logging status: %s", self._status_report())
+            status_log.info("%s", self._status_report())  # the logger's name says what it is
 
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
@@ -746,7 +779,7 @@ class DeliveryWorker:
             self._record_state(now=True, breaker=new)
         if new == OPEN:
             internal_log.warning(
-                "cio_logging: circuit breaker opened (%s -> %s): Customer.io keeps failing; "
+                "circuit breaker opened (%s -> %s): Customer.io keeps failing; "
                 "sending stops, events wait on disk, a probe follows in %g s",
                 old,
                 new,
@@ -754,13 +787,12 @@ class DeliveryWorker:
             )
         elif new == CLOSED:
             internal_log.warning(
-                "cio_logging: circuit breaker closed (%s -> %s): Customer.io answers again; "
-                "delivery resumes",
+                "circuit breaker closed (%s -> %s): Customer.io answers again; delivery resumes",
                 old,
                 new,
             )
         else:
-            internal_log.info("cio_logging: circuit breaker %s -> %s", old, new)
+            internal_log.info("circuit breaker %s -> %s", old, new)
         if self._telemetry is not None:
             self._telemetry.breaker_transition(old, new)
 
@@ -790,11 +822,13 @@ def _history_lost_by_an_earlier_version(queued: QueuedEvent) -> DeadLetterHistor
 
 def _mark_flush_thread() -> None:
     # Delivery's sender threads work for the flush thread: what they log must not
-    # come back into the handler either.
-    flush_thread_marker.active = True
+    # come back into the handler either, nor wait for logging's module lock.
+    background.mark_current_thread()
 
 
 def _reset_in_child(reference: weakref.ref[DeliveryWorker]) -> None:
     worker = reference()
     if worker is not None:
         worker._reset_threading_state()
+        # What the parent's worker delivered is not the child's to report or record.
+        worker.stats = DeliveryStats()

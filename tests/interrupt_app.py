@@ -8,9 +8,9 @@ Kubernetes pattern). Another thread holds SQLite's write lock on the queue in sh
 random bursts, so commits wait for it and signals land inside them.
 
 Every event whose ``emit`` returned normally is acknowledged; its sequence number is
-recorded. After the storm it stops the signals, closes the handler as an application
-exits, and writes a JSON report: the acknowledged numbers, the interrupts caught and
-what ``status()`` said.
+recorded. The signals stop by themselves after SECONDS; half a second later the app
+closes the handler as an application exits and writes a JSON report: the
+acknowledged numbers, the interrupts caught and what ``status()`` said.
 
 Usage: python tests/interrupt_app.py SECONDS REPORT_PATH
 """
@@ -36,10 +36,10 @@ def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     sys.exit(3)
 
 
-def send_signals(go: threading.Event, stop: threading.Event, counts: dict[str, int]) -> None:
+def send_signals(go: threading.Event, deadline: float, counts: dict[str, int]) -> None:
     chooser = random.Random(os.getpid())
     go.wait()
-    while not stop.is_set():
+    while time.monotonic() < deadline:
         signum = signal.SIGINT if chooser.random() < 0.5 else signal.SIGTERM
         os.kill(os.getpid(), signum)
         counts["sent"] += 1
@@ -72,9 +72,12 @@ def main() -> int:
 
     go, stop = threading.Event(), threading.Event()
     counts = {"sent": 0}
+    # The signals stop by themselves at the deadline, and the main thread goes on
+    # catching them a while after: nothing it does after that can be interrupted.
+    deadline = time.monotonic() + seconds
     database = Path(handler.settings.queue_dir) / "wal" / "cache.db"
     threads = [
-        threading.Thread(target=send_signals, args=(go, stop, counts), daemon=True),
+        threading.Thread(target=send_signals, args=(go, deadline, counts), daemon=True),
         threading.Thread(target=hold_write_lock, args=(database, stop), daemon=True),
     ]
     for thread in threads:
@@ -83,31 +86,34 @@ def main() -> int:
     acknowledged: list[int] = []
     interrupts = 0
     number = 0
-    deadline = time.monotonic() + seconds
-    running = True
-    while running:
-        try:  # an interrupt may land anywhere in here, the loop's test included
-            running = time.monotonic() < deadline
+    settled = deadline + 0.5
+
+    def storm() -> None:
+        nonlocal number
+        while time.monotonic() < settled:
             number += 1
             if number % 10 == 0:
                 handler.commit()
             name = "page_viewed" if number % 5 == 0 else "purchase"
             logger.info(name, extra=cio_event("storm-user", seq=number))
             acknowledged.append(number)
-        except (KeyboardInterrupt, SystemExit):
-            interrupts += 1
-    # Stop the storm, then let signals already sent land while they are still caught.
-    settle = time.monotonic() + 0.5
-    while True:
+
+    # Two levels of catching: a second signal landing while the first is being
+    # caught (the inner handler and its loop) is caught by the outer one.
+    finished = False
+    while not finished:
         try:
-            stop.set()
-            for thread in threads:
-                thread.join()
-            if time.monotonic() >= settle:
-                break
-            time.sleep(0.01)
+            while not finished:
+                try:
+                    storm()
+                    finished = True
+                except (KeyboardInterrupt, SystemExit):
+                    interrupts += 1
         except (KeyboardInterrupt, SystemExit):
             interrupts += 1
+    stop.set()
+    for thread in threads:
+        thread.join()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     status = handler.status()

@@ -14,7 +14,8 @@ import pytest
 from ulid import ULID
 
 from cio_logging import InvalidEventError, cio_event
-from cio_logging.events import Event, event_from_dict, event_from_record
+from cio_logging.errors import UnreadableTagError
+from cio_logging.events import Event, carries_tag, event_from_dict, event_from_record
 
 
 def make_record(
@@ -38,6 +39,41 @@ class TestCioEvent:
         assert cio_event(anonymous_id="anon-1", name="viewed") == {
             "cio": {"anonymous_id": "anon-1", "name": "viewed", "data": {}}
         }
+
+    def test_id_and_timestamp_are_the_events_own(self) -> None:
+        """id= and timestamp= set the event's id and time, not data keys of those names."""
+        given = str(ULID())
+        event = event_from_record(
+            make_record(extra=cio_event("u", id=given.lower(), timestamp=1_700_000_000, n=1))
+        )
+        assert event is not None
+        assert (event.id, event.timestamp, event.data) == (given, 1_700_000_000, {"n": 1})
+
+    def test_an_id_may_be_a_ulid_object(self) -> None:
+        given = ULID()
+        event = event_from_record(make_record(extra=cio_event("u", id=given)))
+        assert event is not None
+        assert event.id == str(given)
+
+    def test_data_keys_named_like_fields_go_through_data(self) -> None:
+        """name, id, timestamp (and data) as data keys: through data=, merged with keywords."""
+        fields = {"name": "Alice", "id": 7, "timestamp": "yesterday", "data": [1]}
+        event = event_from_record(
+            make_record("profile_updated", cio_event("user-1", data=fields, plan="pro"))
+        )
+        assert event is not None
+        assert event.name == "profile_updated"
+        assert event.data == {**fields, "plan": "pro"}
+
+    def test_a_key_given_twice_is_refused_at_emit_naming_it(self) -> None:
+        tag = cio_event("u", data={"plan": "pro", "seats": 1}, plan="basic")  # never raises
+        with pytest.raises(InvalidEventError, match=r"'plan' both in data= and as keywords"):
+            event_from_record(make_record(extra=tag))
+
+    def test_data_that_is_not_a_mapping_is_refused_at_emit(self) -> None:
+        tag = cio_event("u", data=[("plan", "pro")])  # type: ignore[arg-type]
+        with pytest.raises(InvalidEventError, match="data= must be a mapping, not list"):
+            event_from_record(make_record(extra=tag))
 
 
 class TestEventFromRecord:
@@ -178,6 +214,93 @@ class TestValidation:
         with pytest.raises(InvalidEventError) as caught:
             event_from_record(make_record(extra={"cio": {"customer_id": "secret-person" * 20}}))
         assert "secret-person" not in str(caught.value)
+
+
+class TestTagShapes:
+    """Where a tag can sit on a record besides record.cio, and which of those are read."""
+
+    def test_under_record_extra_as_render_to_log_kwargs_leaves_it(self) -> None:
+        record = make_record("purchase", extra={"extra": cio_event("u", amount=5)})
+        assert carries_tag(record)
+        event = event_from_record(record)
+        assert event is not None
+        assert (event.name, event.customer_id, event.data) == ("purchase", "u", {"amount": 5})
+
+    @pytest.mark.parametrize(
+        "event_dict",
+        [
+            {"event": "purchase", "level": "info", **cio_event("u", amount=5)},
+            {"event": "purchase", "level": "info", "extra": cio_event("u", amount=5)},
+        ],
+        ids=["cio-key", "extra-key"],
+    )
+    def test_in_an_event_dict_message_named_after_its_event(
+        self, event_dict: dict[str, Any]
+    ) -> None:
+        record = make_record()
+        record.msg = event_dict  # as ProcessorFormatter.wrap_for_formatter hands it over
+        assert carries_tag(record)
+        event = event_from_record(record)
+        assert event is not None
+        assert (event.name, event.customer_id, event.data) == ("purchase", "u", {"amount": 5})
+
+    def test_an_event_dict_without_a_tag_is_not_an_event(self) -> None:
+        record = make_record()
+        record.msg = {"event": "plain", "user": "u"}
+        assert not carries_tag(record)
+        assert event_from_record(record) is None
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            '{"cio": {"customer_id": "u", "data": {}}, "event": "purchase"}',
+            "purchase   cio={'customer_id': 'u', 'data': {}}",
+            "event=purchase cio=\"{'customer_id': 'u'}\"",
+            "\x1b[1mpurchase\x1b[0m \x1b[36mcio\x1b[0m=\x1b[35m{'customer_id': 'u'}\x1b[0m",
+            "purchase extra={'cio': {'customer_id': 'u'}}",
+        ],
+        ids=["json", "console", "logfmt", "console-colours", "extra"],
+    )
+    def test_a_tag_rendered_into_the_text_is_reported(self, text: str) -> None:
+        record = make_record(text)
+        assert carries_tag(record)
+        with pytest.raises(UnreadableTagError, match="CioEventRenderer") as caught:
+            event_from_record(record)
+        assert caught.value.shape == "rendered"
+        assert "'u'" not in str(caught.value)
+
+    def test_a_tag_passed_as_the_argument_is_reported(self) -> None:
+        record = make_record("purchase", args=(cio_event("u"),))
+        assert carries_tag(record)
+        with pytest.raises(UnreadableTagError, match=r"extra=cio_event") as caught:
+            event_from_record(record)
+        assert caught.value.shape == "args"
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "plain",
+            "cio_logging: flush timed out",
+            "precious={1}",
+            "cio=5",
+            "cio_id: {x}",
+            'settings {"cio": {"enabled": true}}',  # a dict, but naming no person
+        ],
+    )
+    def test_text_that_only_mentions_cio_is_not_tagged(self, text: str) -> None:
+        record = make_record(text)
+        assert not carries_tag(record)
+        assert event_from_record(record) is None
+
+    def test_a_mapping_argument_named_cio_that_is_no_tag_is_not_tagged(self) -> None:
+        record = make_record("officer: %(cio)s", args=({"cio": "Alice"},))
+        assert record.getMessage() == "officer: Alice"
+        assert not carries_tag(record)
+        assert event_from_record(record) is None
+
+    def test_a_tag_nested_in_its_own_key_says_how_to_fix_it(self) -> None:
+        with pytest.raises(InvalidEventError, match=r"pass extra=cio_event\(\.\.\.\), not"):
+            event_from_record(make_record(extra={"cio": cio_event("u")}))
 
 
 def test_event_is_immutable() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import re
 import sys
 import threading
 import time
@@ -140,6 +141,23 @@ class TestDelivery:
         assert simulator.duplicates == 0
 
 
+class TestCioEventDelivery:
+    """What cio_event's keywords become at Customer.io."""
+
+    def test_id_timestamp_and_data_keys_named_like_fields(
+        self, event_logger: Logged, simulator: TrackAPISimulator
+    ) -> None:
+        logger, handler = event_logger
+        given = str(ULID())
+        tag = cio_event("user-1", id=given, timestamp=1_700_000_000, data={"name": "Alice"})
+        logger.info("profile_updated", extra=tag)
+        logger.info("profile_updated", extra=tag)  # the same id again: delivered once
+        handler.flush()
+        [event] = simulator.accepted
+        assert (event.id, event.name, event.timestamp) == (given, "profile_updated", 1_700_000_000)
+        assert event.data == {"name": "Alice"}
+
+
 class TestDictConfig:
     """The handler is configured the way applications configure logging."""
 
@@ -232,6 +250,71 @@ class TestBadInput:
         logger.info("good", extra=cio_event("u"))
         handler.flush()
         assert [e.name for e in simulator.accepted] == ["good"]
+
+    def test_a_clashing_data_key_is_refused_at_emit_and_never_raises(
+        self, event_logger: Logged, simulator: TrackAPISimulator, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        logger, handler = event_logger
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            logger.info("bad", extra=cio_event("u", data={"plan": "a"}, plan="b"))
+        [refusal] = [r for r in caplog.records if r.name == "cio_logging"]
+        assert "'plan' both in data= and as keywords" in refusal.getMessage()
+        assert handler.status()["dropped"] == {"invalid_event": 1}
+
+    def test_the_loggers_name_is_not_repeated_in_its_messages(
+        self, event_logger: Logged, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With the examples' "%(name)s: %(message)s", a message reads "cio_logging: ..." once."""
+        logger, _ = event_logger
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            logger.info("bad", extra={"cio": "user-1"})
+        formatter = logging.Formatter("%(name)s: %(message)s")
+        [line] = [formatter.format(r) for r in caplog.records if r.name == "cio_logging"]
+        assert line.startswith("cio_logging: event refused at emit")
+        assert "cio_logging: cio_logging:" not in line
+
+    def test_no_library_message_starts_with_the_loggers_name(self) -> None:
+        """Every message the package logs, found in its source: none repeats "cio_logging: "."""
+        package = Path(__file__).resolve().parents[1] / "cio_logging"
+        prefixed = [
+            f"{path.name}:{number}"
+            for path in sorted(package.glob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if re.search(r"""["']cio_logging[ :]""", line)
+        ]
+        assert prefixed == []
+
+    def test_a_tag_passed_as_the_argument_is_reported_once_per_logger(
+        self,
+        event_logger: Logged,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        logger, handler = event_logger
+        other = logging.getLogger(f"{logger.name}.other")
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            for _ in range(3):
+                logger.info("purchase", cio_event("u"))  # not extra=: silently lost before
+            other.info("signup", cio_event("u"))
+        warnings = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert len(warnings) == 2, warnings
+        assert f"logger {logger.name} carry" in warnings[0]
+        assert f"logger {other.name} carry" in warnings[1]
+        assert all("extra=cio_event(...)" in warning for warning in warnings)
+        assert handler.status()["dropped"] == {"unreadable_tag": 4}
+        handler.flush()
+        assert simulator.accepted == []
+
+    def test_a_tag_nested_under_its_own_key_is_refused_with_the_fix(
+        self, event_logger: Logged, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        logger, handler = event_logger
+        with caplog.at_level(logging.WARNING, logger="cio_logging"):
+            logger.info("purchase", extra={"cio": cio_event("u")})
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "cio_logging"]
+        assert "pass extra=cio_event(...), not" in warning
+        assert handler.status()["dropped"] == {"invalid_event": 1}
 
     def test_a_failing_disk_keeps_events_in_memory_until_it_recovers(
         self,
@@ -452,7 +535,8 @@ class TestLifecycle:
         simulator.clear_faults()
         second = make_handler()  # logs nothing itself
         assert wait_for(lambda: len(simulator.accepted) == 10, 10)
-        assert second.status()["queued"] == 0
+        # The simulator records an event before its answer leaves; the row goes after.
+        assert wait_for(lambda: second.status()["queued"] == 0, 10)
 
     def test_repr_never_shows_the_api_key(
         self, make_handler: HandlerFactory, simulator: TrackAPISimulator

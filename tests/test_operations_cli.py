@@ -117,7 +117,7 @@ def dead_letters(
     assert wait_for(lambda: handler.status()["queued"] == 0)
     logger.removeHandler(handler)
     handler.close()
-    simulator.clear_faults()
+    simulator.clear_poison()  # a replay may now deliver them
     simulator.clear()
     dead = run_json(simulator, queue_dir, "dlq", "list")
     return {
@@ -181,6 +181,43 @@ class TestHelpAndErrors:
             text = capsys.readouterr().out
             assert "exit codes:" in text
             assert "130" in text
+
+    def test_a_missing_subcommand_is_named_by_its_choices(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Not "required: dlq_command": the words an operator can type."""
+        for command, choices in [([], "{demo,simulator,status,dlq,drain}"), (["dlq"], "{count,")]:
+            with pytest.raises(SystemExit):
+                main(command)
+            error = capsys.readouterr().err.splitlines()[-1]
+            assert f"the following arguments are required: {choices}" in error
+            assert "_command" not in error
+
+    def test_help_says_exit_code_5_covers_tls_failures(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        for command in ([], ["status"], ["dlq"], ["dlq", "replay"], ["drain"]):
+            with pytest.raises(SystemExit):
+                main([*command, "--help"])
+            text = " ".join(capsys.readouterr().out.split())
+            assert "5 delivery refused by the set-up" in text
+            assert "TLS verification failed" in text
+
+    def test_json_is_accepted_before_the_subcommand(
+        self, simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
+    ) -> None:
+        make_handler().close()  # an empty queue directory
+        for command in (
+            ["--json", "status"],
+            ["--json", "dlq", "count"],
+            ["dlq", "--json", "count"],
+        ):
+            result = run_cli(simulator, queue_dir, *command)
+            assert result.returncode == ExitCode.OK, (command, result.stderr)
+            json.loads(result.stdout)
+        bad = run_cli(simulator, queue_dir, "--json", "dlq", "show")
+        assert bad.returncode == ExitCode.USAGE
+        assert json.loads(bad.stdout.splitlines()[0])["exit_code"] == ExitCode.USAGE
 
     def test_a_missing_queue_directory_is_reported_and_never_created(
         self, simulator: TrackAPISimulator, tmp_path: Path
@@ -349,6 +386,74 @@ class TestPurge:
         assert sorted(purged["ids"]) == sorted(dead_letters[SIGNUPS])
         remaining = run_json(simulator, queue_dir, "dlq", "list")
         assert [entry["id"] for entry in remaining] == dead_letters[PURCHASES]
+
+    def test_purge_reports_carry_their_exit_code(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        nothing = run_json(simulator, queue_dir, "dlq", "purge", "--before", "1h", "--yes")
+        assert nothing["exit_code"] == ExitCode.OK
+        purged = run_json(simulator, queue_dir, "dlq", "purge", "--event", SIGNUPS, "--yes")
+        assert (purged["purged"], purged["exit_code"]) == (3, ExitCode.OK)
+
+    @pytest.mark.parametrize("json_mode", [False, True])
+    def test_declining_at_the_prompt_is_said_plainly(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+        json_mode: bool,
+    ) -> None:
+        """On a terminal, answering no: exit 1 as documented, no "error:", nothing deleted."""
+        controller, terminal = os.openpty()
+        try:
+            os.write(controller, b"n\n")
+            result = subprocess.run(
+                [*CLI, "dlq", "purge", *(["--json"] if json_mode else [])],
+                env=child_environment(simulator, queue_dir),
+                stdin=terminal,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(terminal)
+            os.close(controller)
+        assert result.returncode == ExitCode.INCOMPLETE, result.stderr
+        assert "Delete 5 dead letter(s) for good? [y/N]" in result.stderr
+        assert "error" not in result.stdout + result.stderr
+        if json_mode:
+            report = json.loads(result.stdout)
+            assert report == {
+                "selected": 5,
+                "purged": 0,
+                "ids": [],
+                "declined": True,
+                "exit_code": ExitCode.INCOMPLETE,
+            }
+        else:
+            assert "declined: nothing purged; the 5 dead letter(s) stay" in result.stdout
+        assert run_json(simulator, queue_dir, "dlq", "count")["total"] == 5
+
+
+class TestTypedIds:
+    """Ids typed by an operator are ULIDs, case-insensitive."""
+
+    def test_show_and_replay_take_an_id_in_either_case(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        dead_letters: dict[str, list[str]],
+    ) -> None:
+        key = dead_letters[SIGNUPS][0]
+        shown = run_json(simulator, queue_dir, "dlq", "show", key.lower())
+        assert shown["id"] == key
+        text = run_cli(simulator, queue_dir, "dlq", "show", f" {key.lower()}").stdout
+        assert key in text
+        dry = run_json(simulator, queue_dir, "dlq", "replay", "--dry-run", "--id", key.lower())
+        assert (dry["would_send"], dry["missing_ids"]) == ([key], [])
 
 
 class TestReplay:

@@ -410,3 +410,18 @@ def test_the_version_lookup_never_raises() -> None:
     from cio_logging.metadata import installed_version
 
     assert installed_version("no-such-distribution-anywhere") == "unknown"
+
+
+def test_the_package_has_a_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """cio_logging.__version__ and ``cio-logging --version`` give the installed version."""
+    import importlib.metadata
+
+    import cio_logging
+    from cio_logging.cli import main
+
+    assert cio_logging.__version__ == importlib.metadata.version("cio-logging")
+    assert "__version__" in cio_logging.__all__
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cio-logging {cio_logging.__version__}"

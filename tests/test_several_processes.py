@@ -17,13 +17,23 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cio_logging.simulator import RequestRecord, TrackAPISimulator
+from cio_logging.state_record import read_state
 from cio_logging.store import DeadLetterStore, WriteAheadLog
 
-from .conftest import CHILD_APP, PYTHON, child_environment, printed_ids, wait_for
+from .conftest import (
+    CHILD_APP,
+    PYTHON,
+    HandlerFactory,
+    child_environment,
+    printed_ids,
+    run_child_app,
+    wait_for,
+)
 
 APPS = 4
 EVENTS = 250
@@ -254,3 +264,35 @@ def test_a_handler_that_failed_to_start_leaves_a_clean_exit(
     assert "ConfigurationError: queue_dir" in result.stderr
     assert "Exception ignored" not in result.stderr, result.stderr
     assert "AttributeError" not in result.stderr, result.stderr
+
+
+def test_a_process_that_delivered_nothing_keeps_the_record_of_one_that_did(
+    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
+) -> None:
+    """state.json stays the last deliverer's when an idle process takes the lock after it."""
+    ids = run_child_app(simulator, queue_dir, "5")
+    assert simulator.wait_for_events(len(ids))
+    recorded = read_state(queue_dir)
+    assert recorded is not None
+    assert recorded["delivered"] == 5
+    idle = make_handler()
+    idle.flush()  # starts its worker, which takes the free lock and finds nothing to send
+    assert wait_for(lambda: idle.status()["delivering_process"])
+    idle.close()
+    assert read_state(queue_dir) == recorded
+    status = queue_status_json(simulator, queue_dir)
+    assert (status["counters"]["delivered"], status["recorded_by_pid"]) == (5, recorded["pid"])
+    assert status["recorder_is_delivering"] is False
+
+
+def queue_status_json(simulator: TrackAPISimulator, queue_dir: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [PYTHON, "-m", "cio_logging.cli", "status", "--json"],
+        env=child_environment(simulator, queue_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status

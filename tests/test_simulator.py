@@ -429,6 +429,21 @@ class TestFaults:
         call(sim, "/_simulator/events", method="GET")
         assert time.monotonic() - started < 0.4
 
+    def test_each_request_records_how_long_its_answer_took(
+        self, sim: TrackAPISimulator, client: Any
+    ) -> None:
+        """The duration of every request, latency included (the truth for the dashboards)."""
+        client.track("42", "quick")
+        sim.set_latency(0.3)
+        started = time.perf_counter()
+        client.track("42", "slow")
+        seen_by_client = time.perf_counter() - started
+        quick, slow = sim.requests
+        assert 0 < quick.duration < 0.3
+        assert 0.3 <= slow.duration <= seen_by_client
+        (recorded,) = call(sim, "/_simulator/requests", method="GET").json()["requests"][1:]
+        assert recorded["duration"] == slow.duration
+
     def test_reset_connections_gives_the_sdk_a_connection_error(
         self, sim: TrackAPISimulator, client: Any
     ) -> None:
@@ -478,17 +493,29 @@ class TestFaults:
         assert (sim.port, len(sim.accepted)) == (port, 1)
 
     def test_clear_faults_removes_every_fault(self, sim: TrackAPISimulator, client: Any) -> None:
-        """Failures, latency, resets, poison names and a refusal all go."""
+        """Failures, latency, resets and a refusal all go."""
         sim.fail(503)
         sim.set_latency(5)
         sim.reset_connections()
-        sim.poison_names.add("purchase")
         sim.refuse_connections()
         sim.clear_faults()
         started = time.monotonic()
         client.track("42", "purchase")
         assert time.monotonic() - started < 2
         assert len(sim.accepted) == 1
+
+    def test_clear_faults_keeps_poison_names_and_clear_poison_ends_them(
+        self, sim: TrackAPISimulator, client: Any
+    ) -> None:
+        """An outage ending must not make a poison event acceptable: that is its own control."""
+        sim.poison("bad_event")
+        sim.fail(503)
+        sim.clear_faults()
+        with pytest.raises(CustomerIOException, match="400"):
+            client.track("42", "bad_event")
+        sim.clear_poison()
+        client.track("42", "bad_event")
+        assert [event.name for event in sim.accepted] == ["bad_event"]
 
     def test_fault_arguments_are_checked(self, sim: TrackAPISimulator) -> None:
         """Nonsense settings fail loudly instead of doing something odd."""
@@ -534,6 +561,22 @@ class TestControlAPI:
         client.track("42", "after")
         assert call(sim, "/_simulator/clear", {}).status_code == 200
         assert (sim.accepted, sim.requests) == ([], [])
+
+    def test_poison_names_over_http(self, sim: TrackAPISimulator, client: Any) -> None:
+        """Set, read and clear poison names; clear_faults leaves them."""
+        answer = call(sim, "/_simulator/poison", {"names": ["bad_event", "worse"]}, auth=None)
+        assert (answer.status_code, answer.json()) == (200, {"names": ["bad_event", "worse"]})
+        assert call(sim, "/_simulator/clear_faults", {}).status_code == 200
+        listed = call(sim, "/_simulator/poison", method="GET", auth=None).json()
+        assert listed == {"names": ["bad_event", "worse"]}
+        with pytest.raises(CustomerIOException, match="400"):
+            client.track("42", "bad_event")
+        assert call(sim, "/_simulator/clear_poison", {}).status_code == 200
+        assert call(sim, "/_simulator/poison", method="GET").json() == {"names": []}
+        client.track("42", "bad_event")
+        for bad in [{}, {"names": "bad_event"}, {"names": [1]}, ["bad_event"]]:
+            assert call(sim, "/_simulator/poison", bad).status_code == 400
+        assert call(sim, "/_simulator/clear_poison", method="GET").status_code == 405
 
     def test_bad_control_requests(self, sim: TrackAPISimulator) -> None:
         """Unknown routes, wrong methods and nonsense faults are refused."""
@@ -629,6 +672,92 @@ class TestLifecycle:
             ca_file = Path(sim.ca_file)
         assert ca_file.parent == tmp_path / "state"
         assert "BEGIN CERTIFICATE" in ca_file.read_text()
+
+    def test_help_describes_every_option_and_the_control_api(self) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "cio_logging.cli", "simulator", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split())
+        for option, words in [
+            ("--host", "address to listen on"),
+            ("--port", "0 picks a free one"),
+            ("--site-id", "the site id it accepts"),
+            ("--api-key", "the API key it accepts"),
+            ("--state-dir", "where to write the CA file"),
+            ("--poison NAME", "reject events with this name"),
+        ]:
+            assert f"{option} " in text, option
+            assert words in text, option
+        for route in ["events", "requests", "faults", "clear_faults", "poison", "clear_poison"]:
+            assert f"/_simulator/{route} " in text, route
+        assert "(poison names stay)" in text
+
+    def test_poison_names_from_the_command_line(self, tmp_path: Path) -> None:
+        command = [sys.executable, "-m", "cio_logging.simulator", "--port", "0"]
+        command += ["--poison", "bad_event", "--poison", "worse", "--state-dir", str(tmp_path)]
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
+            try:
+                assert process.stdout is not None
+                lines = [process.stdout.readline() for _ in range(5)]
+                assert lines[4] == "poison names (rejected): bad_event, worse\n", lines
+                exports = dict(word.split("=", 1) for word in shlex.split(lines[3])[1:])
+                with requests.Session() as session:
+                    session.trust_env = False
+                    session.verify = exports["CIO_LOGGING_CA_BUNDLE"]
+                    url = exports["CIO_LOGGING_TRACK_URL"]
+                    named = session.get(f"{url}/_simulator/poison").json()
+                    assert named == {"names": ["bad_event", "worse"]}
+                    rejected = session.post(
+                        f"{url}/api/v1/events", json={"name": "worse"}, auth=("sim-site", "sim-key")
+                    )
+                    assert rejected.status_code == 400
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=10)
+
+    def test_a_port_in_use_is_one_line_and_exit_1(self, sim: TrackAPISimulator) -> None:
+        for command in (
+            [sys.executable, "-m", "cio_logging.simulator"],
+            [sys.executable, "-m", "cio_logging.cli", "simulator"],
+        ):
+            result = subprocess.run(
+                [*command, "--port", str(sim.port)], capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 1
+            assert result.stderr.splitlines() == [
+                f"cio-logging simulator: error: cannot listen on 127.0.0.1:{sim.port}: "
+                "Address already in use; --port 0 picks a free one"
+            ]
+
+    @pytest.mark.parametrize(
+        ("command", "code"), [("simulator", 1), ("demo", 2)], ids=["simulator", "demo"]
+    )
+    def test_trustme_missing_is_one_line(self, tmp_path: Path, command: str, code: int) -> None:
+        """Without the simulator extra: one line naming the fix, no traceback, no leftovers."""
+        arguments = ["--port", "0"] if command == "simulator" else ["--dir", str(tmp_path / "d")]
+        script = (
+            "import sys; sys.modules['trustme'] = None\n"  # what a missing package looks like
+            "from cio_logging.cli import main\n"
+            f"raise SystemExit(main({[command, *arguments]!r}))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+        assert result.returncode == code
+        assert result.stderr.splitlines() == [
+            f"cio-logging {command}: error: the Track API simulator needs trustme, which is "
+            "not installed: pip install 'cio-logging[simulator]'"
+        ]
+        assert [path.name for path in tmp_path.iterdir()] == []
 
     def test_command_line_serves_until_sigterm(self, tmp_path: Path) -> None:
         """python -m cio_logging.simulator prints what to export and exits 0 on SIGTERM."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from urllib.parse import unquote
 
 from ulid import ULID
@@ -10,7 +14,7 @@ from ulid import ULID
 from cio_logging import cio_event
 from cio_logging.simulator import TrackAPISimulator
 
-from .conftest import HandlerFactory
+from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory
 from .spec_check import ANONYMOUS_EVENTS_REQUEST, BATCH_BODY, EVENTS_REQUEST, Spec
 
 
@@ -66,3 +70,50 @@ def test_the_spec_check_is_not_vacuous(spec: Spec) -> None:
     assert spec.errors(EVENTS_REQUEST, {"data": {}}) != []
     assert spec.errors(EVENTS_REQUEST, {"name": "x", "timestamp": "soon"}) != []
     assert spec.errors(BATCH_BODY, {"batch": [{"type": "person", "action": "event"}]}) != []
+
+
+class TestWithoutTheSpec:
+    """A fresh clone, with no shared/spec beside it: the skip says why, and CI=true fails."""
+
+    @staticmethod
+    def run_in_a_fresh_clone(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+        clone = tmp_path / "clone" / "cio_logging_checkout"  # no shared/ beside it
+        shutil.copytree(PROJECT_ROOT / "tests", clone / "tests")
+        shutil.copy(PROJECT_ROOT / "pyproject.toml", clone)
+        environment = {k: v for k, v in os.environ.items() if k not in {"CI", "CIO_TRACK_SPEC"}}
+        return subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-rN",
+                "tests/test_spec_conformance.py",
+                "-k",
+                "not TestWithoutTheSpec",
+            ],
+            cwd=clone,
+            env={**environment, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def test_the_skip_says_why_in_the_summary(self, tmp_path: Path) -> None:
+        result = self.run_in_a_fresh_clone(tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "2 skipped" in result.stdout
+        # Even with -rN (no skip reasons), the summary names the cause and the fix.
+        summary = " ".join(result.stdout.split())
+        assert "2 test(s) skipped: Customer.io's Track API spec is absent" in summary
+        assert f"put it at {tmp_path / 'clone' / 'shared' / 'spec'}" in summary
+        assert "or set CIO_TRACK_SPEC to its path" in summary
+
+    def test_under_ci_a_missing_spec_fails(self, tmp_path: Path) -> None:
+        result = self.run_in_a_fresh_clone(tmp_path, CI="true")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "2 errors" in result.stdout
+        assert "Track API spec is absent" in result.stdout
+        assert "skipped" not in result.stdout

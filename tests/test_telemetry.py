@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -84,6 +86,72 @@ def attach(handler: CustomerIOHandler) -> logging.Logger:
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return logger
+
+
+LATENCY_HISTOGRAMS = ["cio.delivery.duration", "cio.event.lag"]
+
+
+def bucket_bound_of(value: float, bounds: tuple[float, ...]) -> float:
+    """The upper bound of the bucket a value falls in (buckets are (previous, bound])."""
+    return next((bound for bound in bounds if value <= bound), float("inf"))
+
+
+@pytest.mark.parametrize("name", LATENCY_HISTOGRAMS)
+def test_latency_histograms_have_buckets_that_fit_seconds(
+    make_handler: HandlerFactory, otel: Telemetry, name: str
+) -> None:
+    """Issue 15: the SDK's default buckets (0, 5, 10 ... 10000) put any request under 5 s
+    in one bucket, so a quantile of a few milliseconds read as seconds."""
+    logger = attach(make_handler(meter_provider=otel.meter_provider))
+    for number in range(3):
+        logger.info("purchase", extra=cio_event(f"u{number}"))
+    assert wait_for(lambda: sum(p.count for p in otel.points(name)) >= 1, 10)
+    (point, *_) = otel.points(name)
+    bounds = tuple(point.explicit_bounds)
+    assert bounds[0] <= 0.001, bounds
+    upto_a_minute = [bound for bound in bounds if bound <= 60.0]
+    assert upto_a_minute[-1] == 60.0, bounds
+    ratios = [later / earlier for earlier, later in itertools.pairwise(upto_a_minute)]
+    assert max(ratios) <= 2.0, bounds  # a quantile within 2x of the truth
+    # What was measured here (loopback HTTPS) falls in a bucket less than twice its size.
+    assert bucket_bound_of(point.max, bounds) <= 2 * point.max, (point.max, bounds)
+    if name == "cio.event.lag":
+        assert bounds[-1] >= 72 * 3600  # the lag is told apart up to Customer.io's 72 hours
+
+
+@pytest.mark.parametrize("name", LATENCY_HISTOGRAMS)
+def test_a_view_overrides_the_advised_buckets(make_handler: HandlerFactory, name: str) -> None:
+    """The README's recipe: a View on the MeterProvider wins over the advisory."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(
+        metric_readers=[reader],
+        views=[
+            View(
+                instrument_name=name,
+                aggregation=ExplicitBucketHistogramAggregation(boundaries=(0.05, 0.5, 5.0)),
+            )
+        ],
+    )
+    try:
+        logger = attach(make_handler(meter_provider=provider))
+        logger.info("purchase", extra=cio_event("u1"))
+
+        def bounds() -> list[tuple[float, ...]]:
+            data = reader.get_metrics_data()
+            return [
+                tuple(point.explicit_bounds)
+                for resource in (data.resource_metrics if data else [])
+                for scope in resource.scope_metrics
+                for metric in scope.metrics
+                if metric.name == name
+                for point in metric.data.data_points
+                if isinstance(point, HistogramDataPoint)
+            ]
+
+        assert wait_for(lambda: bool(bounds()), 10)
+        assert set(bounds()) == {(0.05, 0.5, 5.0)}
+    finally:
+        provider.shutdown()
 
 
 def test_every_instrument_through_an_outage_and_recovery(
@@ -252,6 +320,7 @@ def test_periodic_status_report(
         attach(handler).info("purchase", extra=cio_event("u1"))
         assert wait_for(lambda: sum(r.name == "cio_logging.status" for r in caplog.records) >= 2, 5)
     report = next(r for r in caplog.records if r.name == "cio_logging.status")
+    assert report.getMessage().startswith("{")  # not "cio_logging.status: cio_logging status:"
     assert "'breaker': 'closed'" in report.getMessage()
     assert simulator.api_key not in report.getMessage()
 

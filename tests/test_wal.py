@@ -335,6 +335,16 @@ class TestRefusesPickles:
 class TestDeadLetterStore:
     """Entries keep the event, the reason and the attempts."""
 
+    def test_get_and_select_take_a_key_in_either_case(self, tmp_path: Path) -> None:
+        store = DeadLetterStore(tmp_path / "dead")
+        event = make_event(1, "purchase")
+        store.add(event.id, event, status=400, error_type="http_400", message="x", attempts=1)
+        letter = store.get(event.id.lower())
+        assert letter is not None
+        assert letter.key == event.id
+        assert [x.key for x in store.select(keys=[event.id.lower()])] == [event.id]
+        store.close()
+
     def test_add_list_count(self, tmp_path: Path) -> None:
         store = DeadLetterStore(tmp_path / "dead")
         first, second = make_event(1, "purchase"), make_event(2, "signup")

@@ -104,8 +104,6 @@ class TestErrorReports:
             wall[0] += 61 - 3600
             steady[0] += 61
             worker._report(failure, 1, logging.WARNING, "failed (%s); %d wait")
-        assert [r.getMessage() for r in caplog.records].count(
-            "cio_logging: failed (HTTP 503); 1 wait"
-        ) == 2
+        assert [r.getMessage() for r in caplog.records].count("failed (HTTP 503); 1 wait") == 2
         wal.close()
         dead_letters.close()

@@ -83,14 +83,93 @@ Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 class Connection(sqlite3.Connection):
-    """A plain SQLite connection that can be weakly referenced (the base class cannot)."""
+    """A plain SQLite connection that can be weakly referenced (the base class cannot)
+    and tells whether it was closed."""
+
+    closed = False
+    # Its cache was garbage-collected unclosed: the thread that uses it closes it at
+    # its next opening of a connection, or as it ends (never another thread: one in
+    # the middle of a statement may still hold it).
+    orphaned = False
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
 
 
-# Every connection this process opened, weakly: a dead thread's connection is closed
-# by garbage collection as usual. At a fork they are held strongly (see _ForkGate),
-# and a child keeps what it inherited here for its whole life, never closing it.
+# Every connection this process opened, weakly. At a fork they are held strongly (see
+# _ForkGate), and a child keeps what it inherited here for its whole life, never
+# closing it.
 LIVE_CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
 _INHERITED_CONNECTIONS: list[Connection] = []
+# How long closing a store waits for other threads to leave SQLite before it closes
+# only the calling thread's connection (the others then close as their threads end).
+_CLOSE_WAIT_SECONDS = 1.0
+
+
+class _ThreadConnections:
+    """The connections one thread opened; closed on that thread as it ends.
+
+    Every connection is closed deterministically, never left to garbage collection,
+    which Python 3.13 reports as ``ResourceWarning: unclosed database`` (an error
+    under ``-W error`` or pytest's ``filterwarnings = error``). One of these lives in
+    a module-level ``threading.local``, whose values CPython frees on the thread
+    itself when it ends: ``__del__`` then closes what the thread opened and nobody
+    closed. A store's ``close()`` closes every thread's connection to it.
+
+    In a forked child the values of the parent's threads are freed too: those
+    connections are the parent's, kept referenced by the fork gate and never closed.
+    """
+
+    __slots__ = ("connections", "pid")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.connections: list[Connection] = []
+
+    def add(self, connection: Connection) -> None:
+        kept = []
+        for known in self.connections:
+            if known.orphaned and not known.closed:
+                with contextlib.suppress(sqlite3.Error):
+                    known.close()
+            if not known.closed:
+                kept.append(known)
+        kept.append(connection)
+        self.connections = kept
+
+    def __del__(self) -> None:
+        try:
+            if self.pid != os.getpid():
+                return  # the parent's: closing them here could delete the parent's work
+            for connection in self.connections:
+                with contextlib.suppress(Exception):
+                    connection.close()
+        except Exception:  # interpreter shutdown: nothing more to do  # noqa: S110
+            pass
+
+
+_THREAD_CONNECTIONS = threading.local()
+
+
+def _orphan(connections: weakref.WeakSet[Connection]) -> None:
+    for connection in list(connections):
+        connection.orphaned = True
+
+
+def close_if_ours(pid: int, connection: sqlite3.Connection) -> None:
+    if pid == os.getpid():  # never, in a forked child, one the parent opened
+        with contextlib.suppress(sqlite3.Error):
+            connection.close()
+
+
+def _connections_of_this_thread() -> _ThreadConnections:
+    held: _ThreadConnections | None = getattr(_THREAD_CONNECTIONS, "held", None)
+    if held is None or held.pid != os.getpid():
+        # In a forked child the parent's list is dropped unclosed (the fork gate keeps
+        # its connections referenced), and this thread starts a list of its own.
+        held = _THREAD_CONNECTIONS.held = _ThreadConnections()
+    return held
 
 
 class _ForkGate:
@@ -122,6 +201,7 @@ class _ForkGate:
         self._condition = threading.Condition(self._mutex)
         self._active = 0
         self._forking = False
+        self._exclusive = False
         self._depth = threading.local()
 
     @contextlib.contextmanager
@@ -131,7 +211,7 @@ class _ForkGate:
         try:
             if depth == 0:  # nested calls (replay appends) must not wait on a pending fork
                 with self._condition:
-                    while self._forking:
+                    while self._forking or self._exclusive:
                         self._condition.wait()
                     self._active += 1
                     counted = True  # no call in between: an interrupt cannot split them
@@ -142,13 +222,45 @@ class _ForkGate:
             if counted:
                 # An interrupt must not leave us counted (every fork would wait its
                 # whole bound for a thread that left long ago): the decrement sits in
-                # this finally with no call before it, and the fork polls rather than
-                # relying on the notification, which an interrupt may skip.
+                # this finally with no call before it, and the fork (or a close waiting
+                # to be alone) polls rather than relying on the notification, which an
+                # interrupt may skip.
                 with self._mutex:
                     self._active -= 1
-                if self._forking:
+                if self._forking or self._exclusive:
                     with self._condition:
                         self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self, timeout: float) -> Iterator[bool]:
+        """Like :meth:`inside`, with every other thread held out of SQLite meanwhile.
+
+        Yields whether the threads inside when it was called left within ``timeout``
+        (False: some are still inside; then touch only this thread's connections).
+        Called from inside already, it cannot wait for the others (one may be waiting
+        for a lock this thread holds) and yields False at once.
+        """
+        if getattr(self._depth, "value", 0):
+            yield False
+            return
+        with self._condition:
+            while self._forking or self._exclusive:
+                self._condition.wait()
+            self._exclusive = True
+            deadline = time.monotonic() + timeout
+            while self._active and (remaining := deadline - time.monotonic()) > 0:
+                self._condition.wait(min(remaining, _FORK_POLL_SECONDS))
+            alone = self._active == 0
+            self._active += 1
+        self._depth.value = 1
+        try:
+            yield alone
+        finally:
+            self._depth.value = 0
+            with self._condition:
+                self._active -= 1
+                self._exclusive = False
+                self._condition.notify_all()
 
     def _before_fork(self) -> None:
         with self._condition:
@@ -199,6 +311,11 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
         # it from the shared Settings table, where another process (a CLI, a handler
         # without fsync) could have lowered it under an application that asked for fsync.
         self._synchronous = synchronous
+        # This process's connections to this cache, one per thread that used it.
+        self._open_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        # Collected unclosed: each thread closes its own connection when it next opens
+        # one, or as it ends. Not at exit: daemon threads may still be using them.
+        weakref.finalize(self, _orphan, self._open_connections).atexit = False
         super().__init__(*args, **kwargs)
 
     @property
@@ -209,6 +326,7 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
             self._owner_pid = os.getpid()
             self._local = threading.local()
             self._txn_id = None  # a transaction of a parent's thread is not ours
+            self._open_connections.clear()  # the parent's are not ours to close
         local = self._local
         connection: Connection | None = getattr(local, "connection", None)
         if connection is None:
@@ -217,9 +335,14 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
                 timeout=self._timeout,
                 isolation_level=None,
                 factory=Connection,
+                # Used by this thread only; closed by another in close_all, when no
+                # thread is inside SQLite, or as the thread ends.
+                check_same_thread=False,
             )
             local.connection = connection
             LIVE_CONNECTIONS.add(connection)
+            self._open_connections.add(connection)
+            _connections_of_this_thread().add(connection)
             _retry_while_locked(lambda: self._configure(connection))
         return connection
 
@@ -245,6 +368,25 @@ class _ForkSafeCache(diskcache.Cache):  # type: ignore[misc]  # diskcache is unt
         if connection is not None:
             connection.close()
             local.connection = None
+
+    def close_all(self) -> None:
+        """Close every thread's connection to this cache: its owner is closing.
+
+        Waits (briefly) until no thread is inside SQLite, so none is closed in use;
+        a thread that uses the cache afterwards opens a fresh connection. If threads
+        stay inside, only this thread's is closed; theirs close as those threads end.
+        """
+        if self._owner_pid != os.getpid():
+            return  # never close, in a child, what the parent opened
+        with FORK_GATE.alone(_CLOSE_WAIT_SECONDS) as alone:
+            if not alone:
+                self.close()
+                return
+            for connection in list(self._open_connections):
+                with contextlib.suppress(sqlite3.Error):
+                    connection.close()
+            self._open_connections.clear()
+            self._local = threading.local()
 
 
 def _retry_while_locked(action: Callable[[], None]) -> None:
@@ -334,8 +476,7 @@ def open_cache(directory: Path, *, fsync: bool | None) -> diskcache.Cache:
             raise
         moved = quarantine_database(directory)
         _internal_log.error(
-            "cio_logging: the database in %s is corrupt (%s); quarantined as %s and "
-            "started a fresh one",
+            "the database in %s is corrupt (%s); quarantined as %s and started a fresh one",
             directory,
             cause,
             ", ".join(moved),

@@ -35,6 +35,7 @@ from ._sqlite import (
     SALVAGE_RANGE_SQL,
     Connection,
     Transaction,
+    close_if_ours,
     database_identity,
     delete_non_text_keys,
     is_corruption,
@@ -136,6 +137,9 @@ class WriteAheadLog:
             # checkpointed live there, and once deleted they cannot be opened by path.
             anchor.execute("SELECT count(*) FROM Settings").fetchall()
             self._anchor = (os.getpid(), anchor)
+            # A log collected unclosed closes it (nobody else uses it); not at exit,
+            # when a daemon flush thread may still be salvaging through it.
+            weakref.finalize(self, close_if_ours, os.getpid(), anchor).atexit = False
 
     def append(
         self,
@@ -479,13 +483,14 @@ class WriteAheadLog:
     def __len__(self) -> int:
         return len(self._cache)
 
-    @sqlite_section
     def close(self) -> None:
-        self._cache.close()
-        if self._anchor is not None and self._anchor[0] == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                self._anchor[1].close()
-            self._anchor = None
+        """Close every connection to the log, of every thread (a later use reopens)."""
+        self._cache.close_all()
+        with FORK_GATE.inside():
+            if self._anchor is not None and self._anchor[0] == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    self._anchor[1].close()
+                self._anchor = None
 
 
 def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
@@ -627,7 +632,7 @@ class DeadLetterStore:
             except CorruptEntryError:
                 for quarantined in delete_non_text_keys(self._cache):
                     _internal_log.error(
-                        "cio_logging: dead-letter %s deleted: %s",
+                        "dead-letter %s deleted: %s",
                         quarantined.key,
                         quarantined.reason,
                     )
@@ -639,9 +644,12 @@ class DeadLetterStore:
 
     @sqlite_section
     def get(self, key: str) -> DeadLetter | None:
-        """One entry by its key (the event id), or None."""
+        """One entry by its key (the event id, in either case), or None."""
         try:
             text = self._cache.get(key)
+            if text is None and key != key.upper():  # ULIDs are case-insensitive
+                key = key.upper()
+                text = self._cache.get(key)
         except CorruptEntryError as exc:
             # Listed, counted and purgeable like any entry; never decoded or replayed.
             return DeadLetter(key, None, None, "corrupt_entry", str(exc), 0, 0.0, 0.0)
@@ -719,6 +727,6 @@ class DeadLetterStore:
     def __len__(self) -> int:
         return len(self._cache)
 
-    @sqlite_section
     def close(self) -> None:
-        self._cache.close()
+        """Close every connection to the store, of every thread (a later use reopens)."""
+        self._cache.close_all()

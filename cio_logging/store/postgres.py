@@ -463,7 +463,7 @@ class PostgresLog:
         self._unavailable_until = math.inf
         if first:
             internal_log.warning(
-                "cio_logging: PostgreSQL (%s) did not take a commit (%s); events go to the "
+                "PostgreSQL (%s) did not take a commit (%s); events go to the "
                 "local spill in %s and move to the database once it answers",
                 self.database.display_url,
                 f"no answer within {self.timeout:g}s" if error is None else scrub(str(error)),
@@ -518,7 +518,7 @@ class PostgresLog:
         ]
         for corrupt in batch.corrupt:
             internal_log.error(
-                "cio_logging: a spilled row could not be read and was dropped: %s",
+                "a spilled row could not be read and was dropped: %s",
                 corrupt.reason,
             )
         if rows:
@@ -939,7 +939,7 @@ class PostgresLease:
             try:
                 taken = self.database.run("take_lease", params)
             except DatabaseError as exc:
-                internal_log.debug("cio_logging: lease not taken: %s", exc)
+                internal_log.debug("lease not taken: %s", exc)
                 self._lose()
                 return False
             if not taken:
@@ -952,7 +952,7 @@ class PostgresLease:
                 self._log.fence = Fence(self.holder, self._term)
             self._start_heartbeat()
             internal_log.info(
-                "cio_logging: this process (%s) now sends for %s (term %d)",
+                "this process (%s) now sends for %s (term %d)",
                 self.holder,
                 self.workspace,
                 self._term,
@@ -981,7 +981,7 @@ class PostgresLease:
             try:
                 renewed = self.database.run("renew_lease", params)
             except DatabaseError as exc:
-                internal_log.debug("cio_logging: lease renewal failed: %s", exc)
+                internal_log.debug("lease renewal failed: %s", exc)
                 continue  # trusted until the margin; the next beat tries again
             with self._guard:
                 if renewed and self._term == term:
@@ -993,7 +993,7 @@ class PostgresLease:
     def _lose(self) -> None:
         if self._term is not None:
             internal_log.warning(
-                "cio_logging: this process (%s) no longer holds the lease of %s (term %d)",
+                "this process (%s) no longer holds the lease of %s (term %d)",
                 self.holder,
                 self.workspace,
                 self._term,
