@@ -24,7 +24,8 @@ APP_PASSWORD = "pg-Secret-7f3a9c1e"
 
 def server_binaries() -> Path | None:
     """The directory of initdb and pg_ctl, or None when PostgreSQL is not installed."""
-    for directory in BIN_DIRS:
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    for directory in [*BIN_DIRS, *installed]:
         if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
             return directory
     found = shutil.which("initdb")
