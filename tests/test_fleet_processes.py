@@ -323,12 +323,6 @@ class TestFleetRateCap:
     """max_requests_per_second holds for the fleet: the one sender's cap is the fleet's."""
 
     @pytest.mark.slow
-    @pytest.mark.xfail(
-        reason="issue 12 item 6: RequestRateCap counts a slot from when a request is "
-        "prepared, not from when it went out to its answer + 1 s (being changed in "
-        "resilience.py on another branch); measured here: 8 requests in one second",
-        strict=False,
-    )
     def test_no_second_at_the_server_holds_more(
         self, simulator: TrackAPISimulator, pg_url: str, tmp_path: Path, hosts: list[Host]
     ) -> None:
