@@ -937,6 +937,12 @@ class PostgresLease:
                 "seconds": self.seconds,
             }
             try:
+                # A read first: while another holder's lease runs (the usual answer for
+                # every process but one), no process of the fleet writes or locks the row.
+                current = self.database.run("read_lease", {"workspace": self.workspace})
+                if current and current[0][5]:
+                    self._lose()
+                    return False
                 taken = self.database.run("take_lease", params)
             except DatabaseError as exc:
                 internal_log.debug("lease not taken: %s", exc)
