@@ -94,7 +94,9 @@ class TestSchema:
     def test_a_role_with_only_dml_works_once_the_schema_exists(
         self, pg_url: str, pg_cluster: Cluster, tmp_path: Path
     ) -> None:
-        Database(pg_url).run("count_rows", {"workspace": "x"})  # the owner creates it
+        owner = Database(pg_url)
+        owner.run("count_rows", {"workspace": "x"})  # the owner creates it
+        owner.close()
         dbname = pg_url.rsplit("/", 1)[1]
         role = f"dml_{uuid.uuid4().hex[:6]}"
         with pg_cluster.admin(dbname) as conn:
