@@ -282,7 +282,11 @@ class _QueueGauges:
             with self._guard:
                 watched = list(self._watched.values())
             for probes in watched:
-                yield Observation(read(probes), {"cio.queue.dir": probes.queue_dir})
+                try:
+                    value = read(probes)
+                except Exception:  # noqa: S112 - a store that cannot answer now (a failing
+                    continue  # disk, PostgreSQL away) skips this reading; the SDK would log it
+                yield Observation(value, {"cio.queue.dir": probes.queue_dir})
 
         return callback
 

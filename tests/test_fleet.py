@@ -150,6 +150,40 @@ class TestWorkspaces:
 class TestDatabaseAway:
     """PostgreSQL stopped: emit stays fast and safe, rows spill and move back."""
 
+    def test_gauges_skip_a_reading_rather_than_fail(
+        self,
+        own_cluster: Cluster,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        settings = handler_settings(
+            simulator, queue_dir, queue_url=own_cluster.url(), database_timeout=0.3
+        )
+        handler = CustomerIOHandler(meter_provider=provider, **settings)
+        try:
+            logger = attach(handler)
+            own_cluster.stop()
+            logger.info("purchase", extra=cio_event("during"))  # spills: database away
+            data = reader.get_metrics_data()
+            names = {
+                metric.name
+                for resource in (data.resource_metrics if data else [])
+                for scope in resource.scope_metrics
+                for metric in scope.metrics
+            }
+            assert "cio.queue.depth" not in names  # skipped, not failed
+            assert "cio.circuit.state" in names
+            assert "Callback failed" not in caplog.text
+        finally:
+            handler.close()
+            provider.shutdown()
+
     def test_spill_then_delivery(
         self, own_cluster: Cluster, simulator: TrackAPISimulator, queue_dir: Path
     ) -> None:
