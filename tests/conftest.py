@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cio_logging import CustomerIOHandler
+from cio_logging import CustomerIOHandler, resilience
 from cio_logging.simulator import TrackAPISimulator
 
 from .spec_check import SPEC_PATH, Spec, load_spec
@@ -51,6 +51,20 @@ SPEC_MISSING = (
 def running_in_ci() -> bool:
     """CI=true (or 1, yes): a skip that would hide a missing requirement must fail instead."""
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_workspace_windows() -> Iterator[None]:
+    """Each test starts with no workspace's rate-cap slots or Retry-After pause.
+
+    They are shared per workspace (site id and endpoint) in a process, and every
+    simulator has the same site id: a later test whose simulator got a port an earlier
+    one had used would inherit its pause (seen on CI: a flush that returned at once,
+    held by a Retry-After from another test).
+    """
+    yield
+    with resilience._WINDOWS_GUARD:
+        resilience._WINDOWS.clear()
 
 
 @pytest.fixture(scope="session")
