@@ -605,11 +605,6 @@ class DeadLetterStore:
         counts them all.
         """
         moment = time.time() if now is None else now
-        if original is None:
-            existing = self.get(key)
-            if existing is not None and existing.original is not None:
-                original = existing.original
-                replays, replay_count = existing.replays, existing.replay_count
         entry = dead_letter_entry(
             key,
             event,
@@ -622,6 +617,7 @@ class DeadLetterStore:
             original=original,
             replays=replays,
             replay_count=replay_count,
+            existing=lambda: self.get(key),
         )
         self._cache.set(key, json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
 

@@ -760,11 +760,6 @@ class PostgresDeadLetters:
     ) -> None:
         psycopg, _ = _driver()
         moment = time.time() if now is None else now
-        if original is None:
-            existing = self.get(key)
-            if existing is not None and existing.original is not None:
-                original = existing.original
-                replays, replay_count = existing.replays, existing.replay_count
         entry = dead_letter_entry(
             key,
             event,
@@ -777,6 +772,7 @@ class PostgresDeadLetters:
             original=original,
             replays=replays,
             replay_count=replay_count,
+            existing=lambda: self.get(key),
         )
         jsonb = psycopg.types.json.Jsonb
         self.database.run(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -340,13 +340,22 @@ def dead_letter_entry(
     original: DeadLetterReason | None,
     replays: Sequence[ReplayRecord],
     replay_count: int | None,
+    existing: Callable[[], DeadLetter | None],
 ) -> dict[str, Any]:
     """The stored form of a dead letter whose latest reason is this one.
 
-    ``original``: the reason it was first dead-lettered for (None: this one).
+    ``original``: the reason it was first dead-lettered for. When not given, the
+    entry already stored under ``key`` (read through ``existing``) keeps its own,
+    with its replay history: an event in both the log and the store after a crash,
+    failing again. A new entry's original reason is this one.
     ``replays``: the replays that failed, oldest first; the latest ``_REPLAY_HISTORY``
     are kept, ``replay_count`` (default: how many are given) counts them all.
     """
+    if original is None:
+        stored = existing()
+        if stored is not None and stored.original is not None:
+            original = stored.original
+            replays, replay_count = stored.replays, stored.replay_count
     if original is None:
         original = DeadLetterReason(error_type, status, message, now)
     return {
