@@ -128,6 +128,27 @@ def capture_cio_events(
             target.setLevel(saved_level)
 
 
+def simulator_handler_settings(
+    simulator: TrackAPISimulator, queue_dir: str | os.PathLike[str], **options: Any
+) -> dict[str, Any]:
+    """``CustomerIOHandler`` keyword arguments that deliver to ``simulator``, quickly
+    (short intervals and timeouts), with the queue in ``queue_dir``; ``options`` are
+    added to (or replace) them."""
+    settings: dict[str, Any] = {
+        "site_id": simulator.site_id,
+        "api_key": simulator.api_key,
+        "track_url": simulator.url,
+        "ca_bundle": simulator.ca_file,
+        "queue_dir": str(queue_dir),
+        "flush_interval": 0.05,
+        "max_backoff": 0.2,
+        "request_timeout": 2.0,
+        "flush_timeout": 10.0,
+    }
+    settings.update(options)
+    return settings
+
+
 class CioSimulator:
     """A running Track API simulator (real HTTPS on loopback) and how to point a handler at it.
 
@@ -188,19 +209,7 @@ class CioSimulator:
 
         ``options`` are added to (or replace) them, as in ``handler_settings(batch_size=10)``.
         """
-        settings: dict[str, Any] = {
-            "site_id": self.site_id,
-            "api_key": self.api_key,
-            "track_url": self.url,
-            "ca_bundle": self.ca_file,
-            "queue_dir": str(self.queue_dir),
-            "flush_interval": 0.05,
-            "max_backoff": 0.2,
-            "request_timeout": 2.0,
-            "flush_timeout": 10.0,
-        }
-        settings.update(options)
-        return settings
+        return simulator_handler_settings(self.simulator, self.queue_dir, **options)
 
     def environ(self) -> dict[str, str]:
         """The environment variables that point a handler configured from them here.

@@ -15,6 +15,7 @@ import pytest
 
 from cio_logging import CustomerIOHandler, resilience
 from cio_logging.simulator import TrackAPISimulator
+from cio_logging.testing import simulator_handler_settings
 
 from .spec_check import SPEC_PATH, Spec, load_spec
 
@@ -102,20 +103,9 @@ def queue_dir(tmp_path: Path) -> Path:
 
 
 def handler_settings(sim: TrackAPISimulator, queue_dir: Path, **options: Any) -> dict[str, Any]:
-    """Constructor arguments for a handler talking to ``sim``, fast enough for tests."""
-    settings: dict[str, Any] = {
-        "site_id": sim.site_id,
-        "api_key": sim.api_key,
-        "track_url": sim.url,
-        "ca_bundle": sim.ca_file,
-        "queue_dir": str(queue_dir),
-        "flush_interval": 0.05,
-        "max_backoff": 0.2,
-        "request_timeout": 2.0,
-        "flush_timeout": 10.0,
-    }
-    settings.update(options)
-    return settings
+    """Constructor arguments for a handler talking to ``sim``, fast enough for tests:
+    the same the shipped testing helpers give applications."""
+    return simulator_handler_settings(sim, queue_dir, **options)
 
 
 @pytest.fixture
