@@ -36,8 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from .client import AUTH, CONFIG, TRANSIENT, Failure, make_client
 from .config import ENV_API_KEY, ENV_QUEUE_DIR, ENV_QUEUE_URL, Settings, resolve_settings
-from .delivery import AUTH, CONFIG, TRANSIENT, Failure, TrackClient
 from .errors import CIOLoggingError
 from .events import event_from_dict
 from .process_lock import DeliveryLock
@@ -747,7 +747,7 @@ def replay_dead_letters(
 ) -> ReplayReport:
     """Send chosen dead letters straight to Customer.io, with their own event ids.
 
-    The same delivery path as the worker: a :class:`TrackClient` behind a breaker and
+    The same delivery path as the worker: the API's client behind a breaker and
     the rate cap, and the retry policy's backoff between attempts of an entry, within
     ``timeout`` seconds and at most ``max_attempts`` attempts per entry. An entry
     leaves the store only once Customer.io accepted it. One that fails again stays,
@@ -810,13 +810,13 @@ def _replay(
 ) -> None:
     breaker = DeliveryBreaker.from_settings(settings)
     retry = RetryPolicy.from_settings(settings)
-    client = TrackClient(
+    client = make_client(
         settings,
         breaker=breaker,
         rate_cap=RequestRateCap(
             settings.max_requests_per_second,
             stop=stop,
-            workspace=(settings.site_id, settings.endpoint.base_url),
+            workspace=(settings.account, settings.endpoint.base_url),
         ),
     )
     held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
@@ -970,7 +970,7 @@ def drain(
 
     It runs a :class:`~cio_logging.CustomerIOHandler` on the directory and lets its
     worker do the sending, rather than a loop of its own around ``delivery.lock`` and a
-    ``TrackClient``: the worker already takes that lock before reading the log (so this
+    the API's client: the worker already takes that lock before reading the log (so this
     never sends while a live application does), and it already dead-letters, expires,
     schedules retries, pauses on 401/403, rate-caps and records ``state.json`` exactly
     as the application would. A second copy of that loop could only drift from it.
