@@ -37,8 +37,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .client import AUTH, CONFIG, TRANSIENT, Failure, make_client
-from .config import ENV_API_KEY, ENV_QUEUE_DIR, ENV_QUEUE_URL, Settings, resolve_settings
-from .errors import CIOLoggingError
+from .config import (
+    ENV_API,
+    ENV_API_KEY,
+    ENV_CDP_API_KEY,
+    ENV_QUEUE_DIR,
+    ENV_QUEUE_URL,
+    PIPELINES,
+    Settings,
+    resolve_settings,
+)
+from .errors import CIOLoggingError, ConfigurationError
 from .events import event_from_dict
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
@@ -139,7 +148,15 @@ def operator_settings(
         ConfigurationError: a credential is missing or a value is invalid.
     """
     env = os.environ if environ is None else environ
-    if not sends and not (api_key or env.get(ENV_API_KEY)):
+    pipelines = str(options.get("api") or env.get(ENV_API) or "").strip().lower() == PIPELINES
+    key_variable = ENV_CDP_API_KEY if pipelines else ENV_API_KEY
+    if not sends and not (api_key or env.get(key_variable)):
+        if pipelines and explicit_queue_dir(queue_dir, env) is None:
+            # The default directory of a Pipelines source is named by its key.
+            raise ConfigurationError(
+                "api_key is missing: pass api_key= or set CUSTOMERIO_CDP_API_KEY "
+                "(or give --queue-dir or CIO_LOGGING_QUEUE_DIR)"
+            )
         api_key = _UNUSED_API_KEY
     return resolve_settings(
         site_id,
