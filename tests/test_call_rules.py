@@ -146,7 +146,8 @@ class TestStoredCalls:
 
     def test_an_event_keeps_the_row_format_the_previous_release_reads(self) -> None:
         _, _, text, person = encode_row(_event(cio_event(anonymous_id="a9")))
-        assert text.startswith("[2,") and person == "a:a9"
+        assert text.startswith("[2,")
+        assert person == "a:a9"
 
 
 def _queued(event: Event) -> QueuedEvent:

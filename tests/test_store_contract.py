@@ -153,7 +153,8 @@ class TestPersonOrderContract:
             log.append(call)
         now = time.time()
         (first,) = log.read_due(1, now).events
-        assert first.key == identify.id and first.event.call == "identify"
+        assert first.key == identify.id
+        assert first.event.call == "identify"
         log.record_failure([(first, now + 30)], "HTTP 503", now)
         # Bob is not held up; Ann's event waits behind her identify (the old code sent it).
         assert [q.key for q in log.read_due(10, now).events] == [bob_event.id]
@@ -183,7 +184,8 @@ class TestPersonOrderContract:
         log.append(identify)
         (queued,) = log.read_due(1).events
         assert queued.event == identify
-        assert queued.event.call == "identify" and queued.event.name == "identify"
+        assert queued.event.call == "identify"
+        assert queued.event.name == "identify"
 
 
 class TestDeadLetterContract:
