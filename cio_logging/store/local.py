@@ -239,7 +239,7 @@ class WriteAheadLog:
             rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
         elif len(rows) < limit and after is not None:
             tag, rowid = after
-            rows += sql(_SELECT_DUE_AFTER, (moment, tag, tag, rowid, limit - len(rows))).fetchall()
+            rows += sql(_SELECT_DUE_AFTER, (moment, tag, rowid, limit - len(rows))).fetchall()
         untagged = [(row[0],) for row in rows if row[3] is None]
         if untagged:
             # Rows from an older version (or another writer) get a due time now, the
@@ -567,7 +567,10 @@ _SELECT_DUE = (
 )
 _SELECT_DUE_AFTER = (
     "SELECT c.rowid, c.key, c.raw, c.tag, c.mode, c.filename, c.value FROM Cache AS c"
-    " WHERE c.tag <= ? AND (c.tag > ? OR (c.tag = ? AND c.rowid > ?))"
+    # A row value, not "tag > ? OR (tag = ? AND rowid > ?)": SQLite then walks the
+    # (tag, rowid) index from the cursor in order and stops at the limit; the OR form
+    # read every due row into a temporary B-tree to sort it, at every read.
+    " WHERE c.tag <= ? AND (c.tag, c.rowid) > (?, ?)"
     " AND (c.person IS NULL OR NOT EXISTS (SELECT 1 FROM Cache AS e"
     " WHERE e.person = c.person AND e.rowid < c.rowid AND e.tag > c.tag))"
     " ORDER BY c.tag, c.rowid LIMIT ?"
