@@ -232,7 +232,9 @@ def secret_forms(site_id: str, api_key: str) -> list[str]:
     import base64
 
     basic = base64.b64encode(f"{site_id}:{api_key}".encode()).decode()
-    return [api_key, basic, basic.rstrip("=")]
+    # The Pipelines API's: the key as the username, a blank password.
+    pipelines = base64.b64encode(f"{api_key}:".encode()).decode()
+    return [api_key, basic, basic.rstrip("="), pipelines, pipelines.rstrip("=")]
 
 
 #: What no output may contain. Tests that use a key of their own add its forms here.
