@@ -1,4 +1,4 @@
-"""A local stand-in for the Customer.io Track API, served over real HTTPS on loopback.
+"""A local stand-in for Customer.io's Track API and Data Pipelines API, over real HTTPS on loopback.
 
 The demo, the test suite and the benchmarks point the customerio SDK at it instead of
 track.customer.io::
@@ -10,14 +10,30 @@ track.customer.io::
         client.track("42", "purchase", {"price": 9.5})
         assert sim.wait_for_events(1)
 
-It answers the four event routes (`/api/v1/customers/{identifier}/events`, `/api/v1/events`,
-`/api/v2/batch`, `/api/v2/entity`) the way the published OpenAPI description and the documented
-limits say: Basic auth, ULID deduplication, per-item 207 errors, whole-request 400s. Tests drive
-it from the same process through its methods (`fail`, `set_latency`, `reset_connections`,
-`refuse_connections`, `poison`, ...) and read what it accepted from `accepted` and
-`requests`; another process can do the same through the unauthenticated control routes under
-`/_simulator/` (listed in `CONTROL_API`, and in the README). `python -m cio_logging.simulator`
-(or `cio-logging simulator`) runs one until interrupted.
+Track API: the four routes `/api/v1/customers/{identifier}/events`, `/api/v1/events`,
+`/api/v2/batch` and `/api/v2/entity`, answered the way the published OpenAPI description and
+the documented limits say: Basic auth `site_id:api_key`, ULID deduplication, per-item 207
+errors, whole-request 400s. Events, v1 page and screen views and the v2 person actions
+identify, delete, suppress, unsuppress, page and screen are recorded.
+
+Data Pipelines API (`cdp.customer.io/v1`): `/v1/batch` and the single-call routes
+`/v1/identify`, `/v1/track`, `/v1/page`, `/v1/screen`, `/v1/group`, `/v1/alias`. Basic auth
+with the API key as the username and a blank password; 32 KB a call, 500 KB a request;
+`messageId` deduplication (sharing the seen ids with Track); the semantic events `User
+Deleted`, `User Suppressed` and `User Unsuppressed` recorded as delete, suppress and
+unsuppress. Like the real API, an invalid or oversized call is answered 200 and silently
+dropped (counted in `silently_dropped`) unless the request sends `X-Strict-Mode: 1`, which
+turns it into a 400 `{"meta": {"errors": ["<field>: <message>", ...]}}` and refuses the whole
+request.
+
+Every accepted call of either API is an `AcceptedEvent` in `accepted`, in acceptance order
+(`call` says which kind, `api` which API); `history(person)` gives one person's calls and
+`calls(call)` one kind. Tests drive it from the same process through its methods (`fail`,
+`set_latency`, `reset_connections`, `refuse_connections`, `poison`, ...), which apply to both
+APIs alike, and read what it received from `requests`; another process can do the same
+through the unauthenticated control routes under `/_simulator/` (listed in `CONTROL_API`,
+and in the README). `python -m cio_logging.simulator` (or `cio-logging simulator`) runs one
+until interrupted.
 
 The TLS certificate comes from a throwaway CA made by trustme; its PEM is at `ca_file`.
 """
@@ -44,12 +60,13 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple, cast
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 __all__ = [
     "CONTROL_API",
@@ -67,6 +84,8 @@ MAX_DATA_BYTES = 100_000
 MAX_IDENTIFIER_BYTES = 150
 MAX_V2_ITEM_BYTES = 32_768
 MAX_V2_REQUEST_BYTES = 512_000
+MAX_PIPELINES_CALL_BYTES = 32_768
+MAX_PIPELINES_REQUEST_BYTES = 512_000
 _MAX_READ_BYTES = 16 * 1024 * 1024  # beyond this the body is not even read (413)
 
 _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
@@ -79,18 +98,55 @@ _ACTIONS = {
     | {"delete_relationships"},
     "delivery": frozenset({"event"}),
 }
+# The person actions a Track v2 request records: those that the handler's person calls
+# send (relationships, devices and merges are validated, not recorded).
+_V2_PERSON_CALLS = frozenset({"identify", "delete", "suppress", "unsuppress"})
+# Every AcceptedEvent.call: group and alias come only from Pipelines calls.
+_CALLS = frozenset(
+    {"event", "identify", "page", "screen", "delete", "suppress", "unsuppress", "group", "alias"}
+)
+# The spec's batch schema lists these five: alias has a route of its own only.
+_PIPELINES_BATCH_TYPES = ("identify", "track", "page", "screen", "group")
+# Semantic events: a track call with one of these names acts on the person.
+_SEMANTIC_CALLS = {
+    "User Deleted": "delete",
+    "User Suppressed": "suppress",
+    "User Unsuppressed": "unsuppress",
+}
+# RFC 3339, the JSON Schema meaning of the spec's `format: date-time`: a zone is required,
+# since a timestamp without one names no instant.
+_DATE_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class _Route(NamedTuple):
+    api: str  # "track" or "pipelines": which credentials and which validation
+    name: str  # AcceptedEvent.route
+    call_type: str | None = None  # the type a Pipelines single-call route implies
+
+
 _ROUTES = {
-    "/api/v1/events": "v1_anonymous",
-    "/api/v2/batch": "v2_batch",
-    "/api/v2/entity": "v2_entity",
+    "/api/v1/events": _Route("track", "v1_anonymous"),
+    "/api/v2/batch": _Route("track", "v2_batch"),
+    "/api/v2/entity": _Route("track", "v2_entity"),
+    "/v1/batch": _Route("pipelines", "pipelines_batch"),
+    **{
+        f"/v1/{kind}": _Route("pipelines", f"pipelines_{kind}", kind)
+        for kind in ("identify", "track", "page", "screen", "group", "alias")
+    },
 }
 _V1_IDENTIFIED = re.compile(r"/api/v1/customers/([^/]*)/events")
+_BATCH_ROUTES = frozenset({"v2_batch", "pipelines_batch"})
 _CONTROL_PREFIX = "/_simulator/"
 _UNAUTHORIZED = "Unauthorized request. Make sure that you provided the right credentials."
-_CHALLENGE = (("WWW-Authenticate", 'Basic realm="Customer.io Track API"'),)
+_CHALLENGES = {
+    "track": (("WWW-Authenticate", 'Basic realm="Customer.io Track API"'),),
+    "pipelines": (("WWW-Authenticate", 'Basic realm="Customer.io Data Pipelines API"'),),
+}
 _CONTROL_METHODS = {
     "events": ("GET",),
     "requests": ("GET",),
+    "history": ("GET",),
     "poison": ("GET", "POST"),
     "faults": ("POST",),
     "clear_faults": ("POST",),
@@ -101,8 +157,13 @@ _CONTROL_METHODS = {
 #: The unauthenticated control routes, as ``--help`` and the README describe them.
 CONTROL_API = """\
 control API (unauthenticated, JSON; never recorded, never faulted):
-  GET  /_simulator/events        accepted events: {"events": [...], "duplicates": N}
-  GET  /_simulator/requests      every Track request: time, method, path, status, ...
+  GET  /_simulator/events        accepted calls of both APIs: {"events": [...],
+                                 "duplicates": N, "silently_dropped": N}
+  GET  /_simulator/history?person=ID
+                                 one person's accepted calls (userId, anonymousId or
+                                 Track identifier), in order: {"calls": [...]}
+  GET  /_simulator/requests      every Track and Pipelines request: time, method,
+                                 path, status, strict, ...
   POST /_simulator/faults        {"status": 503, "count": N | "duration": S,
                                   "retry_after": "7", "body": {...}},
                                  {"latency": S}, {"reset_connections": {"count": N}}
@@ -110,9 +171,12 @@ control API (unauthenticated, JSON; never recorded, never faulted):
                                  (poison names stay)
   GET  /_simulator/poison        the poison names: {"names": [...]}
   POST /_simulator/poison        {"names": ["bad_event"]}: events with these names are
-                                 rejected (400 on v1, a 207 item error in a v2 batch)
+                                 rejected (400 on v1, a 207 item error in a v2 batch;
+                                 a Pipelines track, page or screen call is dropped, or
+                                 400 with X-Strict-Mode: 1)
   POST /_simulator/clear_poison  forget every poison name
-  POST /_simulator/clear         forget accepted events, requests and seen ids
+  POST /_simulator/clear         forget accepted calls, requests, seen ids and the
+                                 silently dropped count
 """
 _FAULT_KEYS = frozenset({"status", "latency", "reset_connections"})
 _NOT_JSON = object()  # stands for a body that did not parse
@@ -135,7 +199,23 @@ def _trustme() -> Any:
 
 @dataclass(frozen=True)
 class AcceptedEvent:
-    """One event the simulator accepted (duplicates are not recorded again)."""
+    """One call the simulator accepted, of either API (a duplicate id is not recorded again).
+
+    ``call`` is ``"event"``, ``"identify"``, ``"page"``, ``"screen"``, ``"delete"``,
+    ``"suppress"``, ``"unsuppress"``, or for Pipelines only ``"group"`` and ``"alias"``;
+    ``api`` is ``"track"`` or ``"pipelines"``. The other fields, for every call:
+
+    - ``id``: the Track ``id`` or the Pipelines ``messageId`` (None when the call has none);
+    - ``name``: the event name, the page or screen name (``""`` for a Pipelines page or
+      screen sent without one), else the call itself (``"identify"``, ``"delete"``, ...);
+    - ``customer_id``: the person (Track identifier value, Pipelines ``userId``);
+    - ``anonymous_id``: Track v1 ``anonymous_id``, Pipelines ``anonymousId``;
+    - ``data``: attributes, properties or traits (``{}`` when absent; for an alias,
+      ``{"previousId": ...}``);
+    - ``timestamp``: Unix seconds (a Pipelines ISO 8601 ``timestamp`` floored), or None;
+    - ``route``: ``"v1"``, ``"v1_anonymous"``, ``"v2_batch"``, ``"v2_entity"``,
+      ``"pipelines_batch"``, ``"pipelines_track"``, ``"pipelines_identify"``, ...
+    """
 
     id: str | None
     name: str
@@ -145,11 +225,13 @@ class AcceptedEvent:
     timestamp: int | None
     route: str
     received_at: float
+    call: str = "event"
+    api: str = "track"
 
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One Track request as the simulator answered it (status 0: connection dropped)."""
+    """One Track or Pipelines request as the simulator answered it (status 0: dropped)."""
 
     time: float
     method: str
@@ -164,6 +246,8 @@ class RequestRecord:
     arrived_at: float = 0.0
     #: Seconds from the request's headers read to its answer ready (latency included).
     duration: float = 0.0
+    #: Whether the request sent ``X-Strict-Mode: 1``.
+    strict: bool = False
 
 
 class _Answer(NamedTuple):
@@ -173,7 +257,7 @@ class _Answer(NamedTuple):
 
 
 class _Draft(NamedTuple):
-    """An event that passed validation, before deduplication stamps it as accepted."""
+    """A call that passed validation, before deduplication stamps it as accepted."""
 
     id: str | None
     name: str
@@ -182,6 +266,8 @@ class _Draft(NamedTuple):
     data: dict[str, Any]
     timestamp: int | None
     route: str
+    call: str = "event"
+    api: str = "track"
 
 
 @dataclass
@@ -250,6 +336,11 @@ def _event_fields(
     obj: dict[str, Any], data_key: str, poison: Collection[str]
 ) -> tuple[str, str | None, int | None, dict[str, Any]]:
     """Check name, id, timestamp and data/attributes, common to v1 and v2 events."""
+    name = _event_name(obj, poison)
+    return (name, *_track_fields(obj, data_key))
+
+
+def _event_name(obj: dict[str, Any], poison: Collection[str]) -> str:
     if "name" not in obj:
         raise _ValidationError("name", "name is required", "required")
     name = obj["name"]
@@ -262,6 +353,13 @@ def _event_fields(
         raise _ValidationError("name", f"name is {size} bytes, over 100", "too_long")
     if name in poison:
         raise _ValidationError("name", f"event name {name!r} is rejected (poison name)")
+    return name
+
+
+def _track_fields(
+    obj: dict[str, Any], data_key: str
+) -> tuple[str | None, int | None, dict[str, Any]]:
+    """Check id, timestamp and data/attributes, common to every Track call that records."""
     event_id = obj.get("id")
     if "id" in obj and not (isinstance(event_id, str) and _ULID.fullmatch(event_id)):
         raise _ValidationError("id", "id must be a ULID (26 Crockford base32 characters)")
@@ -274,7 +372,7 @@ def _event_fields(
     size = _json_size(data, data_key)
     if size > MAX_DATA_BYTES:
         raise _ValidationError(data_key, f"{data_key} is {size} bytes, over 100000", "too_long")
-    return name, event_id, timestamp, data
+    return event_id, timestamp, data
 
 
 def _v1_draft(payload: Any, customer_id: str | None, route: str, poison: Collection[str]) -> _Draft:
@@ -286,11 +384,12 @@ def _v1_draft(payload: Any, customer_id: str | None, route: str, poison: Collect
     anonymous_id = None
     if route == "v1_anonymous" and "anonymous_id" in payload:
         anonymous_id = _check_identifier(payload["anonymous_id"], "anonymous_id")
-    return _Draft(event_id, name, customer_id, anonymous_id, data, timestamp, route)
+    call = payload.get("type", "event")  # a page or screen view, else an event
+    return _Draft(event_id, name, customer_id, anonymous_id, data, timestamp, route, call)
 
 
 def _v2_draft(item: Any, route: str, poison: Collection[str]) -> _Draft | None:
-    """Validate one v2 operation; return the event it carries (None for other operations)."""
+    """Validate one v2 operation; return the person call it records (None for others)."""
     if not isinstance(item, dict):
         raise _ValidationError("item", "each operation must be a JSON object")
     size = _json_size(item, "item")
@@ -314,14 +413,157 @@ def _v2_draft(item: Any, route: str, poison: Collection[str]) -> _Draft | None:
         raise _ValidationError("identifiers", "give exactly one of id, email, phone, cio_id")
     ((key, value),) = identifiers.items()
     person = _check_identifier(value, f"identifiers.{key}")
-    if action not in ("event", "page", "screen"):
-        if "attributes" in item and not isinstance(item["attributes"], dict):
-            raise _ValidationError("attributes", "attributes must be an object")
+    if action in ("event", "page", "screen"):
+        name, event_id, timestamp, data = _event_fields(item, "attributes", poison)
+        return _Draft(event_id, name, person, None, data, timestamp, route, action)
+    if action in _V2_PERSON_CALLS:
+        event_id, timestamp, data = _track_fields(item, "attributes")
+        return _Draft(event_id, action, person, None, data, timestamp, route, action)
+    if "attributes" in item and not isinstance(item["attributes"], dict):
+        raise _ValidationError("attributes", "attributes must be an object")
+    return None
+
+
+def _pipelines_string(call: dict[str, Any], key: str) -> str | None:
+    value = call.get(key)
+    if key in call and not isinstance(value, str):
+        raise _ValidationError(key, f"{key} must be a string")
+    return value
+
+
+def _pipelines_name(call: dict[str, Any], key: str, poison: Collection[str]) -> str:
+    """A track call's ``event`` (required, not blank) or a page or screen ``name``."""
+    required = key == "event"
+    if key not in call:
+        if required:
+            raise _ValidationError(key, f"{key} is required", "required")
+        return ""
+    name = call[key]
+    if not isinstance(name, str):
+        raise _ValidationError(key, f"{key} must be a string")
+    if required and not name.strip():
+        raise _ValidationError(key, f"{key} must not be empty", "required")
+    if name in poison:
+        raise _ValidationError(key, f"{key} {name!r} is rejected (poison name)", "poison")
+    return name
+
+
+def _pipelines_timestamp(call: dict[str, Any]) -> int | None:
+    """The ISO 8601 ``timestamp`` in whole Unix seconds (floored); None when absent."""
+    if "timestamp" not in call:
         return None
-    name, event_id, timestamp, data = _event_fields(item, "attributes", poison)
-    if action != "event":
-        return None  # page and screen views are valid but are not what the handler sends
-    return _Draft(event_id, name, person, None, data, timestamp, route)
+    value = call["timestamp"]
+    instant = None
+    if isinstance(value, str) and _DATE_TIME.fullmatch(value.upper()):
+        with contextlib.suppress(ValueError):  # the shape is right, the date is not: 02-30
+            instant = datetime.fromisoformat(value.upper())
+    if instant is None:
+        raise _ValidationError(
+            "timestamp", "timestamp must be an ISO 8601 date-time with a zone offset or Z"
+        )
+    return (instant - _EPOCH) // timedelta(seconds=1)
+
+
+def _pipelines_draft(call: Any, implied: str | None, route: str, poison: Collection[str]) -> _Draft:
+    """Validate one Pipelines call; ``implied``: the type its single-call route sets.
+
+    Errors name a field of the call, or "" for the call as a whole.
+    """
+    if not isinstance(call, dict):
+        raise _ValidationError("", "each call must be a JSON object")
+    try:
+        size = _json_size(call, "call")
+    except _ValidationError:
+        raise _ValidationError("", "the call is not valid UTF-8") from None
+    if size > MAX_PIPELINES_CALL_BYTES:
+        raise _ValidationError("", f"the call is {size} bytes, over 32768", "too_long")
+    kind = call.get("type", implied)
+    allowed = _PIPELINES_BATCH_TYPES if implied is None else (implied,)
+    if not isinstance(kind, str) or kind not in allowed:
+        if implied is not None:
+            message = f"type must be {implied!r} on this route, or left out"
+        else:
+            hint = " (alias has a route of its own, /v1/alias)" if kind == "alias" else ""
+            message = f"type must be one of {', '.join(allowed)}{hint}"
+        raise _ValidationError("type", message)
+    # An empty id names nobody (the spec allows one on an identify that names an email).
+    user_id = _pipelines_string(call, "userId") or None
+    anonymous_id = _pipelines_string(call, "anonymousId") or None
+    message_id = _pipelines_string(call, "messageId")
+    if message_id == "":
+        raise _ValidationError("messageId", "messageId must not be empty", "required")
+    timestamp = _pipelines_timestamp(call)
+    for key in ("properties", "traits", "context"):
+        if key in call and not isinstance(call[key], dict):
+            raise _ValidationError(key, f"{key} must be an object")
+    if kind == "alias":
+        previous_id = _pipelines_string(call, "previousId")
+        for key, value in (("previousId", previous_id), ("userId", user_id)):
+            if not value:
+                raise _ValidationError(key, f"alias needs {key}", "required")
+        data = {"previousId": previous_id}
+        return _Draft(
+            message_id, kind, user_id, anonymous_id, data, timestamp, route, kind, "pipelines"
+        )
+    group_id = _pipelines_string(call, "groupId")
+    if kind == "group" and not group_id:
+        raise _ValidationError("groupId", "groupId is required", "required")
+    traits = call.get("traits", {})
+    email = traits.get("email")
+    # The spec's two other ways to say whom a call is about: a track call may name a
+    # group instead, and an identify may send an empty userId and name the person by
+    # the email trait.
+    named_otherwise = (kind == "track" and bool(group_id)) or (
+        kind == "identify" and "userId" in call and isinstance(email, str) and email != ""
+    )
+    if not (user_id or anonymous_id or named_otherwise):
+        raise _ValidationError("userId", "userId or anonymousId is required", "required")
+    name, recorded = kind, kind
+    if kind == "track":
+        name = _pipelines_name(call, "event", poison)
+        recorded = _SEMANTIC_CALLS.get(name, "event")
+        if recorded != "event":
+            if not user_id:
+                raise _ValidationError("userId", f"{name!r} needs a userId", "required")
+            name = recorded
+    elif kind in ("page", "screen"):
+        name = _pipelines_name(call, "name", poison)
+    data = traits if kind in ("identify", "group") else call.get("properties", {})
+    return _Draft(
+        message_id, name, user_id, anonymous_id, data, timestamp, route, recorded, "pipelines"
+    )
+
+
+def _pipelines_calls(
+    route: _Route, payload: Any, size: int, poison: Collection[str]
+) -> tuple[list[_Draft], list[str], int]:
+    """Validate one Pipelines request.
+
+    Returns the calls it records, its errors as "<field>: <message>", and how many calls
+    those errors drop (a body that holds no calls at all counts as one).
+    """
+    if payload is _NOT_JSON:
+        return [], ["body: the body is not valid JSON"], 1
+    calls: list[tuple[str, Any]] = [("", payload)]
+    if route.call_type is None:
+        batch = payload.get("batch") if isinstance(payload, dict) else None
+        dropped = len(batch) if isinstance(batch, list) else 1
+        if size > MAX_PIPELINES_REQUEST_BYTES:
+            return [], [f"body: the request is {size} bytes, over 512000"], dropped
+        if not isinstance(payload, dict) or not isinstance(batch, list):
+            return [], ['batch: the body must be {"batch": [call, ...]}'], dropped
+        if "context" in payload and not isinstance(payload["context"], dict):
+            return [], ["context: context must be an object"], dropped
+        calls = [(f"batch[{index}]", call) for index, call in enumerate(batch)]
+    drafts: list[_Draft] = []
+    errors: list[str] = []
+    for where, call in calls:
+        try:
+            drafts.append(_pipelines_draft(call, route.call_type, route.name, poison))
+        except _ValidationError as exc:
+            field = ".".join(part for part in (where, exc.field) if part) or "body"
+            errors.append(f"{field}: {exc.message}")
+    return drafts, errors, len(errors)
 
 
 def _whole_request_error(message: str, field: str = "body", reason: str = "invalid") -> _Answer:
@@ -354,7 +596,7 @@ def _phrase(status: int) -> str:
 
 
 def _item_count(route: str | None, payload: Any) -> int:
-    if route == "v2_batch":
+    if route in _BATCH_ROUTES:
         batch = payload.get("batch") if isinstance(payload, dict) else None
         return len(batch) if isinstance(batch, list) else 0
     return 1 if isinstance(payload, dict) else 0
@@ -420,13 +662,13 @@ class _Handler(BaseHTTPRequestHandler):
         arrived_at = time.monotonic()
         started = time.perf_counter()
         simulator = cast(_Server, self.server).simulator
-        path = self.path.partition("?")[0]
+        path, _, query = self.path.partition("?")
         body = self._read_body()
         if body is None:
             return
         try:
             if path.startswith(_CONTROL_PREFIX):
-                answer: _Answer | None = simulator._control(self.command, path, body)
+                answer: _Answer | None = simulator._control(self.command, path, body, query)
             else:
                 authorization = self.headers.get("Authorization")
                 answer = simulator._track(
@@ -437,6 +679,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.headers.get("User-Agent", ""),
                     arrived_at,
                     started,
+                    self.headers.get("X-Strict-Mode", "").strip() == "1",
                 )
         except Exception as exc:  # a simulator bug: say so to the client rather than hang up
             answer = _Answer(500, {"meta": {"error": f"simulator error: {exc!r}"}})
@@ -489,7 +732,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class TrackAPISimulator:
-    """A local HTTPS Track API with inspectable records and injectable faults."""
+    """A local HTTPS Track API and Data Pipelines API, with inspectable records and
+    injectable faults (the name is older than the Pipelines routes)."""
 
     def __init__(
         self,
@@ -520,9 +764,12 @@ class TrackAPISimulator:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._accepted: list[AcceptedEvent] = []
+        # Each person's calls as they are accepted, so history() need not scan them all.
+        self._history: dict[str, list[AcceptedEvent]] = {}
         self._requests: list[RequestRecord] = []
         self._seen_ids: set[str] = set()
         self._duplicates = 0
+        self._silently_dropped = 0
         self._failure: _Fault | None = None
         self._reset: _Fault | None = None
         self._latency = 0.0
@@ -650,22 +897,49 @@ class TrackAPISimulator:
         with self._lock:
             return self._duplicates
 
+    @property
+    def silently_dropped(self) -> int:
+        """Pipelines calls answered 200 but not accepted: invalid or oversized, without
+        ``X-Strict-Mode: 1`` (a request whose body holds no calls at all counts one)."""
+        with self._lock:
+            return self._silently_dropped
+
     def accepted_ids(self) -> set[str]:
         with self._lock:
             return {event.id for event in self._accepted if event.id is not None}
 
+    def history(self, person: str) -> list[AcceptedEvent]:
+        """Every accepted call whose ``customer_id`` or ``anonymous_id`` is ``person``,
+        of either API, in the order they were accepted."""
+        with self._lock:
+            return list(self._history.get(person, ()))
+
+    def calls(self, call: str) -> list[AcceptedEvent]:
+        """The accepted calls of one kind (``"identify"``, ``"event"``, ...), in order.
+
+        Raises:
+            ValueError: ``call`` is not one of the kinds ``AcceptedEvent.call`` takes.
+        """
+        if call not in _CALLS:
+            raise ValueError(f"call must be one of {', '.join(sorted(_CALLS))}, not {call!r}")
+        with self._lock:
+            return [accepted for accepted in self._accepted if accepted.call == call]
+
     def wait_for_events(self, count: int, timeout: float = 10.0) -> bool:
-        """Wait until at least `count` events were accepted; False on timeout."""
+        """Wait until at least `count` calls (events or person calls) were accepted;
+        False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: len(self._accepted) >= count, timeout)
 
     def clear(self) -> None:
-        """Forget accepted events, requests and seen ids (faults stay)."""
+        """Forget accepted calls, requests, seen ids and counts (faults stay)."""
         with self._lock:
             self._accepted.clear()
+            self._history.clear()
             self._requests.clear()
             self._seen_ids.clear()
             self._duplicates = 0
+            self._silently_dropped = 0
 
     # -- faults --------------------------------------------------------------------------
 
@@ -747,11 +1021,12 @@ class TrackAPISimulator:
         user_agent: str = "",
         arrived_at: float | None = None,
         started: float | None = None,
+        strict: bool = False,
     ) -> _Answer | None:
-        """Answer one Track request; None means drop the connection unanswered.
+        """Answer one Track or Pipelines request; None means drop the connection unanswered.
 
         ``arrived_at``: ``time.monotonic()`` and ``started``: ``time.perf_counter()``
-        when its headers were read.
+        when its headers were read; ``strict``: it sent ``X-Strict-Mode: 1``.
         """
         received = time.time()
         if arrived_at is None:
@@ -759,7 +1034,7 @@ class TrackAPISimulator:
         if started is None:
             started = time.perf_counter()
         match = _V1_IDENTIFIED.fullmatch(path)
-        route = "v1" if match else _ROUTES.get(path)
+        route = _Route("track", "v1") if match else _ROUTES.get(path)
         payload = _loads(body) if route else None
         with self._lock:
             latency = self._latency
@@ -784,10 +1059,13 @@ class TrackAPISimulator:
             answer = _Answer(404, {"meta": {"error": "Not Found"}})
         elif method != "POST":
             answer = _Answer(405, {"meta": {"error": "Method Not Allowed"}}, (("Allow", "POST"),))
-        elif not self._authorized(authorization):
-            answer = _Answer(401, {"meta": {"error": _UNAUTHORIZED}}, _CHALLENGE)
+        elif not self._authorized(authorization, route.api):
+            answer = _Answer(401, {"meta": {"error": _UNAUTHORIZED}}, _CHALLENGES[route.api])
+        elif route.api == "pipelines":
+            answer = self._pipelines(route, payload, len(body), strict)
         else:
-            answer = self._route(route, match.group(1) if match else None, payload, len(body))
+            raw_identifier = match.group(1) if match else None
+            answer = self._route(route.name, raw_identifier, payload, len(body))
         status = 0 if answer is None else answer.status
         record = RequestRecord(
             received,
@@ -795,25 +1073,37 @@ class TrackAPISimulator:
             path,
             status,
             len(body),
-            _item_count(route, payload),
+            _item_count(None if route is None else route.name, payload),
             payload if self.record_bodies else None,
             user_agent,
             arrived_at,
             time.perf_counter() - started,
+            strict,
         )
         with self._lock:  # recorded before the answer leaves, so a client never outruns it
             self._requests.append(record)
         return answer
 
-    def _authorized(self, authorization: str | None) -> bool:
+    def _authorized(self, authorization: str | None, api: str) -> bool:
+        """Track wants ``site_id:api_key``; Pipelines the key as username, a blank password."""
         scheme, _, credentials = (authorization or "").partition(" ")
         try:
             given = base64.b64decode(credentials.strip(), validate=True)
         except ValueError:  # binascii.Error, or non-ASCII text
             return False
         with self._lock:
-            expected = f"{self.site_id}:{self.api_key}".encode()
+            user = self.site_id if api == "track" else self.api_key
+            password = self.api_key if api == "track" else ""
+        expected = f"{user}:{password}".encode()
         return scheme.lower() == "basic" and hmac.compare_digest(given, expected)
+
+    def _pipelines(self, route: _Route, payload: Any, size: int, strict: bool) -> _Answer:
+        drafts, errors, dropped = _pipelines_calls(route, payload, size, self.poison_names)
+        if errors and strict:
+            return _Answer(400, {"meta": {"errors": errors}})
+        # Without strict mode the real API answers 200 and drops what it cannot take.
+        self._accept(drafts, dropped)
+        return _Answer(200, {})
 
     def _route(self, route: str, raw_identifier: str | None, payload: Any, size: int) -> _Answer:
         poison = self.poison_names
@@ -860,20 +1150,27 @@ class TrackAPISimulator:
         self._accept(drafts)
         return _Answer(207, {"errors": errors}) if errors else _Answer(200, {})
 
-    def _accept(self, drafts: list[_Draft]) -> None:
+    def _accept(self, drafts: list[_Draft], dropped: int = 0) -> None:
         with self._changed:
             now = time.time()
+            self._silently_dropped += dropped
             for draft in drafts:
                 if draft.id is not None:
-                    key = draft.id.upper()  # ULIDs are case-insensitive
+                    # ULIDs are case-insensitive; messageIds are compared the same way
+                    # and share the set, so an id is one call whichever API carried it.
+                    key = draft.id.upper()
                     if key in self._seen_ids:
                         self._duplicates += 1
                         continue
                     self._seen_ids.add(key)
-                self._accepted.append(AcceptedEvent(*draft, received_at=now))
+                accepted = AcceptedEvent(received_at=now, **draft._asdict())
+                self._accepted.append(accepted)
+                people = (accepted.customer_id, accepted.anonymous_id)
+                for person in {person for person in people if person is not None}:
+                    self._history.setdefault(person, []).append(accepted)
             self._changed.notify_all()
 
-    def _control(self, method: str, path: str, body: bytes) -> _Answer:
+    def _control(self, method: str, path: str, body: bytes, query: str = "") -> _Answer:
         """The unauthenticated /_simulator/ routes: never recorded, never faulted."""
         action = path[len(_CONTROL_PREFIX) :]
         expected = _CONTROL_METHODS.get(action)
@@ -885,7 +1182,15 @@ class TrackAPISimulator:
         if action == "events":
             with self._lock:
                 events, duplicates = list(self._accepted), self._duplicates
-            return _Answer(200, {"events": [asdict(e) for e in events], "duplicates": duplicates})
+                dropped = self._silently_dropped
+            listed = [asdict(event) for event in events]
+            counts = {"duplicates": duplicates, "silently_dropped": dropped}
+            return _Answer(200, {"events": listed, **counts})
+        if action == "history":
+            people = parse_qs(query, keep_blank_values=True).get("person", [])
+            if len(people) != 1:
+                return _Answer(400, {"meta": {"error": "expected ?person=ID, once"}})
+            return _Answer(200, {"calls": [asdict(call) for call in self.history(people[0])]})
         if action == "requests":
             return _Answer(200, {"requests": [asdict(r) for r in self.requests]})
         if action == "poison" and method == "GET":
@@ -937,9 +1242,13 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="cio-logging simulator",
-        description="A local Customer.io Track API over HTTPS, for trying the handler and "
-        "the CLI without a workspace. It prints the environment variables that point a "
-        "handler (or cio-logging) at it, then serves until interrupted.",
+        description="A local Customer.io Track API and Data Pipelines API over HTTPS, for "
+        "trying the handler and the CLI without a workspace. Track routes take Basic auth "
+        "site-id:api-key; the Pipelines routes under /v1/ (batch, identify, track, page, "
+        "screen, group, alias) take the API key as the username with a blank password, and "
+        "answer an invalid call 200 and drop it unless the request sends X-Strict-Mode: 1 "
+        "(then 400). It prints the environment variables that point a handler (or "
+        "cio-logging) at it, then serves until interrupted.",
         epilog=f"{CONTROL_API}\nexit codes: 0 after SIGINT or SIGTERM; 1 when it cannot "
         "start (port in use, trustme missing).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -968,7 +1277,8 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME",
-        help="reject events with this name (400 on v1, a 207 item error in a batch); "
+        help="reject events with this name (400 on v1, a 207 item error in a batch), and "
+        "Pipelines track, page and screen calls with it (dropped, or 400 in strict mode); "
         "repeat for more; also POST /_simulator/poison",
     )
     args = parser.parse_args(argv)
@@ -999,6 +1309,10 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
         if args.poison:
             print(f"poison names (rejected): {', '.join(sorted(args.poison))}", flush=True)
         print(f"control API: {simulator.url}/_simulator/ (see --help)", flush=True)
+        print(
+            f"Pipelines API: {simulator.url}/v1 (the api key as the username, blank password)",
+            flush=True,
+        )
         while not stop.wait(0.5):  # wake now and then so a signal is handled promptly
             pass
     except SimulatorUnavailableError as exc:

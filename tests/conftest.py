@@ -17,7 +17,7 @@ from cio_logging import CustomerIOHandler, resilience
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.testing import simulator_handler_settings
 
-from .spec_check import SPEC_PATH, Spec, load_spec
+from .spec_check import PIPELINES_SPEC_PATH, SPEC_PATH, Spec, load_pipelines_spec, load_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,11 @@ SPEC_MISSING = (
     "Customer.io's Track API spec is absent, so the checks against it did not run: "
     f"put it at {SPEC_PATH} (shared/spec beside the checkout) or set CIO_TRACK_SPEC to its path"
 )
+PIPELINES_SPEC_MISSING = (
+    "Customer.io's Pipelines API spec is absent, so the checks against it did not run: "
+    f"put it at {PIPELINES_SPEC_PATH} (shared/spec beside the checkout) or set "
+    "CIO_PIPELINES_SPEC to its path"
+)
 
 
 def running_in_ci() -> bool:
@@ -68,27 +73,39 @@ def _fresh_workspace_windows() -> Iterator[None]:
         resilience._WINDOWS.clear()
 
 
+def _required_spec(loaded: Spec | None, missing: str) -> Spec:
+    """``loaded``, or skip with ``missing`` as the reason; under CI=true fail instead."""
+    if loaded is None:
+        if running_in_ci():
+            pytest.fail(f"{missing} (CI=true, so this fails rather than skips)", pytrace=False)
+        pytest.skip(missing)
+    return loaded
+
+
 @pytest.fixture(scope="session")
 def spec() -> Spec:
     """Customer.io's published Track API spec: skipped with the reason when absent, or failed
     under CI=true, where the spec checks must run."""
-    loaded = load_spec()
-    if loaded is None:
-        if running_in_ci():
-            pytest.fail(f"{SPEC_MISSING} (CI=true, so this fails rather than skips)", pytrace=False)
-        pytest.skip(SPEC_MISSING)
-    return loaded
+    return _required_spec(load_spec(), SPEC_MISSING)
+
+
+@pytest.fixture(scope="session")
+def pipelines_spec() -> Spec:
+    """Customer.io's published Pipelines API spec (its ``oneOf`` read as ``anyOf``, formats
+    checked): skipped with the reason when absent, or failed under CI=true."""
+    return _required_spec(load_pipelines_spec(), PIPELINES_SPEC_MISSING)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Say in one line, whatever the -r flags, how many tests the missing spec skipped."""
-    skipped = [
-        report
-        for report in terminalreporter.stats.get("skipped", [])
-        if isinstance(report.longrepr, tuple) and SPEC_MISSING in str(report.longrepr[2])
-    ]
-    if skipped:
-        terminalreporter.write_line(f"{len(skipped)} test(s) skipped: {SPEC_MISSING}", yellow=True)
+    """Say in one line, whatever the -r flags, how many tests a missing spec skipped."""
+    for missing in (SPEC_MISSING, PIPELINES_SPEC_MISSING):
+        skipped = [
+            report
+            for report in terminalreporter.stats.get("skipped", [])
+            if isinstance(report.longrepr, tuple) and missing in str(report.longrepr[2])
+        ]
+        if skipped:
+            terminalreporter.write_line(f"{len(skipped)} test(s) skipped: {missing}", yellow=True)
 
 
 @pytest.fixture
@@ -228,7 +245,8 @@ SIMULATOR_API_KEY = _simulator_default("api_key")
 
 
 def secret_forms(site_id: str, api_key: str) -> list[str]:
-    """The key, and the Basic authorization value built from it (with and without padding)."""
+    """The key, and the Basic authorization values built from it (with and without
+    padding): Track's ``site_id:api_key``, then the Pipelines API's ``api_key:``."""
     import base64
 
     basic = base64.b64encode(f"{site_id}:{api_key}".encode()).decode()

@@ -177,10 +177,10 @@ class TestV1Events:
 class TestV2Batch:
     """POST /api/v2/batch: 200, per-item 207, whole-request 400."""
 
-    def test_valid_batch_is_200_and_only_events_are_recorded(
+    def test_valid_batch_is_200_and_person_calls_are_recorded(
         self, sim: TrackAPISimulator, client: Any
     ) -> None:
-        """Identify and object operations are accepted but are not events."""
+        """A person's identify is recorded beside the events; objects and merges are not."""
         event_id = ulid()
         response = client.batch(
             [
@@ -201,9 +201,16 @@ class TestV2Batch:
             ]
         )
         assert (response.status_code, response.json()) == (200, {})
-        first, second = sim.accepted
+        first, identify, second = sim.accepted
         assert first == AcceptedEvent(
             event_id, "purchase", "42", None, {"n": 1}, 1764300000, "v2_batch", first.received_at
+        )
+        assert (first.call, first.api) == ("event", "track")
+        assert (identify.call, identify.name, identify.customer_id, identify.id) == (
+            "identify",
+            "identify",
+            "42",
+            None,
         )
         assert (second.name, second.customer_id, second.data, second.id) == (
             "refund",

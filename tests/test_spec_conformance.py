@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import unquote
@@ -14,8 +12,14 @@ from ulid import ULID
 from cio_logging import cio_event
 from cio_logging.simulator import TrackAPISimulator
 
-from .conftest import PROJECT_ROOT, PYTHON, HandlerFactory
-from .spec_check import ANONYMOUS_EVENTS_REQUEST, BATCH_BODY, EVENTS_REQUEST, Spec
+from .conftest import HandlerFactory
+from .spec_check import (
+    ANONYMOUS_EVENTS_REQUEST,
+    BATCH_BODY,
+    EVENTS_REQUEST,
+    Spec,
+    run_in_a_fresh_clone,
+)
 
 
 def test_every_request_the_handler_sends_conforms(
@@ -77,28 +81,8 @@ class TestWithoutTheSpec:
 
     @staticmethod
     def run_in_a_fresh_clone(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-        clone = tmp_path / "clone" / "cio_logging_checkout"  # no shared/ beside it
-        shutil.copytree(PROJECT_ROOT / "tests", clone / "tests")
-        shutil.copy(PROJECT_ROOT / "pyproject.toml", clone)
-        environment = {k: v for k, v in os.environ.items() if k not in {"CI", "CIO_TRACK_SPEC"}}
-        return subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-rN",
-                "tests/test_spec_conformance.py",
-                "-k",
-                "not TestWithoutTheSpec",
-            ],
-            cwd=clone,
-            env={**environment, **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
+        return run_in_a_fresh_clone(
+            tmp_path, "tests/test_spec_conformance.py", "not TestWithoutTheSpec", **env
         )
 
     def test_the_skip_says_why_in_the_summary(self, tmp_path: Path) -> None:
