@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -89,6 +89,9 @@ _LINGER_SECONDS = 0.02
 _ERROR_REPEAT_SECONDS = 60.0
 # Rewrite state.json at most this often (and on every breaker transition).
 _STATE_RECORD_SECONDS = 2.0
+# A delivery pass that found a call held back by a row it cannot see ends after this
+# long, so the next pass (from the start of the log) finds that row.
+_PASS_SECONDS = 1.0
 # Look for due times too far ahead to be ours at most this often (see _keep_due_times).
 _DUE_CHECK_SECONDS = 1.0
 
@@ -478,13 +481,14 @@ class DeliveryWorker:
         return max(held, self.breaker.seconds_until_probe(), self._rate_cap.seconds_on_hold())
 
     def _deliver_once(self, client: DeliveryClient) -> bool:
-        """Deliver what is due (one event as a breaker probe); False when nothing was."""
+        """Deliver what is due (one call as a breaker probe); False when nothing was."""
         if self.breaker.state != CLOSED:
-            events, batch = self._take_due(1, self._clock(), None)
-            if events:
-                self._apply(client.deliver(events), probing=True)
+            events, batch = self._take_due(self._settings.batch_size, self._clock(), None)
+            allowed, _ = self._in_person_order(events, {})
+            if allowed:
+                self._apply(client.deliver(allowed[:1]), probing=True)
                 self._record_state()
-            return bool(batch.events or batch.corrupt)
+            return bool(allowed or batch.corrupt)
         return self._deliver_pipelined(client)
 
     def _deliver_pipelined(self, client: DeliveryClient) -> bool:
@@ -495,18 +499,22 @@ class DeliveryWorker:
         so reading, sending and acknowledging overlap. After a failure nothing new is
         sent; what is in flight is awaited and applied.
 
-        A person's calls go in logging order: the log never returns a call while an
-        earlier one of the same person waits for a retry (see the stores' read_due),
-        and here a call whose person has one in flight waits in memory (``held``)
-        until that request is answered, then goes in the next batch, ahead of newer
-        calls. Other people's calls are not held up.
+        A person's calls go in commit order (which is logging order in one process):
+        a call goes only once every earlier row of its person is accounted for (see
+        :meth:`_in_person_order`); one whose person has a request in flight waits in
+        memory (``held``) until that request is answered, then goes in the next batch,
+        ahead of newer calls. A call held back by an earlier row this pass cannot see
+        (one waiting for a retry, or committed behind the cursor) waits for a later
+        pass: the pass ends within _PASS_SECONDS once that happened. Other people's
+        calls are not held up.
         """
         settings = self._settings
-        in_flight: deque[tuple[Future[DeliveryReport], list[str]]] = deque()
-        busy: Counter[str] = Counter()  # people with calls in flight
+        in_flight: deque[tuple[Future[DeliveryReport], list[QueuedEvent]]] = deque()
+        busy: dict[str, set[int]] = {}  # people with calls in flight: their positions
         held: dict[str, list[QueuedEvent]] = {}  # their later calls, in order
         cursor: tuple[float, int] | None = None
         found = failed = exhausted = False
+        blocked_since: float | None = None
         while True:
             while not failed and len(in_flight) < settings.max_in_flight:
                 if (
@@ -514,6 +522,10 @@ class DeliveryWorker:
                     or self.breaker.state != CLOSED
                     or self._rate_cap.seconds_on_hold() > 0
                     or not self._lock.held
+                    or (
+                        blocked_since is not None
+                        and time.monotonic() - blocked_since > _PASS_SECONDS
+                    )
                 ):
                     break
                 ready = _released(held, busy, settings.batch_size)
@@ -522,31 +534,78 @@ class DeliveryWorker:
                         settings.batch_size - len(ready), self._clock(), cursor
                     )
                     if batch.events or batch.corrupt:
-                        found, cursor = True, batch.cursor
+                        cursor = batch.cursor
                     else:
                         exhausted = True  # read again once a request is answered
-                    for queued in events:
+                    accounted = {person: set(positions) for person, positions in busy.items()}
+                    for person, waiting in held.items():
+                        accounted.setdefault(person, set()).update(q.position for q in waiting)
+                    allowed, blocked = self._in_person_order(events, accounted)
+                    if blocked and blocked_since is None:
+                        blocked_since = time.monotonic()
+                    # Progress: something to send, or rows taken out (corrupt, expired).
+                    # Calls only held back are not: the next pass would find them again.
+                    if allowed or batch.corrupt or len(events) < len(batch.events):
+                        found = True
+                    for queued in allowed:
                         person = queued.event.person
-                        if busy[person] or person in held:
+                        if person in busy or person in held:
                             held.setdefault(person, []).append(queued)
                         else:
                             ready.append(queued)
                 if not ready:
                     break
-                people = [queued.event.person for queued in ready]
-                busy.update(people)
-                in_flight.append((client.submit(ready), people))
+                for queued in ready:
+                    busy.setdefault(queued.event.person, set()).add(queued.position)
+                in_flight.append((client.submit(ready), ready))
             if not in_flight:
                 break
-            future, people = in_flight.popleft()
+            future, sent = in_flight.popleft()
             report = future.result()
-            busy.subtract(people)
+            for queued in sent:
+                positions = busy.get(queued.event.person)
+                if positions is not None:
+                    positions.discard(queued.position)
+                    if not positions:
+                        del busy[queued.event.person]
             self._apply(report)
             failed = failed or report.failure is not None
             exhausted = False
         if found:
             self._record_state()
         return found
+
+    def _in_person_order(
+        self, events: list[QueuedEvent], accounted: dict[str, set[int]]
+    ) -> tuple[list[QueuedEvent], int]:
+        """The calls of ``events`` that may go now, in commit order, and how many may not.
+
+        A call may go once every earlier row of its person in the log is accounted
+        for: in ``accounted`` (in flight or held, by position) or ahead of it among
+        ``events``. A row the read did not return (waiting for a retry, due later,
+        committed behind the cursor) holds back its person's later calls: they would
+        overtake it. One query for the whole read.
+        """
+        if not events:
+            return [], 0
+        candidates = {queued.position: queued for queued in events}
+        people = {queued.event.person for queued in events}
+        through = max(candidates)
+        allowed: list[QueuedEvent] = []
+        listed: set[int] = set()
+        stopped: set[str] = set()
+        for person, position in self._wal.earlier_rows(people, through):
+            listed.add(position)
+            if person in stopped:
+                continue
+            queued = candidates.get(position)
+            if queued is not None and queued.event.person == person:
+                allowed.append(queued)
+            elif position not in accounted.get(person, ()):
+                stopped.add(person)  # an earlier call this read cannot send yet
+        # Rows without a person (written by an earlier version) or a position: no order.
+        allowed += [queued for queued in events if queued.position not in listed]
+        return allowed, len(events) - len(allowed)
 
     def _take_due(
         self, limit: int, now: float, after: tuple[float, int] | None
@@ -847,7 +906,7 @@ class DeliveryWorker:
 
 
 def _released(
-    held: dict[str, list[QueuedEvent]], busy: Counter[str], limit: int
+    held: dict[str, list[QueuedEvent]], busy: dict[str, set[int]], limit: int
 ) -> list[QueuedEvent]:
     """Held calls whose person has nothing in flight any more, oldest person first;
     a person's calls all go together (in order), up to ``limit`` calls in all."""
@@ -855,7 +914,7 @@ def _released(
     for person in list(held):
         if len(ready) >= limit:
             break
-        if not busy[person]:
+        if person not in busy:
             ready.extend(held.pop(person))
     return ready
 

@@ -141,11 +141,10 @@ def _call_for(person: str, number: int, call: str = "event") -> Event:
 
 
 class TestPersonOrderContract:
-    """A person's calls are read in logging order, whatever retries did to due times."""
+    """What the sender keeps a person's calls in order by: positions in commit order,
+    and every waiting row of given people up to a position."""
 
-    def test_a_call_waits_while_an_earlier_one_of_its_person_waits_for_a_retry(
-        self, stores: Stores
-    ) -> None:
+    def test_positions_follow_commit_order_whatever_the_due_times(self, stores: Stores) -> None:
         log, _ = stores
         identify = _call_for("ann", 0, "identify")
         ann_event, bob_event = _call_for("ann", 1), _call_for("bob", 2)
@@ -156,27 +155,22 @@ class TestPersonOrderContract:
         assert first.key == identify.id
         assert first.event.call == "identify"
         log.record_failure([(first, now + 30)], "HTTP 503", now)
-        # Bob is not held up; Ann's event waits behind her identify (the old code sent it).
-        assert [q.key for q in log.read_due(10, now).events] == [bob_event.id]
-        # Due again: the identify goes; the event only once the identify is through.
-        assert [q.key for q in log.read_due(10, now + 31).events] == [bob_event.id, identify.id]
+        due = log.read_due(10, now).events  # the retry is not due: Ann's event is read
+        assert [q.key for q in due] == [ann_event.id, bob_event.id]
+        assert 0 < first.position < due[0].position < due[1].position
+        # ... and the sender sees the identify before it, still waiting.
+        through = due[1].position
+        assert log.earlier_rows({"c:ann"}, through) == [
+            ("c:ann", first.position),
+            ("c:ann", due[0].position),
+        ]
+        assert log.earlier_rows({"c:ann", "c:bob"}, due[0].position) == [
+            ("c:ann", first.position),
+            ("c:ann", due[0].position),
+        ]
+        assert log.earlier_rows(set(), through) == []
         log.remove([identify.id])
-        assert [q.key for q in log.read_due(10, now + 31).events] == [ann_event.id, bob_event.id]
-
-    def test_a_cursor_read_skips_a_held_call_and_a_fresh_read_finds_it(
-        self, stores: Stores
-    ) -> None:
-        log, _ = stores
-        calls = [_call_for("ann", 0), _call_for("ann", 1), _call_for("cy", 2)]
-        for call in calls:
-            log.append(call)
-        now = time.time()
-        first = log.read_due(1, now)
-        log.record_failure([(first.events[0], now + 5)], "HTTP 503", now)
-        later = log.read_due(10, now, after=first.cursor)
-        assert [q.key for q in later.events] == [calls[2].id]
-        log.remove([calls[0].id])  # delivered at last
-        assert [q.key for q in log.read_due(10, now).events] == [calls[1].id, calls[2].id]
+        assert log.earlier_rows({"c:ann"}, through) == [("c:ann", due[0].position)]
 
     def test_person_calls_keep_their_call_type(self, stores: Stores) -> None:
         log, _ = stores

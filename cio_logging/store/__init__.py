@@ -18,7 +18,7 @@ Both keep the same texts (see :mod:`.rows`), so an event moves between them unch
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -87,6 +87,12 @@ class EventLog(Protocol):
     ) -> Batch:
         """Up to ``limit`` events due at ``now``, longest due first, after the cursor
         ``after`` of an earlier read; unreadable rows come back as corrupt entries."""
+
+    def earlier_rows(self, people: Collection[str], through: int) -> list[tuple[str, int]]:
+        """``(person, position)`` of every waiting row of ``people`` at or before
+        position ``through`` (see :attr:`QueuedEvent.position`), in commit order. The
+        sender sends a person's call only once each of these before it is accounted
+        for: sent, in flight, or ahead of it in the same request."""
 
     def remove(self, keys: Iterable[str]) -> None:
         """Acknowledge: delete delivered (or dead-lettered) events."""

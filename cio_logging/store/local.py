@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -76,14 +76,14 @@ def _decode_row(row: tuple[Any, ...]) -> QueuedEvent:
         CorruptEntryError: the row is not inline text under a text key.
         InvalidEventError: the text is not an entry of ours.
     """
-    _, key, raw, tag, mode, filename, value = row
+    rowid, key, raw, tag, mode, filename, value = row
     if type(key) is not str or raw != 1:
         raise CorruptEntryError("a queue key is not a plain string (refused, not decoded)")
     if mode != _MODE_RAW or filename is not None or type(value) is not str:
         raise CorruptEntryError(
             f"a stored row has mode {mode}, not inline JSON text (refused, not decoded)"
         )
-    return decode_row(key, tag, value)
+    return decode_row(key, tag, value, rowid)
 
 
 class WriteAheadLog:
@@ -267,6 +267,26 @@ class WriteAheadLog:
             with self._write_guard, self._transaction() as connection:
                 connection.executemany("DELETE FROM Cache WHERE rowid = ?", bad_rows)
         return Batch(events, corrupt, cursor)
+
+    @sqlite_section
+    def earlier_rows(self, people: Collection[str], through: int) -> list[tuple[str, int]]:
+        """``(person, position)`` of every row of ``people`` at or before ``through``,
+        in commit order: what the sender checks a person's calls against (see
+        :meth:`EventLog.earlier_rows`). One index lookup a person."""
+        if not people:
+            return []
+        found: list[tuple[str, int]] = []
+        names = list(people)
+        for start in range(0, len(names), _PEOPLE_PER_STATEMENT):
+            chunk = names[start : start + _PEOPLE_PER_STATEMENT]
+            marks = ", ".join("?" * len(chunk))
+            found += self._cache._sql(
+                "SELECT person, rowid FROM Cache INDEXED BY Cache_person"  # noqa: S608
+                f" WHERE person IN ({marks}) AND rowid <= ? ORDER BY rowid",
+                (*chunk, through),
+            ).fetchall()
+        found.sort(key=lambda row: row[1])
+        return found
 
     @sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
@@ -552,28 +572,22 @@ def _flatten(rows: Sequence[Row]) -> list[object]:
     return [value for row in rows for value in row]
 
 
+# SQLite takes at most 999 parameters in older builds: stay well under.
+_PEOPLE_PER_STATEMENT = 500
+
 _SELECT_UNTAGGED = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE tag IS NULL LIMIT ?"
 )
-# Reads go in (due time, rowid) order, and rowid is commit order. A row is held back
-# while an earlier row of the same person sorts after it: one waiting for a retry, or
-# due later. Earlier rows that sort before it were read before it (and are in flight:
-# the worker holds the person back) or come in the same read, ahead of it.
 _SELECT_DUE = (
-    "SELECT c.rowid, c.key, c.raw, c.tag, c.mode, c.filename, c.value FROM Cache AS c"
-    " WHERE c.tag <= ? AND (c.person IS NULL OR NOT EXISTS (SELECT 1 FROM Cache AS e"
-    " WHERE e.person = c.person AND e.rowid < c.rowid AND e.tag > c.tag))"
-    " ORDER BY c.tag, c.rowid LIMIT ?"
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
+    " WHERE tag <= ? ORDER BY tag, rowid LIMIT ?"
 )
+# A row value, not "tag > ? OR (tag = ? AND rowid > ?)": SQLite then walks the (tag,
+# rowid) index from the cursor in order and stops at the limit; the OR form read every
+# due row into a temporary B-tree to sort it, at every read.
 _SELECT_DUE_AFTER = (
-    "SELECT c.rowid, c.key, c.raw, c.tag, c.mode, c.filename, c.value FROM Cache AS c"
-    # A row value, not "tag > ? OR (tag = ? AND rowid > ?)": SQLite then walks the
-    # (tag, rowid) index from the cursor in order and stops at the limit; the OR form
-    # read every due row into a temporary B-tree to sort it, at every read.
-    " WHERE c.tag <= ? AND (c.tag, c.rowid) > (?, ?)"
-    " AND (c.person IS NULL OR NOT EXISTS (SELECT 1 FROM Cache AS e"
-    " WHERE e.person = c.person AND e.rowid < c.rowid AND e.tag > c.tag))"
-    " ORDER BY c.tag, c.rowid LIMIT ?"
+    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
+    " WHERE tag <= ? AND (tag, rowid) > (?, ?) ORDER BY tag, rowid LIMIT ?"
 )
 _SELECT_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"

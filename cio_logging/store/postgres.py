@@ -37,7 +37,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -546,15 +546,23 @@ class PostgresLog:
         bad: list[str] = []
         positions = [(float(due), int(seq)) for _, due, _, seq in found]
         cursor = max([*positions, after] if after is not None else positions, default=None)
-        for key, due, body, _ in found:
+        for key, due, body, seq in found:
             try:
-                events.append(decode_row(key, due, body))
+                events.append(decode_row(key, due, body, int(seq)))
             except InvalidEventError as exc:
                 corrupt.append(CorruptEntry(key, str(exc)))
                 bad.append(key)
         if bad:
             self._fenced("delete_rows", {"ids": bad})
         return Batch(events, corrupt, cursor)
+
+    def earlier_rows(self, people: Collection[str], through: int) -> list[tuple[str, int]]:
+        if not people:
+            return []
+        params = {"workspace": self.workspace, "people": list(people), "through": through}
+        return [
+            (str(person), int(seq)) for person, seq in self.database.run("earlier_rows", params)
+        ]
 
     def remove(self, keys: Iterable[str]) -> None:
         ids = list(keys)

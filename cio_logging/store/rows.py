@@ -36,6 +36,9 @@ class QueuedEvent(NamedTuple):
     # Set for an event replayed from the dead-letter store: what it was dead-lettered
     # for first and its earlier replays, so failing again keeps them.
     dead_letter: DeadLetterHistory | None = None
+    #: Where the row sits in commit order (SQLite rowid, PostgreSQL seq): the order a
+    #: person's calls are sent in (see EventLog.earlier_rows). 0: not known.
+    position: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +125,10 @@ def encode_row(
     return event.id, due, f"{head[:-1]},{event.data_json}]", event.person
 
 
-def decode_row(key: str, due: float | None, value: str) -> QueuedEvent:
+def decode_row(key: str, due: float | None, value: str, position: int = 0) -> QueuedEvent:
     """A stored row's text, checked and decoded (never unpickled): the event under
-    ``key`` due at ``due`` (None: a row without a due time, due at once).
+    ``key`` due at ``due`` (None: a row without a due time, due at once), at
+    ``position`` in commit order.
 
     Raises:
         InvalidEventError: the text is not an entry of ours.
@@ -162,6 +166,7 @@ def decode_row(key: str, due: float | None, value: str) -> QueuedEvent:
             next_attempt_at=float(due) if due is not None else 0.0,
             replayed_at=history.get("replayed_at"),
             dead_letter=DeadLetterHistory.from_json(history.get("dead_letter")),
+            position=position,
         )
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise InvalidEventError(
