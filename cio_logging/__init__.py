@@ -21,7 +21,15 @@ from .errors import (
     QueueError,
     UnreadableTagError,
 )
-from .events import cio_event
+from .events import (
+    cio_delete,
+    cio_event,
+    cio_identify,
+    cio_page,
+    cio_screen,
+    cio_suppress,
+    cio_unsuppress,
+)
 from .handler import CustomerIOHandler
 from .metadata import PACKAGE_VERSION
 
@@ -37,5 +45,11 @@ __all__ = [
     "QueueError",
     "UnreadableTagError",
     "__version__",
+    "cio_delete",
     "cio_event",
+    "cio_identify",
+    "cio_page",
+    "cio_screen",
+    "cio_suppress",
+    "cio_unsuppress",
 ]

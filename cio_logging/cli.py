@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 from urllib.parse import unquote, urlsplit
 
-from .config import ENV_API_KEY, ENV_QUEUE_URL
+from .config import ENV_API_KEY, ENV_CDP_API_KEY, ENV_QUEUE_URL
 from .errors import CIOLoggingError, ConfigurationError, QueueError
 from .metadata import PACKAGE_VERSION
 from .operations import (
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
         return run_demo(
+            api=args.api,
             outage_seconds=args.outage_seconds,
             directory=None if args.dir is None else Path(args.dir),
         )
@@ -141,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="{demo,simulator,status,dlq,drain}"
     )
     demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
+    demo.add_argument(
+        "--api",
+        choices=("track", "pipelines"),
+        default="track",
+        help="which API the demo's handler sends to (default track)",
+    )
     demo.add_argument(
         "--outage-seconds",
         type=float,
@@ -280,11 +287,17 @@ def _common_options() -> argparse.ArgumentParser:
         "$CIO_LOGGING_QUEUE_URL); the workspace's rows are read there, not in a queue "
         "directory. Its password is never printed.",
     )
+    group.add_argument(
+        "--api",
+        choices=("track", "pipelines"),
+        help="the API the handlers send to (default: $CIO_LOGGING_API, else track)",
+    )
     group.add_argument("--site-id", help="Track API site id (default: $CUSTOMERIO_SITE_ID)")
     group.add_argument(
         "--api-key",
-        help="Track API key (default: $CUSTOMERIO_API_KEY; prefer the variable, "
-        "a flag shows in the process list). Never printed.",
+        help="Track API key (default: $CUSTOMERIO_API_KEY), or with --api pipelines the "
+        "source's API key (default: $CUSTOMERIO_CDP_API_KEY); prefer the variable, "
+        "a flag shows in the process list. Never printed.",
     )
     group.add_argument("--region", help="us or eu (default: $CUSTOMERIO_REGION or us)")
     group.add_argument("--track-url", help="Track API base URL (default: $CIO_LOGGING_TRACK_URL)")
@@ -388,6 +401,8 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
         options[name.strip()] = value.strip()
     if getattr(args, "queue_url", None):
         options["queue_url"] = args.queue_url
+    if getattr(args, "api", None):
+        options["api"] = args.api
     return options
 
 
@@ -438,7 +453,11 @@ def _configuration_message(exc: ConfigurationError, args: argparse.Namespace) ->
 
 
 def _secrets(args: argparse.Namespace) -> set[str]:
-    keys = {getattr(args, "api_key", None), os.environ.get(ENV_API_KEY)}
+    keys = {
+        getattr(args, "api_key", None),
+        os.environ.get(ENV_API_KEY),
+        os.environ.get(ENV_CDP_API_KEY),
+    }
     for url in (getattr(args, "queue_url", None), os.environ.get(ENV_QUEUE_URL)):
         if url:
             with contextlib.suppress(ValueError):

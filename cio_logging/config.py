@@ -25,8 +25,15 @@ ENV_QUEUE_DIR = "CIO_LOGGING_QUEUE_DIR"
 ENV_TRACK_URL = "CIO_LOGGING_TRACK_URL"
 ENV_CA_BUNDLE = "CIO_LOGGING_CA_BUNDLE"
 ENV_QUEUE_URL = "CIO_LOGGING_QUEUE_URL"
+ENV_API = "CIO_LOGGING_API"
+ENV_CDP_API_KEY = "CUSTOMERIO_CDP_API_KEY"
 
 TRACK_HOSTS = {"us": "track.customer.io", "eu": "track-eu.customer.io"}
+PIPELINES_HOSTS = {"us": "cdp.customer.io", "eu": "cdp-eu.customer.io"}
+#: The two APIs: the Track API (the default) and the Data Pipelines API.
+TRACK, PIPELINES = "track", "pipelines"
+APIS = (TRACK, PIPELINES)
+_PIPELINES_PATH = "/v1"
 
 ENV_DEGRADATION = "CIO_LOGGING_DEGRADATION"
 
@@ -103,15 +110,17 @@ _BOOLEAN_OPTIONS: dict[str, bool] = {
     # main thread.
     "signal_handlers": False,
 }
-_OTHER_OPTIONS = ("degradation", "essential_events", "queue_url")
+_OTHER_OPTIONS = ("degradation", "essential_events", "queue_url", "api")
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the Track API lives: ``https://host[:port]`` (the SDK builds the paths)."""
+    """Where the API lives: ``https://host[:port]``, and for the Pipelines API the path
+    its routes hang off (``/v1``; the SDK builds the Track API's paths itself)."""
 
     host: str
     port: int
+    path: str = ""
 
     @property
     def base_url(self) -> str:
@@ -159,11 +168,21 @@ class Settings:
     essential_events: frozenset[str]
     lease_seconds: float = 15.0
     database_timeout: float = 1.0
+    #: "track" or "pipelines" (then ``site_id`` is empty: the API key names the source).
+    api: str = TRACK
+
+    @property
+    def account(self) -> str:
+        """Whose events these are: the site id, or for the Pipelines API a digest of
+        the source's API key (never the key itself: it names directories and rows)."""
+        if self.api == TRACK:
+            return self.site_id
+        return "cdp-" + hashlib.sha256(self.api_key.encode()).hexdigest()[:16]
 
     @property
     def workspace(self) -> str:
-        """The key of this workspace's rows in a shared store: site id and endpoint."""
-        return f"{self.site_id}@{self.endpoint.base_url}"
+        """The key of this workspace's rows in a shared store: account and endpoint."""
+        return f"{self.account}@{self.endpoint.base_url}{self.endpoint.path}"
 
 
 def resolve_settings(
@@ -190,15 +209,24 @@ def resolve_settings(
         known = ", ".join(sorted(known_options))
         raise ConfigurationError(f"unknown option(s) {', '.join(unknown)}; known: {known}")
 
-    site = _credential("site_id", site_id, env.get(ENV_SITE_ID), ENV_SITE_ID)
-    key = _credential("api_key", api_key, env.get(ENV_API_KEY), ENV_API_KEY)
+    api = _api(options.get("api", env.get(ENV_API) or TRACK))
+    if api == TRACK:
+        site = _credential("site_id", site_id, env.get(ENV_SITE_ID), ENV_SITE_ID)
+        key = _credential("api_key", api_key, env.get(ENV_API_KEY), ENV_API_KEY)
+    else:
+        site = ""  # a Pipelines source is named by its key alone
+        key = _credential("api_key", api_key, env.get(ENV_CDP_API_KEY), ENV_CDP_API_KEY)
     region_name = _region(region if region is not None else env.get(ENV_REGION, "us"))
-    endpoint = _endpoint(track_url or env.get(ENV_TRACK_URL) or None, region_name)
+    endpoint = _endpoint(track_url or env.get(ENV_TRACK_URL) or None, region_name, api)
     bundle = _ca_bundle(ca_bundle if ca_bundle is not None else env.get(ENV_CA_BUNDLE) or None)
     chosen_dir = queue_dir if queue_dir is not None else env.get(ENV_QUEUE_DIR) or None
-    directory = (
-        Path(chosen_dir).expanduser() if chosen_dir else default_queue_dir(site, endpoint, env)
-    )
+    if chosen_dir:
+        directory = Path(chosen_dir).expanduser()
+    elif api == TRACK:
+        directory = default_queue_dir(site, endpoint, env)
+    else:
+        account = "cdp-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        directory = default_queue_dir(account, endpoint, env)
 
     numbers = {
         name: _number(name, options.get(name, spec[0]), spec)
@@ -246,6 +274,7 @@ def resolve_settings(
         essential_events=_event_names(options.get("essential_events", DEFAULT_ESSENTIAL_EVENTS)),
         lease_seconds=numbers["lease_seconds"],
         database_timeout=numbers["database_timeout"],
+        api=api,
     )
 
 
@@ -305,9 +334,18 @@ def _region(value: object) -> str:
 _HOST_PATTERN = re.compile(r"^[A-Za-z0-9.\-]+$|^\[[0-9A-Fa-f:.]+\]$")
 
 
-def _endpoint(track_url: str | None, region: str) -> Endpoint:
+def _api(value: object) -> str:
+    api = str(value).strip().lower()
+    if api not in APIS:
+        raise ConfigurationError(f"api must be one of {', '.join(APIS)}, not {value!r}")
+    return api
+
+
+def _endpoint(track_url: str | None, region: str, api: str = TRACK) -> Endpoint:
     # The messages below never quote the URL: it may carry credentials.
     if track_url is None:
+        if api == PIPELINES:
+            return Endpoint(PIPELINES_HOSTS[region], 443, _PIPELINES_PATH)
         return Endpoint(TRACK_HOSTS[region], 443)
     if not isinstance(track_url, str):
         raise ConfigurationError(f"track_url must be a string, not {type(track_url).__name__}")
@@ -319,9 +357,14 @@ def _endpoint(track_url: str | None, region: str) -> Endpoint:
         raise ConfigurationError(
             f"track_url must start with https://, not {parts.scheme or 'no scheme'}"
         )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
+    if parts.query or parts.fragment:
+        raise ConfigurationError("track_url takes no query or fragment")
+    path = parts.path.rstrip("/")
+    if api == TRACK and path:
         # The SDK builds /api/v1 and /api/v2 itself and ignores any prefix for batches.
         raise ConfigurationError("track_url takes a scheme, host and port only, not a path")
+    if api == PIPELINES and not path:
+        path = _PIPELINES_PATH  # https://cdp.customer.io means its /v1 routes
     try:
         port = parts.port or 443
     except ValueError:
@@ -329,7 +372,7 @@ def _endpoint(track_url: str | None, region: str) -> Endpoint:
     host = parts.hostname or ""
     if not host or not _HOST_PATTERN.match(host if ":" not in host else f"[{host}]"):
         raise ConfigurationError("track_url has no valid host")
-    return Endpoint(host if ":" not in host else f"[{host}]", port)
+    return Endpoint(host if ":" not in host else f"[{host}]", port, path)
 
 
 def _queue_url(value: object) -> str | None:

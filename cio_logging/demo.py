@@ -1,7 +1,9 @@
-"""``cio-logging demo``: the whole path, against the embedded Track API simulator.
+"""``cio-logging demo``: the whole path, against the embedded simulator.
 
-No credentials, no set-up: it starts the simulator, configures logging through
-``dictConfig`` as an application would, logs a stream of events, cuts Customer.io off
+No credentials, no set-up: it starts the simulator (the Track API, or with
+``--api pipelines`` the Data Pipelines API), configures logging through ``dictConfig``
+as an application would, identifies a few people and logs a stream of their events
+(each person's identify arrives before their events), cuts Customer.io off
 (the breaker opens, events wait on disk, a probe finds recovery, the breaker closes),
 runs a period of essential-only degradation, sends a poison event to the dead-letter
 store, and ends with a summary in which every event is accounted for. The queue
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .events import cio_event
+from .events import cio_event, cio_identify
 from .handler import CustomerIOHandler
 from .store import DeadLetterStore
 
@@ -29,8 +31,15 @@ _EVENTS = ("signup", "page_viewed", "purchase", "subscription_changed", "search"
 _POISON = "poison_pill"
 
 
+_PEOPLE = 7
+
+
 def run_demo(
-    *, out: TextIO = sys.stdout, outage_seconds: float = 4.0, directory: Path | None = None
+    *,
+    out: TextIO = sys.stdout,
+    outage_seconds: float = 4.0,
+    directory: Path | None = None,
+    api: str = "track",
 ) -> int:
     """Run the demo; returns the process exit code (0 when every event is accounted for).
 
@@ -39,6 +48,7 @@ def run_demo(
         outage_seconds: how long the simulated outage lasts.
         directory: where to keep the queue directory (``queue/`` in it); by default a new
             temporary directory. It is left in place for the operator commands.
+        api: ``"track"`` or ``"pipelines"``: which of the simulator's APIs to send to.
     """
     from .simulator import SimulatorUnavailableError, TrackAPISimulator
 
@@ -64,17 +74,19 @@ def run_demo(
         for number in range(start, start + count):
             name = _EVENTS[number % len(_EVENTS)]
             logger.info(
-                name, extra=cio_event(f"user-{number % 7}", order=number, amount=number * 1.5)
+                name,
+                extra=cio_event(f"user-{number % _PEOPLE}", order=number, amount=number * 1.5),
             )
             logged += 1
 
     try:
-        say(f"Track API simulator listening on {simulator.url}")
+        which = "Pipelines API" if api == "pipelines" else "Track API"
+        say(f"simulator listening on {simulator.url}; the handler speaks the {which}")
         say(
             f"  it was told to reject events named {_POISON!r}, as Customer.io rejects an "
             "invalid event: phase 4 logs one"
         )
-        logging.config.dictConfig(_logging_config(simulator, queue_dir))
+        logging.config.dictConfig(_logging_config(simulator, queue_dir, api))
         handler = next(h for h in logger.handlers if isinstance(h, CustomerIOHandler))
         say(f"handler configured with dictConfig; write-ahead log in {queue_dir}")
         # A --dir used before holds that run's dead letters (and maybe events): count
@@ -94,16 +106,20 @@ def run_demo(
                 f"{len(simulator.accepted)}, waiting on disk {status['queued']}"
             )
 
-        say("phase 1: Customer.io is up; logging 30 events")
+        say(f"phase 1: Customer.io is up; identifying {_PEOPLE} people, then logging 30 events")
+        for number in range(_PEOPLE):
+            logger.info("identify", extra=cio_identify(f"user-{number}", plan="trial"))
+        logged += _PEOPLE
         log_events(30, 0)
-        _wait_until(lambda: len(simulator.accepted) >= 30, 10)
-        for event in simulator.accepted[:2]:
+        _wait_until(lambda: len(simulator.accepted) >= 30 + _PEOPLE, 10)
+        for call in simulator.history("user-1")[:3]:
             say(
-                f"  Customer.io received {event.name!r} for {event.customer_id} "
-                f"(id {event.id}, data {event.data}, via {event.route})"
+                f"  Customer.io received {call.call} {call.name!r} for {call.customer_id} "
+                f"(id {call.id}, data {call.data}, via {call.route})"
             )
+        say("  (each person's calls arrive in the order they were logged)")
         show("")
-        say("  phase 1 logged 30 events")
+        say(f"  phase 1 logged {_PEOPLE + 30} calls")
 
         say(
             f"phase 2: outage (every request answered 503 for {outage_seconds:g} s); "
@@ -121,7 +137,10 @@ def run_demo(
         say("  the outage is over: the next probe finds Customer.io back and closes the breaker")
         _wait_until(lambda: handler.status()["queued"] == 0, 20)
         show("")
-        say("  phase 2 logged 30 events (60 so far); all of them delivered after the outage")
+        say(
+            f"  phase 2 logged 30 events ({_PEOPLE + 60} calls so far); all of them "
+            "delivered after the outage"
+        )
 
         say("phase 3: the operator switches to essential_only for a while; logging 10 events")
         handler.set_degradation("essential_only")
@@ -192,13 +211,14 @@ def _try_next(out: TextIO, workdir: Path, queue_dir: Path, dead_letter: str | No
     print(f"when done: rm -rf {shlex.quote(str(workdir))}", file=out, flush=True)
 
 
-def _logging_config(simulator: Any, queue_dir: Path) -> dict[str, Any]:
+def _logging_config(simulator: Any, queue_dir: Path, api: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "handlers": {
             "customerio": {
                 "class": "cio_logging.CustomerIOHandler",
+                "api": api,
                 "site_id": simulator.site_id,
                 "api_key": simulator.api_key,
                 "track_url": simulator.url,

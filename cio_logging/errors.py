@@ -36,11 +36,16 @@ class ConfigurationError(CIOLoggingError, ValueError):
 
 
 class InvalidEventError(CIOLoggingError, ValueError):
-    """A log record's ``cio`` extra cannot be turned into a Track API event.
+    """A log record's ``cio`` extra cannot be turned into a Customer.io call.
 
     The message names the field and the rule it breaks, never the field's value:
-    event data is personal data.
+    event data is personal data. ``rule`` names the rule in a word, for the counts in
+    ``status()["refused"]`` (``"invalid"`` for the rules every call shares).
     """
+
+    def __init__(self, message: str, rule: str = "invalid") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 class UnreadableTagError(InvalidEventError):
@@ -52,7 +57,7 @@ class UnreadableTagError(InvalidEventError):
     """
 
     def __init__(self, shape: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, "unreadable_tag")
         self.shape = shape
 
 

@@ -1,11 +1,14 @@
-"""The event model: tagging a log record, mapping it to a Track API event, validating it.
+"""The call model: tagging a log record, mapping it to a Customer.io call, validating it.
 
-Pure functions, no I/O. An event leaves here as one compact JSON text, which is what
+Pure functions, no I/O. A call leaves here as one compact JSON text, which is what
 the write-ahead log stores and what the sender reads back.
 
-Limits are Customer.io's published ones (``../shared/docs/facts.md``): an event that
-breaks one is refused at emit, where the application's developer can see why, rather
-than rejected by the API hours later.
+A call is an event (``cio_event``) or a person call (``cio_identify``, ``cio_page``,
+``cio_screen``, ``cio_delete``, ``cio_suppress``, ``cio_unsuppress``), carried by the
+same :class:`Event` tuple; ``call`` says which. Limits are Customer.io's published
+ones (``../shared/docs/facts.md``): a call that breaks one, or that the configured API
+cannot carry (:func:`check_for_api`), is refused at emit, where the application's
+developer can see why, rather than rejected by the API hours later.
 """
 
 from __future__ import annotations
@@ -34,7 +37,26 @@ MAX_NAME_BYTES = 100
 MAX_IDENTIFIER_BYTES = 150
 MAX_DATA_BYTES = 100_000
 
-_ALLOWED_KEYS = frozenset({"customer_id", "anonymous_id", "name", "data", "timestamp", "id"})
+_ALLOWED_KEYS = frozenset(
+    {"customer_id", "anonymous_id", "name", "data", "timestamp", "id", "call"}
+)
+
+#: The calls a record can carry. ``event`` is a Track event / a Pipelines ``track``.
+EVENT = "event"
+IDENTIFY, PAGE, SCREEN = "identify", "page", "screen"
+DELETE, SUPPRESS, UNSUPPRESS = "delete", "suppress", "unsuppress"
+CALLS = frozenset({EVENT, IDENTIFY, PAGE, SCREEN, DELETE, SUPPRESS, UNSUPPRESS})
+#: Calls about the person itself: named after the call, always essential (a lost
+#: identify means a campaign never reaches that person; a lost delete is a promise
+#: broken), and never anonymous where the API cannot take it (see check_for_api).
+PERSON_CALLS = frozenset({IDENTIFY, DELETE, SUPPRESS, UNSUPPRESS})
+#: The two APIs (``api=`` of the handler).
+TRACK_API, PIPELINES_API = "track", "pipelines"
+#: One call as sent, at most (both APIs: a v2 batch item, a Pipelines call).
+MAX_CALL_BYTES = 32 * 1024
+# What a call adds around its data on the wire, generously: keys, ids, the ISO
+# timestamp, the context naming the library.
+_CALL_FRAME_BYTES = 512
 # Set by cio_event on a mistake it must not raise for; the record is refused at emit.
 _TAG_ERROR_KEY = "cio_event_error"
 
@@ -67,21 +89,33 @@ class Event(NamedTuple):
     data_json: str
     timestamp: int
     logged_at: float
+    #: Which call (see CALLS): a Track event unless a person-call helper tagged it.
+    call: str = EVENT
+
+    @property
+    def person(self) -> str:
+        """The key a person's calls are ordered by: their id, or their anonymous id."""
+        if self.customer_id is not None:
+            return "c:" + self.customer_id
+        return "a:" + (self.anonymous_id or "")
+
+    def is_essential(self, essential_events: frozenset[str]) -> bool:
+        """Essential: committed before emit returns, kept at the essential-only level."""
+        return self.call in PERSON_CALLS or self.name in essential_events
 
     def to_json(self) -> str:
-        """The event as the compact JSON object the write-ahead log stores."""
-        head = json.dumps(
-            {
-                "id": self.id,
-                "name": self.name,
-                "customer_id": self.customer_id,
-                "anonymous_id": self.anonymous_id,
-                "timestamp": self.timestamp,
-                "logged_at": self.logged_at,
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        """The call as the compact JSON object the write-ahead log stores."""
+        fields: dict[str, object] = {
+            "id": self.id,
+            "name": self.name,
+            "customer_id": self.customer_id,
+            "anonymous_id": self.anonymous_id,
+            "timestamp": self.timestamp,
+            "logged_at": self.logged_at,
+        }
+        if self.call != EVENT:
+            fields["call"] = self.call
+        head = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
         # Splice the data in rather than decode and re-encode it.
         return f'{head[:-1]},"data":{self.data_json}}}'
 
@@ -128,20 +162,36 @@ def cio_event(
         log.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
         log.info("profile_updated", extra=cio_event("user-1", data={"name": "Alice"}))
     """
+    return _tag(EVENT, customer_id, anonymous_id, name, id, timestamp, data, data_keywords)
+
+
+def _tag(
+    call: str,
+    customer_id: str | int | None,
+    anonymous_id: str | None,
+    name: str | None,
+    id: str | ULID | None,
+    timestamp: float | dt.datetime | None,
+    data: Mapping[str, Any] | None,
+    data_keywords: dict[str, Any],
+    data_argument: str = "data",
+) -> dict[str, dict[str, Any]]:
+    """The tag every helper builds: never raises (a mistake is refused at emit)."""
     tag: dict[str, Any] = {}
     if data is None:
         tag["data"] = data_keywords
     elif not isinstance(data, Mapping):
-        tag[_TAG_ERROR_KEY] = f"cio_event's data= must be a mapping, not {type(data).__name__}"
+        tag[_TAG_ERROR_KEY] = f"{data_argument}= must be a mapping, not {type(data).__name__}"
     else:
         clashes = data_keywords.keys() & data.keys()
         if clashes:
             keys = ", ".join(repr(key) for key in sorted(clashes))
             tag[_TAG_ERROR_KEY] = (
-                f"cio_event got data key(s) {keys} both in data= and as keywords; "
-                "give each key once"
+                f"got key(s) {keys} both in {data_argument}= and as keywords; give each key once"
             )
         tag["data"] = {**data, **data_keywords}
+    if call != EVENT:
+        tag["call"] = call
     if customer_id is not None:
         tag["customer_id"] = customer_id
     if anonymous_id is not None:
@@ -153,6 +203,116 @@ def cio_event(
     if timestamp is not None:
         tag["timestamp"] = timestamp
     return {EXTRA_KEY: tag}
+
+
+def cio_identify(
+    customer_id: str | int | None = None,
+    *,
+    anonymous_id: str | None = None,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    **attribute_keywords: Any,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as an identify: create or update a person and their attributes.
+
+    Track API: a v2 batch ``identify`` (it needs ``customer_id``: an anonymous
+    identify is refused at emit). Pipelines API: ``identify`` with ``traits``, for a
+    known or an anonymous person. ``attributes`` is for keys that cannot be keywords.
+
+    Example::
+
+        log.info("identify", extra=cio_identify("user-42", email="a@example.com", plan="pro"))
+    """
+    return _tag(
+        IDENTIFY,
+        customer_id,
+        anonymous_id,
+        None,
+        id,
+        timestamp,
+        attributes,
+        attribute_keywords,
+        "attributes",
+    )
+
+
+def cio_page(
+    customer_id: str | int | None = None,
+    name: str | None = None,
+    *,
+    anonymous_id: str | None = None,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+    properties: Mapping[str, Any] | None = None,
+    **property_keywords: Any,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as a page view (``name``: the page; by default the message).
+
+    Track API: a v2 ``page`` action, or v1 with ``type: page`` for an anonymous person.
+    Pipelines API: ``page``.
+    """
+    return _tag(
+        PAGE,
+        customer_id,
+        anonymous_id,
+        name,
+        id,
+        timestamp,
+        properties,
+        property_keywords,
+        "properties",
+    )
+
+
+def cio_screen(
+    customer_id: str | int | None = None,
+    name: str | None = None,
+    *,
+    anonymous_id: str | None = None,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+    properties: Mapping[str, Any] | None = None,
+    **property_keywords: Any,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as a mobile screen view; like :func:`cio_page`."""
+    return _tag(
+        SCREEN,
+        customer_id,
+        anonymous_id,
+        name,
+        id,
+        timestamp,
+        properties,
+        property_keywords,
+        "properties",
+    )
+
+
+def cio_delete(
+    customer_id: str | int, *, id: str | ULID | None = None, timestamp: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as deleting a person: Track v2 ``delete``, Pipelines ``User Deleted``.
+
+    Sent after every call for the same person logged before it in this process.
+    """
+    return _tag(DELETE, customer_id, None, None, id, timestamp, None, {})
+
+
+def cio_suppress(
+    customer_id: str | int, *, id: str | ULID | None = None, timestamp: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as suppressing a person (delete, and ignore their future
+    calls): Track v2 ``suppress``, Pipelines ``User Suppressed``."""
+    return _tag(SUPPRESS, customer_id, None, None, id, timestamp, None, {})
+
+
+def cio_unsuppress(
+    customer_id: str | int, *, id: str | ULID | None = None, timestamp: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as lifting a suppression: Track v2 ``unsuppress``,
+    Pipelines ``User Unsuppressed``."""
+    return _tag(UNSUPPRESS, customer_id, None, None, id, timestamp, None, {})
 
 
 def carries_tag(record: logging.LogRecord) -> bool:
@@ -237,11 +397,20 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
         )
     customer_id = _identifier("customer_id", tag.get("customer_id"))
     anonymous_id = _identifier("anonymous_id", tag.get("anonymous_id"))
+    call = tag.get("call", EVENT)
+    if call not in CALLS:
+        raise InvalidEventError(
+            f"unknown call in extra[{EXTRA_KEY!r}]['call'] (known: {', '.join(sorted(CALLS))})"
+        )
     if (customer_id is None) == (anonymous_id is None):
-        raise InvalidEventError("an event needs exactly one of customer_id and anonymous_id")
-    name = tag.get("name")
-    if name is None:
-        name = record.getMessage() if default_name is None else default_name
+        what = "an event" if call == EVENT else f"a {call} call"
+        raise InvalidEventError(f"{what} needs exactly one of customer_id and anonymous_id")
+    if call in PERSON_CALLS:
+        name = call  # a person call has no name of its own
+    else:
+        name = tag.get("name")
+        if name is None:
+            name = record.getMessage() if default_name is None else default_name
     return Event(
         id=_event_id(tag.get("id")),
         name=_name(name),
@@ -250,7 +419,45 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
         data_json=encode_data(tag.get("data")),
         timestamp=_timestamp(tag.get("timestamp"), record.created),
         logged_at=record.created,
+        call=call,
     )
+
+
+def check_for_api(event: Event, api: str) -> None:
+    """Refuse at emit a call the configured API would refuse or cannot carry.
+
+    Raises:
+        InvalidEventError: with ``rule`` naming what the call breaks.
+    """
+    if event.call == EVENT and api == TRACK_API:
+        return  # the Track API's own limits were checked already; v1 takes 100 KB of data
+    if event.anonymous_id is not None:
+        if api == TRACK_API and event.call in PERSON_CALLS:
+            raise InvalidEventError(
+                f"the Track API cannot {event.call} an anonymous person (its person actions "
+                "need an identifier): give customer_id, or use the Pipelines API for an "
+                "anonymous identify",
+                "anonymous_person_call",
+            )
+        if api == PIPELINES_API and event.call in (DELETE, SUPPRESS, UNSUPPRESS):
+            raise InvalidEventError(
+                f"the Pipelines API cannot {event.call} an anonymous person: give customer_id",
+                "anonymous_person_call",
+            )
+    # Track events over 32 KB go one by one through v1; nothing else has such a route.
+    if event.call in (PAGE, SCREEN) and api == TRACK_API:
+        return
+    person = event.customer_id or event.anonymous_id or ""
+    data = event.data_json
+    size = _CALL_FRAME_BYTES + len(event.name) + len(person)
+    size += len(data) if data.isascii() else _utf8_size("data", data)
+    if size > MAX_CALL_BYTES:
+        where = "a Pipelines call" if api == PIPELINES_API else "a Track v2 batch item"
+        raise InvalidEventError(
+            f"the {event.call} call is about {size:,} bytes as sent; {where} takes at most "
+            f"{MAX_CALL_BYTES:,}",
+            "call_too_large",
+        )
 
 
 def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
@@ -307,9 +514,16 @@ def event_from_dict(raw: Mapping[str, Any]) -> Event:
             data_json=json.dumps(raw["data"], ensure_ascii=False, separators=(",", ":")),
             timestamp=int(raw["timestamp"]),
             logged_at=float(raw["logged_at"]),
+            call=_stored_call(raw.get("call", EVENT)),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidEventError(f"stored event is malformed ({type(exc).__name__})") from None
+
+
+def _stored_call(value: object) -> str:
+    if value not in CALLS:
+        raise ValueError("unknown call")
+    return str(value)
 
 
 def encode_data(data: object) -> str:

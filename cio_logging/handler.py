@@ -26,7 +26,7 @@ from opentelemetry.trace import TracerProvider
 from .commit import REFUSED, GroupCommitter
 from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
-from .events import EXTRA_KEY, carries_tag, event_from_record
+from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
 from .signals import install_commit_on_signals
 from .store import (
     DeadLetterArchive,
@@ -174,6 +174,9 @@ class CustomerIOHandler(logging.Handler):
         os.register_at_fork(after_in_child=lambda: _reset_in_child(reference))
         self._enqueued = 0
         self._dropped: Counter[str] = Counter()
+        # The calls refused at emit (counted as dropped: invalid), by the rule broken.
+        self._refused: Counter[str] = Counter()
+        self._api = self.settings.api
         self._unreadable_warned: set[tuple[str, str]] = set()
         self._closed = False
         self._close_done = False
@@ -198,9 +201,14 @@ class CustomerIOHandler(logging.Handler):
             self._worker.ensure_started()
 
     def __repr__(self) -> str:
+        who = (
+            f"site_id={self.settings.site_id!r}"
+            if self.settings.api == "track"
+            else f"api=pipelines source={self.settings.account}"
+        )
         return (
-            f"<{type(self).__name__} site_id={self.settings.site_id!r} "
-            f"endpoint={self.settings.endpoint.base_url} "
+            f"<{type(self).__name__} {who} "
+            f"endpoint={self.settings.endpoint.base_url}{self.settings.endpoint.path} "
             f"queue_dir={str(self.settings.queue_dir)!r} "
             f"level={logging.getLevelName(self.level)}>"
         )
@@ -239,7 +247,9 @@ class CustomerIOHandler(logging.Handler):
             event = event_from_record(record)
             if event is None:
                 return
-            essential = event.name in self._essential_events
+            if event.call != EVENT or self._api != TRACK_API:
+                check_for_api(event, self._api)
+            essential = event.is_essential(self._essential_events)
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)
                 return
@@ -263,11 +273,14 @@ class CustomerIOHandler(logging.Handler):
             self._warn_unreadable(record, exc)
         except InvalidEventError as exc:
             self._count_drop(DROP_INVALID, None)
+            with self._counts_guard:
+                self._refused[exc.rule] += 1
             internal_log.warning(
-                "event refused at emit (logger %s, %s:%d): %s",
+                "event refused at emit (logger %s, %s:%d; rule %s): %s",
                 record.name,
                 record.filename,
                 record.lineno,
+                exc.rule,
                 exc,
             )
         except Exception:
@@ -439,8 +452,10 @@ class CustomerIOHandler(logging.Handler):
         stats = self._worker.stats
         with self._counts_guard:
             dropped = dict(self._dropped)
+            refused = dict(self._refused)
             enqueued = self._enqueued
         return {
+            "api": self.settings.api,
             "breaker": self._worker.breaker.state,
             "queued": _or_none(self._wal.__len__),
             "dead_letters": _or_none(self._dead_letters.__len__),
@@ -449,6 +464,7 @@ class CustomerIOHandler(logging.Handler):
             "delivered": stats.delivered,
             "dead_lettered": stats.dead_lettered,
             "dropped": dropped,
+            "refused": refused,
             "buffered": self._committer.buffered,
             "disk_error": self._committer.disk_error,
             "requests": stats.requests,

@@ -36,9 +36,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import ENV_API_KEY, ENV_QUEUE_DIR, ENV_QUEUE_URL, Settings, resolve_settings
-from .delivery import AUTH, CONFIG, TRANSIENT, Failure, TrackClient
-from .errors import CIOLoggingError
+from .client import AUTH, CONFIG, TRANSIENT, Failure, make_client
+from .config import (
+    ENV_API,
+    ENV_API_KEY,
+    ENV_CDP_API_KEY,
+    ENV_QUEUE_DIR,
+    ENV_QUEUE_URL,
+    PIPELINES,
+    Settings,
+    resolve_settings,
+)
+from .errors import CIOLoggingError, ConfigurationError
 from .events import event_from_dict
 from .process_lock import DeliveryLock
 from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
@@ -139,7 +148,15 @@ def operator_settings(
         ConfigurationError: a credential is missing or a value is invalid.
     """
     env = os.environ if environ is None else environ
-    if not sends and not (api_key or env.get(ENV_API_KEY)):
+    pipelines = str(options.get("api") or env.get(ENV_API) or "").strip().lower() == PIPELINES
+    key_variable = ENV_CDP_API_KEY if pipelines else ENV_API_KEY
+    if not sends and not (api_key or env.get(key_variable)):
+        if pipelines and explicit_queue_dir(queue_dir, env) is None:
+            # The default directory of a Pipelines source is named by its key.
+            raise ConfigurationError(
+                "api_key is missing: pass api_key= or set CUSTOMERIO_CDP_API_KEY "
+                "(or give --queue-dir or CIO_LOGGING_QUEUE_DIR)"
+            )
         api_key = _UNUSED_API_KEY
     return resolve_settings(
         site_id,
@@ -747,7 +764,7 @@ def replay_dead_letters(
 ) -> ReplayReport:
     """Send chosen dead letters straight to Customer.io, with their own event ids.
 
-    The same delivery path as the worker: a :class:`TrackClient` behind a breaker and
+    The same delivery path as the worker: the API's client behind a breaker and
     the rate cap, and the retry policy's backoff between attempts of an entry, within
     ``timeout`` seconds and at most ``max_attempts`` attempts per entry. An entry
     leaves the store only once Customer.io accepted it. One that fails again stays,
@@ -810,13 +827,13 @@ def _replay(
 ) -> None:
     breaker = DeliveryBreaker.from_settings(settings)
     retry = RetryPolicy.from_settings(settings)
-    client = TrackClient(
+    client = make_client(
         settings,
         breaker=breaker,
         rate_cap=RequestRateCap(
             settings.max_requests_per_second,
             stop=stop,
-            workspace=(settings.site_id, settings.endpoint.base_url),
+            workspace=(settings.account, settings.endpoint.base_url),
         ),
     )
     held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
@@ -970,7 +987,7 @@ def drain(
 
     It runs a :class:`~cio_logging.CustomerIOHandler` on the directory and lets its
     worker do the sending, rather than a loop of its own around ``delivery.lock`` and a
-    ``TrackClient``: the worker already takes that lock before reading the log (so this
+    the API's client: the worker already takes that lock before reading the log (so this
     never sends while a live application does), and it already dead-letters, expires,
     schedules retries, pauses on 401/403, rate-caps and records ``state.json`` exactly
     as the application would. A second copy of that loop could only drift from it.

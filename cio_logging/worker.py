@@ -40,16 +40,24 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import background
+from .client import (
+    AUTH,
+    CONFIG,
+    TRANSIENT,
+    DeliveryClient,
+    DeliveryReport,
+    Failure,
+    make_client,
+)
 from .clock import STEP_TOLERANCE_SECONDS, WallClock
 from .config import Settings
-from .delivery import AUTH, CONFIG, TRANSIENT, DeliveryReport, Failure, TrackClient
 from .errors import DatabaseError, LeaseLostError
 from .events import Event
 from .process_lock import DeliveryLock
@@ -183,7 +191,7 @@ class DeliveryWorker:
             settings.max_requests_per_second,
             stop=self._stop,
             # This process's handlers on one workspace share one cap.
-            workspace=(settings.site_id, settings.endpoint.base_url),
+            workspace=(settings.account, settings.endpoint.base_url),
         )
 
     @property
@@ -272,7 +280,7 @@ class DeliveryWorker:
     def _run(self) -> None:
         background.mark_current_thread()
         background.guard_loggers()
-        client: TrackClient | None = None
+        client: DeliveryClient | None = None
         try:
             while not self._stop.is_set():
                 try:
@@ -308,7 +316,7 @@ class DeliveryWorker:
             with self._progress:
                 self._progress.notify_all()
 
-    def _cycle(self, client: TrackClient | None) -> TrackClient | None:
+    def _cycle(self, client: DeliveryClient | None) -> DeliveryClient | None:
         """One turn of the loop: deliver a batch, or wait. Returns the client to reuse."""
         # Clear before reading the log: an event appended from here on sets it again,
         # so no wake-up is lost.
@@ -348,7 +356,7 @@ class DeliveryWorker:
             self._wait(on_hold)
             return client
         if client is None:
-            client = TrackClient(
+            client = make_client(
                 self._settings,
                 breaker=self.breaker,
                 rate_cap=self._rate_cap,
@@ -469,7 +477,7 @@ class DeliveryWorker:
         # holds this one too.
         return max(held, self.breaker.seconds_until_probe(), self._rate_cap.seconds_on_hold())
 
-    def _deliver_once(self, client: TrackClient) -> bool:
+    def _deliver_once(self, client: DeliveryClient) -> bool:
         """Deliver what is due (one event as a breaker probe); False when nothing was."""
         if self.breaker.state != CLOSED:
             events, batch = self._take_due(1, self._clock(), None)
@@ -479,18 +487,26 @@ class DeliveryWorker:
             return bool(batch.events or batch.corrupt)
         return self._deliver_pipelined(client)
 
-    def _deliver_pipelined(self, client: TrackClient) -> bool:
+    def _deliver_pipelined(self, client: DeliveryClient) -> bool:
         """Keep up to ``max_in_flight`` batches in flight until nothing more is due.
 
         While requests are out, the next batch is read (after the cursor of the last
         one: what is in flight is still in the log) and finished ones are acknowledged,
         so reading, sending and acknowledging overlap. After a failure nothing new is
         sent; what is in flight is awaited and applied.
+
+        A person's calls go in logging order: the log never returns a call while an
+        earlier one of the same person waits for a retry (see the stores' read_due),
+        and here a call whose person has one in flight waits in memory (``held``)
+        until that request is answered, then goes in the next batch, ahead of newer
+        calls. Other people's calls are not held up.
         """
         settings = self._settings
-        in_flight: deque[Future[DeliveryReport]] = deque()
+        in_flight: deque[tuple[Future[DeliveryReport], list[str]]] = deque()
+        busy: Counter[str] = Counter()  # people with calls in flight
+        held: dict[str, list[QueuedEvent]] = {}  # their later calls, in order
         cursor: tuple[float, int] | None = None
-        found = failed = False
+        found = failed = exhausted = False
         while True:
             while not failed and len(in_flight) < settings.max_in_flight:
                 if (
@@ -500,17 +516,34 @@ class DeliveryWorker:
                     or not self._lock.held
                 ):
                     break
-                events, batch = self._take_due(settings.batch_size, self._clock(), cursor)
-                if not (batch.events or batch.corrupt):
+                ready = _released(held, busy, settings.batch_size)
+                if not exhausted and len(ready) < settings.batch_size:
+                    events, batch = self._take_due(
+                        settings.batch_size - len(ready), self._clock(), cursor
+                    )
+                    if batch.events or batch.corrupt:
+                        found, cursor = True, batch.cursor
+                    else:
+                        exhausted = True  # read again once a request is answered
+                    for queued in events:
+                        person = queued.event.person
+                        if busy[person] or person in held:
+                            held.setdefault(person, []).append(queued)
+                        else:
+                            ready.append(queued)
+                if not ready:
                     break
-                found, cursor = True, batch.cursor
-                if events:
-                    in_flight.append(client.submit(events))
+                people = [queued.event.person for queued in ready]
+                busy.update(people)
+                in_flight.append((client.submit(ready), people))
             if not in_flight:
                 break
-            report = in_flight.popleft().result()
+            future, people = in_flight.popleft()
+            report = future.result()
+            busy.subtract(people)
             self._apply(report)
             failed = failed or report.failure is not None
+            exhausted = False
         if found:
             self._record_state()
         return found
@@ -550,7 +583,7 @@ class DeliveryWorker:
         if self._telemetry is not None and report.accepted:
             essentials = self._settings.essential_events
             self._telemetry.events_delivered(
-                ((q.event.logged_at, q.event.name in essentials) for q in report.accepted),
+                ((q.event.logged_at, q.event.is_essential(essentials)) for q in report.accepted),
                 self._clock(),
             )
         self.stats.requests += report.requests
@@ -625,7 +658,7 @@ class DeliveryWorker:
                 delay = self.retry.delay(max(attempts, 1), failure.retry_after)
                 later.append((queued, now + delay))
                 if self._telemetry is not None:
-                    essential = queued.event.name in self._settings.essential_events
+                    essential = queued.event.is_essential(self._settings.essential_events)
                     self._telemetry.event_retried(essential)
         self._wal.record_failure(later, failure.message, now, count_attempt=count_attempt)
         self.stats.retries_scheduled += len(later)
@@ -683,7 +716,8 @@ class DeliveryWorker:
             self._wal.remove([key])
         self.stats.dead_lettered += 1
         if self._telemetry is not None:
-            essential = None if event is None else event.name in self._settings.essential_events
+            essentials = self._settings.essential_events
+            essential = None if event is None else event.is_essential(essentials)
             self._telemetry.event_dead_lettered(failure.error_type, essential)
         internal_log.warning(
             "event %s (%s) moved to the dead-letter store: %s",
@@ -810,6 +844,20 @@ class DeliveryWorker:
             # rather than the one event that woke us (essential events wake us one
             # by one), which also leaves the GIL to the threads that log.
             self._stop.wait(_LINGER_SECONDS)
+
+
+def _released(
+    held: dict[str, list[QueuedEvent]], busy: Counter[str], limit: int
+) -> list[QueuedEvent]:
+    """Held calls whose person has nothing in flight any more, oldest person first;
+    a person's calls all go together (in order), up to ``limit`` calls in all."""
+    ready: list[QueuedEvent] = []
+    for person in list(held):
+        if len(ready) >= limit:
+            break
+        if not busy[person]:
+            ready.extend(held.pop(person))
+    return ready
 
 
 def _history_lost_by_an_earlier_version(queued: QueuedEvent) -> DeadLetterHistory:

@@ -108,12 +108,26 @@ def handler_settings(sim: TrackAPISimulator, queue_dir: Path, **options: Any) ->
     return simulator_handler_settings(sim, queue_dir, **options)
 
 
+#: The two APIs, for the tests that run on both: parametrize ``api`` with it, and every
+#: handler ``make_handler`` builds and every ``child_environment`` speaks that API.
+APIS = ["track", "pipelines"]
+
+
 @pytest.fixture
-def make_handler(simulator: TrackAPISimulator, queue_dir: Path) -> Iterator[HandlerFactory]:
+def api() -> str:
+    """The API handlers talk to; a test parametrized over ``api`` overrides it."""
+    return "track"
+
+
+@pytest.fixture
+def make_handler(
+    simulator: TrackAPISimulator, queue_dir: Path, api: str
+) -> Iterator[HandlerFactory]:
     """Build handlers against the simulator; every one is closed at teardown."""
     made: list[CustomerIOHandler] = []
 
     def factory(**options: Any) -> CustomerIOHandler:
+        options.setdefault("api", api)
         handler = CustomerIOHandler(**handler_settings(simulator, queue_dir, **options))
         made.append(handler)
         return handler
@@ -134,13 +148,17 @@ def event_logger(make_handler: HandlerFactory) -> tuple[logging.Logger, Customer
     return logger, handler
 
 
-def child_environment(sim: TrackAPISimulator, queue_dir: Path, **extra: str) -> dict[str, str]:
+def child_environment(
+    sim: TrackAPISimulator, queue_dir: Path, api: str = "track", **extra: str
+) -> dict[str, str]:
     """Environment for a subprocess that configures its handler from variables only."""
     env = dict(os.environ)
     env.update(
         {
+            "CIO_LOGGING_API": api,
             "CUSTOMERIO_SITE_ID": sim.site_id,
             "CUSTOMERIO_API_KEY": sim.api_key,
+            "CUSTOMERIO_CDP_API_KEY": sim.api_key,
             "CIO_LOGGING_TRACK_URL": sim.url,
             "CIO_LOGGING_CA_BUNDLE": sim.ca_file,
             "CIO_LOGGING_QUEUE_DIR": str(queue_dir),
@@ -214,7 +232,9 @@ def secret_forms(site_id: str, api_key: str) -> list[str]:
     import base64
 
     basic = base64.b64encode(f"{site_id}:{api_key}".encode()).decode()
-    return [api_key, basic, basic.rstrip("=")]
+    # The Pipelines API's: the key as the username, a blank password.
+    pipelines = base64.b64encode(f"{api_key}:".encode()).decode()
+    return [api_key, basic, basic.rstrip("="), pipelines, pipelines.rstrip("=")]
 
 
 #: What no output may contain. Tests that use a key of their own add its forms here.

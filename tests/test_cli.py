@@ -18,10 +18,14 @@ from cio_logging.demo import run_demo
 from .conftest import PYTHON
 
 
-def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("api", ["track", "pipelines"])
+def test_demo_accounts_for_every_event(tmp_path: Path, api: str) -> None:
     out = io.StringIO()
-    assert run_demo(out=out, outage_seconds=1.0, directory=tmp_path) == 0
+    assert run_demo(out=out, outage_seconds=1.0, directory=tmp_path, api=api) == 0
     text = out.getvalue()
+    assert ("Pipelines API" if api == "pipelines" else "Track API") in text
+    # user-1's identify is the first call Customer.io received for them.
+    assert re.search(r"received identify 'identify' for user-1 .*\n.*received event", text)
     assert "every event accounted for" in text
     assert "closed->open" in text  # the outage opened the breaker ...
     assert "half-open->closed" in text  # ... and a probe closed it

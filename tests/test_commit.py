@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cio_logging.commit import BUFFERED, COMMITTED, GroupCommitter
 from cio_logging.events import Event
-from cio_logging.store import WriteAheadLog, encode_row
+from cio_logging.store import Row, WriteAheadLog, encode_row
 
 
 class FakeClock:
@@ -19,7 +19,7 @@ class FakeClock:
         return self.now
 
 
-def _row(number: int) -> tuple[str, float, str]:
+def _row(number: int) -> Row:
     event = Event(
         id=f"01JC{number:022d}",
         name="page_viewed",

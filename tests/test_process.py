@@ -16,6 +16,7 @@ from cio_logging.state_record import read_state
 from cio_logging.store import WriteAheadLog
 
 from .conftest import (
+    APIS,
     CHILD_APP,
     PROJECT_ROOT,
     PYTHON,
@@ -42,9 +43,14 @@ def test_restart_delivers_what_an_earlier_process_left(
     assert simulator.duplicates == 0
 
 
-@pytest.mark.parametrize("trial", range(20))
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("trial", range(12))
 def test_sigkill_loses_no_event_whose_emit_returned(
-    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory, trial: int
+    simulator: TrackAPISimulator,
+    queue_dir: Path,
+    make_handler: HandlerFactory,
+    trial: int,
+    api: str,
 ) -> None:
     """Kill -9 at a random moment: while logging, committing, sending or acknowledging.
 
@@ -57,7 +63,7 @@ def test_sigkill_loses_no_event_whose_emit_returned(
         simulator.fail(503, duration=rng.uniform(0.05, 0.5))
     child = subprocess.Popen(
         [PYTHON, CHILD_APP, "400", "--pause", "0.002", "--mixed"],
-        env=child_environment(simulator, queue_dir),
+        env=child_environment(simulator, queue_dir, api),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -115,13 +121,14 @@ def test_sigkill_after_the_commit_interval_loses_no_non_essential_event(
     )
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("mode", ["parent-logs-first", "parent-silent", "mp-fork", "mp-spawn"])
 def test_forked_children_deliver_their_events(
-    simulator: TrackAPISimulator, queue_dir: Path, mode: str
+    simulator: TrackAPISimulator, queue_dir: Path, mode: str, api: str
 ) -> None:
     result = subprocess.run(
         [PYTHON, FORK_APP, mode, "3", "20"],
-        env=child_environment(simulator, queue_dir),
+        env=child_environment(simulator, queue_dir, api),
         capture_output=True,
         text=True,
         timeout=120,

@@ -56,8 +56,22 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
+# The helpers that tag a record, and the name the call arrives with: a person call's
+# own, or (None) the event's or view's name (name=, else the message).
+_HELPERS = {
+    "cio_event": None,
+    "cio_page": None,
+    "cio_screen": None,
+    "cio_identify": "identify",
+    "cio_delete": "delete",
+    "cio_suppress": "suppress",
+    "cio_unsuppress": "unsuppress",
+}
+
+
 def logged_event_names(code: str) -> list[str]:
-    """The names of the events a block logs: ``log.info("name", extra=cio_event(...))``."""
+    """The names of the calls a block logs: ``log.info("name", extra=cio_event(...))``,
+    and the same with any other helper (a view's name is its second argument)."""
     names: list[str] = []
     for node in ast.walk(ast.parse(code)):
         if not (
@@ -67,9 +81,16 @@ def logged_event_names(code: str) -> list[str]:
         ):
             continue
         extra = next((k.value for k in node.keywords if k.arg == "extra"), None)
-        if not (isinstance(extra, ast.Call) and getattr(extra.func, "id", None) == "cio_event"):
+        helper = getattr(extra.func, "id", None) if isinstance(extra, ast.Call) else None
+        if not isinstance(extra, ast.Call) or helper not in _HELPERS:
+            continue
+        own = _HELPERS[helper]
+        if own is not None:
+            names.append(own)
             continue
         named = next((k.value for k in extra.keywords if k.arg == "name"), None)
+        if named is None and helper in ("cio_page", "cio_screen") and len(extra.args) > 1:
+            named = extra.args[1]
         message = named if named is not None else node.args[0]
         assert isinstance(message, ast.Constant), ast.unparse(node)
         names.append(str(message.value))

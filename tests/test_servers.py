@@ -28,6 +28,7 @@ from cio_logging.simulator import TrackAPISimulator
 from cio_logging.store import DeadLetterStore, WriteAheadLog
 
 from .conftest import (
+    APIS,
     PROJECT_ROOT,
     PYTHON,
     HandlerFactory,
@@ -108,8 +109,9 @@ def carrying(simulator: TrackAPISimulator, event_id: str) -> Counter[int]:
         "workers-recycled",
     ],
 )
+@pytest.mark.parametrize("api", APIS)
 def test_gunicorn_preload_workers_deliver_and_never_resend_the_masters_backlog(
-    simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path, scenario: str
+    simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path, scenario: str, api: str
 ) -> None:
     simulator.record_bodies = True
     master_ids_file = tmp_path / "master_ids.txt"
@@ -117,6 +119,7 @@ def test_gunicorn_preload_workers_deliver_and_never_resend_the_masters_backlog(
     env = child_environment(
         simulator,
         queue_dir,
+        api,
         CIO_TEST_MASTER_EVENTS=str(MASTER_EVENTS),
         CIO_TEST_MASTER_IDS=str(master_ids_file),
         CIO_TEST_REQUEST_PAUSE="0.005",

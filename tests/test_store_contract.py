@@ -3,6 +3,7 @@ status() rely on, run against the diskcache store and the PostgreSQL store alike
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cio_logging.events import Event, cio_event, cio_identify, event_from_record
 from cio_logging.store import (
     DeadLetterArchive,
     DeadLetterStore,
@@ -125,6 +127,65 @@ class TestEventLogContract:
         assert log.adjust_due_times(-50.0, now - 50.0, 600.0) == 1
         moved = log.read_due(10, now=now + 60.0).events[0]
         assert math.isclose(moved.next_attempt_at, now + 50.0)
+
+
+def _call_for(person: str, number: int, call: str = "event") -> Event:
+    """A call of ``person`` (number ``number`` in logging order)."""
+    tagged = {"event": cio_event, "identify": cio_identify}[call]
+    record = logging.getLogger("t").makeRecord(
+        "t", logging.INFO, "f.py", 1, f"step_{number}", (), None, extra=tagged(person, n=number)
+    )
+    event = event_from_record(record)
+    assert event is not None
+    return event
+
+
+class TestPersonOrderContract:
+    """A person's calls are read in logging order, whatever retries did to due times."""
+
+    def test_a_call_waits_while_an_earlier_one_of_its_person_waits_for_a_retry(
+        self, stores: Stores
+    ) -> None:
+        log, _ = stores
+        identify = _call_for("ann", 0, "identify")
+        ann_event, bob_event = _call_for("ann", 1), _call_for("bob", 2)
+        for call in (identify, ann_event, bob_event):
+            log.append(call)
+        now = time.time()
+        (first,) = log.read_due(1, now).events
+        assert first.key == identify.id
+        assert first.event.call == "identify"
+        log.record_failure([(first, now + 30)], "HTTP 503", now)
+        # Bob is not held up; Ann's event waits behind her identify (the old code sent it).
+        assert [q.key for q in log.read_due(10, now).events] == [bob_event.id]
+        # Due again: the identify goes; the event only once the identify is through.
+        assert [q.key for q in log.read_due(10, now + 31).events] == [bob_event.id, identify.id]
+        log.remove([identify.id])
+        assert [q.key for q in log.read_due(10, now + 31).events] == [ann_event.id, bob_event.id]
+
+    def test_a_cursor_read_skips_a_held_call_and_a_fresh_read_finds_it(
+        self, stores: Stores
+    ) -> None:
+        log, _ = stores
+        calls = [_call_for("ann", 0), _call_for("ann", 1), _call_for("cy", 2)]
+        for call in calls:
+            log.append(call)
+        now = time.time()
+        first = log.read_due(1, now)
+        log.record_failure([(first.events[0], now + 5)], "HTTP 503", now)
+        later = log.read_due(10, now, after=first.cursor)
+        assert [q.key for q in later.events] == [calls[2].id]
+        log.remove([calls[0].id])  # delivered at last
+        assert [q.key for q in log.read_due(10, now).events] == [calls[1].id, calls[2].id]
+
+    def test_person_calls_keep_their_call_type(self, stores: Stores) -> None:
+        log, _ = stores
+        identify = _call_for("dee", 0, "identify")
+        log.append(identify)
+        (queued,) = log.read_due(1).events
+        assert queued.event == identify
+        assert queued.event.call == "identify"
+        assert queued.event.name == "identify"
 
 
 class TestDeadLetterContract:

@@ -24,6 +24,7 @@ from cio_logging.store import (
     DeadLetterHistory,
     DeadLetterReason,
     DeadLetterStore,
+    Row,
     WriteAheadLog,
     encode_row,
 )
@@ -133,7 +134,7 @@ class TestWriteAheadLog:
 
     def test_rows_cost_little_more_than_the_event(self, tmp_path: Path) -> None:
         event = make_event()
-        key, _, text = encode_row(event)
+        key, _, text, _ = encode_row(event)
         assert key == event.id
         assert len(text) < len(event.to_json())
 
@@ -243,8 +244,8 @@ class TestDueTimesAcrossClockSteps:
 
     def _fresh_and_waiting(self, wal: WriteAheadLog, now: float) -> tuple[str, str]:
         fresh, waiting = make_event(1), make_event(2)
-        wal.append_rows([(fresh.id, now, encode_row(fresh)[2])])
-        wal.append_rows([(waiting.id, now, encode_row(waiting)[2])])
+        wal.append_rows([(fresh.id, now, encode_row(fresh)[2], fresh.person)])
+        wal.append_rows([(waiting.id, now, encode_row(waiting)[2], waiting.person)])
         (queued,) = [q for q in wal.read_due(10, now=now).events if q.key == waiting.id]
         wal.record_failure([(queued, now + 30)], "HTTP 503", now=now)
         return fresh.id, waiting.id
@@ -270,7 +271,7 @@ class TestDueTimesAcrossClockSteps:
         fresh, waiting = self._fresh_and_waiting(wal, now)
         stepped = now + 3600 + 1
         newer = make_event(3)
-        wal.append_rows([(newer.id, stepped, encode_row(newer)[2])])
+        wal.append_rows([(newer.id, stepped, encode_row(newer)[2], newer.person)])
         assert wal.adjust_due_times(3600, stepped, horizon=600) == 1
         assert self.due_at(wal, stepped) == {fresh, newer.id}
         assert self.due_at(wal, stepped + 28) == {fresh, newer.id}
@@ -281,8 +282,8 @@ class TestDueTimesAcrossClockSteps:
         wal = WriteAheadLog(tmp_path / "wal")
         now = 1_800_000_000.0
         far, near = make_event(1), make_event(2)
-        wal.append_rows([(far.id, now + 3600, encode_row(far)[2])])
-        wal.append_rows([(near.id, now + 300, encode_row(near)[2])])
+        wal.append_rows([(far.id, now + 3600, encode_row(far)[2], far.person)])
+        wal.append_rows([(near.id, now + 300, encode_row(near)[2], near.person)])
         assert wal.adjust_due_times(0, now, horizon=600) == 1
         assert self.due_at(wal, now) == {far.id}
         assert wal.adjust_due_times(0, now, horizon=600) == 0
@@ -292,7 +293,7 @@ class TestDueTimesAcrossClockSteps:
         wal = WriteAheadLog(tmp_path / "wal")
         now = 1_800_000_000.0
         _, waiting = self._fresh_and_waiting(wal, now)
-        wal.append_rows([("01J0000000000000000000BAD0", now + 10, "{not json")])
+        wal.append_rows([("01J0000000000000000000BAD0", now + 10, "{not json", None)])
         assert wal.adjust_due_times(3600, now + 3600, horizon=600) == 1
         assert waiting not in self.due_at(wal, now + 3600 + 29)
         assert waiting in self.due_at(wal, now + 3600 + 30)
@@ -474,7 +475,7 @@ def test_permissions_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     assert seen >= 6  # queue, wal, dead, two databases with their -wal/-shm, the lock
 
 
-def _rows(count: int, prefix: str) -> list[tuple[str, float, str]]:
+def _rows(count: int, prefix: str) -> list[Row]:
     return [encode_row(make_event(number, name=f"{prefix}_event")) for number in range(count)]
 
 

@@ -58,7 +58,7 @@ def plant(worker: DeliveryWorker, due_in: float, *, failed: bool) -> int:
     value = (
         encode_row(event, attempts=1, last_error="HTTP 503")[2] if failed else encode_row(event)[2]
     )
-    return worker._wal.append_rows([(event.id, time.time() + due_in, value)])
+    return worker._wal.append_rows([(event.id, time.time() + due_in, value, event.person)])
 
 
 class TestFlushWhereAnotherProcessDelivers:

@@ -629,9 +629,16 @@ def roll_back(connection: sqlite3.Connection) -> None:
     run_through_interrupts(roll_back)
 
 
+# The person a row's text names (see Event.person), for rows that have no person
+# column yet: written by an earlier version, or salvaged from a file that lacks it.
+PERSON_OF_VALUE = (
+    "CASE WHEN json_valid(value) AND json_type(value) = 'array' THEN coalesce("
+    "'c:' || json_extract(value, '$[2]'), 'a:' || json_extract(value, '$[3]')) END"
+)
 SALVAGE_COLUMNS = (
-    "SELECT key, tag, value FROM Cache WHERE raw = 1 AND typeof(key) = 'text'"
-    " AND typeof(value) = 'text'"
+    "SELECT key, tag, value, "  # noqa: S608 - constant SQL, no input in it
+    + PERSON_OF_VALUE
+    + " FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND typeof(value) = 'text'"
 )
 SALVAGE_ALL = SALVAGE_COLUMNS
 SALVAGE_RANGE_SQL = SALVAGE_COLUMNS + " AND rowid BETWEEN ? AND ?"
@@ -643,8 +650,8 @@ def readable_rows(
     connection: sqlite3.Connection, sql: str, parameters: tuple[int, ...]
 ) -> list[Row]:
     return [
-        (key, 0.0 if tag is None else tag, value)
-        for key, tag, value in connection.execute(sql, parameters).fetchall()
+        (key, 0.0 if tag is None else tag, value, person)
+        for key, tag, value, person in connection.execute(sql, parameters).fetchall()
     ]
 
 

@@ -29,6 +29,7 @@ from ..events import Event, event_from_dict
 from ._sqlite import (
     FORK_GATE,
     LIVE_CONNECTIONS,
+    PERSON_OF_VALUE,
     SALVAGE_ALL,
     SALVAGE_ONE,
     SALVAGE_RANGE,
@@ -90,7 +91,11 @@ class WriteAheadLog:
 
     Rows live in diskcache's ``Cache`` table: the key is the event id, the value our
     JSON text (see :func:`encode_row`) and the ``tag`` column, indexed, the time the
-    next attempt is due (the logging time for a fresh event). Reading what is due is
+    next attempt is due (the logging time for a fresh event). A column of ours,
+    ``person`` (indexed; diskcache names its columns and never sees it), holds whose
+    call it is: a row is read only once no earlier row of the same person would be
+    read after it (see ``_SELECT_DUE``), so a person's calls go in logging order
+    through retries and restarts. Reading what is due is
     then an index range scan, whatever the backlog of events waiting for a retry, and
     appends, acknowledgements and retries are one statement per batch in one
     transaction: the hot paths are written in SQL on diskcache's own connection, and
@@ -112,6 +117,7 @@ class WriteAheadLog:
 
     def _open(self, cache: diskcache.Cache) -> None:
         """Start using ``cache``; remember which file it is, and keep a connection to it."""
+        _add_person_column(cache)
         self._cache = cache
         self._identity = database_identity(self.directory)
         self._identity_checked_at = time.monotonic()
@@ -233,7 +239,7 @@ class WriteAheadLog:
             rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
         elif len(rows) < limit and after is not None:
             tag, rowid = after
-            rows += sql(_SELECT_DUE_AFTER, (moment, tag, tag, rowid, limit - len(rows))).fetchall()
+            rows += sql(_SELECT_DUE_AFTER, (moment, tag, rowid, limit - len(rows))).fetchall()
         untagged = [(row[0],) for row in rows if row[3] is None]
         if untagged:
             # Rows from an older version (or another writer) get a due time now, the
@@ -493,6 +499,22 @@ class WriteAheadLog:
                 self._anchor = None
 
 
+def _add_person_column(cache: diskcache.Cache) -> None:
+    """Give a log the ``person`` column and its index, once (a log of an earlier
+    version: its waiting rows get their person from their text)."""
+    sql = cache._sql
+    columns = {row[1] for row in sql("PRAGMA table_info(Cache)").fetchall()}
+    if "person" not in columns:
+        try:
+            with cache.transact():
+                sql("ALTER TABLE Cache ADD COLUMN person TEXT")
+                sql("UPDATE Cache SET person = " + PERSON_OF_VALUE + " WHERE raw = 1")  # noqa: S608
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
+    sql("CREATE INDEX IF NOT EXISTS Cache_person ON Cache(person)")
+
+
 def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
     # The fork gate waits for writers to finish, but only for so long.
     wal = reference()
@@ -504,12 +526,12 @@ def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
 # diskcache's MODE_RAW), never expire, and carry their due time in the indexed tag.
 _INSERT_INTO = (
     "INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time,"
-    " access_count, tag, size, mode, filename, value) VALUES "
+    " access_count, tag, size, mode, filename, value, person) VALUES "
 )
-# One row: key, due time and value are the parameters.
+# One row: key, due time, value and person are the parameters.
 _ROW_VALUES = (
     "(?, 1, (julianday('now') - 2440587.5) * 86400.0, NULL,"
-    " (julianday('now') - 2440587.5) * 86400.0, 0, ?, 0, 1, NULL, ?)"
+    " (julianday('now') - 2440587.5) * 86400.0, 0, ?, 0, 1, NULL, ?, ?)"
 )
 _INSERT_ROW = _INSERT_INTO + _ROW_VALUES
 # Up to this many rows (a group of essential events) go in one multi-row INSERT; more
@@ -533,13 +555,25 @@ def _flatten(rows: Sequence[Row]) -> list[object]:
 _SELECT_UNTAGGED = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE tag IS NULL LIMIT ?"
 )
+# Reads go in (due time, rowid) order, and rowid is commit order. A row is held back
+# while an earlier row of the same person sorts after it: one waiting for a retry, or
+# due later. Earlier rows that sort before it were read before it (and are in flight:
+# the worker holds the person back) or come in the same read, ahead of it.
 _SELECT_DUE = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
-    " WHERE tag <= ? ORDER BY tag, rowid LIMIT ?"
+    "SELECT c.rowid, c.key, c.raw, c.tag, c.mode, c.filename, c.value FROM Cache AS c"
+    " WHERE c.tag <= ? AND (c.person IS NULL OR NOT EXISTS (SELECT 1 FROM Cache AS e"
+    " WHERE e.person = c.person AND e.rowid < c.rowid AND e.tag > c.tag))"
+    " ORDER BY c.tag, c.rowid LIMIT ?"
 )
 _SELECT_DUE_AFTER = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
-    " WHERE tag <= ? AND (tag > ? OR (tag = ? AND rowid > ?)) ORDER BY tag, rowid LIMIT ?"
+    "SELECT c.rowid, c.key, c.raw, c.tag, c.mode, c.filename, c.value FROM Cache AS c"
+    # A row value, not "tag > ? OR (tag = ? AND rowid > ?)": SQLite then walks the
+    # (tag, rowid) index from the cursor in order and stops at the limit; the OR form
+    # read every due row into a temporary B-tree to sort it, at every read.
+    " WHERE c.tag <= ? AND (c.tag, c.rowid) > (?, ?)"
+    " AND (c.person IS NULL OR NOT EXISTS (SELECT 1 FROM Cache AS e"
+    " WHERE e.person = c.person AND e.rowid < c.rowid AND e.tag > c.tag))"
+    " ORDER BY c.tag, c.rowid LIMIT ?"
 )
 _SELECT_KEY = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 internal_log = logging.getLogger("cio_logging")
 
 #: The schema version this release writes; ``sql/migrations`` holds one file per version.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Passwords of every queue URL this process opened: scrubbed from any text we let out
 # (our exceptions, our log lines, the driver's log lines).
@@ -488,6 +488,7 @@ class PostgresLog:
             "due": [row[1] for row in rows],
             "logged": [_logged_at(row[2], row[1]) for row in rows],
             "bodies": [row[2] for row in rows],
+            "persons": [row[3] for row in rows],
         }
         result = self.database.run("insert_rows", params, timeout=self.timeout)
         return max((int(seq) for (seq,) in result), default=0)
@@ -513,6 +514,7 @@ class PostgresLog:
                     first_failure_at=queued.first_failure_at,
                     last_error=queued.last_error,
                 )[2],
+                queued.event.person,
             )
             for queued in batch.events
         ]

@@ -1,6 +1,6 @@
 """The row types of the stores and the one text format both keep an event in.
 
-A queued event is a row ``(event id, due time, JSON text)`` (see :func:`encode_row`);
+A queued event is a row ``(event id, due time, JSON text, person)`` (see :func:`encode_row`);
 a dead letter is one JSON object (see :func:`dead_letter_entry`). The diskcache store
 and the PostgreSQL store keep exactly these texts, so an event moves between them
 (a spill moved to the database, a replay) unchanged.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import InvalidEventError
-from ..events import Event, event_from_dict
+from ..events import CALLS, EVENT, Event, event_from_dict
 
 _ENTRY_VERSION = 1
 
@@ -59,10 +59,16 @@ class Batch:
     cursor: tuple[float, int] | None = None
 
 
-#: A row ready for :meth:`WriteAheadLog.append_rows`: (event id, due time, JSON text).
-Row = tuple[str, float, str]
+#: A row ready for :meth:`WriteAheadLog.append_rows`: (event id, due time, JSON text,
+#: person). The person (:attr:`Event.person`) is a column of its own, indexed: the
+#: sender reads a person's calls in the order they were logged (None: a row of an
+#: earlier version, in no order).
+Row = tuple[str, float, str, str | None]
 
 _ROW_VERSION = 2
+# Version 3 adds the call (identify, page, ...) before the data; events keep writing
+# version 2, so a queue of events stays readable by the release before this one.
+_CALL_ROW_VERSION = 3
 # Built once: json.dumps with options builds a new encoder on every call.
 _ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -77,7 +83,8 @@ def encode_row(
     dead_letter: DeadLetterHistory | None = None,
 ) -> Row:
     """The log row for ``event``: ``[2, name, customer_id, anonymous_id, timestamp,
-    logged_at, history, data]``, where history is null for an event never tried.
+    logged_at, history, data]``, where history is null for an event never tried; a
+    person call is ``[3, ..., history, call, data]``.
 
     Positional and without the id (it is the key), so a row costs little more than
     the event's own JSON. The data is spliced in as encoded at emit. A replayed dead
@@ -95,22 +102,24 @@ def encode_row(
     if dead_letter is not None:
         history = history or {"attempts": attempts, "replayed_at": replayed_at}
         history["dead_letter"] = dead_letter.to_json()
-    head = _ROW_ENCODER.encode(
-        [
-            _ROW_VERSION,
-            event.name,
-            event.customer_id,
-            event.anonymous_id,
-            event.timestamp,
-            event.logged_at,
-            history,
-        ]
-    )
+    fields = [
+        _ROW_VERSION,
+        event.name,
+        event.customer_id,
+        event.anonymous_id,
+        event.timestamp,
+        event.logged_at,
+        history,
+    ]
+    if event.call != EVENT:
+        fields[0] = _CALL_ROW_VERSION
+        fields.append(event.call)
+    head = _ROW_ENCODER.encode(fields)
     # Due when logged, to keep the log in logging order, but never later than now: a
     # record stamped ahead of this clock (a host with a fast clock forwarding it, a
     # clock stepped back since) must not wait until the clock catches up.
     due = min(event.logged_at, time.time()) if replayed_at is None else replayed_at
-    return event.id, due, f"{head[:-1]},{event.data_json}]"
+    return event.id, due, f"{head[:-1]},{event.data_json}]", event.person
 
 
 def decode_row(key: str, due: float | None, value: str) -> QueuedEvent:
@@ -124,6 +133,12 @@ def decode_row(key: str, due: float | None, value: str) -> QueuedEvent:
         raw_entry = json.loads(value)
         if type(raw_entry) is dict:  # version 1: written before rows had a due time
             return _decode_entry(key, value)
+        call = EVENT
+        if raw_entry[0] == _CALL_ROW_VERSION:
+            call = raw_entry.pop(7)
+            if call not in CALLS:
+                raise InvalidEventError(f"unknown call {str(call)[:20]!r} in a queue entry")
+            raw_entry[0] = _ROW_VERSION
         version, name, customer_id, anonymous_id, timestamp, logged_at, history, data = raw_entry
         if version != _ROW_VERSION or type(data) is not dict:
             raise InvalidEventError(f"unknown entry version {version!r}")
@@ -136,6 +151,7 @@ def decode_row(key: str, due: float | None, value: str) -> QueuedEvent:
             data_json=_ROW_ENCODER.encode(data),
             timestamp=int(timestamp),
             logged_at=float(logged_at),
+            call=call,
         )
         return QueuedEvent(
             key=key,
@@ -147,7 +163,7 @@ def decode_row(key: str, due: float | None, value: str) -> QueuedEvent:
             replayed_at=history.get("replayed_at"),
             dead_letter=DeadLetterHistory.from_json(history.get("dead_letter")),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise InvalidEventError(
             f"queue entry is not valid JSON of ours ({type(exc).__name__})"
         ) from None

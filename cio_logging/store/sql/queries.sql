@@ -22,22 +22,36 @@ INSERT INTO cio_schema_version (version) VALUES (%(version)s) ON CONFLICT DO NOT
 SELECT 1;
 
 -- name: insert_rows
-INSERT INTO cio_queue (workspace, id, event, due_at, logged_at, body)
-SELECT %(workspace)s, r.id, r.event, r.due_at, r.logged_at, r.body
+INSERT INTO cio_queue (workspace, id, event, due_at, logged_at, body, person)
+SELECT %(workspace)s, r.id, r.event, r.due_at, r.logged_at, r.body, r.person
 FROM unnest(%(ids)s::text[], %(events)s::text[], %(due)s::float8[], %(logged)s::float8[],
-            %(bodies)s::text[]) AS r(id, event, due_at, logged_at, body)
+            %(bodies)s::text[], %(persons)s::text[])
+     AS r(id, event, due_at, logged_at, body, person)
 ON CONFLICT (workspace, id) DO NOTHING
 RETURNING seq;
 
+-- A row is held back while an earlier row (by seq, commit order) of the same person
+-- sorts after it: one waiting for a retry, or due later. Earlier rows that sort before
+-- it were read before it (in flight: the worker holds the person back) or come in the
+-- same read, ahead of it.
 -- name: read_due
-SELECT id, due_at, body, seq FROM cio_queue
-WHERE workspace = %(workspace)s AND due_at <= %(now)s
-ORDER BY due_at, seq LIMIT %(limit)s;
+SELECT q.id, q.due_at, q.body, q.seq FROM cio_queue AS q
+WHERE q.workspace = %(workspace)s AND q.due_at <= %(now)s
+  AND (q.person IS NULL OR NOT EXISTS (
+      SELECT 1 FROM cio_queue AS e
+      WHERE e.workspace = q.workspace AND e.person = q.person AND e.seq < q.seq
+        AND e.due_at > q.due_at))
+ORDER BY q.due_at, q.seq LIMIT %(limit)s;
 
 -- name: read_due_after
-SELECT id, due_at, body, seq FROM cio_queue
-WHERE workspace = %(workspace)s AND due_at <= %(now)s AND (due_at, seq) > (%(due)s, %(seq)s)
-ORDER BY due_at, seq LIMIT %(limit)s;
+SELECT q.id, q.due_at, q.body, q.seq FROM cio_queue AS q
+WHERE q.workspace = %(workspace)s AND q.due_at <= %(now)s
+  AND (q.due_at, q.seq) > (%(due)s, %(seq)s)
+  AND (q.person IS NULL OR NOT EXISTS (
+      SELECT 1 FROM cio_queue AS e
+      WHERE e.workspace = q.workspace AND e.person = q.person AND e.seq < q.seq
+        AND e.due_at > q.due_at))
+ORDER BY q.due_at, q.seq LIMIT %(limit)s;
 
 -- name: delete_rows
 DELETE FROM cio_queue WHERE workspace = %(workspace)s AND id = ANY(%(ids)s);
