@@ -1,6 +1,7 @@
 """The benchmark suite of issue 6: every figure measured in one run, printed as markdown.
 
-    python -m benchmarks [--quick] [--only emit,delivery,drain,rss,wal] [--output PATH]
+    python -m benchmarks [--quick] [--only emit,delivery,drain,rss,wal,fleet,pipelines]
+                         [--output PATH]
 
 Sections:
 
@@ -13,7 +14,11 @@ Sections:
 - ``rss``: peak RSS growth while events wait during an outage, beside the peers;
 - ``wal``: bytes on disk per queued event against the JSON sent for it;
 - ``fleet``: fleet mode on a throwaway PostgreSQL cluster: the caller's cost against the
-  diskcache store, delivered events/s with one and four processes, takeover time.
+  diskcache store, delivered events/s with one and four processes, takeover time;
+- ``pipelines``: the Pipelines API (``api="pipelines"``) against customerio-cdp-analytics
+  on one stub at 50 ms: the caller's cost, calls delivered per second and calls lost on
+  SIGKILL; and the order guarantee's cost in delivered events/s against the release
+  before it (commit 57f0ea4, in its own environment), with 10,000 people and with one.
 
 The simulator (``python -m cio_logging.simulator``) and the CDP stub run in their own
 processes; every measurement runs in a fresh process; each peer runs from its own
@@ -34,6 +39,7 @@ from typing import Any
 
 from . import processes
 from .fleet import fleet_section
+from .pipelines import pipelines_section
 from .processes import BenchmarkError, cdp_stub, peer_python, run_case, simulator
 from .report import Check, Section, machine, number, render
 from .workload import ESSENTIAL_NAME, NON_ESSENTIAL_NAME
@@ -58,7 +64,7 @@ class Sizes:
 
 FULL = Sizes(20_000, 400, 100_000, 20_000, 200, 100_000, 1_000_000, 100_000)
 QUICK = Sizes(3_000, 120, 20_000, 5_000, 40, 20_000, 250_000, 5_000)
-SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet")
+SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet", "pipelines")
 
 
 class Run:
@@ -587,6 +593,7 @@ BUILDERS: dict[str, Callable[[Run], Section]] = {
     "rss": rss_section,
     "wal": wal_section,
     "fleet": lambda run: fleet_section(run, _attempt),
+    "pipelines": lambda run: pipelines_section(run, _attempt),
 }
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import queue
+import signal
 import sqlite3
 import tempfile
 import time
@@ -22,6 +24,7 @@ import diskcache
 from customerio import CustomerIO
 from ulid import ULID
 
+import cio_logging
 from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
 
 from .workload import (
@@ -41,18 +44,25 @@ from .workload import (
 #: Options the emit-path rewrite adds; passed only when the installed handler knows them.
 _NEWER_OPTIONS = ("commit_interval", "max_in_flight")
 SIMULATOR_SITE_ID, SIMULATOR_API_KEY = "sim-site", "sim-key"  # run_from_command_line defaults
+PIPELINES_API_KEY = "bench-pipelines-key"  # sent as HTTP Basic; the CDP stub checks nothing
+
+
+def credentials(api: str) -> dict[str, Any]:
+    """The handler's credential arguments for ``api``: the Track API or the Pipelines API."""
+    if api == "pipelines":
+        return {"api": "pipelines", "api_key": PIPELINES_API_KEY}
+    return {"site_id": SIMULATOR_SITE_ID, "api_key": SIMULATOR_API_KEY}
 
 
 def build_handler(
-    url: str, ca_file: str, queue_dir: Path, options: dict[str, Any]
+    url: str, ca_file: str, queue_dir: Path, options: dict[str, Any], api: str = "track"
 ) -> tuple[CustomerIOHandler, list[str]]:
     """A handler against ``url``; newer options this version refuses are left out and named."""
     wanted, left_out = dict(options), []
     while True:
         try:
             handler = CustomerIOHandler(
-                SIMULATOR_SITE_ID,
-                SIMULATOR_API_KEY,
+                **credentials(api),
                 queue_dir=queue_dir,
                 track_url=url,
                 ca_bundle=ca_file,
@@ -86,9 +96,19 @@ def event_logger(handler: logging.Handler) -> logging.Logger:
     return logger
 
 
-def log_events(logger: logging.Logger, name: str, count: int, offset: int = 0) -> None:
+def log_events(
+    logger: logging.Logger,
+    name: str,
+    count: int,
+    offset: int = 0,
+    customers: int | None = None,
+    numbered: bool = False,
+) -> None:
+    """Log ``count`` events; ``numbered`` adds the call's number as ``seq`` to its data."""
+    people = {} if customers is None else {"customers": customers}
     for number in range(offset, offset + count):
-        logger.info(name, extra=cio_event(customer_id(number), **attributes(number)))
+        data = attributes(number) | ({"seq": number} if numbered else {})
+        logger.info(name, extra=cio_event(customer_id(number, **people), **data))
 
 
 def logging_prepare(logger: logging.Logger, name: str) -> Any:
@@ -113,7 +133,11 @@ def emit_cio(arguments: dict[str, Any]) -> dict[str, Any]:
     for threads in arguments["threads"]:
         with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
             handler, left_out = build_handler(
-                arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
+                arguments["url"],
+                arguments["ca_file"],
+                Path(work),
+                handler_options(arguments),
+                arguments.get("api", "track"),
             )
             notes = [f"option {name} not supported by this version" for name in left_out]
             logger = event_logger(handler)
@@ -242,17 +266,46 @@ def unique_accepted(control: Control) -> int:
     return len({event["id"] for event in answer["events"]})
 
 
+def overtaken(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Events the simulator accepted after a later-logged event of the same person.
+
+    ``events`` in the order accepted, each carrying its log call's number as ``seq``.
+    """
+    latest: dict[str | None, int] = {}
+    late = 0
+    people: set[str | None] = set()
+    for event in events:
+        person, seq = event["customer_id"], int(event["data"]["seq"])
+        if seq < latest.get(person, -1):
+            late += 1
+            people.add(person)
+        else:
+            latest[person] = seq
+    return {"overtaken_events": late, "overtaken_people": len(people)}
+
+
 def delivery_cio(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Log N events as fast as possible; time until the simulator accepted all of them."""
+    """Log N events as fast as possible; time until the simulator accepted all of them.
+
+    ``customers`` (optional) spreads them round-robin over that many people;
+    ``check_order`` numbers them and counts those accepted out of their person's order.
+    """
     control = Control(arguments["url"], arguments["ca_file"], "/_simulator/")
     count: int = arguments["events"]
+    check_order = bool(arguments.get("check_order"))
     with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
         handler, left_out = build_handler(
             arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
         )
         logger = event_logger(handler)
         began = time.perf_counter()
-        log_events(logger, NON_ESSENTIAL_NAME, count)
+        log_events(
+            logger,
+            NON_ESSENTIAL_NAME,
+            count,
+            customers=arguments.get("customers"),
+            numbered=check_order,
+        )
         logged = time.perf_counter() - began
         accepted_when_logged = accepted_by_simulator(control)[0]
         accepted = 0
@@ -268,10 +321,13 @@ def delivery_cio(arguments: dict[str, Any]) -> dict[str, Any]:
         status = handler.status()
         handler.close()
     span = max(times) - min(times) if len(times) > 1 else 0.0
+    accepted_events = control.call("events")["events"]
     return {
         "events": count,
         "accepted": accepted,
-        "unique_accepted": unique_accepted(control),
+        "unique_accepted": len({event["id"] for event in accepted_events}),
+        **(overtaken(accepted_events) if check_order else {}),
+        "cio_logging_file": cio_logging.__file__,
         "finished": finished,
         "log_seconds": logged,
         "seconds": elapsed,
@@ -287,6 +343,91 @@ def delivery_cio(arguments: dict[str, Any]) -> dict[str, Any]:
         "failed_requests": status.get("failed_requests"),
         "notes": [f"option {name} not supported by this version" for name in left_out],
     }
+
+
+def delivery_pipelines(arguments: dict[str, Any]) -> dict[str, Any]:
+    """``api="pipelines"``: log N events, time until the CDP stub has counted all N."""
+    control = Control(arguments["url"], arguments["ca_file"], "/_stub/")
+    count: int = arguments["events"]
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        handler, _ = build_handler(
+            arguments["url"],
+            arguments["ca_file"],
+            Path(work),
+            handler_options(arguments),
+            "pipelines",
+        )
+        logger = event_logger(handler)
+        began = time.perf_counter()
+        log_events(logger, NON_ESSENTIAL_NAME, count)
+        logged = time.perf_counter() - began
+        counted: dict[str, Any] = {}
+
+        def done() -> bool:
+            nonlocal counted
+            counted = control.call("count")
+            return bool(counted["events"] >= count)
+
+        finished = wait_until(done, arguments.get("timeout", 600), interval=0.05)
+        elapsed = time.perf_counter() - began
+        status = handler.status()
+        handler.close()
+    return {
+        "events": count,
+        "delivered": counted["events"],
+        "unique": counted["unique"],
+        "without_id": counted["without_id"],
+        "finished": finished,
+        "log_seconds": logged,
+        "seconds": elapsed,
+        "events_per_s": counted["events"] / elapsed,
+        "requests": counted["requests"],
+        "batch_size": getattr(handler.settings, "batch_size", None),
+        "max_in_flight": getattr(handler.settings, "max_in_flight", None),
+        "failed_requests": status.get("failed_requests"),
+    }
+
+
+def log_then_sigkill(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Log N events into ``queue_dir``, then SIGKILL this process as the last call returns.
+
+    It never prints a result: the time the logging took goes to ``note_file``, written
+    with one ``os.write`` between the last call and the kill.
+    """
+    handler, _ = build_handler(
+        arguments["url"],
+        arguments["ca_file"],
+        Path(arguments["queue_dir"]),
+        handler_options(arguments),
+        arguments.get("api", "track"),
+    )
+    logger = event_logger(handler)
+    note = os.open(arguments["note_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    began = time.perf_counter()
+    log_events(logger, arguments["name"], arguments["events"])
+    logged = time.perf_counter() - began
+    os.write(note, json.dumps({"log_seconds": logged}).encode())
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("SIGKILL returned")  # pragma: no cover
+
+
+def drain_queue(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A second process on a dead one's ``queue_dir``: what ``cio-logging drain`` runs."""
+    from cio_logging.operations import drain
+
+    handler_arguments = {
+        **credentials(arguments.get("api", "track")),
+        "track_url": arguments["url"],
+        "ca_bundle": arguments["ca_file"],
+        **handler_options(arguments),
+    }
+    began = time.perf_counter()
+    report = drain(
+        handler_arguments, Path(arguments["queue_dir"]), timeout=arguments.get("timeout", 120)
+    )
+    result: dict[str, Any] = report.to_dict()
+    result["seconds"] = time.perf_counter() - began
+    return result
 
 
 def delivery_direct_track(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -495,6 +636,9 @@ CASES = {
     "emit_diskcache_push": emit_diskcache_push,
     "emit_direct_track": emit_direct_track,
     "delivery_cio": delivery_cio,
+    "delivery_pipelines": delivery_pipelines,
+    "log_then_sigkill": log_then_sigkill,
+    "drain_queue": drain_queue,
     "delivery_direct_track": delivery_direct_track,
     "drain_cio": drain_cio,
     "rss_cio": rss_cio,

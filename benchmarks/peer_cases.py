@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import logging
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -97,6 +100,23 @@ def delivery_cdp(arguments: dict[str, Any]) -> dict[str, Any]:
         "requests": counted["requests"],
         "version": _cdp_version(),
     }
+
+
+def kill_cdp(arguments: dict[str, Any]) -> dict[str, Any]:
+    """N ``Client.track`` calls, then SIGKILL this process as the last one returns.
+
+    It never prints a result: the time the calls took goes to ``note_file``, written
+    with one ``os.write`` between the last call and the kill.
+    """
+    client = _cdp_client(arguments["url"])
+    note = os.open(arguments["note_file"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    began = time.perf_counter()
+    for number in range(arguments["events"]):
+        client.track(customer_id(number), arguments["name"], attributes(number))
+    logged = time.perf_counter() - began
+    os.write(note, json.dumps({"log_seconds": logged, "version": _cdp_version()}).encode())
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("SIGKILL returned")  # pragma: no cover
 
 
 def rss_cdp(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +220,7 @@ def rss_logstash(arguments: dict[str, Any]) -> dict[str, Any]:
 CASES = {
     "emit_cdp": emit_cdp,
     "delivery_cdp": delivery_cdp,
+    "kill_cdp": kill_cdp,
     "rss_cdp": rss_cdp,
     "emit_logstash": emit_logstash,
     "rss_logstash": rss_logstash,

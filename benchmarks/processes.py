@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,10 +119,10 @@ def cdp_stub(latency: float = 0.0) -> Iterator[Server]:
         yield server
 
 
-def _project_env(**extra: str) -> dict[str, str]:
+def _project_env(root: Path = PROJECT_ROOT, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        part for part in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if part
+        part for part in (str(root), env.get("PYTHONPATH", "")) if part
     )
     env.update(extra)
     return env
@@ -148,14 +149,20 @@ def run_case(
     python: Path | str = sys.executable,
     timeout: float = 1800,
     env: dict[str, str] | None = None,
+    root: Path = PROJECT_ROOT,
 ) -> dict[str, Any]:
-    """Run one measurement case in a fresh process and return the JSON it printed."""
+    """Run one measurement case in a fresh process and return the JSON it printed.
+
+    ``root`` is the process's working directory and the head of its ``PYTHONPATH``: a
+    directory holding only the ``benchmarks`` package lets another version of
+    cio_logging, installed in ``python``'s environment, be the one imported.
+    """
     completed = subprocess.run(
         [str(python), "-m", module, case, json.dumps(arguments)],
         capture_output=True,
         text=True,
-        cwd=PROJECT_ROOT,
-        env=_project_env(**(env or {})),
+        cwd=root,
+        env=_project_env(root, **(env or {})),
         timeout=timeout,
         check=False,
     )
@@ -165,3 +172,30 @@ def run_case(
             return result
     tail = "\n".join((completed.stderr or "").splitlines()[-15:])
     raise BenchmarkError(f"{module} {case} exited {completed.returncode}:\n{tail}")
+
+
+def run_killed_case(
+    module: str,
+    case: str,
+    arguments: dict[str, Any],
+    *,
+    python: Path | str = sys.executable,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    root: Path = PROJECT_ROOT,
+) -> None:
+    """Run a case that ends by SIGKILLing itself; anything else is a BenchmarkError."""
+    completed = subprocess.run(
+        [str(python), "-m", module, case, json.dumps(arguments)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=_project_env(root, **(env or {})),
+        timeout=timeout,
+        check=False,
+    )
+    if completed.returncode != -signal.SIGKILL:
+        tail = "\n".join((completed.stderr or "").splitlines()[-15:])
+        raise BenchmarkError(
+            f"{module} {case} exited {completed.returncode}, not by SIGKILL:\n{tail}"
+        )

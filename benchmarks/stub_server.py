@@ -3,12 +3,15 @@
 customerio-cdp-analytics posts Segment-style batches to ``{host}/v1/batch``, which the
 Track API simulator does not serve (it speaks the Track API's v1 and v2 routes only).
 This stub accepts those batches, counts their items and answers 200 ``{}`` after the
-configured latency, like the simulator's ``set_latency``. It validates nothing.
+configured latency, like the simulator's ``set_latency``. It validates nothing (neither
+credentials nor headers), so it also stands in for the Pipelines API that cio_logging's
+``api="pipelines"`` posts to.
 
     python -m benchmarks.stub_server [--latency 0.05] [--state-dir DIR]
 
 It prints ``listening on https://127.0.0.1:PORT`` and ``CA file: PATH`` like the
-simulator. ``GET /_stub/count`` returns ``{"events", "requests", "times"}``;
+simulator. ``GET /_stub/count`` returns ``{"events", "unique", "without_id", "requests",
+"times"}``: items counted, distinct ``messageId`` values among them, items without one;
 ``POST /_stub/latency`` with ``{"latency": seconds}`` changes the latency.
 """
 
@@ -34,6 +37,8 @@ class _Counts:
         self.lock = threading.Lock()
         self.latency = latency
         self.events = 0
+        self.message_ids: set[str] = set()
+        self.without_id = 0
         self.times: list[float] = []
 
 
@@ -59,7 +64,13 @@ class _StubHandler(BaseHTTPRequestHandler):
             self._answer(404, {})
             return
         with counts.lock:
-            body = {"events": counts.events, "requests": len(counts.times), "times": counts.times}
+            body = {
+                "events": counts.events,
+                "unique": len(counts.message_ids),
+                "without_id": counts.without_id,
+                "requests": len(counts.times),
+                "times": counts.times,
+            }
             self._answer(200, body)
 
     def do_POST(self) -> None:
@@ -79,8 +90,12 @@ class _StubHandler(BaseHTTPRequestHandler):
             latency = counts.latency
         if latency:
             time.sleep(latency)
+        items = payload.get("batch", [])
+        ids = [item.get("messageId") for item in items if isinstance(item, dict)]
         with counts.lock:
-            counts.events += len(payload.get("batch", []))
+            counts.events += len(items)
+            counts.message_ids.update(i for i in ids if isinstance(i, str))
+            counts.without_id += len(items) - sum(isinstance(i, str) for i in ids)
             counts.times.append(received)
         self._answer(200, {})
 

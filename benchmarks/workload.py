@@ -28,8 +28,9 @@ CUSTOMERS = 1000
 Prepared = Callable[[], object]
 
 
-def customer_id(number: int) -> str:
-    return f"user-{number % CUSTOMERS}"
+def customer_id(number: int, customers: int = CUSTOMERS) -> str:
+    """The person of call ``number``: ``customers`` distinct ids, taken round-robin."""
+    return f"user-{number % customers}"
 
 
 def attributes(number: int) -> dict[str, Any]:
