@@ -8,7 +8,7 @@ id field on the wire; the data says which call arrived). A call's line
 (person calls always are; the events are named in ``essential_events``), so it is on
 disk by then.
 
-Usage: python tests/order_app.py PEOPLE SEED
+Usage: python tests/order_app.py PEOPLE SEED [PAUSE]  (seconds between calls)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 
 from cio_logging import CustomerIOHandler, cio_delete, cio_event, cio_identify
 from cio_logging.events import new_event_id
@@ -23,6 +24,7 @@ from cio_logging.events import new_event_id
 
 def main() -> int:
     people, seed = int(sys.argv[1]), int(sys.argv[2])
+    pause = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     handler = CustomerIOHandler(
         essential_events=["step"],
         max_in_flight=4,
@@ -60,6 +62,8 @@ def main() -> int:
         logger.info(call, extra=extra)
         sys.stdout.write(f"{person} {call} {ref}\n")
         sys.stdout.flush()
+        if pause:
+            time.sleep(pause)
     print("done", flush=True)
     handler.close()
     return 0
