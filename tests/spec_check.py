@@ -81,10 +81,18 @@ def _read_spec(default: Path, variable: str) -> dict[str, Any] | None:
     return None
 
 
-def load_spec() -> Spec | None:
-    """The spec from shared/, or from $CIO_TRACK_SPEC; None when neither exists."""
+def load_spec(*, literal: bool = True) -> Spec | None:
+    """The spec from shared/, or from $CIO_TRACK_SPEC; None when neither exists.
+
+    ``literal=False`` reads its ``oneOf`` as ``anyOf``: its anonymous event's
+    alternatives overlap too (a page view is both a "Standard anonymous event", whose
+    ``type`` may be ``page``, and a "Page view"), so read literally it refuses every
+    anonymous page and screen view it documents.
+    """
     document = _read_spec(SPEC_PATH, "CIO_TRACK_SPEC")
-    return None if document is None else Spec(document)
+    if document is None:
+        return None
+    return Spec(document if literal else any_of_for_one_of(document))
 
 
 # RFC 3339, what JSON Schema's date-time means. jsonschema checks it only with the

@@ -23,9 +23,19 @@ from cio_logging import (
     cio_suppress,
     cio_unsuppress,
 )
+from cio_logging.pipelines import SEMANTIC_EVENTS
 from cio_logging.simulator import TrackAPISimulator
 
-from .conftest import APIS, HandlerFactory, wait_for
+from .conftest import APIS, HandlerFactory, handler_settings, wait_for
+from .spec_check import (
+    ANONYMOUS_EVENTS_REQUEST,
+    BATCH_BODY,
+    PIPELINES_BATCH_BODY,
+    PIPELINES_CALLS,
+    PIPELINES_SEMANTIC,
+    Spec,
+    load_spec,
+)
 
 
 def _logger(handler: CustomerIOHandler, name: str) -> logging.Logger:
@@ -180,3 +190,43 @@ def test_refused_credentials_pause_pipelines_delivery_and_dead_letter_nothing(
         assert "401" in str(status["delivery_paused"])
     finally:
         handler.close()
+
+
+def test_what_the_handler_sends_conforms_to_both_published_specs(
+    simulator: TrackAPISimulator,
+    spec: Spec,
+    pipelines_spec: Spec,
+    tmp_path: Path,
+) -> None:
+    """Every call type, through the real clients, against each API's own spec."""
+    simulator.record_bodies = True
+    for api in APIS:
+        handler = CustomerIOHandler(
+            **handler_settings(simulator, tmp_path / f"queue-{api}", api=api)
+        )
+        try:
+            _log_every_call(_logger(handler, f"spec.{api}"), api)
+            handler.flush()
+        finally:
+            handler.close()
+    paths = set()
+    for request in simulator.requests:
+        assert request.status == 200, request
+        paths.add(request.path)
+        if request.path == "/v1/batch":
+            assert pipelines_spec.errors(PIPELINES_BATCH_BODY, request.payload) == []
+            for call in request.payload["batch"]:
+                semantic = {v: k for k, v in SEMANTIC_EVENTS.items()}.get(call.get("event"))
+                pointer = (
+                    PIPELINES_SEMANTIC[semantic] if semantic else PIPELINES_CALLS[call["type"]]
+                )
+                assert pipelines_spec.errors(pointer, call) == [], call
+        elif request.path == "/api/v2/batch":
+            assert spec.errors(BATCH_BODY, request.payload) == []
+        else:
+            assert request.path == "/api/v1/events"
+            # An anonymous page view matches two of its overlapping oneOf alternatives.
+            lenient = load_spec(literal=False)
+            assert lenient is not None
+            assert lenient.errors(ANONYMOUS_EVENTS_REQUEST, request.payload) == []
+    assert paths == {"/v1/batch", "/api/v2/batch", "/api/v1/events"}
