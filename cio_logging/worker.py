@@ -92,6 +92,9 @@ _STATE_RECORD_SECONDS = 2.0
 # A delivery pass that found a call held back by a row it cannot see ends after this
 # long, so the next pass (from the start of the log) finds that row.
 _PASS_SECONDS = 1.0
+# At most this many calls wait in memory for their person's request in flight; past it
+# the pass stops reading until an answer comes.
+_HELD_LIMIT = 10_000
 # Look for due times too far ahead to be ours at most this often (see _keep_due_times).
 _DUE_CHECK_SECONDS = 1.0
 
@@ -483,12 +486,22 @@ class DeliveryWorker:
     def _deliver_once(self, client: DeliveryClient) -> bool:
         """Deliver what is due (one call as a breaker probe); False when nothing was."""
         if self.breaker.state != CLOSED:
-            events, batch = self._take_due(self._settings.batch_size, self._clock(), None)
-            allowed, _ = self._in_person_order(events, {})
-            if allowed:
-                self._apply(client.deliver(allowed[:1]), probing=True)
-                self._record_state()
-            return bool(allowed or batch.corrupt)
+            # The probe: the first call that may go (earlier ones may wait behind
+            # a person's retry); corrupt and expired rows read on the way are progress.
+            cursor: tuple[float, int] | None = None
+            progress = False
+            while not self._stop.is_set():
+                events, batch = self._take_due(self._settings.batch_size, self._clock(), cursor)
+                if not (batch.events or batch.corrupt):
+                    return progress
+                progress = progress or bool(batch.corrupt) or len(events) < len(batch.events)
+                allowed, _ = self._in_person_order(events, {})
+                if allowed:
+                    self._apply(client.deliver(allowed[:1]), probing=True)
+                    self._record_state()
+                    return True
+                cursor = batch.cursor
+            return progress
         return self._deliver_pipelined(client)
 
     def _deliver_pipelined(self, client: DeliveryClient) -> bool:
@@ -554,7 +567,9 @@ class DeliveryWorker:
                         else:
                             ready.append(queued)
                 if not ready:
-                    break
+                    if exhausted or sum(map(len, held.values())) >= _HELD_LIMIT:
+                        break  # wait for an answer: it frees people or shows new rows
+                    continue  # all held back: read on, past them
                 for queued in ready:
                     busy.setdefault(queued.event.person, set()).add(queued.position)
                 in_flight.append((client.submit(ready), ready))

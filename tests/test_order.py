@@ -6,6 +6,7 @@ happens between them; calls of different people go concurrently (``max_in_flight
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import time
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from cio_logging import cio_event
+from cio_logging.events import Event, event_from_record
 from cio_logging.simulator import TrackAPISimulator
+from cio_logging.store import WriteAheadLog, encode_row
 
 from .conftest import APIS, PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
 
@@ -40,7 +44,7 @@ def test_every_persons_calls_arrive_in_logging_order_through_an_outage_and_a_kil
 ) -> None:
     simulator.set_latency(0.2)
     child = subprocess.Popen(
-        [PYTHON, ORDER_APP, str(PEOPLE), "7"],
+        [PYTHON, ORDER_APP, str(PEOPLE), "7", "0.0005"],
         env=child_environment(simulator, queue_dir, api),
         stdout=subprocess.PIPE,
         text=True,
@@ -57,11 +61,10 @@ def test_every_persons_calls_arrive_in_logging_order_through_an_outage_and_a_kil
         if line.strip() == "done":
             break
         take(line)
-        if lines == 1200:  # mid-way: every request fails for a second (breaker, retries)
+        if lines == 800:  # every request fails for a second (breaker, retries)
             simulator.fail(503, duration=1.0)
-        if lines == 3000:
+        if lines == 3000:  # the outage is over; the child sends its backlog as it dies
             break
-    time.sleep(1.5)  # the outage ends; the child is sending its backlog when it dies
     child.send_signal(signal.SIGKILL)
     rest, _ = child.communicate(timeout=30)
     for line in rest.splitlines():
@@ -91,3 +94,31 @@ def test_every_persons_calls_arrive_in_logging_order_through_an_outage_and_a_kil
     calls = {call.call for call in simulator.accepted}
     assert {"identify", "event", "delete"} <= calls
     assert len(logged) > PEOPLE // 2  # many people at once, not one after another
+
+
+def test_a_retried_call_due_behind_its_persons_newer_calls_goes_first(
+    simulator: TrackAPISimulator, queue_dir: Path, make_handler: HandlerFactory
+) -> None:
+    """A person's retry comes due after their newer calls (by due time) and a whole read
+    of those is held back behind it: the sender reads on, sends the retry, then the rest.
+    (The first order check stopped at such a read and sent nothing, ever.)"""
+    now = time.time()
+    calls = [_call(number) for number in range(4)]
+    wal = WriteAheadLog(queue_dir / "wal")
+    first_key, _, first_text, person = encode_row(calls[0], attempts=1, last_error="HTTP 503")
+    wal.append_rows([(first_key, now - 5, first_text, person)])  # the retry, due 5 s ago
+    for number, call in enumerate(calls[1:]):
+        wal.append_rows([encode_row(call._replace(logged_at=now - 30 + number))])
+    wal.close()
+    make_handler(batch_size=2)
+    assert wait_for(lambda: len(simulator.accepted) == 4, 15), simulator.accepted
+    assert [call.id for call in simulator.history("p-1")] == [call.id for call in calls]
+
+
+def _call(number: int) -> Event:
+    record = logging.getLogger("t").makeRecord(
+        "t", logging.INFO, "f.py", 1, "step", (), None, extra=cio_event("p-1", n=number)
+    )
+    event = event_from_record(record)
+    assert event is not None
+    return event
