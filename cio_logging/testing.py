@@ -197,8 +197,13 @@ class CioSimulator:
 
     @property
     def events(self) -> list[AcceptedEvent]:
-        """The events it accepted so far (a duplicate id is recorded once)."""
+        """The calls it accepted so far, events and person calls alike (each with its
+        ``call`` and ``api``; a duplicate id is recorded once)."""
         return self.simulator.accepted
+
+    def history(self, person: str) -> list[AcceptedEvent]:
+        """One person's accepted calls (by customer id or anonymous id), in order."""
+        return self.simulator.history(person)
 
     def wait_for_events(self, count: int, timeout: float = 10.0) -> bool:
         """Wait until at least ``count`` events were accepted; False on timeout."""
