@@ -69,13 +69,13 @@ def run_demo(
     logger = logging.getLogger("demo.shop")
     logged = 0
 
-    def log_events(count: int, start: int) -> None:
+    def log_events(count: int, start: int, people: int = _PEOPLE) -> None:
         nonlocal logged
         for number in range(start, start + count):
             name = _EVENTS[number % len(_EVENTS)]
             logger.info(
                 name,
-                extra=cio_event(f"user-{number % _PEOPLE}", order=number, amount=number * 1.5),
+                extra=cio_event(f"user-{number % people}", order=number, amount=number * 1.5),
             )
             logged += 1
 
@@ -119,7 +119,7 @@ def run_demo(
             )
         say("  (each person's calls arrive in the order they were logged)")
         show("")
-        say(f"  phase 1 logged {_PEOPLE + 30} calls")
+        say(f"  phase 1 logged {_PEOPLE} identifies and 30 events")
 
         say(
             f"phase 2: outage (every request answered 503 for {outage_seconds:g} s); "
@@ -128,7 +128,9 @@ def run_demo(
         simulator.fail(503, duration=outage_seconds)
         outage_ends = time.monotonic() + outage_seconds
         for batch in range(3):
-            log_events(10, 30 + batch * 10)
+            # New people: a person's later calls wait behind their first failed one
+            # (order per person), so seven people would stop sending at once.
+            log_events(10, 30 + batch * 10, people=1000)
             time.sleep(0.2)
         show("")  # all 30 are on disk now: nothing gets through during the outage
         while time.monotonic() < outage_ends:
