@@ -524,6 +524,9 @@ def _add_person_column(cache: diskcache.Cache) -> None:
     version: its waiting rows get their person from their text)."""
     sql = cache._sql
     columns = {row[1] for row in sql("PRAGMA table_info(Cache)").fetchall()}
+    indexed = sql("SELECT 1 FROM sqlite_master WHERE name = 'Cache_person'").fetchall()
+    if "person" in columns and indexed:
+        return  # every open but the first
     if "person" not in columns:
         try:
             with cache.transact():
@@ -533,6 +536,10 @@ def _add_person_column(cache: diskcache.Cache) -> None:
             if "duplicate column" not in str(exc):  # another process added it first
                 raise
     sql("CREATE INDEX IF NOT EXISTS Cache_person ON Cache(person)")
+    # The schema change lives in SQLite's -wal file until a checkpoint, and so does the
+    # database's first page: write it back now, so the file on disk is the whole truth
+    # (damage to it is then seen at once, not masked until a checkpoint long after).
+    sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
