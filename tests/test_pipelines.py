@@ -27,6 +27,7 @@ from cio_logging.pipelines import SEMANTIC_EVENTS
 from cio_logging.simulator import TrackAPISimulator
 
 from .conftest import APIS, HandlerFactory, handler_settings, wait_for
+from .test_operations_cli import run_cli
 from .spec_check import (
     ANONYMOUS_EVENTS_REQUEST,
     BATCH_BODY,
@@ -230,3 +231,31 @@ def test_what_the_handler_sends_conforms_to_both_published_specs(
             assert lenient is not None
             assert lenient.errors(ANONYMOUS_EVENTS_REQUEST, request.payload) == []
     assert paths == {"/v1/batch", "/api/v2/batch", "/api/v1/events"}
+
+
+def test_the_operator_cli_replays_and_drains_on_the_pipelines_api(
+    make_handler: HandlerFactory, simulator: TrackAPISimulator, queue_dir: Path
+) -> None:
+    """dlq replay and drain go through the Pipelines client with CIO_LOGGING_API set."""
+    simulator.poison("poison_pill")
+    handler = make_handler(api="pipelines")
+    logger = _logger(handler, "cli")
+    logger.info("poison_pill", extra=cio_event("u-1"))
+    logger.info("purchase", extra=cio_event("u-2"))
+    handler.flush()
+    assert wait_for(lambda: handler.status()["dead_letters"] == 1)
+    handler.close()
+    simulator.clear_poison()
+    replayed = run_cli(simulator, queue_dir, "dlq", "replay", api="pipelines")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert {call.name for call in simulator.accepted} == {"poison_pill", "purchase"}
+
+    simulator.fail(503)  # an outage: what the next handler logs stays on disk
+    later = make_handler(api="pipelines", max_attempts=1000)
+    _logger(later, "cli-later").info("signup", extra=cio_event("u-3"))
+    later.close()
+    simulator.clear_faults()
+    drained = run_cli(simulator, queue_dir, "drain", api="pipelines")
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert "signup" in {call.name for call in simulator.accepted}
+    assert all(request.path == "/v1/batch" for request in simulator.requests)
