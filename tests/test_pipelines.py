@@ -27,7 +27,6 @@ from cio_logging.pipelines import SEMANTIC_EVENTS
 from cio_logging.simulator import TrackAPISimulator
 
 from .conftest import APIS, HandlerFactory, handler_settings, wait_for
-from .test_operations_cli import run_cli
 from .spec_check import (
     ANONYMOUS_EVENTS_REQUEST,
     BATCH_BODY,
@@ -37,6 +36,7 @@ from .spec_check import (
     Spec,
     load_spec,
 )
+from .test_operations_cli import run_cli
 
 
 def _logger(handler: CustomerIOHandler, name: str) -> logging.Logger:
