@@ -29,6 +29,7 @@ import pybreaker
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import background
 from .config import Settings
 from .metadata import PACKAGE_VERSION
 from .resilience import DeliveryBreaker, RequestRateCap
@@ -208,7 +209,8 @@ class HTTPDelivery:
     """The machinery both API clients share; each adds its wire format and routes.
 
     A subclass sets ``batch_route`` (the telemetry route of its batch requests) and
-    implements :meth:`_items` (which calls can go in a batch, in what form),
+    implements :meth:`_open` (its session), :meth:`_items` (which calls can go in a
+    batch, in what form),
     :meth:`_post_batch`, :meth:`_post_single`, :meth:`_secrets` and, where its API
     answers item by item, :meth:`_rejected_items`.
     """
@@ -231,8 +233,14 @@ class HTTPDelivery:
         self._local = threading.local()
         self._thread_initializer = thread_initializer
         self._senders: ThreadPoolExecutor | None = None
+        self._open()
+        background.guard_loggers()  # requests', urllib3's (and the SDK's) loggers exist now
 
     # -- what a subclass provides --------------------------------------------------------
+
+    def _open(self) -> None:
+        """Build the session (and whatever else the API's client needs)."""
+        raise NotImplementedError
 
     def _items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         raise NotImplementedError

@@ -25,7 +25,6 @@ from typing import Any
 import requests
 from customerio import CustomerIO, CustomerIOException
 
-from . import background
 from .client import (
     AUTH,
     CONFIG,
@@ -43,9 +42,7 @@ from .client import (
 from .config import Settings
 from .events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS
 from .metadata import SDK_VERSION
-from .resilience import DeliveryBreaker, RequestRateCap
 from .store import QueuedEvent
-from .telemetry import Telemetry
 
 __all__ = [
     "AUTH",
@@ -109,25 +106,9 @@ class TrackClient(HTTPDelivery):
 
     batch_route = "v2_batch"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        breaker: DeliveryBreaker | None = None,
-        rate_cap: RequestRateCap | None = None,
-        telemetry: Telemetry | None = None,
-        thread_initializer: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(
-            settings,
-            breaker=breaker,
-            rate_cap=rate_cap,
-            telemetry=telemetry,
-            thread_initializer=thread_initializer,
-        )
-        self._sdk = _SDKClient(settings, self._remember_response)
+    def _open(self) -> None:
+        self._sdk = _SDKClient(self._settings, self._remember_response)
         self._sdk.http  # build the session now: the SDK builds it lazily, unlocked  # noqa: B018
-        background.guard_loggers()  # the SDK's, requests' and urllib3's loggers exist now
 
     def close(self) -> None:
         super().close()

@@ -21,19 +21,15 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import requests
 
-from . import background
 from .client import HTTPDelivery, Item, build_session
-from .config import Settings
 from .events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
 from .metadata import PACKAGE_VERSION
-from .resilience import DeliveryBreaker, RequestRateCap
 from .store import QueuedEvent
-from .telemetry import Telemetry
 
 #: The semantic events (a ``track`` with a reserved name) the person actions become.
 SEMANTIC_EVENTS = {
@@ -85,27 +81,12 @@ class PipelinesClient(HTTPDelivery):
 
     batch_route = "pipelines_batch"
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        breaker: DeliveryBreaker | None = None,
-        rate_cap: RequestRateCap | None = None,
-        telemetry: Telemetry | None = None,
-        thread_initializer: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(
-            settings,
-            breaker=breaker,
-            rate_cap=rate_cap,
-            telemetry=telemetry,
-            thread_initializer=thread_initializer,
-        )
+    def _open(self) -> None:
+        settings = self._settings
         self._url = f"{settings.endpoint.base_url}{settings.endpoint.path}/batch"
         self._session = build_session(settings, (settings.api_key, ""), self._remember_response)
         self._session.headers["Content-Type"] = "application/json"
         self._session.headers["X-Strict-Mode"] = "1"
-        background.guard_loggers()  # requests' and urllib3's loggers exist now
 
     def close(self) -> None:
         super().close()
