@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cio_logging import CustomerIOHandler
+import pytest
+
+from cio_logging import ConfigurationError, CustomerIOHandler
 from cio_logging.operations import lock_holder
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.store import WriteAheadLog
@@ -120,6 +122,9 @@ class TestDeliverProcess:
         try:
             assert wait_for(lambda: len(senders_under([app.pid])) == 1, 30)
             first = senders_under([app.pid])[0]
+            # Its settings came through the environment: the key is not on its command line.
+            assert simulator.api_key not in cmdline(first)
+            assert "cio_logging deliver" in cmdline(first)
             # It is the sender: it holds delivery.lock, and writes state.json.
             assert wait_for(lambda: lock_holder(queue_dir) == first, 30)
             assert wait_for(lambda: len(simulator.accepted) > 0, 30)
@@ -329,3 +334,55 @@ class TestDeliverNone:
         finally:
             handler.close()
         assert simulator.requests == []
+
+
+class TestDeliverSettings:
+    """The option and the command refuse bad settings up front, in one line."""
+
+    def test_an_unknown_deliver_mode_is_a_configuration_error(
+        self, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
+        with pytest.raises(ConfigurationError, match="deliver must be one of"):
+            CustomerIOHandler(**handler_settings(simulator, queue_dir, deliver="thraed"))
+
+    def test_the_environment_variable_chooses_the_mode(
+        self, simulator: TrackAPISimulator, queue_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("CIO_LOGGING_DELIVER", "none")
+        handler = CustomerIOHandler(**handler_settings(simulator, queue_dir))
+        try:
+            assert handler.status()["deliver"] == "none"
+        finally:
+            handler.close()
+
+    def test_deliver_without_credentials_says_so_and_exits_2(
+        self, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
+        env = child_environment(simulator, queue_dir)
+        del env["CUSTOMERIO_API_KEY"]
+        result = subprocess.run(
+            [PYTHON, "-m", "cio_logging", "deliver"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            "cio-logging: error: configuration: api_key is missing: pass --api-key "
+            "or set CUSTOMERIO_API_KEY"
+        ]
+
+    def test_bad_options_in_the_environment_exit_2(
+        self, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
+        env = child_environment(simulator, queue_dir, CIO_LOGGING_OPTIONS="[1]")
+        result = subprocess.run(
+            [PYTHON, "-m", "cio_logging", "deliver"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "CIO_LOGGING_OPTIONS must be a JSON object" in result.stderr
