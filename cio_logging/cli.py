@@ -2,7 +2,7 @@
 
 Subcommands: ``demo`` (the whole path against the embedded simulator), ``simulator``
 (run the Track API simulator for manual testing), and the operator commands
-``status``, ``dlq count|list|show|replay|purge`` and ``drain``. This module parses and
+``status``, ``dlq count|list|show|replay|purge``, ``drain`` and ``deliver``. This module parses and
 prints; what the operator commands do lives in :mod:`cio_logging.operations`.
 """
 
@@ -34,6 +34,7 @@ from .operations import (
     ReplayReport,
     Selection,
     count_dead_letters,
+    deliver,
     drain,
     explicit_queue_dir,
     fleet_location,
@@ -47,6 +48,7 @@ from .operations import (
     select_dead_letters,
     show_dead_letter,
 )
+from .sender_process import ENV_OPTIONS, ENV_PARENT, die_with_parent
 
 EXIT_CODES = """\
 exit codes:
@@ -139,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {PACKAGE_VERSION}")
     _early_json(parser)
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,simulator,status,dlq,drain}"
+        dest="command", required=True, metavar="{demo,simulator,status,dlq,drain,deliver}"
     )
     demo = commands.add_parser("demo", help="run the end-to-end demo against the simulator")
     demo.add_argument(
@@ -253,6 +255,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     _timeout(drain_command)
     drain_command.set_defaults(run=_run_drain)
+
+    deliver_command = _subcommand(
+        commands,
+        "deliver",
+        common,
+        "be the sender for the queue directory until SIGTERM or SIGINT",
+        "Delivery out of the application's process (deliver=none or process in the "
+        "handler): takes the same delivery.lock (or, with --queue-url, the lease) as an "
+        "application's flush thread would, waiting for it while another process holds "
+        "it, and sends what every process appends, with the same breaker, retries, "
+        "dead letters and state.json. SIGTERM or SIGINT stops it within close_timeout "
+        "(exit 0); what it had not sent stays on disk. Handler options also come from "
+        f"${ENV_OPTIONS} (a JSON object; -o wins). Unlike the other commands it creates "
+        "a missing queue directory, as the application would.",
+    )
+    deliver_command.set_defaults(run=_run_deliver)
     return parser
 
 
@@ -444,7 +462,7 @@ def _configuration_message(exc: ConfigurationError, args: argparse.Namespace) ->
     message = str(exc)
     for name in ("site_id", "api_key"):
         message = message.replace(f"pass {name}=", f"pass --{name.replace('_', '-')}")
-    sends = args.command == "drain" or (
+    sends = args.command in ("drain", "deliver") or (
         getattr(args, "dlq_command", None) == "replay" and not args.dry_run
     )
     if "site_id is missing" in message and not sends:
@@ -648,7 +666,19 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
     oldest = (
         "" if status.oldest_age_seconds is None else f" (oldest {_age(status.oldest_age_seconds)})"
     )
-    if status.delivering_pid is None:
+    if status.delivering_pid is None and status.events_wait_for_a_sender:
+        # The record's age is the last sign of a sender (it rewrites it every few
+        # seconds while it runs): say how long events have had none.
+        since = (
+            "no sender has run here yet"
+            if status.recorded_age_seconds is None
+            else f"no sender has run for {_age(status.recorded_age_seconds)}"
+        )
+        delivering = (
+            f"{since}: events wait (no process holds delivery.lock; start "
+            "cio-logging deliver, or an application with deliver=thread or process)"
+        )
+    elif status.delivering_pid is None:
         delivering = "no process holds delivery.lock: nothing is being sent"
     else:
         delivering = f"pid {status.delivering_pid} (holds delivery.lock)"
@@ -955,6 +985,71 @@ def _run_drain(args: argparse.Namespace, out: _Output) -> int:
     elif code == ExitCode.INTERRUPTED:
         out.note("interrupted: what was not sent stays on disk")
     return code
+
+
+def _environment_options() -> dict[str, Any]:
+    """Handler options from ``$CIO_LOGGING_OPTIONS`` (how a supervising handler passes
+    its own to its sender child: never on the command line)."""
+    text = os.environ.get(ENV_OPTIONS, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError:
+        raise ConfigurationError(f"{ENV_OPTIONS} must be a JSON object") from None
+    if not isinstance(options, dict):
+        raise ConfigurationError(f"{ENV_OPTIONS} must be a JSON object")
+    return options
+
+
+def _run_deliver(args: argparse.Namespace, out: _Output) -> int:
+    parent = os.environ.get(ENV_PARENT, "").strip()
+    parent_pid = int(parent) if parent.isdigit() else None
+    if parent_pid is not None and not die_with_parent(parent_pid):
+        return ExitCode.OK  # the supervising application died before we started
+    options: dict[str, Any] = {**_environment_options(), **_options(args)}
+    settings = operator_settings(
+        site_id=args.site_id,
+        api_key=args.api_key,
+        region=args.region,
+        queue_dir=args.queue_dir,
+        track_url=args.track_url,
+        ca_bundle=args.ca_bundle,
+        options=options,
+        sends=True,
+    )  # validates everything before we start
+    handler_arguments: dict[str, Any] = {
+        "site_id": args.site_id,
+        "api_key": args.api_key,
+        "region": args.region,
+        "track_url": args.track_url,
+        "ca_bundle": args.ca_bundle,
+        **options,
+    }
+
+    def waiting(pid: int) -> None:
+        holder = f"pid {pid}" if pid > 0 else "another process"
+        what = "the workspace's lease" if settings.queue_url else "delivery.lock"
+        out.note(f"{holder} holds {what} and sends; this process takes over when it stops")
+
+    _show_library_warnings()
+    with _stop_on_signals() as stop:
+        report = deliver(
+            handler_arguments,
+            settings.queue_dir,
+            stop=stop,
+            parent_pid=parent_pid,
+            waiting=waiting,
+        )
+    if out.json_mode:
+        out.json(report.to_dict())
+    else:
+        left = "-" if report.queued is None else str(report.queued)
+        out.note(
+            f"deliver: stopped; {report.delivered} delivered, {report.dead_lettered} "
+            f"dead-lettered, {left} left on disk, in {report.elapsed_seconds:.1f} s"
+        )
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

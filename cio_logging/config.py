@@ -36,6 +36,12 @@ APIS = (TRACK, PIPELINES)
 _PIPELINES_PATH = "/v1"
 
 ENV_DEGRADATION = "CIO_LOGGING_DEGRADATION"
+ENV_DELIVER = "CIO_LOGGING_DELIVER"
+
+#: Who sends: the handler's own flush thread, a ``cio-logging deliver`` child the
+#: handler supervises, or nobody in this process (a sender runs elsewhere).
+DELIVER_THREAD, DELIVER_PROCESS, DELIVER_NONE = "thread", "process", "none"
+DELIVER_MODES = (DELIVER_THREAD, DELIVER_PROCESS, DELIVER_NONE)
 
 #: Degradation levels, from no shedding to dropping every event at emit.
 FULL, ESSENTIAL_ONLY, DISABLED = "full", "essential_only", "disabled"
@@ -110,7 +116,9 @@ _BOOLEAN_OPTIONS: dict[str, bool] = {
     # main thread.
     "signal_handlers": False,
 }
-_OTHER_OPTIONS = ("degradation", "essential_events", "queue_url", "api")
+#: Every numeric and boolean option, by name (what a sender child is handed).
+TUNABLE_OPTIONS = (*_NUMERIC_OPTIONS, *_BOOLEAN_OPTIONS)
+_OTHER_OPTIONS = ("degradation", "essential_events", "queue_url", "api", "deliver")
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,8 @@ class Settings:
     database_timeout: float = 1.0
     #: "track" or "pipelines" (then ``site_id`` is empty: the API key names the source).
     api: str = TRACK
+    #: "thread", "process" or "none" (see :data:`DELIVER_MODES`).
+    deliver: str = DELIVER_THREAD
 
     @property
     def account(self) -> str:
@@ -275,6 +285,7 @@ def resolve_settings(
         lease_seconds=numbers["lease_seconds"],
         database_timeout=numbers["database_timeout"],
         api=api,
+        deliver=deliver_mode(options.get("deliver", env.get(ENV_DELIVER) or DELIVER_THREAD)),
     )
 
 
@@ -303,6 +314,20 @@ def degradation_level(value: object) -> str:
             f"degradation must be one of {', '.join(DEGRADATION_LEVELS)}, not {value!r}"
         )
     return level
+
+
+def deliver_mode(value: object) -> str:
+    """Validate a delivery mode ("thread", "process" or "none").
+
+    Raises:
+        ConfigurationError: any other value.
+    """
+    mode = str(value).strip().lower()
+    if mode not in DELIVER_MODES:
+        raise ConfigurationError(
+            f"deliver must be one of {', '.join(DELIVER_MODES)}, not {value!r}"
+        )
+    return mode
 
 
 def _event_names(value: object) -> frozenset[str]:

@@ -24,9 +24,19 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from .commit import REFUSED, GroupCommitter
-from .config import DISABLED, ESSENTIAL_ONLY, Settings, degradation_level, resolve_settings
+from .config import (
+    DELIVER_NONE,
+    DELIVER_PROCESS,
+    DELIVER_THREAD,
+    DISABLED,
+    ESSENTIAL_ONLY,
+    Settings,
+    degradation_level,
+    resolve_settings,
+)
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
 from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
+from .sender_process import SenderSupervisor
 from .signals import install_commit_on_signals
 from .store import (
     DeadLetterArchive,
@@ -78,7 +88,8 @@ class CustomerIOHandler(logging.Handler):
         meter_provider: OpenTelemetry meter provider; default the global one.
         **options: tunables (``flush_timeout``, ``close_timeout``, ``request_timeout``,
             ``flush_interval``, ``batch_size``, retry, breaker, rate-cap, degradation and
-            disk-limit options, ``fsync``); see README for each with its default.
+            disk-limit options, ``fsync``, ``deliver``: ``"thread"``, ``"process"``
+            or ``"none"``); see README for each with its default.
 
     Raises:
         ConfigurationError: a credential is missing or a setting is invalid.
@@ -167,6 +178,13 @@ class CustomerIOHandler(logging.Handler):
             on_committed=self._committed,
         )
         self._committer.queue_bytes = self._wal.volume()
+        # Who sends: our flush thread, a supervised child, or a sender run elsewhere.
+        # Outside "thread" the flush thread is never started: it would take the lock
+        # from the sender and send itself.
+        self._deliver = self.settings.deliver
+        self._supervisor = (
+            SenderSupervisor(self.settings) if self._deliver == DELIVER_PROCESS else None
+        )
         self._essential_events = self.settings.essential_events
         self._always_durable = self.settings.commit_interval == 0
         self._counts_guard = threading.Lock()
@@ -191,7 +209,11 @@ class CustomerIOHandler(logging.Handler):
                     "signal_handlers=True needs the handler built on the main thread; "
                     "no signal handler installed"
                 )
-        if self._lease is not None:
+        if self._supervisor is not None:
+            self._supervisor.ensure(now=True)
+        elif self._deliver == DELIVER_NONE:
+            pass  # another process sends; this one only appends
+        elif self._lease is not None:
             # Fleet mode: every process competes for the lease from the start (one that
             # never logs still takes over from a sender that died) and moves what an
             # earlier process spilled here. Nothing here waits for the database.
@@ -308,6 +330,10 @@ class CustomerIOHandler(logging.Handler):
 
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""
+        if self._deliver != DELIVER_THREAD:
+            if self._supervisor is not None and not self._closed:
+                self._supervisor.ensure()  # take over from a supervisor that is gone
+            return
         if not self._closed:
             try:
                 self._worker.ensure_started()
@@ -326,6 +352,17 @@ class CustomerIOHandler(logging.Handler):
                 self.settings.max_buffer_bytes,
                 self._committer.disk_error or "the disk is slower than the event rate",
             )
+
+    def start_delivery(self) -> None:
+        """Start the flush thread now, not at the first event: a process that only
+        sends (``cio-logging deliver``) must send what other processes append.
+
+        Raises:
+            ConfigurationError: ``deliver`` is not ``"thread"``: another process sends.
+        """
+        if self._deliver != DELIVER_THREAD:
+            raise ConfigurationError(f"deliver={self._deliver!r}: this handler does not send")
+        self._worker.ensure_started()
 
     def commit(self, timeout: float | None = None) -> bool:
         """Wait until every event emitted so far is on disk.
@@ -390,7 +427,11 @@ class CustomerIOHandler(logging.Handler):
         return reason
 
     def flush(self) -> None:
-        """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be."""
+        """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be.
+
+        With ``deliver="none"`` it only commits to disk: the sender is not ours to wait
+        for. With ``"process"`` it waits for the sender process as for the thread.
+        """
         if self._closed:
             return
         deadline = time.monotonic() + self.settings.flush_timeout
@@ -404,7 +445,14 @@ class CustomerIOHandler(logging.Handler):
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
-        if not self._worker.flush(max(0.0, deadline - time.monotonic()), last_rowid):
+        if self._deliver == DELIVER_NONE:
+            return
+        remaining = max(0.0, deadline - time.monotonic())
+        if self._deliver == DELIVER_PROCESS:
+            delivered = self._worker.wait_for_sender(remaining, last_rowid)
+        else:
+            delivered = self._worker.flush(remaining, last_rowid)
+        if not delivered:
             internal_log.warning(
                 "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
                 self.settings.flush_timeout,
@@ -434,6 +482,10 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.disk_error,
             )
         try:
+            if self._supervisor is not None:
+                # Our events are committed: the sender child stops with us (what it
+                # had not sent stays on disk for the next one).
+                self._supervisor.close(self.settings.close_timeout)
             if self._worker.close(self.settings.close_timeout):
                 # Release the database files now; an emit after close reopens them.
                 self._wal.close()
@@ -473,9 +525,24 @@ class CustomerIOHandler(logging.Handler):
             "last_error": stats.last_error,
             "delivery_paused": stats.delivery_paused,
             "delivering_process": self._worker.is_delivering_process,
+            **self._delivery_status(),
             "queue_bytes": _or_none(self._wal.volume),
             "queue_dir": str(self.settings.queue_dir),
             **self._fleet_status(),
+        }
+
+    def _delivery_status(self) -> dict[str, Any]:
+        """Who sends: ``deliver`` as configured; ``delivery_external`` when no thread of
+        this process sends (the counters above then stay at zero: the sender's are in
+        state.json); for ``"process"``, whether this process supervises the sender
+        child, and its pid."""
+        supervisor = self._supervisor
+        return {
+            "deliver": self._deliver,
+            "delivery_external": self._deliver != DELIVER_THREAD,
+            "supervising_sender": supervisor is not None and supervisor.supervising,
+            "sender_pid": None if supervisor is None else supervisor.child_pid,
+            "sender_restarts": None if supervisor is None else supervisor.restarts,
         }
 
     def _fleet_status(self) -> dict[str, Any]:

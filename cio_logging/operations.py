@@ -362,6 +362,9 @@ class QueueStatus:
     recorded_age_seconds: float | None
     recorder_is_delivering: bool  # False: the record is from a process gone since
     counters: dict[str, int]
+    # Events are queued and no process holds delivery.lock: nothing sends them (an
+    # application with deliver="none" and no ``cio-logging deliver`` running).
+    events_wait_for_a_sender: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -420,6 +423,7 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         recorded_age_seconds=None if updated_at is None else round(moment - updated_at, 3),
         recorder_is_delivering=recorded_by is not None and recorded_by == holder,
         counters=counters,
+        events_wait_for_a_sender=queued > 0 and holder is None,
     )
 
 
@@ -1043,5 +1047,86 @@ def drain(
     finally:
         handler.close()
     report.interrupted = stop.is_set()
+    report.elapsed_seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+# How often ``deliver`` looks at its parent and at who holds the lock.
+_DELIVER_POLL_SECONDS = 0.2
+
+
+@dataclass
+class DeliverReport:
+    """What a ``deliver`` run did, once it stopped."""
+
+    queue_dir: str
+    delivered: int = 0  # by this process
+    dead_lettered: int = 0  # by this process
+    queued: int | None = None  # left at the end: it stays on disk
+    held_lock: bool = False  # this process was the sender at some point
+    parent_gone: bool = False  # stopped because the supervising process died
+    elapsed_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def deliver(
+    handler_arguments: Mapping[str, Any],
+    queue_dir: Path,
+    *,
+    stop: threading.Event,
+    parent_pid: int | None = None,
+    waiting: Callable[[int], None] | None = None,
+) -> DeliverReport:
+    """Be the sender for ``queue_dir`` (or the fleet's workspace) until ``stop`` is set.
+
+    Like :func:`drain`, it runs a :class:`~cio_logging.CustomerIOHandler` and lets its
+    worker send, so the lock, breaker, retries, dead letters and ``state.json`` are the
+    application's own; it logs nothing through it. Unlike ``drain`` it never ends by
+    itself: it waits for the lock while another process holds it, then sends what any
+    process appends. Stopping takes at most ``close_timeout``; what was not sent stays
+    on disk. ``parent_pid``: stop too once that process is no longer our parent (the
+    supervising application died). ``waiting`` is called once with the holder's pid
+    (-1 unknown) when another process holds the lock.
+
+    Raises:
+        QueueDirectoryError: an existing queue directory this user cannot use.
+        ConfigurationError: the settings are invalid.
+    """
+    from .handler import CustomerIOHandler  # the handler pulls in the worker: only here
+
+    fleet = bool(handler_arguments.get("queue_url") or os.environ.get(ENV_QUEUE_URL))
+    # A sender may start before the application: a missing (or still empty) directory
+    # is made by the handler, as the application would make it.
+    holds_a_store = any((queue_dir / name / "cache.db").is_file() for name in (WAL_DIR, DEAD_DIR))
+    if not fleet and holds_a_store:
+        check_queue_dir(queue_dir, writable=True)
+    started = time.monotonic()
+    report = DeliverReport(queue_dir=str(queue_dir))
+    arguments = dict(handler_arguments)
+    arguments["queue_dir"] = str(queue_dir)
+    arguments["deliver"] = "thread"  # this process is the sender, whatever the environment says
+    handler = CustomerIOHandler(**arguments)
+    noted = False
+    try:
+        handler.start_delivery()
+        while not stop.wait(_DELIVER_POLL_SECONDS):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                report.parent_gone = True
+                break
+            status = handler.status()
+            report.held_lock = report.held_lock or status["delivering_process"]
+            if not status["delivering_process"] and not noted and waiting is not None:
+                holder = _lease_holder(status) if fleet else lock_holder(queue_dir)
+                if holder is not None and holder != os.getpid():
+                    noted = True
+                    waiting(holder)
+    finally:
+        handler.close()
+    status = handler.status()
+    report.delivered = status["delivered"]
+    report.dead_lettered = status["dead_lettered"]
+    report.queued = status["queued"]
     report.elapsed_seconds = round(time.monotonic() - started, 3)
     return report

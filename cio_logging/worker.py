@@ -269,6 +269,19 @@ class DeliveryWorker:
         except DatabaseError:
             return None
 
+    def wait_for_sender(self, timeout: float, last_rowid: int) -> bool:
+        """``deliver="process"``: wait, without a thread of our own, until the sender
+        process has sent every row at most ``last_rowid`` or they cannot go now (the
+        same test as :meth:`flush` in a process that does not deliver). False on
+        timeout."""
+        deadline = time.monotonic() + timeout
+        while not self._nothing_more_to_wait_for(last_rowid):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(remaining, 0.05))
+        return True
+
     def close(self, timeout: float) -> bool:
         """Stop the thread, waiting at most ``timeout``; returns whether it stopped."""
         self._stop.set()
