@@ -123,7 +123,9 @@ def webapp(arguments: dict[str, Any]) -> dict[str, Any]:
         result = _serve(logger, name, requests, threads)
         result["contender"] = contender
         if isinstance(handler, cio_logging.CustomerIOHandler):
-            result["dropped"] = handler.status()["dropped"]
+            status = handler.status()
+            result |= {"dropped": status["dropped"], "sender_requests": status["requests"]}
+            result["delivered_during"] = status["delivered"]
             handler.close()
         if listener is not None:
             listener.stop()

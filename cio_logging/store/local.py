@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -285,17 +286,24 @@ class WriteAheadLog:
                 f" WHERE person IN ({marks}) AND rowid <= ? ORDER BY rowid",
                 (*chunk, through),
             ).fetchall()
-        found.sort(key=lambda row: row[1])
+        if len(names) > _PEOPLE_PER_STATEMENT:
+            found.sort(key=_POSITION)  # one statement's rows are in order already
         return found
 
     @sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
         """Delete delivered (or dead-lettered) events, in one transaction."""
-        doomed = [(key,) for key in keys]
+        doomed = list(keys)
         if not doomed:
             return
+        # One statement per chunk, not executemany: executemany steps the statement
+        # once per row from Python (a tenth of the sender's CPU), a statement with an
+        # IN list deletes a whole batch in one call into SQLite. diskcache's delete
+        # trigger is FOR EACH ROW, so its count stays right either way.
         with self._write_guard, self._transaction() as connection:
-            connection.executemany("DELETE FROM Cache WHERE key = ? AND raw = 1", doomed)
+            for start in range(0, len(doomed), _KEYS_PER_STATEMENT):
+                chunk = doomed[start : start + _KEYS_PER_STATEMENT]
+                connection.execute(_delete_keys_sql(len(chunk)), chunk)
 
     @sqlite_section
     def record_failure(
@@ -574,6 +582,16 @@ def _flatten(rows: Sequence[Row]) -> list[object]:
 
 # SQLite takes at most 999 parameters in older builds: stay well under.
 _PEOPLE_PER_STATEMENT = 500
+_KEYS_PER_STATEMENT = 500
+_POSITION = operator.itemgetter(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _delete_keys_sql(count: int) -> str:
+    """A DELETE of ``count`` keys in one statement (the (key, raw) index finds each)."""
+    marks = ", ".join("?" * count)
+    return f"DELETE FROM Cache WHERE key IN ({marks}) AND raw = 1"  # noqa: S608 - only marks
+
 
 _SELECT_UNTAGGED = (
     "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE tag IS NULL LIMIT ?"
