@@ -156,27 +156,31 @@ def decode_row(key: str, due: float | None, value: str, position: int = 0) -> Qu
         version, name, customer_id, anonymous_id, timestamp, logged_at, history = fields
         if version != _ROW_VERSION:
             raise InvalidEventError(f"unknown entry version {version!r}")
-        history = history or {}
+        # Positional arguments: a NamedTuple built from keywords costs twice as much,
+        # and the sender builds two for every row it reads.
         event = Event(
-            id=key,
-            name=str(name),
-            customer_id=customer_id,
-            anonymous_id=anonymous_id,
-            data_json=data_json,
-            timestamp=int(timestamp),
-            logged_at=float(logged_at),
-            call=call,
+            key,
+            str(name),
+            customer_id,
+            anonymous_id,
+            data_json,
+            int(timestamp),
+            float(logged_at),
+            call,
         )
+        next_attempt_at = float(due) if due is not None else 0.0
+        if not history:  # never tried: most rows, and nothing more to read
+            return QueuedEvent(key, event, 0, None, None, next_attempt_at, None, None, position)
         return QueuedEvent(
-            key=key,
-            event=event,
-            attempts=int(history.get("attempts", 0)),
-            first_failure_at=history.get("first_failure_at"),
-            last_error=history.get("last_error"),
-            next_attempt_at=float(due) if due is not None else 0.0,
-            replayed_at=history.get("replayed_at"),
-            dead_letter=DeadLetterHistory.from_json(history.get("dead_letter")),
-            position=position,
+            key,
+            event,
+            int(history.get("attempts", 0)),
+            history.get("first_failure_at"),
+            history.get("last_error"),
+            next_attempt_at,
+            history.get("replayed_at"),
+            DeadLetterHistory.from_json(history.get("dead_letter")),
+            position,
         )
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise InvalidEventError(
