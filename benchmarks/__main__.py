@@ -1,6 +1,6 @@
 """The benchmark suite of issue 6: every figure measured in one run, printed as markdown.
 
-    python -m benchmarks [--quick] [--only emit,delivery,drain,rss,wal,fleet,pipelines]
+    python -m benchmarks [--quick] [--only emit,delivery,drain,rss,wal,fleet,pipelines,webapp]
                          [--output PATH]
 
 Sections:
@@ -18,7 +18,12 @@ Sections:
 - ``pipelines``: the Pipelines API (``api="pipelines"``) against customerio-cdp-analytics
   on one stub at 50 ms: the caller's cost, calls delivered per second and calls lost on
   SIGKILL; and the order guarantee's cost in delivered events/s against the release
-  before it (commit 57f0ea4, in its own environment), with 10,000 people and with one.
+  before it (commit 57f0ea4, in its own environment), with 10,000 people and with one;
+- ``webapp``: a web-like process (8 request threads, a little work and one logging call
+  a request, delivery at 50 ms in the same process): requests/s and the logging call's
+  p99 / p99.9 against the stdlib QueueHandler; one call's median against QueueHandler
+  and a bare diskcache push; the sender's CPU per delivered event against today's
+  release (commit f62ab90, in its own environment).
 
 The simulator (``python -m cio_logging.simulator``) and the CDP stub run in their own
 processes; every measurement runs in a fresh process; each peer runs from its own
@@ -42,6 +47,7 @@ from .fleet import fleet_section
 from .pipelines import pipelines_section
 from .processes import BenchmarkError, cdp_stub, peer_python, run_case, simulator
 from .report import Check, Section, machine, number, render
+from .webapp import webapp_section
 from .workload import ESSENTIAL_NAME, NON_ESSENTIAL_NAME
 
 LATENCY = 0.05  # seconds added to every answer in the delivery and drain figures
@@ -64,7 +70,7 @@ class Sizes:
 
 FULL = Sizes(20_000, 400, 100_000, 20_000, 200, 100_000, 1_000_000, 100_000)
 QUICK = Sizes(3_000, 120, 20_000, 5_000, 40, 20_000, 250_000, 5_000)
-SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet", "pipelines")
+SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet", "pipelines", "webapp")
 
 
 class Run:
@@ -594,6 +600,7 @@ BUILDERS: dict[str, Callable[[Run], Section]] = {
     "wal": wal_section,
     "fleet": lambda run: fleet_section(run, _attempt),
     "pipelines": lambda run: pipelines_section(run, _attempt),
+    "webapp": lambda run: webapp_section(run, _attempt),
 }
 
 

@@ -1,8 +1,9 @@
 """An earlier release of cio_logging in its own virtual environment, measured beside this one.
 
 The release is taken from this repository's history (``git archive`` of one commit) and
-installed, not editable, into ``~/.cache/cio-logging-bench/venvs/baseline`` (made again
-when the commit asked for is not the one installed there). Its cases run with a working
+installed, not editable, into ``~/.cache/cio-logging-bench/venvs/baseline-<commit>``
+(one environment per commit, so sections comparing against different releases in one
+run do not reinstall each other's). Its cases run with a working
 directory and ``PYTHONPATH`` holding only this checkout's ``benchmarks`` package (a
 symbolic link), so ``import cio_logging`` finds the installed release, never this
 checkout's package.
@@ -59,10 +60,15 @@ def _export(commit: str, destination: Path) -> None:
         tar.extractall(destination, filter="data")
 
 
+def environment_dir(full_commit: str) -> Path:
+    """Where the release at ``full_commit`` is installed."""
+    return VENV_ROOT / f"baseline-{full_commit[:12]}"
+
+
 def baseline(commit: str) -> Baseline:
     """The release at ``commit``, installing it in its own environment on first use."""
     full = _full_commit(commit)
-    directory = VENV_ROOT / "baseline"
+    directory = environment_dir(full)
     python = directory / "bin" / "python"
     marker = directory / ".installed"
     if not marker.exists() or marker.read_text(encoding="utf-8").strip() != full:

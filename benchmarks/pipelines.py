@@ -496,7 +496,7 @@ def _order_rows(section: Section, sizes: PipelineSizes, attempt: Attempt) -> Non
         f"{sizes.order_runs} run(s) of each, the versions taking turns to go first. The "
         f"release before the order guarantee is commit {BASELINE_COMMIT} of this "
         "repository, installed from `git archive` in its own environment "
-        "(`~/.cache/cio-logging-bench/venvs/baseline`); each case checks which "
+        "(`~/.cache/cio-logging-bench/venvs/baseline-<commit>`); each case checks which "
         "cio_logging it imported. Each event carries its call's number; the last column "
         "but one counts events the simulator accepted after a later-logged event of the "
         f"same person. Current / before, median events/s: {MANY_PEOPLE:,} people "

@@ -95,6 +95,10 @@ class WallClock:
         wall-clock age. (Backward steps need nothing: they only make an age look shorter,
         so an event expires later, never suddenly.)
         """
+        if not self._forward:
+            # The common case, asked for every row read: no step was ever noticed.
+            # Unlocked: a step noticed while this runs counts from the next question.
+            return 0.0
         with self._guard:
             return sum(step for before, step in self._forward if moment < before)
 

@@ -1,11 +1,13 @@
 """Sending calls to the Track API: the only module that touches the customerio SDK.
 
-Every request goes through the SDK (``CustomerIO.batch``, and its ``send_request``
-for v1 events), on the session :mod:`.client` builds: no urllib3 retries, a pinned
-CA bundle, a response hook that keeps the last response, because
+Every request goes out on the SDK's session, which :mod:`.client` builds: no urllib3
+retries, a pinned CA bundle, a response hook that keeps the last response, because
 ``CustomerIOException`` carries no status code and its text holds the request data
 (personal data). That text is never logged: failures are described from the status,
-the response body and the exception's type.
+the response body and the exception's type. v1 events go through the SDK's
+``send_request``; a v2 batch body is built here from the JSON text stored at emit (the
+data spliced in, never decoded and encoded again) and posted as bytes on the same
+session, to the URL ``CustomerIO.batch`` would use, with the same auth and timeout.
 
 Routing: events, identifies, page and screen views and the person actions (delete,
 suppress, unsuppress) of identified people go in v2 ``/api/v2/batch`` requests (at
@@ -18,8 +20,8 @@ screens over 32 KB go one by one through v1 (the others are refused at emit: see
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
 import requests
@@ -40,7 +42,7 @@ from .client import (
     build_session,
 )
 from .config import Settings
-from .events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS
+from .events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
 from .metadata import SDK_VERSION
 from .store import QueuedEvent
 
@@ -109,6 +111,10 @@ class TrackClient(HTTPDelivery):
     def _open(self) -> None:
         self._sdk = _SDKClient(self._settings, self._remember_response)
         self._sdk.http  # build the session now: the SDK builds it lazily, unlocked  # noqa: B018
+        # Where CustomerIO.batch posts: from host and port, never base_url (facts.md).
+        sdk = self._sdk
+        address = sdk.host if sdk.port == 443 else f"{sdk.host}:{sdk.port}"
+        self._batch_url = f"https://{address}/api/v2/batch"
 
     def close(self) -> None:
         super().close()
@@ -120,16 +126,28 @@ class TrackClient(HTTPDelivery):
             if queued.event.customer_id is None:
                 entries.append(queued)  # v2 batches carry no anonymous person
                 continue
-            item = _batch_item(queued)
-            size = _wire_size(item, queued.event.data_json)
+            text = item_text(queued.event)
+            # What Customer.io's 32 KB counts: the item's bytes as sent.
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
             if size > MAX_ITEM_BYTES and queued.event.call in _V1_TYPES:
                 entries.append(queued)  # v1 takes up to 100 KB of data
             else:
-                entries.append(Item(queued, item, size))
+                entries.append(Item(queued, text, size))
         return entries
 
     def _post_batch(self, items: Sequence[Item]) -> requests.Response:
-        return self._through_sdk(lambda: self._sdk.batch([item.wire for item in items]))
+        # Joined from each item's text, not CustomerIO.batch: that encodes every
+        # item's data again, in one json.dumps that holds the GIL for milliseconds
+        # while the application's threads wait. A requests exception is mapped by
+        # the caller (HTTPDelivery._attempt), as the SDK's cause was.
+        body = '{"batch":[' + ",".join([item.wire for item in items]) + "]}"
+        session: requests.Session = self._sdk.http
+        return session.post(
+            self._batch_url,
+            data=body.encode("utf-8"),
+            headers=_JSON_HEADERS,
+            timeout=self._sdk.timeout,
+        )
 
     def _single_route(self, queued: QueuedEvent) -> str:
         return "v1" if queued.event.customer_id is not None else "v1_anonymous"
@@ -174,41 +192,29 @@ class TrackClient(HTTPDelivery):
         return _rejected_items(response, count)
 
 
-def _batch_item(queued: QueuedEvent) -> dict[str, Any]:
-    event = queued.event
-    item: dict[str, Any] = {
-        "type": "person",
-        "identifiers": {"id": event.customer_id},
-        "action": _ACTIONS[event.call],
-    }
-    if event.call in (EVENT, PAGE, SCREEN):
-        item["name"] = event.name
-        item["id"] = event.id
-    if event.call in (EVENT, PAGE, SCREEN, IDENTIFY):
-        item["timestamp"] = event.timestamp
-        item["attributes"] = event.data
-    return item
+_JSON_HEADERS = {"Content-Type": "application/json"}
+# The item kinds that name the call and carry its id; those that carry data.
+_NAMED = frozenset({EVENT, PAGE, SCREEN})
+_WITH_DATA = frozenset({EVENT, PAGE, SCREEN, IDENTIFY})
 
 
-# The item's JSON without its attributes, beyond the names and ids: keys, quotes,
-# separators and the timestamp, generously.
-_ITEM_FRAME_BYTES = 160
+def item_text(event: Event) -> str:
+    """One v2 batch item as compact JSON text, the stored data spliced in as it is.
 
-
-def _wire_size(item: dict[str, Any], data_json: str) -> int:
-    """The bytes ``item`` takes as requests encodes it (ASCII escapes, ", " separators),
-    which is what Customer.io's limits count, or an upper bound of it.
-
-    Compact ASCII data at most doubles on the wire (a space after each separator), so a
-    bound that is well under the limit spares the encoding; otherwise encode it.
+    ``{"type": "person", "identifiers": {"id": ...}, "action": ..., "name": ...,
+    "id": ..., "timestamp": ..., "attributes": {data}}``; person actions without data
+    (delete, suppress, unsuppress) stop after the action. Strings are encoded by
+    json's own encoder (UTF-8, not ASCII escapes: lone surrogates were refused at
+    emit), so the text is what ``json.dumps`` would give, only without decoding
+    the data.
     """
-    name = item.get("name", "")
-    event_bytes = len(name) + len(item["identifiers"]["id"]) + len(item.get("id", ""))
-    if data_json.isascii() and name.isascii() and item["identifiers"]["id"].isascii():
-        bound = _ITEM_FRAME_BYTES + 2 * event_bytes + 2 * len(data_json)
-        if bound <= MAX_ITEM_BYTES // 2:
-            return bound
-    return len(json.dumps(item))
+    person, action = encode_basestring(event.customer_id or ""), _ACTIONS[event.call]
+    head = f'{{"type":"person","identifiers":{{"id":{person}}},"action":"{action}"'
+    if event.call in _NAMED:
+        head += f',"name":{encode_basestring(event.name)},"id":{encode_basestring(event.id)}'
+    if event.call in _WITH_DATA:
+        return f'{head},"timestamp":{int(event.timestamp)},"attributes":{event.data_json}}}'
+    return head + "}"
 
 
 def _rejected_items(response: requests.Response, count: int) -> dict[int, Failure] | None:
