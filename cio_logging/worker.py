@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -606,34 +606,57 @@ class DeliveryWorker:
     def _in_person_order(
         self, events: list[QueuedEvent], accounted: dict[str, set[int]]
     ) -> tuple[list[QueuedEvent], int]:
-        """The calls of ``events`` that may go now, in commit order, and how many may not.
+        """The calls that may go now, in commit order, and how many of ``events`` may not.
 
         A call may go once every earlier row of its person in the log is accounted
-        for: in ``accounted`` (in flight or held, by position) or ahead of it among
-        ``events``. A row the read did not return (waiting for a retry, due later,
-        committed behind the cursor) holds back its person's later calls: they would
-        overtake it. One query for the whole read.
+        for: in ``accounted`` (in flight or held, by position), ahead of it among
+        ``events``, or due and fetched here to go ahead of it (the log reads in due-time
+        order, and an earlier row may come due after a later one: a retry, a row whose
+        commit came after a newer record's). An earlier row that is not due yet (a
+        retry waiting) holds back its person's later calls. A row already accounted
+        for (fetched ahead of its turn) is not sent twice. Usually one count query a
+        read; a person whose count does not match is listed.
         """
+        events = [q for q in events if q.position not in accounted.get(q.event.person, ())]
         if not events:
             return [], 0
         candidates = {queued.position: queued for queued in events}
-        people = {queued.event.person for queued in events}
         through = max(candidates)
-        allowed: list[QueuedEvent] = []
-        listed: set[int] = set()
-        stopped: set[str] = set()
-        for person, position in self._wal.earlier_rows(people, through):
-            listed.add(position)
-            if person in stopped:
-                continue
-            queued = candidates.get(position)
-            if queued is not None and queued.event.person == person:
-                allowed.append(queued)
-            elif position not in accounted.get(person, ()):
-                stopped.add(person)  # an earlier call this read cannot send yet
-        # Rows without a person (written by an earlier version) or a position: no order.
-        allowed += [queued for queued in events if queued.position not in listed]
-        return allowed, len(events) - len(allowed)
+        mine = Counter(queued.event.person for queued in events)
+        for person, positions in accounted.items():
+            if person in mine:
+                mine[person] += sum(1 for position in positions if position <= through)
+        counts = self._wal.person_counts(mine.keys(), through)
+        # A person whose rows up to here are exactly these calls and those accounted for.
+        listed_people = {person for person, known in mine.items() if counts.get(person) != known}
+        allowed = [queued for queued in events if queued.event.person not in listed_people]
+        if listed_people:
+            now = self._clock()
+            listed: set[int] = set()
+            stopped: set[str] = set()
+            for person, position, due, key in self._wal.earlier_rows(listed_people, through):
+                listed.add(position)
+                if person in stopped:
+                    continue
+                queued = candidates.get(position)
+                if queued is not None and queued.event.person == person:
+                    allowed.append(queued)
+                elif position in accounted.get(person, ()):
+                    continue
+                elif due <= now and (ahead := self._wal.get(key)) is not None:
+                    allowed.append(ahead._replace(position=position))
+                    candidates[position] = ahead
+                else:
+                    stopped.add(person)  # an earlier call that cannot go yet
+            # Rows without a person (an earlier version wrote them): no order to keep.
+            allowed += [
+                queued
+                for queued in events
+                if queued.event.person in listed_people and queued.position not in listed
+            ]
+        allowed.sort(key=_by_position)
+        read = {queued.position for queued in events}
+        return allowed, len(read) - sum(1 for queued in allowed if queued.position in read)
 
     def _take_due(
         self, limit: int, now: float, after: tuple[float, int] | None
@@ -931,6 +954,10 @@ class DeliveryWorker:
             # rather than the one event that woke us (essential events wake us one
             # by one), which also leaves the GIL to the threads that log.
             self._stop.wait(_LINGER_SECONDS)
+
+
+def _by_position(queued: QueuedEvent) -> int:
+    return queued.position
 
 
 def _released(

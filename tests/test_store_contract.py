@@ -160,17 +160,26 @@ class TestPersonOrderContract:
         assert 0 < first.position < due[0].position < due[1].position
         # ... and the sender sees the identify before it, still waiting.
         through = due[1].position
-        assert log.earlier_rows({"c:ann"}, through) == [
+
+        def rows(people: set[str], upto: int) -> list[tuple[str, int]]:
+            return [(person, position) for person, position, _, _ in log.earlier_rows(people, upto)]
+
+        assert rows({"c:ann"}, through) == [("c:ann", first.position), ("c:ann", due[0].position)]
+        listed = log.earlier_rows({"c:ann"}, through)
+        assert [key for *_, key in listed] == [identify.id, ann_event.id]
+        assert listed[0][2] == pytest.approx(now + 30)  # its due time: not yet
+        assert rows({"c:ann", "c:bob"}, due[0].position) == [
             ("c:ann", first.position),
             ("c:ann", due[0].position),
         ]
-        assert log.earlier_rows({"c:ann", "c:bob"}, due[0].position) == [
-            ("c:ann", first.position),
-            ("c:ann", due[0].position),
-        ]
-        assert log.earlier_rows(set(), through) == []
+        assert rows(set(), through) == []
+        assert log.person_counts({"c:ann", "c:bob", "c:nobody"}, through) == {
+            "c:ann": 2,
+            "c:bob": 1,
+        }
+        assert log.get(identify.id).position == first.position  # type: ignore[union-attr]
         log.remove([identify.id])
-        assert log.earlier_rows({"c:ann"}, through) == [("c:ann", due[0].position)]
+        assert rows({"c:ann"}, through) == [("c:ann", due[0].position)]
 
     def test_person_calls_keep_their_call_type(self, stores: Stores) -> None:
         log, _ = stores

@@ -88,11 +88,16 @@ class EventLog(Protocol):
         """Up to ``limit`` events due at ``now``, longest due first, after the cursor
         ``after`` of an earlier read; unreadable rows come back as corrupt entries."""
 
-    def earlier_rows(self, people: Collection[str], through: int) -> list[tuple[str, int]]:
-        """``(person, position)`` of every waiting row of ``people`` at or before
-        position ``through`` (see :attr:`QueuedEvent.position`), in commit order. The
-        sender sends a person's call only once each of these before it is accounted
-        for: sent, in flight, or ahead of it in the same request."""
+    def earlier_rows(
+        self, people: Collection[str], through: int
+    ) -> list[tuple[str, int, float, str]]:
+        """``(person, position, due time, key)`` of every waiting row of ``people`` at
+        or before position ``through`` (see :attr:`QueuedEvent.position`), in commit
+        order. The sender sends a person's call only once each of these before it is
+        accounted for: sent, in flight, or ahead of it in the same request."""
+
+    def person_counts(self, people: Collection[str], through: int) -> dict[str, int]:
+        """How many waiting rows each of ``people`` has at or before ``through``."""
 
     def remove(self, keys: Iterable[str]) -> None:
         """Acknowledge: delete delivered (or dead-lettered) events."""

@@ -556,13 +556,20 @@ class PostgresLog:
             self._fenced("delete_rows", {"ids": bad})
         return Batch(events, corrupt, cursor)
 
-    def earlier_rows(self, people: Collection[str], through: int) -> list[tuple[str, int]]:
+    def earlier_rows(
+        self, people: Collection[str], through: int
+    ) -> list[tuple[str, int, float, str]]:
         if not people:
             return []
         params = {"workspace": self.workspace, "people": list(people), "through": through}
-        return [
-            (str(person), int(seq)) for person, seq in self.database.run("earlier_rows", params)
-        ]
+        found = self.database.run("earlier_rows", params)
+        return [(str(person), int(seq), float(due), str(key)) for person, seq, due, key in found]
+
+    def person_counts(self, people: Collection[str], through: int) -> dict[str, int]:
+        if not people:
+            return {}
+        params = {"workspace": self.workspace, "people": list(people), "through": through}
+        return {str(person): int(n) for person, n in self.database.run("person_counts", params)}
 
     def remove(self, keys: Iterable[str]) -> None:
         ids = list(keys)
@@ -656,7 +663,7 @@ class PostgresLog:
         found = self.database.run("get_row", {"workspace": self.workspace, "id": key})
         if found:
             with contextlib.suppress(InvalidEventError):
-                return decode_row(found[0][0], found[0][1], found[0][2])
+                return decode_row(found[0][0], found[0][1], found[0][2], int(found[0][3]))
             return None
         return self.spill.get(key)
 

@@ -43,9 +43,14 @@ ORDER BY due_at, seq LIMIT %(limit)s;
 -- The rows of these people up to a position, in commit order: the sender sends a
 -- person's call only once every earlier one is accounted for (see worker.py).
 -- name: earlier_rows
-SELECT person, seq FROM cio_queue
+SELECT person, seq, due_at, id FROM cio_queue
 WHERE workspace = %(workspace)s AND person = ANY(%(people)s) AND seq <= %(through)s
 ORDER BY seq;
+
+-- name: person_counts
+SELECT person, count(*) FROM cio_queue
+WHERE workspace = %(workspace)s AND person = ANY(%(people)s) AND seq <= %(through)s
+GROUP BY person;
 
 -- name: delete_rows
 DELETE FROM cio_queue WHERE workspace = %(workspace)s AND id = ANY(%(ids)s);
