@@ -48,12 +48,6 @@ REFUSED = "refused"  # the buffer is full: not kept (the caller counts the drop)
 # A group this large is committed without waiting for the interval to end.
 _GROUP_ROWS = 2_000
 _GROUP_BYTES = 1 << 20
-# The writer commits once the oldest row is this share of the interval old; a caller
-# only at the full interval. With the application's threads busy, the writer may wait
-# for the GIL that long: starting at the full interval, it lost the race to a caller
-# almost every time, and that caller's request paid for the commit (the webapp
-# benchmark's p99). Rows still wait at most the interval plus one commit.
-_WRITER_HEAD_START = 0.5
 # Past this much waiting, the caller commits the backlog itself (backpressure).
 _BACKPRESSURE_ROWS = 4 * _GROUP_ROWS
 _BACKPRESSURE_BYTES = 4 * _GROUP_BYTES
@@ -410,7 +404,7 @@ class GroupCommitter:
         if self._failing is not None:
             return now >= self._retry_at
         full = len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES
-        return full or now >= self._oldest_at + self._interval * _WRITER_HEAD_START
+        return full or now >= self._oldest_at + self._interval
 
     def _volume_refresh_period(self) -> float:
         # After commits the size has grown: re-read it soon. Otherwise it changes only
@@ -427,7 +421,7 @@ class GroupCommitter:
             return max(0.01, min(refresh, _IDLE_IDENTITY_CHECK_SECONDS))
         if self._failing is not None:
             return max(0.0, self._retry_at - now)
-        return max(0.0, self._oldest_at + self._interval * _WRITER_HEAD_START - now)
+        return max(0.0, self._oldest_at + self._interval - now)
 
     def _check_due(self) -> bool:
         """Whether the writer should check that the database file is still on disk."""

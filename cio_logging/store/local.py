@@ -189,17 +189,23 @@ class WriteAheadLog:
                     # One statement is its own transaction: one call into SQLite, not the
                     # three of BEGIN, executemany and COMMIT. Each call gives the GIL
                     # away, and with other threads running, getting it back is what a
-                    # commit costs the essential events waiting for it (and the
-                    # application's threads, when one of them commits a group).
-                    cursor = connection.execute(*_insert_statement(rows))
+                    # commit costs the essential events waiting for it.
+                    cursor = connection.execute(_insert_rows_sql(len(rows)), _flatten(rows))
                     return cursor.lastrowid or 0
                 last = 0
                 connection.execute("BEGIN IMMEDIATE")
                 # Multi-row statements, not executemany: a statement gives the GIL away
-                # once, executemany once per row.
-                for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                # once, executemany once per row, and with the application's threads
+                # running, each hand-back can take a while.
+                full = len(rows) - len(rows) % _ROWS_PER_BIG_STATEMENT
+                big = _insert_rows_sql(_ROWS_PER_BIG_STATEMENT)
+                for start in range(0, full, _ROWS_PER_BIG_STATEMENT):
+                    chunk = rows[start : start + _ROWS_PER_BIG_STATEMENT]
+                    last = connection.execute(big, _flatten(chunk)).lastrowid or last
+                for start in range(full, len(rows), _ROWS_PER_STATEMENT):
                     chunk = rows[start : start + _ROWS_PER_STATEMENT]
-                    last = connection.execute(*_insert_statement(chunk)).lastrowid or last
+                    sql = _insert_rows_sql(len(chunk))
+                    last = connection.execute(sql, _flatten(chunk)).lastrowid or last
                 connection.execute("COMMIT")
                 return last
             except BaseException:
@@ -575,30 +581,22 @@ _ROW_VALUES = (
     " (julianday('now') - 2440587.5) * 86400.0, 0, ?, 0, 1, NULL, ?, ?)"
 )
 _INSERT_ROW = _INSERT_INTO + _ROW_VALUES
-# Up to this many rows go in one multi-row INSERT, its own transaction; more in
-# statements of this many within one transaction. 240 rows are 960 parameters: under
-# the 999 of older SQLite builds. A group over _EXACT_ROWS is padded to a multiple of
-# _EXACT_ROWS by repeating its last row (ignored, as a replay is: same key), so SQLite
-# compiles and caches few statement sizes.
-_ROWS_PER_STATEMENT = 240
-_EXACT_ROWS = 16
+# Up to this many rows (a group of essential events) go in one multi-row INSERT; more
+# (the writer's groups) in statements of _ROWS_PER_BIG_STATEMENT rows, then the rest in
+# statements of at most this many, within one transaction. Few sizes: few statements
+# for SQLite to compile and cache.
+_ROWS_PER_STATEMENT = 16
+_ROWS_PER_BIG_STATEMENT = 64
 
 
-@functools.lru_cache(maxsize=_EXACT_ROWS + _ROWS_PER_STATEMENT // _EXACT_ROWS + 1)
+@functools.lru_cache(maxsize=_ROWS_PER_STATEMENT + 1)
 def _insert_rows_sql(count: int) -> str:
     """An INSERT of ``count`` rows in one statement."""
     return _INSERT_INTO + ", ".join([_ROW_VALUES] * count)
 
 
-def _insert_statement(rows: Sequence[Row]) -> tuple[str, list[object]]:
-    """One INSERT of ``rows`` (at most _ROWS_PER_STATEMENT) and its parameters."""
-    count = len(rows)
-    parameters: list[object] = [value for row in rows for value in row]
-    if count > _EXACT_ROWS:
-        padded = -(-count // _EXACT_ROWS) * _EXACT_ROWS
-        parameters.extend(list(rows[-1]) * (padded - count))
-        count = padded
-    return _insert_rows_sql(count), parameters
+def _flatten(rows: Sequence[Row]) -> list[object]:
+    return [value for row in rows for value in row]
 
 
 # SQLite takes at most 999 parameters in older builds: stay well under.
