@@ -563,9 +563,11 @@ class DeliveryWorker:
                         cursor = batch.cursor
                     else:
                         exhausted = True  # read again once a request is answered
+                    # In flight, held, or released just now into ``ready``: each is on
+                    # its way, ahead of anything this read finds for its person.
                     accounted = {person: set(positions) for person, positions in busy.items()}
-                    for person, waiting in held.items():
-                        accounted.setdefault(person, set()).update(q.position for q in waiting)
+                    for queued in [*ready, *(q for waiting in held.values() for q in waiting)]:
+                        accounted.setdefault(queued.event.person, set()).add(queued.position)
                     allowed, blocked = self._in_person_order(events, accounted)
                     if blocked and blocked_since is None:
                         blocked_since = time.monotonic()
