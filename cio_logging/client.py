@@ -248,11 +248,13 @@ class HTTPDelivery:
     def _post_batch(self, items: Sequence[Item]) -> requests.Response:
         raise NotImplementedError
 
-    def _post_single(self, queued: QueuedEvent) -> tuple[str, requests.Response]:
-        """Send one call on its own route: (route name, answer)."""
+    def _post_single(self, queued: QueuedEvent) -> requests.Response:
+        """Send one call a batch cannot carry, on its own route (see :meth:`_single_route`).
+        Only called for what :meth:`_items` returned bare."""
         raise NotImplementedError
 
     def _single_route(self, queued: QueuedEvent) -> str:
+        """The telemetry route of :meth:`_post_single` for ``queued``."""
         raise NotImplementedError
 
     def _secrets(self) -> set[str]:
@@ -336,7 +338,7 @@ class HTTPDelivery:
     def _send_single(self, queued: QueuedEvent, report: DeliveryReport) -> None:
         chunk = [Item(queued, None, 0)]
         failure, _ = self._call(
-            lambda: self._post_single(queued)[1], chunk, self._single_route(queued)
+            lambda: self._post_single(queued), chunk, self._single_route(queued)
         )
         report.requests += 1
         if failure is None:

@@ -152,7 +152,7 @@ class TrackClient(HTTPDelivery):
     def _single_route(self, queued: QueuedEvent) -> str:
         return "v1" if queued.event.customer_id is not None else "v1_anonymous"
 
-    def _post_single(self, queued: QueuedEvent) -> tuple[str, requests.Response]:
+    def _post_single(self, queued: QueuedEvent) -> requests.Response:
         event = queued.event
         body: dict[str, Any] = {"name": event.name, "data": event.data, "id": event.id}
         body["timestamp"] = event.timestamp
@@ -164,8 +164,7 @@ class TrackClient(HTTPDelivery):
         else:
             url = self._sdk.get_events_query_string()
             body["anonymous_id"] = event.anonymous_id
-        route = self._single_route(queued)
-        return route, self._through_sdk(lambda: self._sdk.send_request("POST", url, body))
+        return self._through_sdk(lambda: self._sdk.send_request("POST", url, body))
 
     def _through_sdk(self, send: Callable[[], Any]) -> requests.Response:
         """Run an SDK call; the answer its response hook saw, whatever it raised."""

@@ -93,6 +93,8 @@ class PipelinesClient(HTTPDelivery):
         self._session.close()
 
     def _items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
+        # Every call goes in a batch: one over 32 KB was refused at emit, and this API
+        # has no other route, so there is no single to send.
         items: list[Item | QueuedEvent] = []
         for queued in events:
             text = call_text(queued.event)
@@ -105,12 +107,6 @@ class PipelinesClient(HTTPDelivery):
         return self._session.post(
             self._url, data=body.encode("utf-8"), timeout=self._settings.request_timeout
         )
-
-    def _single_route(self, queued: QueuedEvent) -> str:
-        return self.batch_route  # every call fits a batch (checked at emit)
-
-    def _post_single(self, queued: QueuedEvent) -> tuple[str, requests.Response]:
-        return self.batch_route, self._post_batch(self._items([queued]))  # type: ignore[arg-type]
 
     def _secrets(self) -> set[str]:
         key = self._settings.api_key

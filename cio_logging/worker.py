@@ -646,8 +646,8 @@ class DeliveryWorker:
                 elif position in accounted.get(person, ()):
                     continue
                 elif due <= now and (ahead := self._wal.get(key)) is not None:
+                    # Its position in this log (a fleet's spill numbers its own rows).
                     allowed.append(ahead._replace(position=position))
-                    candidates[position] = ahead
                 else:
                     stopped.add(person)  # an earlier call that cannot go yet
             # Rows without a person (an earlier version wrote them): no order to keep.
