@@ -424,7 +424,10 @@ def _options(args: argparse.Namespace) -> dict[str, str]:
     return options
 
 
-def _settings(args: argparse.Namespace, *, sends: bool) -> Any:
+def _settings(
+    args: argparse.Namespace, *, sends: bool, options: dict[str, Any] | None = None
+) -> Any:
+    """Settings as the handler resolves them; ``options``: what the flags' options add to."""
     return operator_settings(
         site_id=args.site_id,
         api_key=args.api_key,
@@ -432,7 +435,7 @@ def _settings(args: argparse.Namespace, *, sends: bool) -> Any:
         queue_dir=args.queue_dir,
         track_url=args.track_url,
         ca_bundle=args.ca_bundle,
-        options=_options(args),
+        options={**(options or {}), **_options(args)},
         sends=sends,
     )
 
@@ -1008,16 +1011,7 @@ def _run_deliver(args: argparse.Namespace, out: _Output) -> int:
     if parent_pid is not None and not die_with_parent(parent_pid):
         return ExitCode.OK  # the supervising application died before we started
     options: dict[str, Any] = {**_environment_options(), **_options(args)}
-    settings = operator_settings(
-        site_id=args.site_id,
-        api_key=args.api_key,
-        region=args.region,
-        queue_dir=args.queue_dir,
-        track_url=args.track_url,
-        ca_bundle=args.ca_bundle,
-        options=options,
-        sends=True,
-    )  # validates everything before we start
+    settings = _settings(args, sends=True, options=options)  # validates everything first
     handler_arguments: dict[str, Any] = {
         "site_id": args.site_id,
         "api_key": args.api_key,
