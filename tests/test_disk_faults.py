@@ -9,7 +9,9 @@ small tmpfs, which needs root (the suite runs as root here and in CI).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import shutil
 import stat
 import subprocess
@@ -69,10 +71,22 @@ def delivered_numbers(simulator: TrackAPISimulator) -> set[int]:
 def fill(directory: Path) -> Path:
     """Take every free byte of the filesystem holding ``directory``."""
     filler = directory / "filler"
-    with filler.open("wb") as out, contextlib.suppress(OSError):
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
+    # Unbuffered writes, down to single bytes: a buffered file would keep the bytes that
+    # did not fit and raise ENOSPC again from close(), and a large chunk that no longer
+    # fits would leave the last few kilobytes free for SQLite to use.
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        chunk = 65536
+        while chunk:
+            try:
+                if os.write(descriptor, b"\0" * chunk) < chunk:
+                    chunk //= 2
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2
+    finally:
+        os.close(descriptor)
     return filler
 
 
