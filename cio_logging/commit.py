@@ -2,11 +2,12 @@
 
 On the caller's thread ``emit`` only appends a prepared row to an in-memory buffer.
 
-* A non-essential event returns at once; a writer thread commits the buffer every
-  ``commit_interval`` (sooner once it holds a full group). When the writer falls
-  behind (a thread logging flat out keeps the GIL from it), the first caller to find
-  the oldest buffered row older than the interval commits the buffer itself, so a
-  row waits at most ``commit_interval`` plus one commit. A SIGKILL loses at most that.
+* A non-essential event returns at once; a writer thread commits the buffer once
+  its oldest row is half ``commit_interval`` old (sooner once it holds a full group).
+  When the writer falls behind (a thread logging flat out keeps the GIL from it), the
+  first caller to find the oldest buffered row older than the interval commits the
+  buffer itself, unless a commit is running already, so a row waits at most
+  ``commit_interval`` plus a commit or two. A SIGKILL loses at most that.
 * An essential event returns once its row is committed. The first caller to wait
   commits everything buffered so far in one transaction; callers that arrive while it
   commits wait for it, find their rows committed, or commit the next group together
@@ -199,12 +200,16 @@ class GroupCommitter:
             # Once closing, no writer commits for us: commit before returning. And
             # when the writer falls behind (a burst, or the GIL spent elsewhere), the
             # caller commits the backlog itself: the oldest row waits at most one
-            # interval (and one commit), and the buffer stays small.
+            # interval (and a commit or two), and the buffer stays small. Not while a
+            # commit runs, though: that one ends the lag (rows that came during it
+            # count from its start), and waiting for it would cost this caller the
+            # commit's GIL hand-backs, the slowest calls under load, for nothing.
             durable = (
                 durable
                 or self._stopping
                 or (
                     not failing
+                    and not self._committing
                     and (
                         now - self._oldest_at >= self._interval
                         or len(self._pending) >= _BACKPRESSURE_ROWS
@@ -404,7 +409,14 @@ class GroupCommitter:
         if self._failing is not None:
             return now >= self._retry_at
         full = len(self._pending) >= _GROUP_ROWS or self._pending_bytes >= _GROUP_BYTES
-        return full or now >= self._oldest_at + self._interval
+        return full or now >= self._oldest_at + self._writer_lead()
+
+    def _writer_lead(self) -> float:
+        # The writer commits at half the interval: under load it needs a while to get
+        # the GIL, and if it reached the full interval first, the caller that found
+        # the oldest row past it would commit instead, paying for the commit's GIL
+        # hand-backs in its own logging call.
+        return self._interval / 2
 
     def _volume_refresh_period(self) -> float:
         # After commits the size has grown: re-read it soon. Otherwise it changes only
@@ -421,7 +433,7 @@ class GroupCommitter:
             return max(0.01, min(refresh, _IDLE_IDENTITY_CHECK_SECONDS))
         if self._failing is not None:
             return max(0.0, self._retry_at - now)
-        return max(0.0, self._oldest_at + self._interval - now)
+        return max(0.0, self._oldest_at + self._writer_lead() - now)
 
     def _check_due(self) -> bool:
         """Whether the writer should check that the database file is still on disk."""
