@@ -11,6 +11,7 @@ earlier release's (``benchmarks.baseline``): they use only what that release has
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -18,11 +19,15 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import diskcache
+
 import cio_logging
 from cio_logging import cio_event
+from cio_logging.events import new_event_id
 
 from .cases import (
     accepted_by_simulator,
@@ -31,6 +36,7 @@ from .cases import (
     event_logger,
     handler_options,
     log_events,
+    open_push_cache,
     unique_accepted,
 )
 from .workload import NON_ESSENTIAL_NAME, Control, attributes, customer_id, run_case, wait_until
@@ -58,7 +64,9 @@ def _quantile(ordered: list[int], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] / 1000
 
 
-def _serve(logger: logging.Logger | None, name: str, requests: int, threads: int) -> dict[str, Any]:
+def _serve(
+    log: Callable[[str, dict[str, Any]], None] | None, name: str, requests: int, threads: int
+) -> dict[str, Any]:
     """``requests`` requests over ``threads`` threads; each one's logging call timed."""
     costs: list[list[int]] = [[] for _ in range(threads)]
     start = threading.Barrier(threads + 1)
@@ -70,8 +78,8 @@ def _serve(logger: logging.Logger | None, name: str, requests: int, threads: int
             request_work()
             extra = cio_event(customer_id(number), **attributes(number))
             began = time.perf_counter_ns()
-            if logger is not None:
-                logger.info(name, extra=extra)
+            if log is not None:
+                log(name, extra)
             timed.append(time.perf_counter_ns() - began)
 
     workers = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
@@ -96,9 +104,32 @@ def _serve(logger: logging.Logger | None, name: str, requests: int, threads: int
     }
 
 
+def _pusher(cache: diskcache.Cache) -> Callable[[str, dict[str, Any]], None]:
+    """The anchor for essential events: one committed diskcache push of the event's JSON
+    per call (the encoding included, as an emit has to do it too)."""
+
+    def push(name: str, extra: dict[str, Any]) -> None:
+        tag = extra["cio"]
+        text = json.dumps(
+            {
+                "id": new_event_id(),
+                "name": name,
+                "customer_id": tag["customer_id"],
+                "timestamp": int(time.time()),
+                "data": tag["data"],
+            },
+            separators=(",", ":"),
+        )
+        cache.push(text)
+
+    return push
+
+
 def webapp(arguments: dict[str, Any]) -> dict[str, Any]:
-    """One contender: ``none``, ``queue_handler``, or cio_logging (``non_essential`` /
-    ``essential``) delivering to the simulator, in this process, while it serves."""
+    """One contender: ``none``, ``queue_handler``, or cio_logging delivering to the
+    simulator while this process serves: ``non_essential`` / ``essential`` from this
+    process, ``non_essential_process`` from the ``cio-logging deliver`` child the
+    handler starts (its CPU is not this process's; ``child_cpu_s`` reports it)."""
     contender, threads = arguments["contender"], int(arguments["threads"])
     requests = int(arguments["requests"])
     name = NON_ESSENTIAL_NAME if contender != "essential" else arguments["essential_name"]
@@ -110,17 +141,31 @@ def webapp(arguments: dict[str, Any]) -> dict[str, Any]:
             listener = logging.handlers.QueueListener(records, logging.NullHandler())
             listener.start()
             handler = logging.handlers.QueueHandler(records)
-        elif contender in ("non_essential", "essential"):
-            handler, _ = build_handler(
-                arguments["url"], arguments["ca_file"], Path(work), handler_options(arguments)
-            )
-        logger = None if handler is None else event_logger(handler)
-        if logger is not None:
+        elif contender in ("non_essential", "essential", "non_essential_process"):
+            options = handler_options(arguments)
+            if contender == "non_essential_process":
+                options["deliver"] = "process"  # a `cio-logging deliver` child sends
+            handler, _ = build_handler(arguments["url"], arguments["ca_file"], Path(work), options)
+        log: Callable[[str, dict[str, Any]], None] | None = None
+        cache: diskcache.Cache | None = None
+        if handler is not None:
+            logger = event_logger(handler)
             log_events(logger, name, 200, offset=10**6)  # warm-up: threads, connections
             if isinstance(handler, cio_logging.CustomerIOHandler):
                 commit(handler)
+
+            def log(name: str, extra: dict[str, Any], logger: logging.Logger = logger) -> None:
+                logger.info(name, extra=extra)
+
+        elif contender == "diskcache_push":
+            cache = open_push_cache(Path(work))
+            log = _pusher(cache)
+            for number in range(200):
+                log(name, cio_event(customer_id(number), **attributes(number)))
         request_work()
-        result = _serve(logger, name, requests, threads)
+        result = _serve(log, name, requests, threads)
+        if cache is not None:
+            cache.close()
         result["contender"] = contender
         if isinstance(handler, cio_logging.CustomerIOHandler):
             status = handler.status()
