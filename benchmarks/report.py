@@ -94,7 +94,7 @@ def render(command: str, started: str, sections: list[Section]) -> str:
     ]
     checks = [check for section in sections for check in section.checks]
     if checks:
-        lines += ["## Targets (issue 6)", ""]
+        lines += ["## Targets", ""]
         lines.append("| target | measured | ratio | limit | verdict |")
         lines.append("| --- | --- | --- | --- | --- |")
         for check in checks:
