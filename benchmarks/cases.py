@@ -188,6 +188,20 @@ def open_push_cache(directory: Path) -> diskcache.Cache:
     )
 
 
+def event_json(event_id: str, name: str, customer: str, data: dict[str, Any]) -> str:
+    """The event as the bare diskcache push stores it: one compact JSON object."""
+    return json.dumps(
+        {
+            "id": event_id,
+            "name": name,
+            "customer_id": customer,
+            "timestamp": int(time.time()),
+            "data": data,
+        },
+        separators=(",", ":"),
+    )
+
+
 def emit_diskcache_push(arguments: dict[str, Any]) -> dict[str, Any]:
     """One diskcache push (one committed transaction) of the event's JSON per event."""
     runs = []
@@ -196,15 +210,8 @@ def emit_diskcache_push(arguments: dict[str, Any]) -> dict[str, Any]:
             cache = open_push_cache(Path(work))
 
             def prepare(number: int, cache: diskcache.Cache = cache) -> Prepared:
-                text = json.dumps(
-                    {
-                        "id": str(ULID()),
-                        "name": arguments["name"],
-                        "customer_id": customer_id(number),
-                        "timestamp": int(time.time()),
-                        "data": attributes(number),
-                    },
-                    separators=(",", ":"),
+                text = event_json(
+                    str(ULID()), arguments["name"], customer_id(number), attributes(number)
                 )
                 return lambda: cache.push(text)
 

@@ -11,7 +11,6 @@ earlier release's (``benchmarks.baseline``): they use only what that release has
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import os
@@ -33,6 +32,7 @@ from .cases import (
     accepted_by_simulator,
     build_handler,
     commit,
+    event_json,
     event_logger,
     handler_options,
     log_events,
@@ -110,17 +110,7 @@ def _pusher(cache: diskcache.Cache) -> Callable[[str, dict[str, Any]], None]:
 
     def push(name: str, extra: dict[str, Any]) -> None:
         tag = extra["cio"]
-        text = json.dumps(
-            {
-                "id": new_event_id(),
-                "name": name,
-                "customer_id": tag["customer_id"],
-                "timestamp": int(time.time()),
-                "data": tag["data"],
-            },
-            separators=(",", ":"),
-        )
-        cache.push(text)
+        cache.push(event_json(new_event_id(), name, tag["customer_id"], tag["data"]))
 
     return push
 
@@ -129,7 +119,8 @@ def webapp(arguments: dict[str, Any]) -> dict[str, Any]:
     """One contender: ``none``, ``queue_handler``, or cio_logging delivering to the
     simulator while this process serves: ``non_essential`` / ``essential`` from this
     process, ``non_essential_process`` from the ``cio-logging deliver`` child the
-    handler starts (its CPU is not this process's; ``child_cpu_s`` reports it)."""
+    handler starts (its CPU is not this process's, and is not measured), or
+    ``diskcache_push``: one committed push per call, no delivery."""
     contender, threads = arguments["contender"], int(arguments["threads"])
     requests = int(arguments["requests"])
     name = NON_ESSENTIAL_NAME if contender != "essential" else arguments["essential_name"]
