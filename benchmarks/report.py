@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Check:
-    """One of issue 6's targets: a measured ratio against its limit."""
+    """One target: a measured figure (mostly a ratio to an anchor) against its limit."""
 
     target: str
     measured: str

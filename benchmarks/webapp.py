@@ -176,12 +176,14 @@ def _webapp_rows(section: Section, sizes: WebappSizes, attempt: Attempt) -> None
             key: _median([r[key] for r in runs])
             for key in ("requests_per_s", "median_us", "p99_us", "p999_us", "cpu_s")
         }
+        group_sizes = [r["rows_per_commit"] for r in runs if r.get("rows_per_commit")]
+        medians[contender]["rows_per_commit"] = _median(group_sizes)
     rows = []
     anchor = medians["queue_handler"]
     for contender in order:
         runs, figures = results[contender], medians[contender]
         if not runs:
-            rows.append([WEBAPP_CONTENDERS[contender], "failed", "-", "-", "-", "-", "-"])
+            rows.append([WEBAPP_CONTENDERS[contender], "failed", "-", "-", "-", "-", "-", "-"])
             continue
         rows.append(
             [
@@ -197,6 +199,7 @@ def _webapp_rows(section: Section, sizes: WebappSizes, attempt: Attempt) -> None
                 if contender == "none"
                 else number(figures["p999_us"]) + _times(figures["p999_us"], anchor["p999_us"]),
                 number(figures["cpu_s"], 2),
+                number(figures["rows_per_commit"], 1),
             ]
         )
     section.table(
@@ -208,6 +211,7 @@ def _webapp_rows(section: Section, sizes: WebappSizes, attempt: Attempt) -> None
             "p99 us (x QueueHandler)",
             "p99.9 us (x QueueHandler)",
             "process CPU s",
+            "rows per commit",
         ],
         rows,
     )
@@ -223,7 +227,10 @@ def _webapp_rows(section: Section, sizes: WebappSizes, attempt: Attempt) -> None
         "the bare diskcache push (the essential event's anchor) is one committed "
         "`Cache.push` of the event's JSON, encoded in the call. Requests/s is requests "
         "over the wall time from the start signal to the last thread's end; percentiles "
-        f"are over every call of every thread. {sizes.rounds} round(s), contenders taking "
+        f"are over every call of every thread. Rows per commit: the rows the handler's "
+        "group committer wrote over its transactions while the requests ran "
+        "(`status()[\"commits\"]`). "
+        f"{sizes.rounds} round(s), contenders taking "
         "turns (reversed every other round); medians over the rounds."
     )
     cio, apart = medians["non_essential"], medians["non_essential_process"]
@@ -254,6 +261,13 @@ def _webapp_rows(section: Section, sizes: WebappSizes, attempt: Attempt) -> None
             f"{number(cio['p999_us'])} us vs {number(anchor['p999_us'])} us",
             _ratio(cio["p999_us"], anchor["p999_us"]),
             2.0,
+        ),
+        Check(
+            "webapp rows per commit, essential, 8 threads",
+            number(essential["rows_per_commit"], 1),
+            essential["rows_per_commit"],
+            3.5,
+            at_most=False,
         ),
         Check(
             "webapp p99 of the essential call / a bare diskcache push's p99 (8 threads)",

@@ -154,7 +154,13 @@ def webapp(arguments: dict[str, Any]) -> dict[str, Any]:
             for number in range(200):
                 log(name, cio_event(customer_id(number), **attributes(number)))
         request_work()
+        commits_before = _commits(handler)
         result = _serve(log, name, requests, threads)
+        commits_after = _commits(handler)
+        if commits_before is not None and commits_after is not None:
+            transactions = commits_after["transactions"] - commits_before["transactions"]
+            rows = commits_after["rows"] - commits_before["rows"]
+            result["rows_per_commit"] = rows / transactions if transactions else None
         if cache is not None:
             cache.close()
         result["contender"] = contender
@@ -166,6 +172,14 @@ def webapp(arguments: dict[str, Any]) -> dict[str, Any]:
         if listener is not None:
             listener.stop()
     return result
+
+
+def _commits(handler: logging.Handler | None) -> dict[str, int] | None:
+    """The group committer's transactions and rows so far (None: no such counter)."""
+    if not isinstance(handler, cio_logging.CustomerIOHandler):
+        return None
+    commits: dict[str, int] | None = handler.status().get("commits")
+    return commits
 
 
 def drain_cpu(arguments: dict[str, Any]) -> dict[str, Any]:

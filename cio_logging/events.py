@@ -411,15 +411,16 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
         name = tag.get("name")
         if name is None:
             name = record.getMessage() if default_name is None else default_name
+    # Positional: a NamedTuple built from keywords costs a third more, at every emit.
     return Event(
-        id=_event_id(tag.get("id")),
-        name=_name(name),
-        customer_id=customer_id,
-        anonymous_id=anonymous_id,
-        data_json=encode_data(tag.get("data")),
-        timestamp=_timestamp(tag.get("timestamp"), record.created),
-        logged_at=record.created,
-        call=call,
+        _event_id(tag.get("id")),
+        _name(name),
+        customer_id,
+        anonymous_id,
+        encode_data(tag.get("data")),
+        _timestamp(tag.get("timestamp"), record.created),
+        record.created,
+        call,
     )
 
 

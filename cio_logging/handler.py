@@ -518,6 +518,10 @@ class CustomerIOHandler(logging.Handler):
             "dropped": dropped,
             "refused": refused,
             "buffered": self._committer.buffered,
+            "commits": {
+                "transactions": self._committer.transactions,
+                "rows": self._committer.rows_committed,
+            },
             "disk_error": self._committer.disk_error,
             "requests": stats.requests,
             "failed_requests": stats.failed_requests,

@@ -538,6 +538,10 @@ class DeliveryWorker:
         in_flight: deque[tuple[Future[DeliveryReport], list[QueuedEvent]]] = deque()
         busy: dict[str, set[int]] = {}  # people with calls in flight: their positions
         held: dict[str, list[QueuedEvent]] = {}  # their later calls, in order
+        # People held back by an earlier row waiting for a retry, with its due time: not
+        # counted or listed again at every read until then (the row cannot go sooner,
+        # and only this sender removes rows, so the wait is never wrong for long).
+        waiting: dict[str, float] = {}
         cursor: tuple[float, int] | None = None
         found = failed = exhausted = False
         blocked_since: float | None = None
@@ -568,7 +572,7 @@ class DeliveryWorker:
                     accounted = {person: set(positions) for person, positions in busy.items()}
                     for queued in [*ready, *(q for waiting in held.values() for q in waiting)]:
                         accounted.setdefault(queued.event.person, set()).add(queued.position)
-                    allowed, blocked = self._in_person_order(events, accounted)
+                    allowed, blocked = self._in_person_order(events, accounted, waiting)
                     if blocked and blocked_since is None:
                         blocked_since = time.monotonic()
                     # Progress: something to send, or rows taken out (corrupt, expired).
@@ -606,7 +610,10 @@ class DeliveryWorker:
         return found
 
     def _in_person_order(
-        self, events: list[QueuedEvent], accounted: dict[str, set[int]]
+        self,
+        events: list[QueuedEvent],
+        accounted: dict[str, set[int]],
+        waiting: dict[str, float] | None = None,
     ) -> tuple[list[QueuedEvent], int]:
         """The calls that may go now, in commit order, and how many of ``events`` may not.
 
@@ -617,11 +624,19 @@ class DeliveryWorker:
         commit came after a newer record's). An earlier row that is not due yet (a
         retry waiting) holds back its person's later calls. A row already accounted
         for (fetched ahead of its turn) is not sent twice. Usually one count query a
-        read; a person whose count does not match is listed.
+        read; a person whose count does not match is listed. A person found held back by
+        a row due later goes in ``waiting`` with its due time, and is neither counted nor
+        listed again before then.
         """
         events = [q for q in events if q.position not in accounted.get(q.event.person, ())]
+        read = len(events)
+        now = self._clock()
+        if waiting:
+            for person in [person for person, due in waiting.items() if due <= now]:
+                del waiting[person]
+            events = [q for q in events if q.event.person not in waiting]
         if not events:
-            return [], 0
+            return [], read
         candidates = {queued.position: queued for queued in events}
         through = max(candidates)
         mine = Counter(queued.event.person for queued in events)
@@ -633,7 +648,6 @@ class DeliveryWorker:
         listed_people = {person for person, known in mine.items() if counts.get(person) != known}
         allowed = [queued for queued in events if queued.event.person not in listed_people]
         if listed_people:
-            now = self._clock()
             listed: set[int] = set()
             stopped: set[str] = set()
             for person, position, due, key in self._wal.earlier_rows(listed_people, through):
@@ -650,6 +664,8 @@ class DeliveryWorker:
                     allowed.append(ahead._replace(position=position))
                 else:
                     stopped.add(person)  # an earlier call that cannot go yet
+                    if due > now and waiting is not None:
+                        waiting[person] = due
             # Rows without a person (an earlier version wrote them): no order to keep.
             allowed += [
                 queued
@@ -657,8 +673,8 @@ class DeliveryWorker:
                 if queued.event.person in listed_people and queued.position not in listed
             ]
         allowed.sort(key=_by_position)
-        read = {queued.position for queued in events}
-        return allowed, len(read) - sum(1 for queued in allowed if queued.position in read)
+        positions = {queued.position for queued in events}
+        return allowed, read - sum(1 for queued in allowed if queued.position in positions)
 
     def _take_due(
         self, limit: int, now: float, after: tuple[float, int] | None

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import diskcache
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cio_logging import cio_event
 from cio_logging.events import Event, event_from_record
@@ -28,6 +30,7 @@ from cio_logging.store import (
     WriteAheadLog,
     encode_row,
 )
+from cio_logging.store.rows import decode_row
 
 from .conftest import PROJECT_ROOT
 
@@ -536,3 +539,30 @@ def test_rows_without_a_due_time_are_not_read_twice_while_in_flight(tmp_path: Pa
     taken = [queued.key for queued in first.events + second.events]
     assert len(first.events) == 6
     assert len(taken) == len(set(taken)) == 10
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.text(min_size=1, max_size=30),
+    person=st.text(min_size=1, max_size=30),
+    anonymous=st.booleans(),
+    logged_at=st.floats(min_value=0, max_value=2**32, allow_nan=False),
+)
+def test_a_fresh_rows_text_is_what_the_json_encoder_writes(
+    name: str, person: str, anonymous: bool, logged_at: float
+) -> None:
+    """The row of an event never tried is built without a second JSON encoding; it must
+    be, byte for byte, what the encoder writes (quotes, control characters, unicode)."""
+    event = Event(
+        id="01J0000000000000000000000A",
+        name=name,
+        customer_id=None if anonymous else person,
+        anonymous_id=person if anonymous else None,
+        data_json='{"k":"v"}',
+        timestamp=int(logged_at),
+        logged_at=logged_at,
+    )
+    head = [2, name, event.customer_id, event.anonymous_id, int(logged_at), logged_at, None]
+    expected = json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1] + ',{"k":"v"}]'
+    assert encode_row(event)[2] == expected
+    assert decode_row(event.id, 0.0, expected).event == event

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _json_string
 from typing import Any, NamedTuple
 
 from ..errors import InvalidEventError
@@ -94,6 +95,15 @@ def encode_row(
     letter's history goes in ``history["dead_letter"]``; rows without it (never
     replayed, or replayed by an earlier version) read as before.
     """
+    if (
+        not attempts
+        and first_failure_at is None
+        and last_error is None
+        and replayed_at is None
+        and dead_letter is None
+        and event.call == EVENT
+    ):
+        return event.id, min(event.logged_at, time.time()), _fresh_event_text(event), event.person
     history: dict[str, Any] | None = None
     if attempts or first_failure_at is not None or last_error is not None or replayed_at:
         history = {
@@ -123,6 +133,20 @@ def encode_row(
     # clock stepped back since) must not wait until the clock catches up.
     due = min(event.logged_at, time.time()) if replayed_at is None else replayed_at
     return event.id, due, f"{head[:-1]},{event.data_json}]", event.person
+
+
+def _fresh_event_text(event: Event) -> str:
+    """The row text of an event never tried, as ``_ROW_ENCODER`` writes it, built
+    without a second JSON encoding: this runs on the caller's thread for every event,
+    and the data is the one part that needs the encoder (done once, at emit)."""
+    anonymous_id = event.anonymous_id
+    customer_id = event.customer_id
+    return (
+        f"[{_ROW_VERSION},{_json_string(event.name)},"
+        f"{'null' if customer_id is None else _json_string(customer_id)},"
+        f"{'null' if anonymous_id is None else _json_string(anonymous_id)},"
+        f"{event.timestamp:d},{event.logged_at!r},null,{event.data_json}]"
+    )
 
 
 def decode_row(key: str, due: float | None, value: str, position: int = 0) -> QueuedEvent:
