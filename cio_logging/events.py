@@ -24,6 +24,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, NamedTuple, TypeGuard
 
 from ulid import ULID
@@ -539,7 +540,13 @@ def encode_data(data: object) -> str:
     if type(data) is not dict and not isinstance(data, Mapping):
         raise InvalidEventError(f"data must be a dict, not {type(data).__name__}")
     try:
-        text = _DATA_ENCODER.encode(data)
+        if _encode_unchecked is None:
+            text = _DATA_ENCODER.encode(data)
+        else:
+            try:
+                text = "".join(_encode_unchecked(data, 0))
+            except RecursionError:
+                text = _DATA_ENCODER.encode(data)  # which names a cycle as one
         # ASCII text has no lone surrogate and one byte a character: skip the encoding.
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError:
@@ -580,6 +587,15 @@ def _json_default(value: object) -> object:
 # Built once: json.dumps with options builds a new encoder on every call.
 _DATA_ENCODER = json.JSONEncoder(
     default=_json_default, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+)
+# The same encoder's C core, called directly: JSONEncoder.encode builds it anew for
+# every call, a third of an event's encoding. Without the cycle check (its marker
+# table would be shared between threads): a cycle ends in RecursionError, and
+# _DATA_ENCODER then encodes again to say it is one.
+_encode_unchecked = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(None, _json_default, encode_basestring, None, ":", ",", False, False, False)
 )
 
 
@@ -633,24 +649,38 @@ _random_bits = _RANDOM.getrandbits
 os.register_at_fork(after_in_child=_RANDOM.seed)
 
 
+# (millisecond, its 10 characters) of the last id made.
+_time_part: tuple[int, str] = (-1, "")
+
+
 def new_event_id() -> str:
     """A fresh ULID: the current millisecond and 80 random bits.
 
     Not python-ulid's ``ULID()``: its module-wide generator takes a lock, and a child
     forked while another thread held it hangs in its first emit (seen here).
     """
+    global _time_part
     millisecond = time.time_ns() // 1_000_000
-    value = millisecond << 80 | _random_bits(80)
-    # 128 bits as 26 characters, the first holding 3 bits: 13 table lookups of 10
-    # bits, unrolled because this runs on the caller's thread for every event.
     pairs = _PAIRS
+    part = _time_part  # one read: another thread may replace it meanwhile
+    if part[0] != millisecond:
+        # The first 10 characters are the 48-bit millisecond (the first pair holds 8
+        # bits): the same for every id of that millisecond, so built once for them.
+        part = (
+            millisecond,
+            pairs[millisecond >> 40]
+            + pairs[(millisecond >> 30) & 1023]
+            + pairs[(millisecond >> 20) & 1023]
+            + pairs[(millisecond >> 10) & 1023]
+            + pairs[millisecond & 1023],
+        )
+        _time_part = part
+    # The 80 random bits as 16 characters: 8 table lookups of 10 bits, unrolled
+    # because this runs on the caller's thread for every event.
+    value = _random_bits(80)
     return (
-        pairs[value >> 120]
-        + pairs[(value >> 110) & 1023]
-        + pairs[(value >> 100) & 1023]
-        + pairs[(value >> 90) & 1023]
-        + pairs[(value >> 80) & 1023]
-        + pairs[(value >> 70) & 1023]
+        part[1]
+        + pairs[value >> 70]
         + pairs[(value >> 60) & 1023]
         + pairs[(value >> 50) & 1023]
         + pairs[(value >> 40) & 1023]
