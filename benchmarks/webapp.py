@@ -229,7 +229,7 @@ def _webapp_rows(section: Section, sizes: WebappSizes, attempt: Attempt) -> None
         "over the wall time from the start signal to the last thread's end; percentiles "
         f"are over every call of every thread. Rows per commit: the rows the handler's "
         "group committer wrote over its transactions while the requests ran "
-        "(`status()[\"commits\"]`). "
+        '(`status()["commits"]`). '
         f"{sizes.rounds} round(s), contenders taking "
         "turns (reversed every other round); medians over the rounds."
     )

@@ -30,6 +30,10 @@ from .metadata import PACKAGE_VERSION
 
 #: The breaker's states as metric attribute values and gauge numbers.
 _STATE_NAMES = {"closed": "closed", "half-open": "half_open", "open": "open"}
+# Shared by every measurement of delivered events: never changed after this.
+_ESSENTIAL_ATTRIBUTES: dict[bool, dict[str, Any]] = {
+    essential: {"cio.event.essential": essential} for essential in (False, True)
+}
 _STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 
 _INSTRUMENTATION_NAME = "cio_logging"
@@ -198,11 +202,20 @@ class Telemetry:
                 self.delivery_duration.record(time.perf_counter() - started, measured)
 
     def events_delivered(self, logged_at: Iterable[tuple[float, bool]], now: float) -> None:
-        """Count accepted events and their lag; ``logged_at`` pairs time and essential."""
+        """Count accepted events and their lag; ``logged_at`` pairs time and essential.
+
+        One count per batch and kind, and the lag per event with attributes built once:
+        this runs on the sender's thread for every event delivered.
+        """
+        counts = {False: 0, True: 0}
+        record = self.event_lag.record
         for created, essential in logged_at:
-            attributes = {"cio.event.essential": essential}
-            self.delivered.add(1, attributes)
-            self.event_lag.record(max(0.0, now - created), attributes)
+            counts[essential] += 1
+            lag = now - created
+            record(lag if lag > 0.0 else 0.0, _ESSENTIAL_ATTRIBUTES[essential])
+        for essential, count in counts.items():
+            if count:
+                self.delivered.add(count, _ESSENTIAL_ATTRIBUTES[essential])
 
     def event_retried(self, essential: bool) -> None:
         self.retried.add(1, {"cio.event.essential": essential})

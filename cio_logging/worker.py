@@ -538,6 +538,10 @@ class DeliveryWorker:
         in_flight: deque[tuple[Future[DeliveryReport], list[QueuedEvent]]] = deque()
         busy: dict[str, set[int]] = {}  # people with calls in flight: their positions
         held: dict[str, list[QueuedEvent]] = {}  # their later calls, in order
+        # In flight, held, or ready to go: each is on its way, ahead of anything a
+        # read finds for its person. Kept as they come and go, not rebuilt at every
+        # read (that was a sixth of the sender's CPU under load).
+        accounted: dict[str, set[int]] = {}
         # People held back by an earlier row waiting for a retry, with its due time: not
         # counted or listed again at every read until then (the row cannot go sooner,
         # and only this sender removes rows, so the wait is never wrong for long).
@@ -567,11 +571,6 @@ class DeliveryWorker:
                         cursor = batch.cursor
                     else:
                         exhausted = True  # read again once a request is answered
-                    # In flight, held, or released just now into ``ready``: each is on
-                    # its way, ahead of anything this read finds for its person.
-                    accounted = {person: set(positions) for person, positions in busy.items()}
-                    for queued in [*ready, *(q for waiting in held.values() for q in waiting)]:
-                        accounted.setdefault(queued.event.person, set()).add(queued.position)
                     allowed, blocked = self._in_person_order(events, accounted, waiting)
                     if blocked and blocked_since is None:
                         blocked_since = time.monotonic()
@@ -581,6 +580,7 @@ class DeliveryWorker:
                         found = True
                     for queued in allowed:
                         person = queued.event.person
+                        accounted.setdefault(person, set()).add(queued.position)
                         if person in busy or person in held:
                             held.setdefault(person, []).append(queued)
                         else:
@@ -597,11 +597,13 @@ class DeliveryWorker:
             future, sent = in_flight.popleft()
             report = future.result()
             for queued in sent:
-                positions = busy.get(queued.event.person)
-                if positions is not None:
-                    positions.discard(queued.position)
-                    if not positions:
-                        del busy[queued.event.person]
+                person = queued.event.person
+                for on_the_way in (busy, accounted):
+                    positions = on_the_way.get(person)
+                    if positions is not None:
+                        positions.discard(queued.position)
+                        if not positions:
+                            del on_the_way[person]
             self._apply(report)
             failed = failed or report.failure is not None
             exhausted = False
@@ -640,9 +642,14 @@ class DeliveryWorker:
         candidates = {queued.position: queued for queued in events}
         through = max(candidates)
         mine = Counter(queued.event.person for queued in events)
-        for person, positions in accounted.items():
-            if person in mine:
-                mine[person] += sum(1 for position in positions if position <= through)
+        for person in mine:
+            positions = accounted.get(person)
+            if positions:
+                # Mostly all earlier than this read: then counted without a loop.
+                if max(positions) <= through:
+                    mine[person] += len(positions)
+                else:
+                    mine[person] += sum(1 for position in positions if position <= through)
         counts = self._wal.person_counts(mine.keys(), through)
         # A person whose rows up to here are exactly these calls and those accounted for.
         listed_people = {person for person, known in mine.items() if counts.get(person) != known}
