@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import threading
 import time
@@ -54,6 +55,7 @@ _BACKPRESSURE_ROWS = 4 * _GROUP_ROWS
 _BACKPRESSURE_BYTES = 4 * _GROUP_BYTES
 # Estimated memory of one buffered row beyond its text (tuple, key, float).
 _ROW_OVERHEAD = 150
+_TEXT = operator.itemgetter(2)  # a row's JSON text
 # Retrying a failing disk: from this delay, doubling, up to the cap.
 _RETRY_FIRST, _RETRY_CAP = 0.05, 5.0
 # How often the writer re-reads the log's size for the shedding limits.
@@ -344,7 +346,9 @@ class GroupCommitter:
             self._note_failure(exc)
             return False
         taken = len(rows)
-        size = sum(len(row[2]) + _ROW_OVERHEAD for row in rows)
+        size = (
+            sum(map(len, map(_TEXT, rows))) + _ROW_OVERHEAD * taken
+        )  # no Python loop over the group
         recovered = False
         with self._lock:
             # No call between these statements: nothing can interrupt them halfway.

@@ -396,8 +396,12 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
             f"unknown key(s) {names} in extra[{EXTRA_KEY!r}]; event data goes under 'data' "
             f"(allowed: {', '.join(sorted(_ALLOWED_KEYS))})"
         )
-    customer_id = _identifier("customer_id", tag.get("customer_id"))
-    anonymous_id = _identifier("anonymous_id", tag.get("anonymous_id"))
+    customer_id = tag.get("customer_id")
+    if customer_id is not None:
+        customer_id = _identifier("customer_id", customer_id)
+    anonymous_id = tag.get("anonymous_id")
+    if anonymous_id is not None:
+        anonymous_id = _identifier("anonymous_id", anonymous_id)
     call = tag.get("call", EVENT)
     if call not in CALLS:
         raise InvalidEventError(

@@ -248,6 +248,9 @@ class CustomerIOHandler(logging.Handler):
             or getattr(flush_thread_marker, "active", False)
         ):
             return False
+        if not self.filters:  # the common case: Filterer.filter's loop for nothing
+            self.emit(record)
+            return True
         result = self.filter(record)
         if isinstance(result, logging.LogRecord):  # Python 3.12+: a filter may swap it
             record = result

@@ -218,7 +218,11 @@ class DeliveryWorker:
                 self._thread.start()
 
     def notify(self) -> None:
-        self._wake.set()
+        # Event.set takes a lock and notifies even when already set; this runs after
+        # every commit. Skipping it then loses nothing: the flag is cleared before the
+        # log is read (_cycle), so a set flag means that read is still to come.
+        if not self._wake.is_set():
+            self._wake.set()
 
     def flush(self, timeout: float, last_rowid: int) -> bool:
         """Wait until nothing is due: all delivered, or what is left cannot go now.
