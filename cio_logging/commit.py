@@ -158,15 +158,24 @@ class GroupCommitter:
 
     @contextlib.contextmanager
     def _entered(self) -> Iterator[None]:
-        depth = getattr(self._inside, "depth", 0)
-        self._inside.depth = depth + 1
+        depth = self._enter()
         try:
             yield
         finally:
-            self._inside.depth = depth
-            if depth == 0 and self._deferred_signal is not None:
-                signum, self._deferred_signal = self._deferred_signal, None
-                os.kill(os.getpid(), signum)
+            self._leave(depth)
+
+    def _enter(self) -> int:
+        """Count this thread in; returns the depth to give back to :meth:`_leave`."""
+        depth: int = getattr(self._inside, "depth", 0)
+        self._inside.depth = depth + 1
+        return depth
+
+    def _leave(self, depth: int) -> None:
+        """Count this thread out; raise a deferred signal once it has left entirely."""
+        self._inside.depth = depth
+        if depth == 0 and self._deferred_signal is not None:
+            signum, self._deferred_signal = self._deferred_signal, None
+            os.kill(os.getpid(), signum)
 
     @property
     def buffered_bytes(self) -> int:
@@ -185,18 +194,13 @@ class GroupCommitter:
         interrupt (KeyboardInterrupt, SystemExit) raised meanwhile propagates, and the
         row is then either committed or still buffered for the writer.
         """
-        # _entered() spelt out: a generator-based context manager costs about a
-        # microsecond, and this runs on the caller's thread for every event.
-        inside = self._inside
-        depth = getattr(inside, "depth", 0)
-        inside.depth = depth + 1
+        # _entered() without its generator (about a microsecond): this runs on the
+        # caller's thread for every event.
+        depth = self._enter()
         try:
             return self._submit(row, durable)
         finally:
-            inside.depth = depth
-            if depth == 0 and self._deferred_signal is not None:
-                signum, self._deferred_signal = self._deferred_signal, None
-                os.kill(os.getpid(), signum)
+            self._leave(depth)
 
     def _submit(self, row: Row, durable: bool) -> str:
         size = len(row[2]) + _ROW_OVERHEAD
@@ -346,9 +350,8 @@ class GroupCommitter:
             self._note_failure(exc)
             return False
         taken = len(rows)
-        size = (
-            sum(map(len, map(_TEXT, rows))) + _ROW_OVERHEAD * taken
-        )  # no Python loop over the group
+        # In C, not a Python loop over the group.
+        size = sum(map(len, map(_TEXT, rows))) + _ROW_OVERHEAD * taken
         recovered = False
         with self._lock:
             # No call between these statements: nothing can interrupt them halfway.
