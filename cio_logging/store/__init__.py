@@ -1,54 +1,76 @@
-"""Where events wait: the store interface, its row types, and the two implementations.
+"""Where events wait: the store roles, their row types, and the implementations.
 
-The committer, the worker, replay, the CLI and ``status()`` see a store only through
-the two protocols here:
+Each user of a store sees it only through the role it needs (``typing.Protocol`` s):
 
-* :class:`EventLog`, the events waiting for Customer.io (the write-ahead log);
-* :class:`DeadLetterArchive`, the events that failed for good.
+* :class:`EventSink`: the committer appends rows (and asks the disk to recover);
+* :class:`QueueView`: ``status()``, the CLI and ``flush()`` in a process that does not
+  send look at the queue;
+* :class:`SenderQueue`: the sender reads batches, acknowledges, schedules retries,
+  moves due times on a clock step and puts replayed calls back;
+* :class:`DeadLetterWriter`: the sender writes dead letters (and notes later calls of
+  their people); :class:`DeadLetterArchive`: the CLI reads, purges, replays them.
+
+Features that only one store has are roles of their own, handed over explicitly,
+never looked up with ``getattr``: :class:`Spilling` (fleet mode's local spill) and
+:class:`LegacyRows` (rows an earlier version left in diskcache's own table).
 
 Implementations:
 
-* :mod:`.local`: diskcache in the queue directory (the embedded default);
+* :mod:`.local`: SQLite through diskcache in the queue directory (the default);
 * :mod:`.postgres`: PostgreSQL, shared by a fleet of processes and hosts
-  (``queue_url="postgresql://..."``), with a local diskcache spill.
+  (``queue_url="postgresql://..."``), with a local spill;
+* :mod:`.memory`: in memory, for unit tests (``cio_logging.testing.InMemoryStore``).
 
-Both keep the same texts (see :mod:`.rows`), so an event moves between them unchanged.
+All keep the same texts (see :mod:`.rows`), so an event moves between them unchanged;
+one contract suite (``tests/contract``) runs against all three.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
 from ..events import Event
+from ..transport.templates import Templates
 from ._sqlite import inherited_owner, secure_directory, secure_file
 from .local import DeadLetterStore, WriteAheadLog
 from .rows import (
     Batch,
+    BatchQuery,
     CorruptEntry,
     DeadLetter,
     DeadLetterHistory,
     DeadLetterReason,
+    LaterCall,
     QueuedEvent,
     ReplayRecord,
     Row,
+    SendBatch,
     encode_row,
 )
 
 __all__ = [
     "Batch",
+    "BatchQuery",
     "CorruptEntry",
     "DeadLetter",
     "DeadLetterArchive",
     "DeadLetterHistory",
     "DeadLetterReason",
     "DeadLetterStore",
-    "EventLog",
+    "DeadLetterWriter",
+    "EventSink",
+    "LaterCall",
+    "LegacyRows",
+    "QueueView",
     "QueuedEvent",
     "ReplayRecord",
     "Row",
+    "SendBatch",
+    "SenderQueue",
+    "Spilling",
     "WriteAheadLog",
     "encode_row",
     "inherited_owner",
@@ -57,96 +79,122 @@ __all__ = [
 ]
 
 
-class EventLog(Protocol):
-    """Events waiting for Customer.io, oldest due first; at-least-once.
+class EventSink(Protocol):
+    """What the committer writes to: rows appended durably, in commit order."""
 
-    A row is appended before ``emit`` returns (or within ``commit_interval``) and
-    removed only once Customer.io accepted it or it is in the dead-letter archive.
-    """
-
-    #: A local directory the log's files live in (the spill directory for a shared
+    #: A local directory the store's files live in (the spill directory for a shared
     #: store); named in messages about the disk.
     directory: Path
-
-    def append(
-        self,
-        event: Event,
-        *,
-        replayed_at: float | None = None,
-        dead_letter: DeadLetterHistory | None = None,
-    ) -> None:
-        """Write one event durably before returning."""
 
     def append_rows(self, rows: Sequence[Row]) -> int:
         """Commit rows made by :func:`encode_row` together; a row whose id is already
         queued is left as it is. Returns a position that every row of ``rows`` is at
-        or before (see :meth:`sendable_through`). Raises when nothing was written."""
-
-    def read_due(
-        self, limit: int, now: float | None = None, *, after: tuple[float, int] | None = None
-    ) -> Batch:
-        """Up to ``limit`` events due at ``now``, longest due first, after the cursor
-        ``after`` of an earlier read; unreadable rows come back as corrupt entries."""
-
-    def earlier_rows(
-        self, people: Collection[str], through: int
-    ) -> list[tuple[str, int, float, str]]:
-        """``(person, position, due time, key)`` of every waiting row of ``people`` at
-        or before position ``through`` (see :attr:`QueuedEvent.position`), in commit
-        order. The sender sends a person's call only once each of these before it is
-        accounted for: sent, in flight, or ahead of it in the same request."""
-
-    def person_counts(self, people: Collection[str], through: int) -> dict[str, int]:
-        """How many waiting rows each of ``people`` has at or before ``through``."""
-
-    def remove(self, keys: Iterable[str]) -> None:
-        """Acknowledge: delete delivered (or dead-lettered) events."""
-
-    def record_failure(
-        self,
-        failures: Iterable[tuple[QueuedEvent, float]],
-        error: str,
-        now: float | None = None,
-        *,
-        count_attempt: bool = True,
-    ) -> None:
-        """Count a failed attempt on each event and set when it is next due."""
-
-    def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
-        """Move due times by a wall-clock step; returns how many moved."""
-
-    def get(self, key: str) -> QueuedEvent | None:
-        """One waiting event by id, or None."""
-
-    def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
-        """Whether a row at or before ``rowid`` is still waiting and can go now."""
-
-    def oldest_logged_at(self) -> float | None:
-        """When the oldest waiting event was logged."""
+        or before (see :meth:`QueueView.sendable_through`). Raises when nothing was
+        written."""
 
     def volume(self) -> int:
-        """Bytes the waiting rows take (for the shedding limits)."""
+        """Bytes the waiting rows take on this host's disk (for the shedding limits)."""
 
     def replaced_on_disk(self, *, at_most_every: float = 0.0) -> bool:
         """Whether the local file written is gone or replaced (see :meth:`recover`)."""
 
     def recover(self, error: BaseException | None) -> str | None:
-        """Try to make the log writable again after ``error``; says what it did."""
+        """Try to make the local file writable again after ``error``; says what it did."""
+
+
+class QueueView(Protocol):
+    """The queue as people and non-sending processes see it."""
+
+    directory: Path
 
     def __len__(self) -> int:
-        """How many events wait."""
+        """How many calls wait."""
 
     def __contains__(self, key: object) -> bool:
-        """Whether the event with this id waits."""
+        """Whether the call with this id waits."""
+
+    def get(self, key: str) -> QueuedEvent | None:
+        """One waiting call by id, or None."""
+
+    def oldest_logged_at(self) -> float | None:
+        """When the oldest waiting call was logged."""
+
+    def volume(self) -> int:
+        """Bytes the waiting rows take (for the shedding limits)."""
+
+    def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
+        """Whether a row at or before position ``rowid`` still waits and can go now
+        (never tried, its retry due, or due beyond ``horizon``: a stepped clock)."""
 
     def close(self) -> None:
         """Release what this process holds open; a later call reopens."""
 
 
-class DeadLetterArchive(Protocol):
-    """Events that failed for good, with their reasons and replay history."""
+class SenderQueue(Protocol):
+    """What the sender needs, per batch: the database does the per-call work."""
 
-    directory: Path
+    def next_batch(self, query: BatchQuery, templates: Templates) -> SendBatch:
+        """The calls that may go now, in the order they must go, with their batch
+        items built from the stored text (see :class:`SendBatch`): due, no person of
+        theirs busy, and no earlier call of their people waiting for a retry."""
+
+    def rows(self, positions: Sequence[str | int]) -> tuple[list[QueuedEvent], list[CorruptEntry]]:
+        """The rows at ``positions``, decoded (the slow path), and those unreadable."""
+
+    def acknowledge(self, positions: Sequence[str | int]) -> None:
+        """Take rows out (delivered, or dead-lettered first): one statement."""
+
+    def schedule_retries(
+        self,
+        positions: Sequence[str | int],
+        *,
+        count_attempt: bool,
+        delays: Sequence[float],
+        now: float,
+        error: str,
+        max_attempts: int,
+    ) -> list[QueuedEvent]:
+        """Record a failed attempt and when each row is next due (``delays`` by attempt
+        count), in one statement; returns, unchanged, the rows that reach
+        ``max_attempts`` (to be dead-lettered)."""
+
+    def next_due(self) -> float | None:
+        """When the earliest retry waiting is due; None when none waits."""
+
+    def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
+        """Move due times by a wall-clock step; returns how many moved."""
+
+    def requeue(self, rows: Sequence[Row]) -> list[int]:
+        """Put replayed rows ahead of every queued row, in this order; their positions."""
+
+    def queued_calls_of(self, person: str) -> int:
+        """How many calls of ``person`` wait (for a replay's report)."""
+
+    def __len__(self) -> int:
+        """How many calls wait."""
+
+
+class Spilling(Protocol):
+    """Fleet mode: rows committed to a local spill while the database was away."""
+
+    def probe(self) -> bool:
+        """Whether the database answers (then commits go to it again)."""
+
+    def move_spilled(self, limit: int = 500) -> int:
+        """Move up to ``limit`` spilled rows to the database; how many moved."""
+
+
+class LegacyRows(Protocol):
+    """The local store: rows an earlier version left in diskcache's own table."""
+
+    def move_legacy_rows(
+        self, limit: int = 500, *, at_most_every: float = 0.0
+    ) -> tuple[int, list[CorruptEntry]]:
+        """Move them into the queue; returns how many moved and those refused."""
+
+
+class DeadLetterWriter(Protocol):
+    """What the sender writes dead letters with."""
 
     def add(
         self,
@@ -164,6 +212,18 @@ class DeadLetterArchive(Protocol):
         replay_count: int | None = None,
     ) -> None:
         """Store (or overwrite) the entry ``key`` with this reason as the latest."""
+
+    def people(self) -> dict[str, list[str]]:
+        """The ids of the entries of each person (``Event.person``)."""
+
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
+        """Record calls of the entry's person delivered after it was dead-lettered."""
+
+
+class DeadLetterArchive(DeadLetterWriter, Protocol):
+    """Events that failed for good, with their reasons and replay history."""
+
+    directory: Path
 
     def __iter__(self) -> Iterator[DeadLetter]:
         """Every entry, oldest key first."""
@@ -183,11 +243,8 @@ class DeadLetterArchive(Protocol):
     ) -> list[DeadLetter]:
         """Entries matching every filter given, oldest key first."""
 
-    def replay(self, letters: Iterable[DeadLetter], wal: EventLog) -> int:
-        """Move entries back into ``wal`` (appended first, then removed here)."""
-
     def purge(self, letters: Iterable[DeadLetter]) -> int:
-        """Delete entries for good; returns how many."""
+        """Delete entries for good (or once replayed into the queue); returns how many."""
 
     def count(self, by: Literal["event", "reason"] | None = None) -> Counter[str]:
         """Count entries, in all or by event name or error type."""
@@ -197,3 +254,7 @@ class DeadLetterArchive(Protocol):
 
     def close(self) -> None:
         """Release what this process holds open."""
+
+
+class EventLog(EventSink, QueueView, SenderQueue, Protocol):
+    """A whole queue store: every role a handler wires to its users."""

@@ -24,6 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -641,9 +642,25 @@ SALVAGE_COLUMNS = (
     + " FROM Cache WHERE raw = 1 AND typeof(key) = 'text' AND typeof(value) = 'text'"
 )
 SALVAGE_ALL = SALVAGE_COLUMNS
-SALVAGE_RANGE_SQL = SALVAGE_COLUMNS + " AND rowid BETWEEN ? AND ?"
-SALVAGE_ONE = SALVAGE_COLUMNS + " AND rowid = ?"
 SALVAGE_RANGE = 256
+
+
+@dataclass(frozen=True)
+class SalvageQueries:
+    """How to read one table's rows back after damage: all at once, or by ranges of
+    ``key`` between its ``bounds``, or one by one (each query ends in a WHERE)."""
+
+    all: str
+    bounds: str
+    key: str
+
+    @property
+    def range(self) -> str:
+        return f"{self.all} AND {self.key} BETWEEN ? AND ?"
+
+    @property
+    def one(self) -> str:
+        return f"{self.all} AND {self.key} = ?"
 
 
 def readable_rows(

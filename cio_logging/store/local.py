@@ -2,8 +2,8 @@
 
 An event is appended before ``emit`` returns and deleted only after Customer.io
 accepted it (or it was moved to the dead-letter store), so the log is at-least-once.
-Keys are the events' ULIDs, so key order is logging order (to the millisecond) and
-a resend keeps its id. The plumbing (fork gate, opening, salvage) is in ``_sqlite.py``.
+A resend keeps the event's id. The plumbing (fork gate, opening, salvage) is in
+``_sqlite.py``; the batch items the database builds, in ``items.py``.
 """
 
 from __future__ import annotations
@@ -13,30 +13,29 @@ import functools
 import itertools
 import json
 import logging
-import operator
 import os
 import sqlite3
 import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import diskcache
 
 from ..errors import CorruptEntryError, InvalidEventError
-from ..events import Event, event_from_dict
+from ..events import Event
+from ..transport.templates import Templates
 from ._sqlite import (
     FORK_GATE,
     LIVE_CONNECTIONS,
     PERSON_OF_VALUE,
     SALVAGE_ALL,
-    SALVAGE_ONE,
     SALVAGE_RANGE,
-    SALVAGE_RANGE_SQL,
     Connection,
+    SalvageQueries,
     Transaction,
     close_if_ours,
     database_identity,
@@ -47,61 +46,74 @@ from ._sqlite import (
     readable_rows,
     sqlite_section,
 )
+from .items import sqlite_item
 from .rows import (
     Batch,
+    BatchQuery,
     CorruptEntry,
     DeadLetter,
     DeadLetterHistory,
     DeadLetterReason,
+    LaterCall,
     QueuedEvent,
     ReplayRecord,
     Row,
+    SendBatch,
     dead_letter_entry,
     dead_letter_from_text,
     decode_row,
     encode_row,
+    letter_json,
     matching_letters,
 )
 
-if TYPE_CHECKING:
-    from . import EventLog
-
 _internal_log = logging.getLogger("cio_logging")
-
-_MODE_RAW = diskcache.core.MODE_RAW
 
 
 def _decode_row(row: tuple[Any, ...]) -> QueuedEvent:
-    """A row selected by one of the queries below, checked and decoded; never unpickles.
+    """A queue row ``(position, id, due, body, waiting, attempts, first_failure_at,
+    last_error)``, checked and decoded; never unpickles. The retry columns, once set,
+    win over the history in the text (the text keeps what a replay or a spill carried).
 
     Raises:
-        CorruptEntryError: the row is not inline text under a text key.
+        CorruptEntryError: the body is not text.
         InvalidEventError: the text is not an entry of ours.
     """
-    rowid, key, raw, tag, mode, filename, value = row
-    if type(key) is not str or raw != 1:
-        raise CorruptEntryError("a queue key is not a plain string (refused, not decoded)")
-    if mode != _MODE_RAW or filename is not None or type(value) is not str:
-        raise CorruptEntryError(
-            f"a stored row has mode {mode}, not inline JSON text (refused, not decoded)"
-        )
-    return decode_row(key, tag, value, rowid)
+    position, key, due, body, waiting, attempts, first_failure_at, last_error = row
+    if type(key) is not str or type(body) is not str:
+        raise CorruptEntryError("a stored row is not JSON text (refused, not decoded)")
+    queued = decode_row(key, due, body, position)
+    if attempts is None:
+        return queued
+    return queued._replace(
+        attempts=int(attempts),
+        first_failure_at=first_failure_at,
+        last_error=last_error,
+        next_attempt_at=float(due) if waiting is not None else queued.next_attempt_at,
+    )
 
 
 class WriteAheadLog:
-    """Events waiting for Customer.io, on disk, oldest due first.
+    """Events waiting for Customer.io, on disk, in the order they were committed.
 
-    Rows live in diskcache's ``Cache`` table: the key is the event id, the value our
-    JSON text (see :func:`encode_row`) and the ``tag`` column, indexed, the time the
-    next attempt is due (the logging time for a fresh event). A column of ours,
-    ``person`` (indexed; diskcache names its columns and never sees it), holds whose
-    call it is: a row is read only once no earlier row of the same person would be
-    read after it (see ``_SELECT_DUE``), so a person's calls go in logging order
-    through retries and restarts. Reading what is due is
-    then an index range scan, whatever the backlog of events waiting for a retry, and
-    appends, acknowledgements and retries are one statement per batch in one
-    transaction: the hot paths are written in SQL on diskcache's own connection, and
-    diskcache's triggers keep its counters right.
+    The database is diskcache's (it opens, configures and fork-proofs it: see
+    ``_sqlite.py``); the rows live in a table of our own, ``cio_queue``. diskcache's
+    ``Cache`` table, with five indexes and two triggers on every row, cost 15 to 27 us
+    of CPU to insert a row and 9 us to delete one (measured here with 100,000 rows);
+    this one costs 2 to 5 and 2. Rows an earlier version left in ``Cache`` are moved in
+    (:meth:`move_legacy_rows`).
+
+    A row is ``(position, id, due, person, body, ...)``: ``position`` is commit order
+    (the order a person's calls go in; a replayed row gets one below every other, so it
+    goes ahead of its person's queued calls); ``body`` is the row text of
+    :func:`encode_row`. A row never tried is due at once. A row that failed ``waits``:
+    its due time counts, and its person's later calls wait for it. Only waiting rows
+    are indexed by person and due time (partial indexes), so the index work of an
+    append or an acknowledgement stays that of the table and its id.
+
+    The sender's work is per batch: :meth:`next_batch` returns the items of the calls
+    that may go, joined by SQLite from the stored text with the API's templates;
+    :meth:`acknowledge` and :meth:`schedule_retries` are one statement each.
     """
 
     @sqlite_section
@@ -119,10 +131,11 @@ class WriteAheadLog:
 
     def _open(self, cache: diskcache.Cache) -> None:
         """Start using ``cache``; remember which file it is, and keep a connection to it."""
-        _add_person_column(cache)
+        _create_queue_table(cache)
         self._cache = cache
         self._identity = database_identity(self.directory)
         self._identity_checked_at = time.monotonic()
+        self._legacy_checked_at = float("-inf")
         self._open_anchor()
 
     def _open_anchor(self) -> None:
@@ -149,6 +162,8 @@ class WriteAheadLog:
             # when a daemon flush thread may still be salvaging through it.
             weakref.finalize(self, close_if_ours, os.getpid(), anchor).atexit = False
 
+    # -- appending (the committer) -----------------------------------------------------
+
     def append(
         self,
         event: Event,
@@ -169,7 +184,7 @@ class WriteAheadLog:
         """Commit rows made by :func:`encode_row`, all in one transaction.
 
         A row whose id is already queued is left as it is (a replay of an event that is
-        still waiting). Returns the largest rowid SQLite gave (every row of ``rows``
+        still waiting). Returns the largest position SQLite gave (every row of ``rows``
         that was inserted has one at most this; 0 if none). Raises ``sqlite3.Error`` or
         ``OSError`` if the disk fails; then nothing of ``rows`` was written.
         """
@@ -221,140 +236,198 @@ class WriteAheadLog:
         """``with self._transaction() as connection:`` one write transaction."""
         return Transaction(self._cache._con)
 
+    # -- the sender ------------------------------------------------------------------------
+
+    @sqlite_section
+    def next_batch(self, query: BatchQuery, templates: Templates) -> SendBatch:
+        """The calls that may go now, in commit order, with their items joined by SQLite.
+
+        A call may go when it is due (never tried, or its retry's time has come), no
+        person of it is ``busy``, and no earlier call of its people waits for a retry
+        still to come. Calls of a person come in commit order; an earlier call of the
+        person that may go comes in the same batch, ahead of it.
+        """
+        sql = _next_batch_sql(templates)
+        busy = json.dumps(list(query.busy)) if query.busy else "[]"
+        essential = json.dumps(list(query.essential)) if query.essential else "[]"
+        parameters = {
+            "now": query.now,
+            "limit": query.limit,
+            "budget": query.budget,
+            "item_limit": query.item_limit,
+            "expire_before": query.expire_before,
+            "busy": busy,
+            "essential": essential,
+        }
+        ((positions, ids, people, others, items, logged, flags, count),) = self._cache._sql(
+            sql, parameters
+        ).fetchall()
+        return _send_batch(positions, ids, people, others, items, logged, flags, count)
+
+    @sqlite_section
+    def rows(self, positions: Sequence[str | int]) -> tuple[list[QueuedEvent], list[CorruptEntry]]:
+        """The rows at ``positions``, decoded, in commit order; unreadable ones as
+        corrupt entries (still queued: :meth:`acknowledge` takes them out)."""
+        found = self._cache._sql(_SELECT_POSITIONS, (_json_numbers(positions),)).fetchall()
+        events: list[QueuedEvent] = []
+        corrupt: list[CorruptEntry] = []
+        for row in found:
+            try:
+                events.append(_decode_row(row))
+            except (CorruptEntryError, InvalidEventError) as exc:
+                name = row[1] if type(row[1]) is str else f"row-{row[0]}"
+                corrupt.append(CorruptEntry(name, str(exc), row[0]))
+        return events, corrupt
+
+    @sqlite_section
+    def acknowledge(self, positions: Sequence[str | int]) -> None:
+        """Take the rows at ``positions`` out: delivered, or in the dead-letter store."""
+        if not positions:
+            return
+        with self._write_guard, self._transaction() as connection:
+            connection.execute(_DELETE_POSITIONS, (_json_numbers(positions),))
+
+    @sqlite_section
+    def schedule_retries(
+        self,
+        positions: Sequence[str | int],
+        *,
+        count_attempt: bool,
+        delays: Sequence[float],
+        now: float,
+        error: str,
+        max_attempts: int,
+    ) -> list[QueuedEvent]:
+        """Record a failed attempt (when ``count_attempt``) on the rows at ``positions``
+        and make each wait ``delays[attempts]`` seconds (the last delay for more
+        attempts); one statement.
+
+        Rows that would reach ``max_attempts`` are left as they are and returned,
+        decoded, for the sender to dead-letter (then :meth:`acknowledge`).
+        """
+        if not positions:
+            return []
+        numbers = _json_numbers(positions)
+        exhausted: list[QueuedEvent] = []
+        if count_attempt:
+            found = self._cache._sql(_SELECT_EXHAUSTED, (numbers, max_attempts)).fetchall()
+            for row in found:
+                with contextlib.suppress(CorruptEntryError, InvalidEventError):
+                    exhausted.append(_decode_row(row))
+        parameters = {
+            "positions": numbers,
+            "counted": 1 if count_attempt else 0,
+            "delays": json.dumps(list(delays)),
+            "now": now,
+            "error": error,
+            "max_attempts": max_attempts if count_attempt else 2**62,
+        }
+        with self._write_guard, self._transaction() as connection:
+            connection.execute(_SCHEDULE_RETRIES, parameters)
+        return exhausted
+
+    @sqlite_section
+    def next_due(self) -> float | None:
+        """When the earliest retry waiting is due (None: no row waits)."""
+        ((due,),) = self._cache._sql(_NEXT_DUE).fetchall()
+        return None if due is None else float(due)
+
+    @sqlite_section
+    def requeue(self, rows: Sequence[Row]) -> list[int]:
+        """Put rows back ahead of every queued row (a replay from the dead-letter store):
+        each below the lowest position, in the order given, so a person's replayed
+        call goes ahead of the person's calls still queued. A row whose id is queued
+        already is left where it is. Returns the positions given."""
+        if not rows:
+            return []
+        with self._write_guard, self._transaction() as connection:
+            ((lowest,),) = connection.execute(_LOWEST_POSITION).fetchall()
+            start = min(int(lowest or 1), 1) - len(rows)
+            positions = list(range(start, start + len(rows)))
+            for position, (key, due, body, person) in zip(positions, rows, strict=True):
+                connection.execute(_INSERT_AT, (position, key, due, body, person))
+        return positions
+
+    @sqlite_section
+    def queued_calls_of(self, person: str) -> int:
+        """How many calls of ``person`` are queued (read by an operator's replay)."""
+        ((count,),) = self._cache._sql(_COUNT_PERSON, (person,)).fetchall()
+        return int(count)
+
+    @sqlite_section
+    def move_legacy_rows(
+        self, limit: int = 500, *, at_most_every: float = 0.0
+    ) -> tuple[int, list[CorruptEntry]]:
+        """Move rows an earlier version left in diskcache's ``Cache`` table into the
+        queue (in their order, keeping their due times and histories); rows there that
+        are not our JSON text are deleted and returned as corrupt entries. Returns how
+        many rows moved; 0 at once when it ran less than ``at_most_every`` ago."""
+        moment = time.monotonic()
+        if moment - self._legacy_checked_at < at_most_every:
+            return 0, []
+        self._legacy_checked_at = moment
+        sql = self._cache._sql
+        if not sql("SELECT 1 FROM Cache LIMIT 1").fetchall():
+            return 0, []
+        corrupt: list[CorruptEntry] = []
+        with self._write_guard, self._transaction() as connection:
+            bad = connection.execute(_SELECT_LEGACY_BAD, (limit,)).fetchall()
+            for rowid, key in bad:
+                name = key if type(key) is str else f"row-{rowid}"
+                corrupt.append(
+                    CorruptEntry(
+                        name, "a stored row is not inline JSON text (refused, not decoded)"
+                    )
+                )
+            if bad:
+                connection.execute(
+                    "DELETE FROM Cache WHERE rowid IN (SELECT value FROM json_each(?))",
+                    (json.dumps([rowid for rowid, _ in bad]),),
+                )
+            moved = connection.execute(_SELECT_LEGACY, (limit,)).fetchall()
+            for rowid, key, tag, value, person, failed in moved:
+                connection.execute(
+                    _INSERT_LEGACY, (key, 0.0 if tag is None else tag, person, value, failed)
+                )
+            if moved:
+                connection.execute(
+                    "DELETE FROM Cache WHERE rowid IN (SELECT value FROM json_each(?))",
+                    (json.dumps([row[0] for row in moved]),),
+                )
+        return len(moved), corrupt
+
+    # -- compatibility: the spill, read whole (see postgres.py) ----------------------------
+
     @sqlite_section
     def read_due(
         self, limit: int, now: float | None = None, *, after: tuple[float, int] | None = None
     ) -> Batch:
-        """Up to ``limit`` events whose next attempt is due, the longest-due first.
-
-        ``after``: the cursor of an earlier read; only rows past it are read (the
-        earlier ones are being sent). Rows that are not our JSON are deleted from the
-        log and returned as :class:`CorruptEntry` so the caller can dead-letter them.
-        """
-        moment = time.time() if now is None else now
-        sql = self._cache._sql
-        # Rows without a due time were not written by this module (an older version,
-        # another diskcache user): read them first, as due, and check them. Once read
-        # they get one (below), so they are never read twice.
-        rows = sql(_SELECT_UNTAGGED, (limit,)).fetchall()
-        if len(rows) < limit and after is None:
-            rows += sql(_SELECT_DUE, (moment, limit - len(rows))).fetchall()
-        elif len(rows) < limit and after is not None:
-            tag, rowid = after
-            rows += sql(_SELECT_DUE_AFTER, (moment, tag, rowid, limit - len(rows))).fetchall()
-        untagged = [(row[0],) for row in rows if row[3] is None]
-        if untagged:
-            # Rows from an older version (or another writer) get a due time now, the
-            # earliest there is, so a read after this one's cursor does not take them
-            # again while they are in flight.
-            with self._write_guard, self._transaction() as connection:
-                connection.executemany("UPDATE Cache SET tag = 0.0 WHERE rowid = ?", untagged)
-            rows = [row if row[3] is not None else (*row[:3], 0.0, *row[4:]) for row in rows]
-        # The last row read, in (due time, row id) order; never back over ``after``,
-        # whose rows are in flight.
-        positions = [(float(row[3]), int(row[0])) for row in rows]
-        cursor = max([*positions, after] if after is not None else positions, default=None)
+        """Up to ``limit`` rows in commit order (a spill being moved to the database,
+        the operator's tools); unreadable ones come back as corrupt entries, taken out."""
+        lowest = float("-inf") if after is None else after[1]
+        found = self._cache._sql(_SELECT_FROM, (lowest, limit)).fetchall()
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
-        bad_rows: list[tuple[int]] = []
-        for row in rows:
+        for row in found:
             try:
                 events.append(_decode_row(row))
             except (CorruptEntryError, InvalidEventError) as exc:
-                rowid, key = row[0], row[1]
-                name = key if type(key) is str and row[2] == 1 else f"row-{rowid}"
-                corrupt.append(CorruptEntry(name, str(exc)))
-                bad_rows.append((rowid,))
-        if bad_rows:
-            with self._write_guard, self._transaction() as connection:
-                connection.executemany("DELETE FROM Cache WHERE rowid = ?", bad_rows)
+                name = row[1] if type(row[1]) is str else f"row-{row[0]}"
+                corrupt.append(CorruptEntry(name, str(exc), row[0]))
+        if corrupt:
+            self.acknowledge([entry.position for entry in corrupt])
+        cursor = (0.0, int(found[-1][0])) if found else after
         return Batch(events, corrupt, cursor)
 
     @sqlite_section
-    def earlier_rows(
-        self, people: Collection[str], through: int
-    ) -> list[tuple[str, int, float, str]]:
-        """``(person, position, due time, key)`` of every row of ``people`` at or before
-        ``through``, in commit order (see :meth:`EventLog.earlier_rows`)."""
-        found: list[tuple[str, int, float, str]] = []
-        for chunk, marks in _chunks_of_people(people):
-            found += self._cache._sql(
-                "SELECT person, rowid, coalesce(tag, 0.0), key FROM Cache"  # noqa: S608
-                f" INDEXED BY Cache_person WHERE person IN ({marks}) AND rowid <= ?"
-                " ORDER BY rowid",
-                (*chunk, through),
-            ).fetchall()
-        if len(people) > _PEOPLE_PER_STATEMENT:
-            found.sort(key=_POSITION)  # one statement's rows are in order already
-        return found
-
-    @sqlite_section
-    def person_counts(self, people: Collection[str], through: int) -> dict[str, int]:
-        """How many rows each of ``people`` has at or before ``through``: the cheap
-        check before :meth:`earlier_rows` (counted in SQLite, nothing listed)."""
-        counts: dict[str, int] = {}
-        for chunk, marks in _chunks_of_people(people):
-            counts.update(
-                self._cache._sql(
-                    "SELECT person, count(*) FROM Cache INDEXED BY Cache_person"  # noqa: S608
-                    f" WHERE person IN ({marks}) AND rowid <= ? GROUP BY person",
-                    (*chunk, through),
-                ).fetchall()
-            )
-        return counts
-
-    @sqlite_section
     def remove(self, keys: Iterable[str]) -> None:
-        """Delete delivered (or dead-lettered) events, in one transaction."""
+        """Delete rows by event id (one statement)."""
         doomed = list(keys)
-        if not doomed:
-            return
-        # One statement per chunk, not executemany: executemany steps the statement
-        # once per row from Python (a tenth of the sender's CPU), a statement with an
-        # IN list deletes a whole batch in one call into SQLite. diskcache's delete
-        # trigger is FOR EACH ROW, so its count stays right either way.
-        with self._write_guard, self._transaction() as connection:
-            for start in range(0, len(doomed), _KEYS_PER_STATEMENT):
-                chunk = doomed[start : start + _KEYS_PER_STATEMENT]
-                connection.execute(_delete_keys_sql(len(chunk)), chunk)
+        if doomed:
+            with self._write_guard, self._transaction() as connection:
+                connection.execute(_DELETE_IDS, (json.dumps(doomed),))
 
-    @sqlite_section
-    def record_failure(
-        self,
-        failures: Iterable[tuple[QueuedEvent, float]],
-        error: str,
-        now: float | None = None,
-        *,
-        count_attempt: bool = True,
-    ) -> None:
-        """Count one more failed attempt for each event and set when it is next due.
-
-        ``failures`` pairs each event with its next attempt time. With
-        ``count_attempt=False`` only the time and the error change. An event no longer
-        in the log (accepted via another path meanwhile) is not brought back.
-        """
-        moment = time.time() if now is None else now
-        updates = [
-            (
-                next_attempt_at,
-                encode_row(
-                    queued.event,
-                    replayed_at=queued.replayed_at,
-                    dead_letter=queued.dead_letter,
-                    attempts=queued.attempts + (1 if count_attempt else 0),
-                    first_failure_at=queued.first_failure_at or moment,
-                    last_error=error,
-                )[2],
-                queued.key,
-            )
-            for queued, next_attempt_at in failures
-        ]
-        if not updates:
-            return
-        with self._write_guard, self._transaction() as connection:
-            connection.executemany(
-                "UPDATE Cache SET tag = ?, value = ? WHERE key = ? AND raw = 1", updates
-            )
+    # -- clock steps ---------------------------------------------------------------------
 
     @sqlite_section
     def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
@@ -363,18 +436,15 @@ class WriteAheadLog:
         ``step``: seconds the wall clock just stepped (negative: back), 0 for none;
         ``now``: the wall clock after it; ``horizon``: the longest wait the delivering
         process can schedule. Run by the delivering process only (another would move
-        the same rows twice).
+        the same rows twice). Only rows waiting for a retry have a due time that
+        counts (a row never tried is due at once).
 
-        * Back: every row due after ``now`` moves back by the step. A retry keeps the
-          rest of its wait; a row that was due already (logged before the step) is
-          due again. Rows written since have due times at most ``now`` and stay.
+        * Back: every retry due after ``now`` moves back by the step, so it keeps the
+          rest of its wait.
         * Forward: retries that were waiting (a due time in the horizon before the
-          step, and an error recorded) move forward by it, so a backoff or a
-          Retry-After is not cut short. Fresh rows written since the step are due at
-          about ``now`` and must not move: they have no error recorded.
+          step) move forward by it, so a backoff or a Retry-After is not cut short.
         * Always: a due time further than ``horizon`` ahead cannot have been scheduled
-          on this clock (a step while no process delivered, a row of an older version
-          stamped with a record's future time): due now.
+          on this clock (a step while no process delivered): due now.
         """
         if not step and not self._cache._sql(_ANY_DUE_AFTER, (now + horizon,)).fetchall():
             return 0  # the usual answer, without taking the write lock
@@ -389,38 +459,36 @@ class WriteAheadLog:
                 moved += connection.execute(_DUE_NOW_IF_AFTER, (now, now + horizon)).rowcount
         return moved
 
+    # -- looking -------------------------------------------------------------------------
+
     @sqlite_section
     def get(self, key: str) -> QueuedEvent | None:
-        """One waiting event by key, or None (gone, or not readable: left for the worker)."""
+        """One waiting event by id, or None (gone, or not readable: left for the sender)."""
         # fetchall, not fetchone: a statement left unfinished keeps its read snapshot
         # open, and this connection would not see later commits.
-        rows = self._cache._sql(_SELECT_KEY, (key,)).fetchall()
-        row = rows[0] if rows else None
+        rows = self._cache._sql(_SELECT_ID, (key,)).fetchall()
         try:
-            return None if row is None else _decode_row(row)
+            return _decode_row(rows[0]) if rows else None
         except (CorruptEntryError, InvalidEventError):
             return None
 
     @sqlite_section
     def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
-        """Whether a row with a rowid at most ``rowid`` is still here and can go now:
-        never tried yet (whatever its due time says: a record stamped ahead of the
-        clock is still sent at once), tried and due for its retry, or due further
-        ahead than ``horizon``, the longest wait ever scheduled (the clock stepped
-        back since: it is treated as due)."""
-        parameters = (rowid, now, now + horizon)
-        rows = self._cache._sql(_SELECT_SENDABLE_THROUGH, parameters).fetchall()  # see get()
+        """Whether a row at position at most ``rowid`` is still here and can go now:
+        never tried yet, tried and due for its retry, or due further ahead than
+        ``horizon``, the longest wait ever scheduled (the clock stepped back since:
+        it is treated as due)."""
+        rows = self._cache._sql(_SELECT_SENDABLE_THROUGH, (rowid, now, now + horizon)).fetchall()
         return bool(rows)
 
     @sqlite_section
     def oldest_logged_at(self) -> float | None:
-        """When the oldest waiting event was logged (keys are ULIDs: time-ordered)."""
-        rows = self._cache._sql(_SELECT_OLDEST_KEY).fetchall()  # see get()
-        row = rows[0] if rows else None
+        """When the oldest waiting event was logged (ids are ULIDs: time-ordered)."""
+        rows = self._cache._sql(_SELECT_OLDEST).fetchall()
         try:
-            return None if row is None else _decode_row(row).event.logged_at
+            return _decode_row(rows[0]).event.logged_at if rows else None
         except (CorruptEntryError, InvalidEventError):
-            return None  # the worker quarantines it; the gauge just skips a beat
+            return None  # the sender quarantines it; the gauge just skips a beat
 
     @sqlite_section
     def volume(self) -> int:
@@ -490,31 +558,36 @@ class WriteAheadLog:
         )
 
     def _salvage(self) -> list[Row]:
-        """Every row of ours still readable in the file we had open (best effort).
+        """Every row of ours still readable in the file we had open (best effort): the
+        queue's rows, then any an earlier version left in diskcache's table.
 
-        One damaged page fails a full scan: then the rows are read in ranges of row
-        ids, and a range that fails one by one, so only what is unreadable is lost.
+        One damaged page fails a full scan: then the rows are read in ranges of
+        positions, and a range that fails one by one, so only what is unreadable is lost.
         """
         if self._anchor is None or self._anchor[0] != os.getpid():
             return []  # in a forked child the parent's connection is not ours to use
         connection = self._anchor[1]
-        try:
-            return readable_rows(connection, SALVAGE_ALL, ())
-        except (sqlite3.Error, OSError):
-            pass
-        try:
-            ((highest,),) = connection.execute("SELECT max(rowid) FROM Cache").fetchall()
-        except (sqlite3.Error, OSError):
-            return []
         rows: list[Row] = []
-        for start in range(1, int(highest or 0) + 1, SALVAGE_RANGE):
-            end = start + SALVAGE_RANGE - 1
+        for table in (QUEUE_SALVAGE, LEGACY_SALVAGE):
             try:
-                rows += readable_rows(connection, SALVAGE_RANGE_SQL, (start, end))
+                rows += readable_rows(connection, table.all, ())
+                continue
             except (sqlite3.Error, OSError):
-                for rowid in range(start, end + 1):
-                    with contextlib.suppress(sqlite3.Error, OSError):
-                        rows += readable_rows(connection, SALVAGE_ONE, (rowid,))
+                pass
+            try:
+                ((low, high),) = connection.execute(table.bounds).fetchall()
+            except (sqlite3.Error, OSError):
+                continue
+            if low is None:
+                continue
+            for start in range(int(low), int(high) + 1, SALVAGE_RANGE):
+                end = start + SALVAGE_RANGE - 1
+                try:
+                    rows += readable_rows(connection, table.range, (start, end))
+                except (sqlite3.Error, OSError):
+                    for position in range(start, end + 1):
+                        with contextlib.suppress(sqlite3.Error, OSError):
+                            rows += readable_rows(connection, table.one, (position,))
         return rows
 
     def _insert_salvaged(self, rows: list[Row]) -> None:
@@ -524,11 +597,12 @@ class WriteAheadLog:
 
     @sqlite_section
     def __contains__(self, key: object) -> bool:
-        return key in self._cache
+        return bool(self._cache._sql(_SELECT_ID_EXISTS, (key,)).fetchall())
 
     @sqlite_section
     def __len__(self) -> int:
-        return len(self._cache)
+        ((count,),) = self._cache._sql(_COUNT).fetchall()
+        return int(count)
 
     def close(self) -> None:
         """Close every connection to the log, of every thread (a later use reopens)."""
@@ -540,24 +614,15 @@ class WriteAheadLog:
                 self._anchor = None
 
 
-def _add_person_column(cache: diskcache.Cache) -> None:
-    """Give a log the ``person`` column and its index, once (a log of an earlier
-    version: its waiting rows get their person from their text)."""
+def _create_queue_table(cache: diskcache.Cache) -> None:
+    """The queue table and its indexes, once (every open after the first finds them)."""
     sql = cache._sql
-    columns = {row[1] for row in sql("PRAGMA table_info(Cache)").fetchall()}
-    indexed = sql("SELECT 1 FROM sqlite_master WHERE name = 'Cache_person'").fetchall()
-    if "person" in columns and indexed:
-        return  # every open but the first
-    if "person" not in columns:
-        try:
-            with cache.transact():
-                sql("ALTER TABLE Cache ADD COLUMN person TEXT")
-                sql("UPDATE Cache SET person = " + PERSON_OF_VALUE + " WHERE raw = 1")  # noqa: S608
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):  # another process added it first
-                raise
-    sql("CREATE INDEX IF NOT EXISTS Cache_person ON Cache(person)")
-    # The schema change lives in SQLite's -wal file until a checkpoint, and so does the
+    if sql("SELECT 1 FROM sqlite_master WHERE name = 'cio_queue_waiting_due'").fetchall():
+        return
+    with cache.transact():
+        for statement in _SCHEMA:
+            sql(statement)
+    # The schema lives in SQLite's -wal file until a checkpoint, and so does the
     # database's first page: write it back now, so the file on disk is the whole truth
     # (damage to it is then seen at once, not masked until a checkpoint long after).
     sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -570,18 +635,68 @@ def _reset_wal_in_child(reference: weakref.ref[WriteAheadLog]) -> None:
         wal._write_guard = threading.Lock()
 
 
-# The SQL of the hot paths, on diskcache's Cache table. Rows are inline text (mode 1,
-# diskcache's MODE_RAW), never expire, and carry their due time in the indexed tag.
-_INSERT_INTO = (
-    "INSERT OR IGNORE INTO Cache(key, raw, store_time, expire_time, access_time,"
-    " access_count, tag, size, mode, filename, value, person) VALUES "
+def _json_numbers(positions: Sequence[str | int]) -> str:
+    """Positions as a JSON array, for json_each: joined in C, never looped over."""
+    return "[" + ",".join(map(str, positions)) + "]"
+
+
+def _send_batch(
+    positions: str | None,
+    ids: str | None,
+    people: str | None,
+    others: str | None,
+    items: str | None,
+    logged: str | None,
+    flags: str | None,
+    count: int,
+) -> SendBatch:
+    """A batch from the one row the batch query returns: lists split in C."""
+    if not count:
+        return SendBatch([], [], [], [], [], [], [], [])
+    item_list = (items or "").split(_ITEM_SEPARATOR)
+    slow = [index for index, item in enumerate(item_list) if not item] if "" in item_list else []
+    return SendBatch(
+        (positions or "").split(","),
+        json.loads(ids or "[]"),
+        json.loads(people or "[]"),
+        [other for other in json.loads(others or "[]") if other],
+        item_list,
+        [float(value) for value in (logged or "").split(",")],
+        [flag == "1" for flag in flags or ""],
+        slow,
+    )
+
+
+# The queue table. AUTOINCREMENT: a position is never given twice, so "every row this
+# process committed has a position at most N" stays true after deliveries.
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS cio_queue ("
+    " position INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " id TEXT NOT NULL,"
+    " due REAL NOT NULL,"  # when a retry is due (a row never tried is due at once)
+    " person TEXT,"  # whose call (Event.person); NULL: no order to keep
+    " other_person TEXT,"  # a second person the call must keep order with (a merge)
+    " body TEXT NOT NULL,"  # the row text of rows.encode_row
+    " waiting INTEGER,"  # 1: tried and failed; its due time counts
+    " attempts INTEGER,"  # failed attempts counted (NULL: as the body's history says)
+    " first_failure_at REAL,"
+    " last_error TEXT)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS cio_queue_id ON cio_queue(id)",
+    "CREATE INDEX IF NOT EXISTS cio_queue_waiting ON cio_queue(person, position)"
+    " WHERE waiting IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS cio_queue_other ON cio_queue(other_person, position)"
+    " WHERE other_person IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS cio_queue_waiting_due ON cio_queue(due) WHERE waiting IS NOT NULL",
 )
-# One row: key, due time, value and person are the parameters.
-_ROW_VALUES = (
-    "(?, 1, (julianday('now') - 2440587.5) * 86400.0, NULL,"
-    " (julianday('now') - 2440587.5) * 86400.0, 0, ?, 0, 1, NULL, ?, ?)"
+
+_INSERT_INTO = "INSERT OR IGNORE INTO cio_queue(id, due, body, person) VALUES "
+_INSERT_ROW = _INSERT_INTO + "(?, ?, ?, ?)"
+_INSERT_AT = (
+    "INSERT OR IGNORE INTO cio_queue(position, id, due, body, person) VALUES (?, ?, ?, ?, ?)"
 )
-_INSERT_ROW = _INSERT_INTO + _ROW_VALUES
+_INSERT_LEGACY = (
+    "INSERT OR IGNORE INTO cio_queue(id, due, person, body, waiting) VALUES (?, ?, ?, ?, ?)"
+)
 # Up to this many rows (a group of essential events) go in one multi-row INSERT; more
 # (the writer's groups) in statements of _ROWS_PER_BIG_STATEMENT rows, then the rest in
 # statements of at most this many, within one transaction. Few sizes: few statements
@@ -593,7 +708,7 @@ _ROWS_PER_BIG_STATEMENT = 64
 @functools.lru_cache(maxsize=_ROWS_PER_STATEMENT + 1)
 def _insert_rows_sql(count: int) -> str:
     """An INSERT of ``count`` rows in one statement."""
-    return _INSERT_INTO + ", ".join([_ROW_VALUES] * count)
+    return _INSERT_INTO + ", ".join(["(?, ?, ?, ?)"] * count)
 
 
 def _flatten(rows: Sequence[Row]) -> list[object]:
@@ -602,68 +717,131 @@ def _flatten(rows: Sequence[Row]) -> list[object]:
     return list(itertools.chain.from_iterable(rows))
 
 
-# SQLite takes at most 999 parameters in older builds: stay well under.
-_PEOPLE_PER_STATEMENT = 500
-_KEYS_PER_STATEMENT = 500
-_POSITION = operator.itemgetter(1)
-
-
-@functools.lru_cache(maxsize=64)
-def _delete_keys_sql(count: int) -> str:
-    """A DELETE of ``count`` keys in one statement (the (key, raw) index finds each)."""
-    marks = ", ".join("?" * count)
-    return f"DELETE FROM Cache WHERE key IN ({marks}) AND raw = 1"  # noqa: S608 - only marks
-
-
-def _chunks_of_people(people: Collection[str]) -> Iterator[tuple[list[str], str]]:
-    """``people`` in chunks a statement takes, each with its parameter marks."""
-    names = list(people)
-    for start in range(0, len(names), _PEOPLE_PER_STATEMENT):
-        chunk = names[start : start + _PEOPLE_PER_STATEMENT]
-        yield chunk, ", ".join("?" * len(chunk))
-
-
-_SELECT_UNTAGGED = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE tag IS NULL LIMIT ?"
+_ITEM_SEPARATOR = "\x1e"  # never inside JSON text: control characters are escaped there
+_COLUMNS = "position, id, due, body, waiting, attempts, first_failure_at, last_error"
+_IN_POSITIONS = "position IN (SELECT value FROM json_each(?))"
+_SELECT_POSITIONS = f"SELECT {_COLUMNS} FROM cio_queue WHERE {_IN_POSITIONS} ORDER BY position"  # noqa: S608
+_DELETE_POSITIONS = f"DELETE FROM cio_queue WHERE {_IN_POSITIONS}"  # noqa: S608
+_DELETE_IDS = "DELETE FROM cio_queue WHERE id IN (SELECT value FROM json_each(?))"
+_SELECT_FROM = f"SELECT {_COLUMNS} FROM cio_queue WHERE position > ? ORDER BY position LIMIT ?"  # noqa: S608
+_SELECT_ID = f"SELECT {_COLUMNS} FROM cio_queue WHERE id = ?"  # noqa: S608
+_SELECT_ID_EXISTS = "SELECT 1 FROM cio_queue WHERE id = ?"
+_SELECT_OLDEST = f"SELECT {_COLUMNS} FROM cio_queue ORDER BY id LIMIT 1"  # noqa: S608
+_COUNT = "SELECT count(*) FROM cio_queue"
+_COUNT_PERSON = "SELECT count(*) FROM cio_queue WHERE person = ? OR other_person = ?1"
+_LOWEST_POSITION = "SELECT min(position) FROM cio_queue"
+_NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL"
+# The attempts a row has had: the column once set, else what its text's history says
+# (a row replayed or moved from a spill carries it there).
+_ATTEMPTS = (
+    "coalesce(attempts, CASE WHEN json_valid(body) AND json_type(body, '$[6]') = 'object'"
+    " THEN json_extract(body, '$[6].attempts') END, 0)"
 )
-_SELECT_DUE = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
-    " WHERE tag <= ? ORDER BY tag, rowid LIMIT ?"
+_SELECT_EXHAUSTED = (
+    f"SELECT {_COLUMNS} FROM cio_queue WHERE {_IN_POSITIONS}"  # noqa: S608
+    f" AND {_ATTEMPTS} + 1 >= ?2 ORDER BY position"
 )
-# A row value, not "tag > ? OR (tag = ? AND rowid > ?)": SQLite then walks the (tag,
-# rowid) index from the cursor in order and stops at the limit; the OR form read every
-# due row into a temporary B-tree to sort it, at every read.
-_SELECT_DUE_AFTER = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
-    " WHERE tag <= ? AND (tag, rowid) > (?, ?) ORDER BY tag, rowid LIMIT ?"
+# One statement for a whole batch: each row's next due time from the policy's delay
+# for its attempt count (chosen by the sender, passed in as a JSON array).
+_SCHEDULE_RETRIES = (
+    "UPDATE cio_queue SET"  # noqa: S608
+    " attempts = " + _ATTEMPTS + " + :counted,"
+    " first_failure_at = coalesce(first_failure_at, CASE WHEN json_valid(body)"
+    " AND json_type(body, '$[6]') = 'object' THEN json_extract(body, '$[6].first_failure_at')"
+    " END, :now),"
+    " last_error = :error, waiting = 1,"
+    " due = :now + coalesce(json_extract(:delays, '$[' || min(" + _ATTEMPTS + " + :counted,"
+    " json_array_length(:delays) - 1) || ']'), 0)"
+    " WHERE position IN (SELECT value FROM json_each(:positions))"
+    " AND " + _ATTEMPTS + " + :counted < :max_attempts"
 )
-_SELECT_KEY = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
-)
-# A row that never failed has no error in its history (the seventh value of a row: null,
-# or a replay's history without one; a version 1 row has none at that path either and
-# counts as never failed). A row that is not JSON is the worker's to quarantine: it
-# counts as sendable (json_extract would raise on it).
 _SELECT_SENDABLE_THROUGH = (
-    "SELECT 1 FROM Cache WHERE rowid <= ? AND raw = 1 AND (tag <= ? OR tag > ? OR CASE"
-    " WHEN json_valid(value) THEN json_extract(value, '$[6].last_error') IS NULL ELSE 1 END)"
+    "SELECT 1 FROM cio_queue WHERE position <= ? AND (waiting IS NULL OR due <= ? OR due > ?)"
     " LIMIT 1"
 )
-_SELECT_OLDEST_KEY = (
-    "SELECT rowid, key, raw, tag, mode, filename, value FROM Cache"
-    " WHERE raw = 1 ORDER BY key LIMIT 1"
-)
-# Clock steps (see WriteAheadLog.adjust_due_times). A row waits for a retry when its
-# history (element 6 of a version 2 row) records an error; json_valid first, so a
-# damaged row (left for read_due to quarantine) does not fail the statement.
-_SHIFT_LATER_DUE = "UPDATE Cache SET tag = tag + ? WHERE tag > ? AND raw = 1"
+# Clock steps (see WriteAheadLog.adjust_due_times): only waiting rows' due times count.
+_SHIFT_LATER_DUE = "UPDATE cio_queue SET due = due + ? WHERE waiting IS NOT NULL AND due > ?"
 _SHIFT_WAITING_RETRIES = (
-    "UPDATE Cache SET tag = tag + ? WHERE tag > ? AND tag <= ? AND raw = 1"
-    " AND CASE WHEN json_valid(value) THEN json_extract(value, '$[6].last_error') END"
-    " IS NOT NULL"
+    "UPDATE cio_queue SET due = due + ? WHERE waiting IS NOT NULL AND due > ? AND due <= ?"
 )
-_ANY_DUE_AFTER = "SELECT 1 FROM Cache WHERE tag > ? LIMIT 1"
-_DUE_NOW_IF_AFTER = "UPDATE Cache SET tag = ? WHERE tag > ? AND raw = 1"
+_ANY_DUE_AFTER = "SELECT 1 FROM cio_queue WHERE waiting IS NOT NULL AND due > ? LIMIT 1"
+_DUE_NOW_IF_AFTER = "UPDATE cio_queue SET due = ? WHERE waiting IS NOT NULL AND due > ?"
+
+# Rows of diskcache's Cache table an earlier version left: ours (inline JSON text under
+# a text key) move into the queue; anything else is refused without being decoded.
+_LEGACY_OURS = (
+    "raw = 1 AND typeof(key) = 'text' AND mode = 1 AND filename IS NULL AND typeof(value) = 'text'"
+)
+_SELECT_LEGACY = (
+    "SELECT rowid, key, tag, value, " + PERSON_OF_VALUE + ","  # noqa: S608
+    " CASE WHEN json_valid(value) AND json_type(value) = 'array'"
+    " AND json_extract(value, '$[6].last_error') IS NOT NULL THEN 1 END"
+    f" FROM Cache WHERE {_LEGACY_OURS} ORDER BY rowid LIMIT ?"
+)
+_SELECT_LEGACY_BAD = f"SELECT rowid, key FROM Cache WHERE NOT ({_LEGACY_OURS}) LIMIT ?"  # noqa: S608
+
+
+@functools.lru_cache(maxsize=8)
+def _next_batch_sql(templates: Templates) -> str:
+    """The batch query for one API's templates (see WriteAheadLog.next_batch)."""
+    item = sqlite_item(templates, "q.body", "q.id")
+    blocked = (
+        "EXISTS (SELECT 1 FROM cio_queue AS w INDEXED BY cio_queue_waiting"
+        " WHERE w.waiting IS NOT NULL AND w.person = {who} AND w.position < q.position"
+        " AND w.due > :now)"
+    )
+    return f"""
+SELECT group_concat(position, ','), json_group_array(id), json_group_array(coalesce(person, '')),
+       json_group_array(other_person),
+       group_concat(coalesce(item, ''), char(30)), group_concat(coalesce(logged, 0), ','),
+       group_concat(essential, ''), count(*)
+FROM (
+  SELECT position, id, person, other_person, item, logged, essential,
+         sum(size + 1) OVER (ORDER BY position) AS used,
+         row_number() OVER (ORDER BY position) AS n
+  FROM (
+    SELECT position, id, person, other_person, logged,
+           CASE WHEN raw IS NULL OR length(CAST(raw AS BLOB)) > :item_limit
+                OR logged < :expire_before THEN NULL ELSE raw END AS item,
+           coalesce(length(CAST(raw AS BLOB)), length(CAST(body AS BLOB))) AS size,
+           CASE WHEN raw IS NOT NULL AND (body ->> '$[1]') IN
+                (SELECT value FROM json_each(:essential)) THEN '1' ELSE '0' END AS essential
+    FROM (
+      SELECT q.position, q.id, q.body,
+             q.person, q.other_person,
+             {item} AS raw,
+             CASE WHEN json_valid(q.body) AND json_type(q.body, '$[5]') IN ('integer', 'real')
+                  THEN CAST(q.body ->> '$[5]' AS REAL) END AS logged
+      FROM cio_queue AS q
+      WHERE (q.waiting IS NULL OR q.due <= :now)
+        AND (q.person IS NULL OR (
+              q.person NOT IN (SELECT value FROM json_each(:busy))
+              AND NOT {blocked.format(who="q.person")}
+              AND NOT EXISTS (SELECT 1 FROM cio_queue AS m INDEXED BY cio_queue_other
+                              WHERE m.other_person = q.person AND m.position < q.position)))
+        AND (q.other_person IS NULL OR (
+              q.other_person NOT IN (SELECT value FROM json_each(:busy))
+              AND NOT {blocked.format(who="q.other_person")}))
+      ORDER BY q.position
+      LIMIT :limit
+    )
+  )
+)
+WHERE used <= :budget OR n = 1
+"""  # noqa: S608 - only the compiled templates, no input, go in
+
+
+QUEUE_SALVAGE = SalvageQueries(
+    all=(
+        "SELECT id, due, body, person FROM cio_queue"
+        " WHERE typeof(id) = 'text' AND typeof(body) = 'text'"
+    ),
+    bounds="SELECT min(position), max(position) FROM cio_queue",
+    key="position",
+)
+LEGACY_SALVAGE = SalvageQueries(
+    all=SALVAGE_ALL, bounds="SELECT min(rowid), max(rowid) FROM Cache", key="rowid"
+)
 
 
 class DeadLetterStore:
@@ -773,26 +951,27 @@ class DeadLetterStore:
             letters, event=event, reason=reason, since=since, before=before, limit=limit
         )
 
-    @sqlite_section
-    def replay(self, letters: Iterable[DeadLetter], wal: EventLog) -> int:
-        """Move entries back into the write-ahead log, with their ids, as new attempts.
+    def people(self) -> dict[str, list[str]]:
+        """The ids of the entries of each person (see :attr:`DeadLetter.person`)."""
+        found: dict[str, list[str]] = {}
+        for letter in self:
+            person = letter.person
+            if person is not None:
+                found.setdefault(person, []).append(letter.key)
+        return found
 
-        Each entry is appended to the log before it leaves this store, so a crash in
-        between leaves it in both (the id deduplicates), never in neither. Entries
-        whose event could not be read stay here. The log row carries the entry's
-        original reason and replay history: if it fails again, the worker writes it
-        back with them. Returns how many moved.
-        """
-        moved = 0
-        for letter in letters:
-            if letter.event is None:
-                continue
-            wal.append(
-                event_from_dict(letter.event), replayed_at=time.time(), dead_letter=letter.history()
-            )
-            self._cache.delete(letter.key)
-            moved += 1
-        return moved
+    @sqlite_section
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
+        """Record calls of the entry's person delivered after it (a replay would land
+        behind them); the first ones are kept, all are counted."""
+        letter = self.get(key)
+        if letter is None or letter.event is None or not calls:
+            return
+        kept, count = letter.with_later(calls)
+        entry = letter_json(letter)
+        entry["later"] = [call.to_json() for call in kept]
+        entry["later_count"] = count
+        self._cache.set(letter.key, json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
 
     @sqlite_section
     def purge(self, letters: Iterable[DeadLetter]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string
 from typing import Any, NamedTuple
@@ -48,6 +48,7 @@ class CorruptEntry:
 
     key: str
     reason: str
+    position: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,62 @@ class Batch:
     events: list[QueuedEvent]
     corrupt: list[CorruptEntry]
     cursor: tuple[float, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchQuery:
+    """What the sender asks the store for: the next calls that may go, as one batch.
+
+    ``busy``: people with a request in flight (their calls wait for its answer).
+    ``limit``: at most this many calls; ``budget``: their items' bytes, plus one per
+    item for the comma, at most this (the first call always comes); ``item_limit``: an
+    item larger than this is built in Python (it may need a route of its own).
+    ``expire_before``: a call logged before this is checked in Python (it may be past
+    ``max_event_age``). ``essential``: the names counted as essential.
+    """
+
+    now: float
+    limit: int
+    budget: int
+    item_limit: int
+    busy: frozenset[str] = frozenset()
+    expire_before: float = float("-inf")
+    essential: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class SendBatch:
+    """The calls that may go now, in the order they must go, built by the store.
+
+    Parallel lists, one entry per call: ``positions`` (decimal text: the store takes
+    them back as they are), ``ids``, ``people`` (whose call it is; "" for none: no order to
+    keep), ``items`` (the batch item's text, built by
+    the database; "" for a call Python must look at: see ``slow``), ``logged_at`` and
+    ``essential`` (for the delivery metrics). ``slow``: indices of the calls to read
+    in full (:meth:`SenderQueue.rows`): one without a template, too large for a batch,
+    old enough to be past ``max_event_age``, or not readable. ``others``: the second
+    people of calls that have one (a merge). While the batch is in flight every person
+    in ``people`` and ``others`` is busy.
+    """
+
+    positions: list[str]
+    ids: list[str]
+    people: list[str]
+    others: list[str]
+    items: list[str]
+    logged_at: list[float]
+    essential: list[bool]
+    slow: list[int]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def everyone(self) -> set[str]:
+        """Every person of the batch (built in C)."""
+        people = set(self.people)
+        people.update(self.others)
+        people.discard("")
+        return people
 
 
 #: A row ready for :meth:`WriteAheadLog.append_rows`: (event id, due time, JSON text,
@@ -378,6 +435,55 @@ class DeadLetterHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class LaterCall:
+    """A call of a dead letter's person delivered after it (so after it in the
+    person's order): what a replay would now land behind."""
+
+    id: str
+    call: str
+    name: str
+    logged_at: float
+    delivered_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "call": self.call,
+            "name": self.name,
+            "logged_at": self.logged_at,
+            "delivered_at": self.delivered_at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> LaterCall:
+        """Raises ``KeyError``, ``TypeError`` or ``ValueError`` for anything else."""
+        return cls(
+            str(raw["id"]),
+            str(raw["call"]),
+            str(raw["name"]),
+            float(raw["logged_at"]),
+            float(raw["delivered_at"]),
+        )
+
+
+# The later calls an entry keeps (the first ones: a replay lands behind all of them,
+# and the first delete is what matters); later_count counts them all.
+_LATER_KEPT = 20
+
+
+def person_of(event: Mapping[str, Any] | None) -> str | None:
+    """The person key (``Event.person``) of a stored event dict, or None."""
+    if event is None:
+        return None
+    customer_id, anonymous_id = event.get("customer_id"), event.get("anonymous_id")
+    if isinstance(customer_id, str):
+        return "c:" + customer_id
+    if isinstance(anonymous_id, str):
+        return "a:" + anonymous_id
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An event Customer.io will never accept, kept with why.
 
@@ -397,6 +503,27 @@ class DeadLetter:
     original: DeadLetterReason | None = None  # None only for an unreadable entry
     replays: tuple[ReplayRecord, ...] = ()
     replay_count: int = 0  # every replay that failed, also those dropped from replays
+    # Calls of its person delivered after it was dead-lettered (the first ones).
+    later: tuple[LaterCall, ...] = ()
+    later_count: int = 0
+
+    @property
+    def person(self) -> str | None:
+        """Whose call it is (``Event.person``), or None for an unreadable entry."""
+        return person_of(self.event)
+
+    @property
+    def landed_after_a_delete(self) -> bool:
+        """A delete of its person was delivered after it: replayed now, it would land
+        after the delete (Customer.io would create the person again)."""
+        return any(call.call == "delete" for call in self.later)
+
+    def with_later(self, calls: Sequence[LaterCall]) -> tuple[tuple[LaterCall, ...], int]:
+        """The later calls with ``calls`` added: (kept, count)."""
+        known = {call.id for call in self.later}
+        new = [call for call in calls if call.id not in known]
+        kept = (*self.later, *new)[:_LATER_KEPT]
+        return kept, self.later_count + len(new)
 
     @property
     def event_name(self) -> str | None:
@@ -437,6 +564,8 @@ def dead_letter_entry(
     replays: Sequence[ReplayRecord],
     replay_count: int | None,
     existing: Callable[[], DeadLetter | None],
+    later: Sequence[LaterCall] = (),
+    later_count: int = 0,
 ) -> dict[str, Any]:
     """The stored form of a dead letter whose latest reason is this one.
 
@@ -452,6 +581,8 @@ def dead_letter_entry(
         if stored is not None and stored.original is not None:
             original = stored.original
             replays, replay_count = stored.replays, stored.replay_count
+            if not later:
+                later, later_count = stored.later, stored.later_count
     if original is None:
         original = DeadLetterReason(error_type, status, message, now)
     return {
@@ -469,6 +600,28 @@ def dead_letter_entry(
         "original": original.to_json(),
         "replays": [record.to_json() for record in replays[-_REPLAY_HISTORY:]],
         "replay_count": len(replays) if replay_count is None else replay_count,
+        "later": [call.to_json() for call in later[:_LATER_KEPT]],
+        "later_count": max(later_count, len(later)),
+    }
+
+
+def letter_json(letter: DeadLetter) -> dict[str, Any]:
+    """The stored form of ``letter`` as it is (see :func:`dead_letter_entry`)."""
+    return {
+        "v": _ENTRY_VERSION,
+        "key": letter.key,
+        "event": letter.event,
+        "status": letter.status,
+        "error_type": letter.error_type,
+        "message": letter.message,
+        "attempts": letter.attempts,
+        "first_failure_at": letter.first_failure_at,
+        "last_failure_at": letter.last_failure_at,
+        "original": (letter.original or letter.latest).to_json(),
+        "replays": [record.to_json() for record in letter.replays],
+        "replay_count": letter.replay_count,
+        "later": [call.to_json() for call in letter.later],
+        "later_count": letter.later_count,
     }
 
 
@@ -493,6 +646,8 @@ def dead_letter_from_json(key: str, raw: Any) -> DeadLetter:
             original=latest if original is None else DeadLetterReason.from_json(original),
             replays=tuple(ReplayRecord.from_json(item) for item in raw.get("replays", ())),
             replay_count=int(raw.get("replay_count", 0)),
+            later=tuple(LaterCall.from_json(item) for item in raw.get("later", ())),
+            later_count=int(raw.get("later_count", 0)),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         return DeadLetter(

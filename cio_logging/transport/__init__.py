@@ -3,8 +3,9 @@
 ::
 
     transport/__init__.py   make_client: the client of the API the settings name
-    transport/base.py       HTTPDelivery: session, rate cap, breaker, span, bisection,
-                            failures in words safe to log
+    transport/answer.py     Answer: what one request came back with
+    transport/base.py       HTTPDelivery: session, rate cap, span, answers read into
+                            words safe to log (the proxy named when one is in use)
     transport/batching.py   byte limits and the request plan (a person's order kept)
     transport/track.py      the Track API (v2 batches, v1 singles) through the SDK
     transport/pipelines.py  the Data Pipelines API (/v1/batch, strict mode)
@@ -15,34 +16,17 @@ all three. Nothing here imports the sender.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..config import PIPELINES, Settings
-from ..resilience import DeliveryBreaker, RequestRateCap
+from ..resilience import RequestRateCap
 from ..telemetry import Telemetry
-from .base import (
-    AUTH,
-    CONFIG,
-    NOT_SENT,
-    PAYLOAD,
-    TRANSIENT,
-    DeliveryClient,
-    DeliveryReport,
-    Failure,
-    HTTPDelivery,
-)
+from .answer import Answer
+from .base import DeliveryClient, HTTPDelivery
 from .pipelines import PipelinesClient
 from .track import TrackClient
 
 __all__ = [
-    "AUTH",
-    "CONFIG",
-    "NOT_SENT",
-    "PAYLOAD",
-    "TRANSIENT",
+    "Answer",
     "DeliveryClient",
-    "DeliveryReport",
-    "Failure",
     "HTTPDelivery",
     "PipelinesClient",
     "TrackClient",
@@ -53,17 +37,9 @@ __all__ = [
 def make_client(
     settings: Settings,
     *,
-    breaker: DeliveryBreaker | None = None,
     rate_cap: RequestRateCap | None = None,
     telemetry: Telemetry | None = None,
-    thread_initializer: Callable[[], None] | None = None,
 ) -> HTTPDelivery:
     """The client of the API the settings name."""
     client = PipelinesClient if settings.api == PIPELINES else TrackClient
-    return client(
-        settings,
-        breaker=breaker,
-        rate_cap=rate_cap,
-        telemetry=telemetry,
-        thread_initializer=thread_initializer,
-    )
+    return client(settings, rate_cap=rate_cap, telemetry=telemetry)

@@ -19,7 +19,6 @@ decoded and encoded again.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from ..metadata import PACKAGE_VERSION
 from ..store import QueuedEvent
 from .base import HTTPDelivery, build_session
 from .batching import Item
+from .templates import Field, Template, Templates, iso_time
 
 #: The semantic events (a ``track`` with a reserved name) the person actions become.
 SEMANTIC_EVENTS = {
@@ -60,27 +60,42 @@ def call_text(event: Event) -> str:
     elif event.call in (PAGE, SCREEN):
         head["name"] = event.name
     head["messageId"] = event.id
-    head["timestamp"] = iso_timestamp(event)
+    head["timestamp"] = iso_time(event)
     text = _ENCODER.encode(head)
     key = _DATA_KEY.get(event.call, "properties")
     return f'{text[:-1]},"context":{_CONTEXT},"{key}":{event.data_json}}}'
 
 
-def iso_timestamp(event: Event) -> str:
-    """The call's time in ISO 8601 (UTC, milliseconds): the record's own time when the
-    event's timestamp is that second (it was not given), so calls logged in one second
-    keep their order to the millisecond."""
-    moment: float = event.timestamp
-    if int(event.logged_at) == event.timestamp:
-        moment = event.logged_at
-    stamp = dt.datetime.fromtimestamp(moment, dt.UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+def _pipelines_template(call: str, identified: bool) -> Template:
+    """The call as :func:`call_text` builds it, as a template (see templates.py)."""
+    parts: list[str | Field] = [f'{{"type":"{_TYPES.get(call, "track")}",']
+    parts += (
+        ['"userId":', Field.CUSTOMER_ID] if identified else ['"anonymousId":', Field.ANONYMOUS_ID]
+    )
+    if call in SEMANTIC_EVENTS:
+        parts.append(f',"event":{_ENCODER.encode(SEMANTIC_EVENTS[call])}')
+    elif call == EVENT:
+        parts += [',"event":', Field.NAME]
+    elif call in (PAGE, SCREEN):
+        parts += [',"name":', Field.NAME]
+    parts += [',"messageId":', Field.ID, ',"timestamp":', Field.ISO_TIME]
+    key = _DATA_KEY.get(call, "properties")
+    return (*parts, f',"context":{_CONTEXT},"{key}":', Field.DATA, "}")
+
+
+#: Every call, identified or anonymous, as the database may build it (see templates.py).
+TEMPLATES: Templates = {
+    (call, identified): _pipelines_template(call, identified)
+    for call in (*_TYPES, *SEMANTIC_EVENTS)
+    for identified in (True, False)
+}
 
 
 class PipelinesClient(HTTPDelivery):
     """Delivers queued calls to the Pipelines API and classifies every answer."""
 
     batch_route = "pipelines_batch"
+    templates = TEMPLATES
 
     def _open(self) -> None:
         settings = self._settings
@@ -93,7 +108,7 @@ class PipelinesClient(HTTPDelivery):
         super().close()
         self._session.close()
 
-    def _items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
+    def items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         # Every call goes in a batch: one over 32 KB was refused at emit, and this API
         # has no other route, so there is no single to send.
         items: list[Item | QueuedEvent] = []
@@ -103,11 +118,8 @@ class PipelinesClient(HTTPDelivery):
             items.append(Item(queued, text, size))
         return items
 
-    def _post_batch(self, items: Sequence[Item]) -> requests.Response:
-        body = '{"batch":[' + ",".join(item.wire for item in items) + "]}"
-        return self._session.post(
-            self._url, data=body.encode("utf-8"), timeout=self._settings.request_timeout
-        )
+    def _send_batch(self, body: bytes) -> requests.Response:
+        return self._session.post(self._url, data=body, timeout=self._settings.request_timeout)
 
     def _secrets(self) -> set[str]:
         key = self._settings.api_key

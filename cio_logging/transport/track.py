@@ -31,10 +31,11 @@ from ..config import Settings
 from ..events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
 from ..metadata import SDK_VERSION
 from ..store import QueuedEvent
-from .base import Failure, HTTPDelivery, TransportError, build_session
+from .base import HTTPDelivery, TransportError, build_session
 from .batching import MAX_ITEM_BYTES, Item
+from .templates import Field, Template, Templates
 
-__all__ = ["TrackClient", "item_text"]
+__all__ = ["TEMPLATES", "TrackClient", "item_text"]
 
 # v1 events carry a type; v2 actions name the call.
 _V1_TYPES = {EVENT: None, PAGE: "page", SCREEN: "screen"}
@@ -47,6 +48,31 @@ _ACTIONS = {
     SUPPRESS: "suppress",
     UNSUPPRESS: "unsuppress",
 }
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+# The item kinds that name the call and carry its id; those that carry data.
+_NAMED = frozenset({EVENT, PAGE, SCREEN})
+_WITH_DATA = frozenset({EVENT, PAGE, SCREEN, IDENTIFY})
+
+
+def _track_template(call: str) -> Template:
+    """The v2 item of ``call`` for an identified person, as :func:`item_text` builds it."""
+    head: list[str | Field] = [
+        '{"type":"person","identifiers":{"id":',
+        Field.CUSTOMER_ID,
+        f'}},"action":"{_ACTIONS[call]}"',
+    ]
+    if call in _NAMED:
+        head += [',"name":', Field.NAME, ',"id":', Field.ID]
+    if call in _WITH_DATA:
+        head += [',"timestamp":', Field.TIMESTAMP, ',"attributes":', Field.DATA]
+    return (*head, "}")
+
+
+#: The batch items the database may build (see templates.py): every call of an
+#: identified person. Anonymous calls go alone, through v1.
+TEMPLATES: Templates = {(call, True): _track_template(call) for call in _ACTIONS}
 
 
 class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
@@ -86,6 +112,7 @@ class TrackClient(HTTPDelivery):
     """Delivers queued calls to the Track API and classifies every answer."""
 
     batch_route = "v2_batch"
+    templates = TEMPLATES
 
     def _open(self) -> None:
         self._sdk = _SDKClient(self._settings, self._remember_response)
@@ -99,7 +126,7 @@ class TrackClient(HTTPDelivery):
         super().close()
         self._sdk.close()
 
-    def _items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
+    def items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         entries: list[Item | QueuedEvent] = []
         for queued in events:
             if queued.event.customer_id is None:
@@ -114,24 +141,20 @@ class TrackClient(HTTPDelivery):
                 entries.append(Item(queued, text, size))
         return entries
 
-    def _post_batch(self, items: Sequence[Item]) -> requests.Response:
+    def _send_batch(self, body: bytes) -> requests.Response:
         # Joined from each item's text, not CustomerIO.batch: that encodes every
         # item's data again, in one json.dumps that holds the GIL for milliseconds
         # while the application's threads wait. A requests exception is mapped by
-        # the caller (HTTPDelivery._attempt), as the SDK's cause was.
-        body = '{"batch":[' + ",".join([item.wire for item in items]) + "]}"
+        # the caller (HTTPDelivery._answer), as the SDK's cause was.
         session: requests.Session = self._sdk.http
         return session.post(
-            self._batch_url,
-            data=body.encode("utf-8"),
-            headers=_JSON_HEADERS,
-            timeout=self._sdk.timeout,
+            self._batch_url, data=body, headers=_JSON_HEADERS, timeout=self._sdk.timeout
         )
 
     def _single_route(self, queued: QueuedEvent) -> str:
         return "v1" if queued.event.customer_id is not None else "v1_anonymous"
 
-    def _post_single(self, queued: QueuedEvent) -> requests.Response:
+    def _send_single(self, queued: QueuedEvent) -> requests.Response:
         event = queued.event
         body: dict[str, Any] = {"name": event.name, "data": event.data, "id": event.id}
         body["timestamp"] = event.timestamp
@@ -166,14 +189,8 @@ class TrackClient(HTTPDelivery):
         # A quoted Authorization header, too.
         return {settings.api_key, settings.site_id, base64.b64encode(credentials).decode("ascii")}
 
-    def _rejected_items(self, response: requests.Response, count: int) -> dict[int, Failure] | None:
-        return _rejected_items(response, count)
-
-
-_JSON_HEADERS = {"Content-Type": "application/json"}
-# The item kinds that name the call and carry its id; those that carry data.
-_NAMED = frozenset({EVENT, PAGE, SCREEN})
-_WITH_DATA = frozenset({EVENT, PAGE, SCREEN, IDENTIFY})
+    def _item_errors(self, response: requests.Response, count: int) -> tuple[dict[int, str], int]:
+        return item_errors(response, count)
 
 
 def item_text(event: Event) -> str:
@@ -195,29 +212,27 @@ def item_text(event: Event) -> str:
     return head + "}"
 
 
-def _rejected_items(response: requests.Response, count: int) -> dict[int, Failure] | None:
-    """Per-item errors of a 207 answer (the SDK treats 207 as plain success).
-
-    None when the answer is a 207 whose errors cannot all be matched to items of the
-    request: the caller then resends the whole chunk (ids deduplicate) rather than
-    guess which items were refused.
-    """
+def item_errors(response: requests.Response, count: int) -> tuple[dict[int, str], int]:
+    """Per-item errors of a 207 answer (the SDK treats 207 as plain success): each
+    item's reason by its index, and how many errors name no item of the request (a
+    ``batch_index`` missing, not an integer, or out of range; a body that is not the
+    documented ``{"errors": [...]}``)."""
     if response.status_code != 207:
-        return {}
+        return {}, 0
     try:
         errors = response.json().get("errors")
     except (ValueError, AttributeError):
-        return None
+        return {}, 1
     if not isinstance(errors, list) or not errors:
-        return None
-    rejected: dict[int, Failure] = {}
+        return {}, 1
+    refused: dict[int, str] = {}
+    unmatched = 0
     for error in errors:
         index = error.get("batch_index") if isinstance(error, dict) else None
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-            return None
+            unmatched += 1
+            continue
         # reason and field only: the message may quote the offending value.
         words = " ".join(str(error.get(k)) for k in ("reason", "field") if error.get(k))
-        rejected[index] = Failure(
-            207, "item_rejected", f"rejected in a 207 batch answer: {words or 'no reason'}"
-        )
-    return rejected
+        refused[index] = words or "no reason"
+    return refused, unmatched
