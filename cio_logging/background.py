@@ -22,13 +22,22 @@ handlers, so someone who turns on urllib3's debug output still sees our requests
 silencing these loggers on our threads would have hidden that. Those handlers' own
 locks are no risk: a reconfiguration holds only the lock of the handler it is flushing,
 and ours takes none in ``handle``. And nothing these threads run calls ``getLogger``.
+
+Interpreter exit is the other place where a thread of ours is not to be counted on.
+Once the main thread has finished, ``threading``'s shutdown has run: ``concurrent.futures``
+executors refuse work, and on Python 3.12 so does ``Thread.start`` ("can't create new
+thread at interpreter shutdown"). ``logging.shutdown()`` runs after that, from
+``atexit``. :func:`interpreter_exiting` tells the code that would start a thread to do
+the work on the calling thread instead, on every Python alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+from collections.abc import Callable
 
 #: Set on the commit thread, the flush thread and delivery's sender threads.
 marker = threading.local()
@@ -53,6 +62,16 @@ def mark_current_thread() -> None:
 
 def on_our_thread() -> bool:
     return bool(getattr(marker, "active", False))
+
+
+def interpreter_exiting() -> bool:
+    """Whether the interpreter has begun to exit (the main thread has finished).
+
+    From then on no thread of ours is started: thread pools refuse work on every
+    Python, new threads on 3.12, and a daemon thread started now would be cut off at
+    finalization anyway. Threads already running go on until then.
+    """
+    return not threading.main_thread().is_alive()
 
 
 class _LevelCheck:
@@ -95,3 +114,82 @@ def guard_loggers() -> None:
 
 def _guarded_name(name: str) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in GUARDED_PREFIXES)
+
+
+class OwnThread:
+    """One background thread of ours, started on demand and again in a forked child.
+
+    A forked child has none of its parent's threads, only copies of their objects. So
+    rather than an at-fork hook per module, whoever owns a thread asks
+    :meth:`ensure_started` when it needs it: it compares the process id it started the
+    thread in with this one (sentry-python's worker does the same), and in a child it
+    forgets the parent's thread and starts a fresh one. ``on_fork`` runs first, in the
+    child, to reset what the owner keeps beside the thread (its events and locks may
+    have been copied held).
+
+    No thread is started once the interpreter exits (:func:`interpreter_exiting`):
+    :meth:`ensure_started` returns False, and the owner does the work on the calling
+    thread instead.
+    """
+
+    def __init__(
+        self,
+        target: Callable[[], None],
+        name: str,
+        *,
+        on_fork: Callable[[], None] | None = None,
+    ) -> None:
+        self._target = target
+        self._name = name
+        self._on_fork = on_fork
+        self._pid = os.getpid()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def forked(self) -> bool:
+        """Whether this is a forked child of the process that made this object; if so,
+        forget the parent's thread (and reset the owner's state) now."""
+        if self._pid == os.getpid():
+            return False
+        self._pid = os.getpid()
+        self._guard = threading.Lock()
+        self._thread = None
+        if self._on_fork is not None:
+            self._on_fork()
+        return True
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        self.forked()
+        return self._thread
+
+    def is_alive(self) -> bool:
+        thread = self.thread
+        return thread is not None and thread.is_alive()
+
+    def ensure_started(self, *, stopped: bool = False) -> bool:
+        """Start the thread unless it runs; whether it runs now. False when
+        ``stopped``, at interpreter exit, or when Python refuses a new thread."""
+        if self.is_alive():
+            return True
+        if stopped or interpreter_exiting():
+            return False
+        with self._guard:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                return True
+            thread = threading.Thread(target=self._target, name=self._name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self._thread = thread
+            return True
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to end; whether it has (True when none runs)."""
+        thread = self.thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()

@@ -31,6 +31,7 @@ from .operations import (
     FleetLocation,
     LockHeldError,
     QueueDirectoryError,
+    ReplayEntry,
     ReplayReport,
     Selection,
     count_dead_letters,
@@ -209,12 +210,16 @@ def _parser() -> argparse.ArgumentParser:
         dlq_commands,
         "replay",
         common,
-        "send dead letters again, with their own ids",
-        "Sends the chosen entries straight to Customer.io through the same delivery path "
-        "as the handler (breaker, rate cap, retry backoff), keeping their event ids so "
-        "Customer.io deduplicates. An entry leaves the store only once accepted; one "
-        "that fails again stays with its new reason. The write-ahead log is not "
-        "touched, so a live application on the same queue directory is unaffected.",
+        "put dead letters back in the queue, ahead of their person's queued calls",
+        "Puts the chosen entries back in the queue, with their own ids (Customer.io "
+        "deduplicates), each ahead of the calls of its person still queued, in the order "
+        "they were logged. The application's sender (or this command, with --wait) "
+        "delivers them under the same order rule, breaker, rate cap and retry policy as "
+        "every event; one that fails again comes back to the store with its new reason. "
+        "Each entry's line names the queued calls it goes ahead of and the calls of its "
+        "person delivered after it, which it now lands behind. An entry whose person "
+        "had a delete delivered after it is not replayed without --after-delete: it "
+        "would land after the delete, and Customer.io would create the person again.",
     )
     _filters(replay, event=True, reason=True, since=True, before=True)
     replay.add_argument(
@@ -227,7 +232,17 @@ def _parser() -> argparse.ArgumentParser:
         help="these entries only (ULIDs, in either case)",
     )
     replay.add_argument(
-        "--dry-run", action="store_true", help="say what would be sent; send nothing"
+        "--dry-run", action="store_true", help="say what would be put back; change nothing"
+    )
+    replay.add_argument(
+        "--wait",
+        action="store_true",
+        help="deliver them now (or wait for the sending process) and report each outcome",
+    )
+    replay.add_argument(
+        "--after-delete",
+        action="store_true",
+        help="replay also entries whose person had a delete delivered after them",
     )
     _timeout(replay)
     replay.set_defaults(run=_run_replay)
@@ -466,7 +481,7 @@ def _configuration_message(exc: ConfigurationError, args: argparse.Namespace) ->
     for name in ("site_id", "api_key"):
         message = message.replace(f"pass {name}=", f"pass --{name.replace('_', '-')}")
     sends = args.command in ("drain", "deliver") or (
-        getattr(args, "dlq_command", None) == "replay" and not args.dry_run
+        getattr(args, "dlq_command", None) == "replay" and args.wait and not args.dry_run
     )
     if "site_id is missing" in message and not sends:
         message += " (or give --queue-dir or CIO_LOGGING_QUEUE_DIR)"
@@ -808,16 +823,12 @@ def _run_show(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _run_replay(args: argparse.Namespace, out: _Output) -> int:
-    settings = _settings(args, sends=not args.dry_run)
+    settings = _settings(args, sends=args.wait and not args.dry_run)
     bar = _ProgressBar("replay")
-    total = 0
 
     def progress(report: ReplayReport) -> None:
         bar.update(
-            report.done,
-            total or report.selected,
-            f"accepted {len(report.accepted)}, rejected {len(report.rejected)}, "
-            f"failed {len(report.failed)}",
+            report.done, report.selected, "delivered or back" if report.waited else "put back"
         )
 
     _show_library_warnings()
@@ -826,7 +837,10 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
             report = replay_dead_letters(
                 settings,
                 _selection(args),
+                handler_arguments=_handler_arguments(args) if args.wait else None,
                 dry_run=args.dry_run,
+                after_delete=args.after_delete,
+                wait=args.wait,
                 timeout=args.timeout,
                 stop=stop,
                 progress=progress,
@@ -836,21 +850,30 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     code = report.exit_code()
     if out.json_mode:
         out.json(report.to_dict())
-    elif report.dry_run:
-        out.line(f"dry run: {len(report.would_send)} dead letter(s) would be sent; nothing sent")
-        for key in report.would_send:
-            out.line(f"  {key}")
-    else:
+        return code
+    queued = [entry for entry in report.entries if entry.outcome != "refused"]
+    if report.dry_run:
         out.line(
-            f"replayed {report.selected} dead letter(s) in {report.elapsed_seconds:g} s: "
-            f"{len(report.accepted)} accepted and removed, {len(report.rejected)} rejected "
-            f"again, {len(report.failed)} still failing, {len(report.not_sent)} not sent"
+            f"dry run: {len(queued)} dead letter(s) would go back in the queue; nothing changed"
         )
-        for entry in report.rejected + report.failed:
-            out.line(
-                f"  kept {entry['id']}: {entry['error_type']}: {entry['message']} "
-                f"(original reason kept: {entry['original_error_type']})"
-            )
+    elif report.waited:
+        out.line(
+            f"replayed {len(queued)} dead letter(s) in {report.elapsed_seconds:g} s: "
+            f"{len(report.ids('delivered'))} delivered, "
+            f"{len(report.ids('dead_lettered'))} came back to the store, "
+            f"{len(report.ids('still_queued'))} still queued"
+        )
+    else:
+        sender = (
+            "no process sends from this queue now: run `cio-logging drain`, or replay with --wait"
+            if report.sender_pid is None
+            else f"the sending process (pid {report.sender_pid}) delivers them"
+            if report.sender_pid > 0
+            else "the sending process delivers them"
+        )
+        out.line(f"put {len(queued)} dead letter(s) back in the queue; {sender}")
+    for entry in report.entries:
+        out.line(f"  {entry.id} ({entry.event}): {_replay_line(entry)}")
     if report.unreadable:
         out.note(
             f"skipped {len(report.unreadable)} unreadable entr(ies): {', '.join(report.unreadable)}"
@@ -858,12 +881,38 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     if report.missing_ids:
         out.note(f"no dead letter with id {', '.join(report.missing_ids)}")
     if report.auth_error is not None:
-        out.note(f"error: {_refusal_advice(report.auth_error)}; entries left unchanged")
+        out.note(f"error: {_refusal_advice(report.auth_error)}; the entries wait in the queue")
     if report.interrupted:
-        out.note("interrupted: entries not yet accepted stay in the store")
+        out.note("interrupted: what was put back stays in the queue")
     elif code == ExitCode.INCOMPLETE:
         out.note(f"work left: {report.work_left()}")
     return code
+
+
+def _replay_line(entry: ReplayEntry) -> str:
+    """What happened to one entry, and what it goes ahead of and lands behind."""
+    words = {
+        "queued": "put back",
+        "would_queue": "would go back",
+        "refused": f"not replayed: {entry.reason} (--after-delete to replay anyway)",
+        "delivered": "delivered",
+        "dead_lettered": f"came back to the store: {entry.reason}",
+        "still_queued": "still queued at the bound",
+    }[entry.outcome]
+    parts = [words]
+    if entry.ahead_of:
+        parts.append(f"ahead of {entry.ahead_of} queued call(s) of its person")
+    if entry.after_count:
+        calls = ", ".join(
+            f"{call['call']} {call['name']!r}" if call["call"] == "event" else str(call["call"])
+            for call in entry.after
+        )
+        more = entry.after_count - len(entry.after)
+        parts.append(
+            f"after {entry.after_count} call(s) of its person delivered since it failed "
+            f"({calls}{f', and {more} more' if more > 0 else ''})"
+        )
+    return "; ".join(parts)
 
 
 def _run_purge(args: argparse.Namespace, out: _Output) -> int:
@@ -914,17 +963,21 @@ def _run_purge(args: argparse.Namespace, out: _Output) -> int:
     return ExitCode.OK
 
 
-def _run_drain(args: argparse.Namespace, out: _Output) -> int:
-    options = _options(args)
-    settings = _settings(args, sends=True)  # validates everything before we start
-    handler_arguments: dict[str, Any] = {
+def _handler_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The handler's constructor arguments from the command line (and the environment)."""
+    return {
         "site_id": args.site_id,
         "api_key": args.api_key,
         "region": args.region,
         "track_url": args.track_url,
         "ca_bundle": args.ca_bundle,
-        **options,
+        **_options(args),
     }
+
+
+def _run_drain(args: argparse.Namespace, out: _Output) -> int:
+    settings = _settings(args, sends=True)  # validates everything before we start
+    handler_arguments = _handler_arguments(args)
     bar = _ProgressBar("drain")
     waiting_noted = False
 

@@ -168,7 +168,7 @@ def run_demo(
         status = handler.status()
         delivered = len(simulator.accepted)
         dropped = sum(status["dropped"].values())
-        transitions = handler._worker.stats.breaker_transitions
+        transitions = handler._sender.stats.breaker_transitions
         print(file=out)
         print("summary", file=out)
         print(f"  logged              {logged}", file=out)

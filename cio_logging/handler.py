@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from . import background
 from .commit import REFUSED, GroupCommitter
 from .config import (
     DELIVER_NONE,
@@ -36,18 +37,19 @@ from .config import (
 )
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
 from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
+from .sender import Hold, Sender, StateFile, StateRecord, flush_thread_marker
 from .sender_process import SenderSupervisor
 from .signals import install_commit_on_signals
 from .store import (
     DeadLetterArchive,
     DeadLetterStore,
     EventLog,
+    Spilling,
     WriteAheadLog,
     encode_row,
     secure_directory,
 )
 from .telemetry import QueueProbes, Telemetry
-from .worker import DeliveryWorker, flush_thread_marker
 
 if TYPE_CHECKING:
     from .store.postgres import PostgresLease, SenderState
@@ -124,6 +126,7 @@ class CustomerIOHandler(logging.Handler):
             self._wal: EventLog
             self._dead_letters: DeadLetterArchive
             self._lease: PostgresLease | None = None
+            self._spill: Spilling | None = None
             self._fleet_state: SenderState | None = None
             if self.settings.queue_url is None:
                 self._wal = WriteAheadLog(queue_dir_path / "wal", fsync=self.settings.fsync)
@@ -135,7 +138,7 @@ class CustomerIOHandler(logging.Handler):
                 # Nothing here waits for the database: it may be away at start-up.
                 from .store.postgres import open_fleet_store
 
-                self._wal, self._dead_letters, self._lease, self._fleet_state = open_fleet_store(
+                fleet = open_fleet_store(
                     self.settings.queue_url,
                     self.settings.workspace,
                     queue_dir_path,
@@ -143,6 +146,8 @@ class CustomerIOHandler(logging.Handler):
                     timeout=self.settings.database_timeout,
                     lease_seconds=self.settings.lease_seconds,
                 )
+                self._wal, self._dead_letters, self._lease, self._fleet_state = fleet
+                self._spill = fleet[0]
         except (OSError, QueueError) as exc:  # a bad queue_dir is a bad setting: fail now
             raise ConfigurationError(
                 f"queue_dir {str(queue_dir_path)!r} cannot be used: {type(exc).__name__}: {exc}"
@@ -157,19 +162,28 @@ class CustomerIOHandler(logging.Handler):
                 queue_depth=lambda: len(self._wal),
                 dead_letter_depth=lambda: len(self._dead_letters),
                 oldest_age=self._oldest_age,
-                breaker_state=lambda: self._worker.breaker.state,
+                breaker_state=lambda: self._sender.breaker.state,
+                hold=lambda: self._sender.hold(),
             ),
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
-        self._worker = DeliveryWorker(
+        record: StateRecord = (
+            StateFile(queue_dir_path) if self._fleet_state is None else self._fleet_state
+        )
+        self._sender = Sender(
             self.settings,
             self._wal,
+            self._wal,
+            self._wal,
             self._dead_letters,
+            record=record,
             telemetry=self._telemetry,
             status_report=self.status,
             lock=self._lease,
-            fleet_state=self._fleet_state,
+            fleet=self._lease is not None,
+            spill=self._spill,
+            legacy=self._wal if isinstance(self._wal, WriteAheadLog) else None,
         )
         self._committer = GroupCommitter(
             self._wal,
@@ -217,10 +231,10 @@ class CustomerIOHandler(logging.Handler):
             # Fleet mode: every process competes for the lease from the start (one that
             # never logs still takes over from a sender that died) and moves what an
             # earlier process spilled here. Nothing here waits for the database.
-            self._worker.ensure_started()
+            self._sender.ensure_started()
         elif len(self._wal):
             # An earlier process left events: deliver them without waiting for a new one.
-            self._worker.ensure_started()
+            self._sender.ensure_started()
 
     def __repr__(self) -> str:
         who = (
@@ -333,16 +347,17 @@ class CustomerIOHandler(logging.Handler):
 
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""
+        if self._closed or background.interpreter_exiting():
+            # No thread starts at exit: flush() delivers on its own thread (see flush).
+            if self._deliver == DELIVER_THREAD:
+                self._sender.notify()
+            return
         if self._deliver != DELIVER_THREAD:
-            if self._supervisor is not None and not self._closed:
+            if self._supervisor is not None:
                 self._supervisor.ensure()  # take over from a supervisor that is gone
             return
-        if not self._closed:
-            try:
-                self._worker.ensure_started()
-            except RuntimeError:
-                return  # no new thread at interpreter exit; the rows are on disk
-            self._worker.notify()
+        if self._sender.ensure_started():
+            self._sender.notify()
 
     def _warn_buffer_full(self) -> None:
         now = time.monotonic()
@@ -365,7 +380,7 @@ class CustomerIOHandler(logging.Handler):
         """
         if self._deliver != DELIVER_THREAD:
             raise ConfigurationError(f"deliver={self._deliver!r}: this handler does not send")
-        self._worker.ensure_started()
+        self._sender.ensure_started()
 
     def commit(self, timeout: float | None = None) -> bool:
         """Wait until every event emitted so far is on disk.
@@ -429,14 +444,19 @@ class CustomerIOHandler(logging.Handler):
             )
         return reason
 
-    def flush(self) -> None:
+    def flush(self) -> bool:  # type: ignore[override]  # logging ignores what it returns
         """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be.
 
-        With ``deliver="none"`` it only commits to disk: the sender is not ours to wait
-        for. With ``"process"`` it waits for the sender process as for the thread.
+        Returns True once every event emitted so far has left the queue (delivered, or
+        dead-lettered); False while events wait: behind a hold (a Retry-After, the open
+        breaker, refused credentials: ``status()["hold"]`` says which, and flush does
+        not wait it out), for a retry, for the disk, or past ``flush_timeout``. With
+        ``deliver="none"`` it only commits to disk (the sender is not ours to wait
+        for) and returns whether that worked. With ``"process"`` it waits for the
+        sender process as for the thread.
         """
         if self._closed:
-            return
+            return True
         deadline = time.monotonic() + self.settings.flush_timeout
         if not self._committer.commit(self.settings.flush_timeout):
             internal_log.warning(
@@ -444,23 +464,39 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.buffered,
                 self._committer.disk_error or "timed out",
             )
-            return
-        # Every row this process committed has a rowid at most this one: a process that
-        # does not deliver waits until none of them is left to go now.
+            return False
+        # Every row this process committed has a position at most this one: flush
+        # waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
         if self._deliver == DELIVER_NONE:
-            return
+            return True
         remaining = max(0.0, deadline - time.monotonic())
         if self._deliver == DELIVER_PROCESS:
-            delivered = self._worker.wait_for_sender(remaining, last_rowid)
+            delivered = self._sender.wait_for_sender(remaining, last_rowid)
+        elif self._sender.ensure_started():
+            delivered = self._sender.flush(remaining, last_rowid)
         else:
-            delivered = self._worker.flush(remaining, last_rowid)
+            # At interpreter exit no thread may start (Python 3.12 refuses, and thread
+            # pools refuse on every version): deliver here, on the caller's thread.
+            delivered = self._sender.deliver_here(remaining, last_rowid)
         if not delivered:
-            internal_log.warning(
-                "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
-                self.settings.flush_timeout,
-                _or_none(self._wal.__len__),  # a failing store must not raise here
-            )
+            hold = self._sender.hold()
+            waiting = _or_none(self._wal.__len__)  # a failing store must not raise here
+            if hold is not None:
+                internal_log.info(
+                    "flush: %s event(s) wait on disk behind a hold (%s, %.0f s more): %s",
+                    waiting,
+                    hold.reason,
+                    hold.seconds,
+                    hold.message,
+                )
+            elif time.monotonic() >= deadline:
+                internal_log.warning(
+                    "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
+                    self.settings.flush_timeout,
+                    waiting,
+                )
+        return delivered
 
     def close(self) -> None:
         """Stop the worker within ``close_timeout``; unsent events stay on disk.
@@ -489,7 +525,7 @@ class CustomerIOHandler(logging.Handler):
                 # Our events are committed: the sender child stops with us (what it
                 # had not sent stays on disk for the next one).
                 self._supervisor.close(self.settings.close_timeout)
-            if self._worker.close(self.settings.close_timeout):
+            if self._sender.close(self.settings.close_timeout):
                 # Release the database files now; an emit after close reopens them.
                 self._wal.close()
                 self._dead_letters.close()
@@ -504,14 +540,14 @@ class CustomerIOHandler(logging.Handler):
 
     def status(self) -> dict[str, Any]:
         """A snapshot for operators and health checks."""
-        stats = self._worker.stats
+        stats = self._sender.stats
         with self._counts_guard:
             dropped = dict(self._dropped)
             refused = dict(self._refused)
             enqueued = self._enqueued
         return {
             "api": self.settings.api,
-            "breaker": self._worker.breaker.state,
+            "breaker": self._sender.breaker.state,
             "queued": _or_none(self._wal.__len__),
             "dead_letters": _or_none(self._dead_letters.__len__),
             "degradation": self._degradation,
@@ -531,7 +567,10 @@ class CustomerIOHandler(logging.Handler):
             "retries_scheduled": stats.retries_scheduled,
             "last_error": stats.last_error,
             "delivery_paused": stats.delivery_paused,
-            "delivering_process": self._worker.is_delivering_process,
+            # Why nothing is sent now (Retry-After, a pause, the open breaker), or None.
+            "hold": _hold_dict(self._sender.hold()),
+            "uncertain": stats.uncertain,
+            "delivering_process": self._sender.is_delivering_process,
             **self._delivery_status(),
             "queue_bytes": _or_none(self._wal.volume),
             "queue_dir": str(self.settings.queue_dir),
@@ -599,6 +638,10 @@ class CustomerIOHandler(logging.Handler):
     def _oldest_age(self) -> float | None:
         logged_at = self._wal.oldest_logged_at()
         return None if logged_at is None else max(0.0, time.time() - logged_at)
+
+
+def _hold_dict(hold: Hold | None) -> dict[str, Any] | None:
+    return None if hold is None else hold.to_dict()
 
 
 def _or_none(read: Callable[[], int]) -> int | None:

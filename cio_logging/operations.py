@@ -9,8 +9,9 @@ Safety with a live application on the same queue directory:
   not block the application's writers, and the delivery lock is only probed;
 * ``drain`` takes the application's own ``delivery.lock`` (through a handler, see
   :func:`drain`), so at most one process ever sends from the write-ahead log;
-* ``dlq replay`` and ``dlq purge`` never touch the write-ahead log; they take
-  ``dlq.lock`` so two operators cannot replay or purge the same entries at once.
+* ``dlq replay`` puts entries back in the queue (the application's sender delivers
+  them, under its rules) and ``dlq purge`` deletes them; both take ``dlq.lock`` so two
+  operators cannot replay or purge the same entries at once.
 
 Nothing here raises for an expected condition without saying so: a missing queue
 directory is :class:`QueueDirectoryError`, a lock held by another process is
@@ -43,24 +44,23 @@ from .config import (
     ENV_QUEUE_DIR,
     ENV_QUEUE_URL,
     PIPELINES,
+    TUNABLE_OPTIONS,
     Settings,
     resolve_settings,
 )
 from .errors import CIOLoggingError, ConfigurationError
 from .events import event_from_dict
 from .process_lock import DeliveryLock
-from .resilience import CLOSED, DeliveryBreaker, RequestRateCap, RetryPolicy
 from .state_record import read_state
 from .store import (
     DeadLetter,
     DeadLetterArchive,
     DeadLetterReason,
     DeadLetterStore,
-    QueuedEvent,
-    ReplayRecord,
+    Row,
     WriteAheadLog,
+    encode_row,
 )
-from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -683,31 +683,59 @@ def purge_dead_letters(queue_dir: Location, letters: Sequence[DeadLetter]) -> in
 
 
 @dataclass
+class ReplayEntry:
+    """One selected dead letter: what the replay did with it and what it lands behind.
+
+    Ids, names and times only: never event data, never a person's identifier.
+    ``ahead_of``: the calls of its person still queued, which it goes ahead of.
+    ``after``: calls of its person delivered after it was dead-lettered (the first
+    ones; ``after_count`` counts all), which it now lands behind. ``outcome``:
+    ``queued`` (put back), ``refused`` (a delete of its person was delivered after
+    it: not replayed without ``--after-delete``), ``would_queue`` (dry run); with
+    ``--wait``: ``delivered``, ``dead_lettered`` (came back, ``reason``) or
+    ``still_queued`` at the bound.
+    """
+
+    id: str
+    event: str | None
+    outcome: str
+    ahead_of: int = 0
+    after: list[dict[str, Any]] = field(default_factory=list)
+    after_count: int = 0
+    reason: str | None = None
+
+
+@dataclass
 class ReplayReport:
     """What a replay did. Ids only: never event data."""
 
     dry_run: bool
+    waited: bool = False
     selected: int = 0
-    accepted: list[str] = field(default_factory=list)
-    # Rejected again as invalid (400/413/422, 207 item error): final, kept with the reason.
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    # Still failing (5xx, timeouts, connection errors) when the bound or the per-entry
-    # attempts ran out: kept with the new reason.
-    failed: list[dict[str, str]] = field(default_factory=list)
-    not_sent: list[str] = field(default_factory=list)  # never tried: left unchanged
+    entries: list[ReplayEntry] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # stored event is None: skipped
     missing_ids: list[str] = field(default_factory=list)  # asked for by --id, not found
-    would_send: list[str] = field(default_factory=list)  # --dry-run
+    sender_pid: int | None = None  # who holds delivery.lock (-1: unknown): it sends them
     auth_error: str | None = None
-    requests: int = 0
     elapsed_seconds: float = 0.0
     interrupted: bool = False
     left_in_store: int = 0  # dead letters in the store when the replay ended, any match
 
+    def ids(self, outcome: str) -> list[str]:
+        return [entry.id for entry in self.entries if entry.outcome == outcome]
+
     @property
     def done(self) -> int:
-        """Entries settled so far: accepted, rejected or given up on."""
-        return len(self.accepted) + len(self.rejected) + len(self.failed)
+        """Entries settled so far: put back, or (with --wait) delivered or back."""
+        settled = (
+            {"queued", "delivered", "dead_lettered"}
+            if not self.waited
+            else {
+                "delivered",
+                "dead_lettered",
+            }
+        )
+        return sum(1 for entry in self.entries if entry.outcome in settled)
 
     def exit_code(self) -> ExitCode:
         if self.interrupted:
@@ -725,14 +753,19 @@ class ReplayReport:
         parts = []
         if self.selected == 0 and self.left_in_store:
             parts.append("no dead letter matched the selection")
-        came_back = len(self.rejected) + len(self.failed)
-        if came_back:
+        refused = self.ids("refused")
+        if refused:
             parts.append(
-                f"{came_back} of the {self.selected} selected came back to the store "
-                f"({len(self.rejected)} rejected again, {len(self.failed)} still failing)"
+                f"{len(refused)} not replayed: a delete of the person was delivered after "
+                "it (replayed now, it would land after the delete and Customer.io would "
+                "create the person again; --after-delete to replay anyway)"
             )
-        if self.not_sent:
-            parts.append(f"{len(self.not_sent)} not sent before the bound")
+        back = self.ids("dead_lettered")
+        if back:
+            parts.append(f"{len(back)} came back to the store")
+        still = self.ids("still_queued")
+        if still:
+            parts.append(f"{len(still)} still queued at the bound")
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} unreadable")
         if self.missing_ids:
@@ -748,35 +781,88 @@ class ReplayReport:
         return result
 
 
-@dataclass
-class _Pending:
-    letter: DeadLetter
-    queued: QueuedEvent
-    tries: int = 0
-    failure: Failure | None = None
-    next_at: float = 0.0
+class _FleetQueue:
+    """A fleet's queue as a replay sees it: rows put back, a person's calls counted."""
+
+    def __init__(self, database: Any, workspace: str) -> None:
+        from .store.postgres import requeue_rows
+
+        self._database, self._workspace, self._requeue = database, workspace, requeue_rows
+
+    def requeue(self, rows: Sequence[Row]) -> list[int]:
+        return self._requeue(self._database, self._workspace, rows)
+
+    def queued_calls_of(self, person: str) -> int:
+        ((count,),) = self._database.run(
+            "count_person", {"workspace": self._workspace, "person": person}
+        )
+        return int(count)
+
+    def holds(self, keys: Sequence[str]) -> set[str]:
+        found = self._database.run("ids_queued", {"workspace": self._workspace, "ids": list(keys)})
+        return {str(key) for (key,) in found}
+
+
+class _LocalQueue:
+    """A queue directory's queue as a replay sees it."""
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self._wal = wal
+
+    def requeue(self, rows: Sequence[Row]) -> list[int]:
+        return self._wal.requeue(rows)
+
+    def queued_calls_of(self, person: str) -> int:
+        return self._wal.queued_calls_of(person)
+
+    def holds(self, keys: Sequence[str]) -> set[str]:
+        return {key for key in keys if key in self._wal}
+
+
+@contextlib.contextmanager
+def _replay_queue(location: Location) -> Iterator[_LocalQueue | _FleetQueue]:
+    if isinstance(location, FleetLocation):
+        database = location.database()
+        try:
+            yield _FleetQueue(database, location.workspace)
+        finally:
+            database.close()
+        return
+    # fsync=None: keep the application's durability setting.
+    wal = WriteAheadLog(location / WAL_DIR, fsync=None)
+    try:
+        yield _LocalQueue(wal)
+    finally:
+        wal.close()
 
 
 def replay_dead_letters(
     settings: Settings,
     selection: Selection,
     *,
+    handler_arguments: Mapping[str, Any] | None = None,
     dry_run: bool = False,
+    after_delete: bool = False,
+    wait: bool = False,
     timeout: float = 300.0,
     stop: threading.Event | None = None,
     progress: Callable[[ReplayReport], None] | None = None,
 ) -> ReplayReport:
-    """Send chosen dead letters straight to Customer.io, with their own event ids.
+    """Put chosen dead letters back in the queue, where the sender delivers them.
 
-    The same delivery path as the worker: the API's client behind a breaker and
-    the rate cap, and the retry policy's backoff between attempts of an entry, within
-    ``timeout`` seconds and at most ``max_attempts`` attempts per entry. An entry
-    leaves the store only once Customer.io accepted it. One that fails again stays,
-    with the new reason as its latest, its original reason kept, this replay added to
-    its history and its attempts counted; one never tried stays unchanged.
-    The write-ahead log is not touched, so this cannot collide with a live
-    application's worker: an event in both places is sent with the same id, which
-    Customer.io deduplicates.
+    Each goes ahead of its person's calls still queued, in the order they were logged,
+    with its id (Customer.io deduplicates) and its history (failing again, it comes
+    back with its first reason and this replay added). The sender then delivers it
+    under the same order rule, breaker, rate cap and outcome policy as every call. An
+    entry whose person had a delete delivered after it is not replayed unless
+    ``after_delete``: it would land after the delete, and Customer.io would create the
+    person again. Nothing is reordered silently: each entry's report names the queued
+    calls it goes ahead of and the delivered ones it lands behind.
+
+    ``wait``: deliver them (this process takes the queue directory's delivery.lock, as
+    ``drain`` does, or waits for the process holding it) and report each one's
+    outcome, within ``timeout``. ``handler_arguments``: the handler's constructor
+    arguments for that (default: ``settings``' own).
 
     Raises:
         QueueDirectoryError: see :func:`check_queue_dir`.
@@ -796,143 +882,160 @@ def replay_dead_letters(
         if selection.ids is not None:
             found = {letter.key for letter in letters}
             report.missing_ids = [key for key in selection.ids if key not in found]
-        pending: dict[str, _Pending] = {}
+        readable = []
         for letter in letters:
             if letter.event is None:
                 report.unreadable.append(letter.key)
-                continue
-            queued = QueuedEvent(
-                letter.key,
-                event_from_dict(letter.event),
-                attempts=letter.attempts,
-                first_failure_at=letter.first_failure_at,
-                last_error=None,
-                next_attempt_at=0.0,
-            )
-            pending[letter.key] = _Pending(letter, queued)
-        if dry_run or store is None:
-            report.would_send = list(pending)
-        else:
-            _replay(settings, store, pending, report, started + timeout, stop, progress)
+            else:
+                readable.append(letter)
+        # Logging order: a person's replayed calls keep theirs among themselves.
+        readable.sort(key=lambda letter: (float(letter.event.get("logged_at") or 0), letter.key))  # type: ignore[union-attr]
+        if readable and store is not None:
+            queue = cleanup.enter_context(_replay_queue(location))
+            chosen = _judge(readable, queue, report, dry_run=dry_run, after_delete=after_delete)
+            if not dry_run and chosen:
+                now = time.time()
+                queue.requeue(
+                    [
+                        encode_row(
+                            event_from_dict(letter.event),  # type: ignore[arg-type]
+                            replayed_at=now,
+                            dead_letter=letter.history(),
+                        )
+                        for letter in chosen
+                    ]
+                )
+                # In the queue first, then out of the store: a crash in between leaves
+                # an entry in both (the id deduplicates), never in neither.
+                store.purge(chosen)
+                if progress is not None:
+                    progress(report)
+        if isinstance(location, Path):
+            report.sender_pid = lock_holder(location)
+    if wait and not dry_run and any(entry.outcome == "queued" for entry in report.entries):
+        report.waited = True
+        _wait_for_replayed(
+            settings,
+            dict(handler_arguments or {}),
+            location,
+            report,
+            started + timeout,
+            stop,
+            progress,
+        )
+    with _dead_letters(location) as store:
         report.left_in_store = 0 if store is None else len(store)
     report.interrupted = stop.is_set()
     report.elapsed_seconds = round(time.monotonic() - started, 3)
     return report
 
 
-def _replay(
+def _judge(
+    letters: Sequence[DeadLetter],
+    queue: _LocalQueue | _FleetQueue,
+    report: ReplayReport,
+    *,
+    dry_run: bool,
+    after_delete: bool,
+) -> list[DeadLetter]:
+    """Each entry's report; the entries that may go back in the queue."""
+    chosen: list[DeadLetter] = []
+    for letter in letters:
+        person = letter.person
+        entry = ReplayEntry(
+            letter.key,
+            letter.event_name,
+            "would_queue" if dry_run else "queued",
+            ahead_of=0 if person is None else queue.queued_calls_of(person),
+            after=[
+                {
+                    "call": call.call,
+                    "name": call.name,
+                    "id": call.id,
+                    "delivered_at": iso_time(call.delivered_at),
+                }
+                for call in letter.later
+            ],
+            after_count=letter.later_count,
+        )
+        if letter.landed_after_a_delete and not after_delete:
+            entry.outcome = "refused"
+            entry.reason = "a delete of its person was delivered after it"
+        else:
+            chosen.append(letter)
+        report.entries.append(entry)
+    return chosen
+
+
+def _wait_for_replayed(
     settings: Settings,
-    store: DeadLetterArchive,
-    pending: dict[str, _Pending],
+    arguments: dict[str, Any],
+    location: Location,
     report: ReplayReport,
     deadline: float,
     stop: threading.Event,
     progress: Callable[[ReplayReport], None] | None,
 ) -> None:
-    breaker = DeliveryBreaker.from_settings(settings)
-    retry = RetryPolicy.from_settings(settings)
-    client = make_client(
-        settings,
-        breaker=breaker,
-        rate_cap=RequestRateCap(
-            settings.max_requests_per_second,
-            stop=stop,
-            workspace=(settings.account, settings.endpoint.base_url),
-        ),
-    )
-    held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
-    replayed_at = time.time()  # the replay's time in each entry's history
+    """Run a sender on the queue (as drain does) until every replayed entry left it,
+    then say where each went: delivered, or back in the dead-letter store."""
+    from .handler import CustomerIOHandler  # the handler pulls in the sender: only here
+
+    waiting = {entry.id: entry for entry in report.entries if entry.outcome == "queued"}
+    if not arguments:
+        arguments = _handler_arguments(settings)
+    arguments.setdefault("flush_interval", _DRAIN_FLUSH_INTERVAL)
+    arguments["queue_dir"] = str(settings.queue_dir)
+    arguments["deliver"] = "thread"
+    handler = CustomerIOHandler(**arguments)
     try:
-        while pending and not stop.is_set():
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            due = [entry for entry in pending.values() if entry.next_at <= now]
-            wait = max(breaker.seconds_until_probe(), held_until - now)
-            if wait > 0 or not due:
-                if not due:
-                    wait = max(wait, min(entry.next_at for entry in pending.values()) - now)
-                stop.wait(min(wait, deadline - now))
-                continue
-            # While the breaker is not closed, one event probes, as in the worker.
-            size = settings.batch_size if breaker.state == CLOSED else 1
-            outcome = client.deliver([entry.queued for entry in due[:size]])
-            report.requests += outcome.requests
-            if outcome.accepted:
-                store.purge([pending[q.key].letter for q in outcome.accepted])
-                for queued in outcome.accepted:
-                    report.accepted.append(queued.key)
-                    del pending[queued.key]
-            for queued, rejection in outcome.rejected:
-                entry = pending.pop(queued.key)
-                _rewrite(store, entry, rejection, replayed_at, tries=entry.tries + 1)
-                report.rejected.append(_reason(queued.key, rejection, entry.letter))
-            failure = outcome.failure
-            if failure is not None and failure.kind in (AUTH, CONFIG):
-                # Not the entries' fault: count nothing, rewrite nothing, stop.
-                report.auth_error = failure.message
-                break
-            if failure is not None and failure.kind == TRANSIENT:
-                if failure.retry_after:
-                    wait = min(failure.retry_after, settings.max_retry_after)
-                    held_until = max(held_until, time.monotonic() + wait)
-                for queued in outcome.failed:
-                    entry = pending[queued.key]
-                    entry.tries += 1
-                    entry.failure = failure
-                    if entry.tries >= settings.max_attempts:
-                        del pending[queued.key]
-                        _rewrite(store, entry, failure, replayed_at, tries=entry.tries)
-                        report.failed.append(_reason(queued.key, failure, entry.letter))
-                    else:
-                        delay = retry.delay(entry.tries, failure.retry_after)
-                        entry.next_at = time.monotonic() + delay
-            if progress is not None:
-                progress(report)
+        handler.start_delivery()
+        with _replay_queue(location) as queue:
+            while waiting and not stop.is_set() and time.monotonic() < deadline:
+                still = queue.holds(list(waiting))
+                for key in [key for key in waiting if key not in still]:
+                    _settle(waiting.pop(key), location)
+                status = handler.status()
+                if status["delivery_paused"]:
+                    report.auth_error = status["delivery_paused"]
+                    break
+                if progress is not None:
+                    progress(report)
+                if waiting:
+                    stop.wait(_DRAIN_POLL_SECONDS)
     finally:
-        client.close()
-        for key, entry in pending.items():
-            if entry.failure is None:
-                report.not_sent.append(key)
-            else:
-                _rewrite(store, entry, entry.failure, replayed_at, tries=entry.tries)
-                report.failed.append(_reason(key, entry.failure, entry.letter))
-        pending.clear()
+        handler.close()
+    for entry in waiting.values():
+        entry.outcome = "still_queued"
 
 
-def _rewrite(
-    store: DeadLetterArchive, entry: _Pending, failure: Failure, replayed_at: float, *, tries: int
-) -> None:
-    letter = entry.letter
-    if store.get(letter.key) is None:
-        return  # gone meanwhile (purged): never bring it back
-    message = f"replay: {failure.message}"
-    now = time.time()
-    came_back = DeadLetterReason(failure.error_type, failure.status, message, now)
-    store.add(
-        letter.key,
-        entry.queued.event,
-        status=failure.status,
-        error_type=failure.error_type,
-        message=message,
-        attempts=letter.attempts + tries,
-        first_failure_at=letter.first_failure_at,
-        now=now,
-        # The latest reason is the new one; the first stays, and the history grows.
-        original=letter.original or letter.latest,
-        replays=[*letter.replays, ReplayRecord.came_back(replayed_at, came_back)],
-        replay_count=letter.replay_count + 1,
-    )
+def _settle(entry: ReplayEntry, location: Location) -> None:
+    """A replayed entry left the queue: delivered, or dead-lettered again."""
+    with _dead_letters(location) as store:
+        letter = None if store is None else store.get(entry.id)
+    if letter is None:
+        entry.outcome = "delivered"
+    else:
+        entry.outcome = "dead_lettered"
+        entry.reason = f"{letter.error_type}: {letter.message}"
 
 
-def _reason(key: str, failure: Failure, letter: DeadLetter) -> dict[str, str]:
-    original = letter.original or letter.latest
-    return {
-        "id": key,
-        "error_type": failure.error_type,
-        "message": failure.message,
-        "original_error_type": original.error_type,
+def _handler_arguments(settings: Settings) -> dict[str, Any]:
+    """Constructor arguments for a handler with exactly these settings."""
+    arguments: dict[str, Any] = {
+        "api_key": settings.api_key,
+        "region": settings.region,
+        "track_url": settings.endpoint.base_url + settings.endpoint.path,
+        "ca_bundle": None if settings.ca_bundle is None else str(settings.ca_bundle),
+        "api": settings.api,
     }
+    if settings.api != PIPELINES:
+        arguments["site_id"] = settings.site_id
+    if settings.queue_url is not None:
+        arguments["queue_url"] = settings.queue_url
+    for name in TUNABLE_OPTIONS:
+        if name not in ("signal_handlers", "deliver"):
+            arguments[name] = getattr(settings, name)
+    return arguments
 
 
 # -- drain ---------------------------------------------------------------------------------

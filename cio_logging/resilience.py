@@ -30,9 +30,9 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
-from typing import TypeVar
 
 import pybreaker
 from tenacity import (
@@ -42,8 +42,6 @@ from tenacity import (
 )
 
 from .config import Settings
-
-Result = TypeVar("Result")
 
 # At import: getLogger takes logging's module lock, which the flush thread must never
 # wait for (see background.py).
@@ -84,13 +82,14 @@ class DeliveryBreaker:
         self._on_transition = on_transition
         self._reset_timeout = reset_timeout
         self._opened_at = float("-inf")  # on self._clock, set on every move to open
+        self._probe_guard = threading.Lock()
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=consecutive_failures,
             reset_timeout=reset_timeout,
             success_threshold=1,
             listeners=[_TransitionListener(self._notify)],
             name="customerio",
-            # Re-raise our CountedFailure on a trip: it carries the delivery report.
+            # Re-raise our CountedFailure on a trip: the caller counts it.
             throw_new_error_on_trip=False,
         )
 
@@ -124,60 +123,52 @@ class DeliveryBreaker:
             self._breaker.open()
         self._opened_at = self._clock() - max(0.0, self._reset_timeout - seconds)
 
-    def call(self, send: Callable[[], Result], failed: Callable[[Result], bool]) -> Result:
-        """Run ``send`` through the breaker; ``failed(result)`` says whether it counts.
-
-        While the breaker is closed, ``send`` runs outside pybreaker, whose lock would
-        serialise every request in flight, and its outcome is then reported through
-        pybreaker's state machine. Otherwise (a probe) it runs inside pybreaker.
-
-        Raises:
-            pybreaker.CircuitBreakerError: the breaker is open; nothing was sent.
-        """
-        if self.state == CLOSED:
-            result = send()
-            self._report(result, failed=failed(result))
-            return result
-
-        if self.state == OPEN:
-            if self.seconds_until_probe() > 0:
-                raise pybreaker.CircuitBreakerError("circuit breaker still open")
+    def permits(self) -> bool:
+        """Whether a request may go now: the breaker is closed, or it is open and its
+        probe is due (it moves to half-open, and this request is the probe). While
+        the probe is out (half-open), nothing else goes."""
+        state = self.state
+        if state == CLOSED:
+            return True
+        if state != OPEN or self.seconds_until_probe() > 0:
+            return False
+        with self._probe_guard:
+            if self.state != OPEN:
+                return False  # another thread took the probe
             # Half-open it ourselves: in the open state pybreaker would decide by the
             # wall clock (see the module docstring).
             self._breaker.half_open()
+            return True
 
-        def guarded() -> Result:
-            result = send()
-            if failed(result):
-                raise CountedFailure(result)
-            return result
+    def succeeded(self) -> None:
+        """A request was answered: Customer.io works (a refused payload counts too)."""
+        self._report(failed=False)
 
-        try:
-            result = self._breaker.call(guarded)
-        except CountedFailure as failure:
-            self._record(ok=False)
-            return failure.result  # type: ignore[return-value]
-        self._record(ok=True)
-        return result
+    def failed(self, count: int = 1) -> None:
+        """``count`` requests failed for Customer.io's (or the network's) reasons."""
+        for _ in range(count):
+            if not self._report(failed=True):
+                return
 
-    def _report(self, result: Result, *, failed: bool) -> None:
-        """Feed the outcome of a request sent outside pybreaker into its state machine."""
+    def _report(self, *, failed: bool) -> bool:
+        """Feed one outcome into pybreaker's state machine; False once it is open
+        (another request in flight opened it meanwhile: nothing more to count)."""
 
-        def outcome() -> Result:
+        def outcome() -> None:
             if failed:
-                raise CountedFailure(result)
-            return result
+                raise CountedFailure(None)
 
         if self.state == OPEN:
-            return  # another request in flight opened it meanwhile; this one was sent
+            return False
         try:
             self._breaker.call(outcome)
         except CountedFailure:
             self._record(ok=False)
-            return
+            return self.state != OPEN
         except pybreaker.CircuitBreakerError:
-            return  # another request in flight opened it meanwhile; this one was sent
+            return False
         self._record(ok=True)
+        return True
 
     def _record(self, *, ok: bool) -> None:
         with self._outcomes_guard:
@@ -231,6 +222,7 @@ class RetryPolicy:
             initial=initial_backoff, max=max_backoff, jitter=initial_backoff
         )
         self._stop_attempts = stop_after_attempt(max_attempts)
+        self._max_attempts = max_attempts
         self._max_event_age = float(max_event_age)
         self._max_retry_after = max_retry_after
         self._max_backoff = max_backoff
@@ -270,6 +262,23 @@ class RetryPolicy:
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._max_retry_after))
         return delay
+
+    def delays(self, retry_after: float | None = None) -> list[float]:
+        """:meth:`delay` for every attempt count a call can have (index: attempts so
+        far, the last for more): a batch's retries are scheduled from it in one
+        statement. One jitter draw per count: calls that failed together in one
+        request are retried together."""
+        return [
+            self.delay(max(attempts, 1), retry_after) for attempts in range(self.max_attempts + 1)
+        ]
+
+    @property
+    def max_attempts(self) -> int:
+        return self._max_attempts
+
+    @property
+    def max_event_age(self) -> float:
+        return self._max_event_age
 
 
 def _retry_state(attempts: int, elapsed: float) -> RetryCallState:
@@ -376,11 +385,16 @@ class RequestRateCap:
     ) -> None:
         self._limit = max(1, int(per_second))
         self._stop = stop or threading.Event()
-        self._window = _SlotWindow(clock) if workspace is None else _shared_window(workspace)
+        self._window = _SlotWindow(clock) if workspace is None else _SHARED.window(workspace)
 
     def hold(self, seconds: float) -> None:
         """Customer.io asked every client to wait (Retry-After): so must the others."""
         self._window.hold(seconds)
+
+    def close(self) -> None:
+        """Let go of the workspace's shared window (this cap's sender stopped); a cap
+        closed keeps working alone."""
+        self._window = _SlotWindow(time.monotonic)
 
     def seconds_on_hold(self) -> float:
         """How long the workspace's pause (see :meth:`hold`) still lasts; 0 if none."""
@@ -396,24 +410,29 @@ class RequestRateCap:
                 return None
 
 
-# One slot window per workspace in this process.
-_WINDOWS: dict[Hashable, _SlotWindow] = {}
-_WINDOWS_GUARD = threading.Lock()
+class _SharedWindows:
+    """The slot windows of this process, one per workspace, shared by the caps on it.
+
+    Weakly held: a window lives while a cap uses it (a closed cap lets go of it, see
+    :meth:`RequestRateCap.close`), so nothing here outlives the handlers using it and
+    nothing needs resetting. Keyed by process id too: a forked child never shares its
+    parent's window, whose slots are the parent's requests.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._windows: weakref.WeakValueDictionary[tuple[int, Hashable], _SlotWindow] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def window(self, workspace: Hashable) -> _SlotWindow:
+        key = (os.getpid(), workspace)
+        with self._guard:
+            window = self._windows.get(key)
+            if window is None:
+                window = _SlotWindow(time.monotonic)
+                self._windows[key] = window
+            return window
 
 
-def _shared_window(workspace: Hashable) -> _SlotWindow:
-    with _WINDOWS_GUARD:
-        window = _WINDOWS.get(workspace)
-        if window is None:
-            window = _WINDOWS[workspace] = _SlotWindow(time.monotonic)
-        return window
-
-
-def _forget_windows_in_child() -> None:
-    # The parent's slots are its requests, and its locks may have been copied held.
-    global _WINDOWS_GUARD
-    _WINDOWS_GUARD = threading.Lock()
-    _WINDOWS.clear()
-
-
-os.register_at_fork(after_in_child=_forget_windows_in_child)
+_SHARED = _SharedWindows()

@@ -165,7 +165,8 @@ control API (unauthenticated, JSON; never recorded, never faulted):
   GET  /_simulator/requests      every Track and Pipelines request: time, method,
                                  path, status, strict, ...
   POST /_simulator/faults        {"status": 503, "count": N | "duration": S,
-                                  "retry_after": "7", "body": {...}},
+                                  "retry_after": "7", "body": {...},
+                                  "accept": true (handle it, then answer so)},
                                  {"latency": S}, {"reset_connections": {"count": N}}
   POST /_simulator/clear_faults  end failures, latency, resets and a refusal
                                  (poison names stay)
@@ -279,6 +280,9 @@ class _Fault:
     status: int = 0
     retry_after: str | None = None
     body: dict[str, Any] | None = None
+    # Handle the request as usual (valid calls accepted), then answer with the fault:
+    # a 207 whose errors name no item, a storm that still stores what it was sent.
+    accept: bool = False
 
     def take(self, now: float) -> bool:
         if self.until is not None and now >= self.until:
@@ -951,12 +955,18 @@ class TrackAPISimulator:
         duration: float | None = None,
         retry_after: str | None = None,
         body: dict[str, Any] | None = None,
+        accept: bool = False,
     ) -> None:
-        """Answer the next `count` requests, or all for `duration` s, or all until cleared."""
+        """Answer the next `count` requests, or all for `duration` s, or all until cleared.
+
+        ``accept``: handle each request as usual first (its valid calls are accepted and
+        recorded), then answer with this fault instead of the real answer: a 207 whose
+        errors cannot be matched to items, for instance.
+        """
         if not 200 <= status <= 599:
             raise ValueError(f"status must be 200-599, not {status}")
         fault = _new_fault(count, duration, status)
-        fault.retry_after, fault.body = retry_after, body
+        fault.retry_after, fault.body, fault.accept = retry_after, body, accept
         with self._lock:
             self._failure = fault
 
@@ -1053,7 +1063,7 @@ class TrackAPISimulator:
             reset = self._reset is not None
         if reset:
             answer = None
-        elif failure is not None:
+        elif failure is not None and not failure.accept:
             answer = _fault_answer(failure)
         elif route is None:
             answer = _Answer(404, {"meta": {"error": "Not Found"}})
@@ -1066,6 +1076,8 @@ class TrackAPISimulator:
         else:
             raw_identifier = match.group(1) if match else None
             answer = self._route(route.name, raw_identifier, payload, len(body))
+        if failure is not None and failure.accept and answer is not None:
+            answer = _fault_answer(failure)  # handled as usual, answered with the fault
         status = 0 if answer is None else answer.status
         record = RequestRecord(
             received,
@@ -1227,6 +1239,7 @@ class TrackAPISimulator:
                 duration=spec.get("duration"),
                 retry_after=None if retry_after is None else str(retry_after),
                 body=spec.get("body"),
+                accept=bool(spec.get("accept", False)),
             )
         if "latency" in spec:
             self.set_latency(float(spec["latency"]))

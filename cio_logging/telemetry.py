@@ -63,6 +63,9 @@ class QueueProbes:
     dead_letter_depth: Callable[[], int]
     oldest_age: Callable[[], float | None]
     breaker_state: Callable[[], str]
+    # Why nothing is sent now: an object with ``reason`` and ``seconds`` (see
+    # sender.state.Hold), or None.
+    hold: Callable[[], Any] = lambda: None
 
 
 class RequestSpan:
@@ -279,6 +282,30 @@ class _QueueGauges:
             unit="s",
             description="Age of the oldest waiting event",
         )
+
+        meter.create_observable_gauge(
+            "cio.delivery.hold",
+            callbacks=[self._observe_hold],
+            unit="s",
+            description=(
+                "Seconds until sending may resume (cio.hold.reason: retry_after, auth, "
+                "config, breaker); 0 when nothing holds it"
+            ),
+        )
+
+    def _observe_hold(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._guard:
+            watched = list(self._watched.values())
+        for probes in watched:
+            try:
+                hold = probes.hold()
+            except Exception:  # noqa: S112 - as in _observe
+                continue
+            attributes = {"cio.queue.dir": probes.queue_dir}
+            if hold is None:
+                yield Observation(0.0, attributes)
+            else:
+                yield Observation(hold.seconds, {**attributes, "cio.hold.reason": hold.reason})
 
     def watch(self, probes: QueueProbes) -> None:
         with self._guard:

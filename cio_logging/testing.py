@@ -18,6 +18,11 @@ record, so an event it accepts is one ``CustomerIOHandler`` would queue, and a r
 it refuses is one the handler would refuse (with the same message). With pytest, the
 plugin installed by the ``testing`` extra adds the ``cio_simulator`` fixture, a
 :class:`CioSimulator`: the real HTTPS simulator, for tests that deliver end to end.
+
+:class:`InMemoryStore` is a queue and dead-letter store in memory that passes the same
+contract as the diskcache and PostgreSQL stores: for unit tests of code that reads or
+writes a store (this library's own sender stages are tested on it), never for events
+that must survive.
 """
 
 from __future__ import annotations
@@ -33,11 +38,20 @@ from .config import ENV_API_KEY, ENV_CA_BUNDLE, ENV_QUEUE_DIR, ENV_SITE_ID, ENV_
 from .errors import InvalidEventError, UnreadableTagError
 from .events import EXTRA_KEY, Event, carries_tag, event_from_record
 from .handler import CustomerIOHandler
+from .store.memory import InMemoryDeadLetters, InMemoryStore
 
 if TYPE_CHECKING:
     from .simulator import AcceptedEvent, TrackAPISimulator
 
-__all__ = ["CapturedEvents", "CioSimulator", "Event", "Refusal", "capture_cio_events"]
+__all__ = [
+    "CapturedEvents",
+    "CioSimulator",
+    "Event",
+    "InMemoryDeadLetters",
+    "InMemoryStore",
+    "Refusal",
+    "capture_cio_events",
+]
 
 
 class Refusal(NamedTuple):

@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 import pytest
 
-from cio_logging import CustomerIOHandler, resilience
+from cio_logging import CustomerIOHandler
 from cio_logging.simulator import TrackAPISimulator
 
 from .helpers import (
@@ -61,20 +61,6 @@ PIPELINES_SPEC_MISSING = (
     f"put it at {PIPELINES_SPEC_PATH} (shared/spec beside the checkout) or set "
     "CIO_PIPELINES_SPEC to its path"
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_workspace_windows() -> Iterator[None]:
-    """Each test starts with no workspace's rate-cap slots or Retry-After pause.
-
-    They are shared per workspace (site id and endpoint) in a process, and every
-    simulator has the same site id: a later test whose simulator got a port an earlier
-    one had used would inherit its pause (seen on CI: a flush that returned at once,
-    held by a Retry-After from another test).
-    """
-    yield
-    with resilience._WINDOWS_GUARD:
-        resilience._WINDOWS.clear()
 
 
 def _required_spec(loaded: Spec | None, missing: str) -> Spec:

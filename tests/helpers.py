@@ -222,3 +222,21 @@ WATCHED_SECRETS: list[str] = [
 def leaked_secrets(text: str) -> list[str]:
     """The watched secrets found in ``text``."""
     return [secret for secret in WATCHED_SECRETS if secret in text]
+
+
+def replay_into(store: Any, letters: list[Any], queue: Any) -> int:
+    """Put dead letters back in the queue ahead of their people's queued calls, then out
+    of the store (what ``dlq replay`` does); how many moved."""
+    from cio_logging.events import event_from_dict
+    from cio_logging.store import encode_row
+
+    readable = [letter for letter in letters if letter.event is not None]
+    now = time.time()
+    queue.requeue(
+        [
+            encode_row(event_from_dict(letter.event), replayed_at=now, dead_letter=letter.history())
+            for letter in readable
+        ]
+    )
+    store.purge(readable)
+    return len(readable)

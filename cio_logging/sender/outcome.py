@@ -29,7 +29,7 @@ Rules, and why:
 * A 429 counts no attempt against the calls (Customer.io asked us to slow down; the
   calls did nothing wrong), nor does a failed breaker probe: however long an outage
   lasts, nothing is dead-lettered before ``max_event_age``. A 429 with no Retry-After
-  waits :data:`TOO_MANY_REQUESTS_WAIT` (sentry-python's choice for the same case).
+  backs off like any retry (the calls' own exponential backoff).
 * Retry-After (on any status) holds every request, not just these calls.
 * A 207 whose errors name items of the request dead-letters those items alone; errors
   that name nothing the request carried are counted as uncertain and reported: the
@@ -67,8 +67,6 @@ AUTH_STATUSES: Final = frozenset({401, 403})
 NOT_SENT_TYPES: Final = frozenset({"circuit_open", "stopped"})
 #: Error types of a TLS set-up that does not verify: ours to fix, like credentials.
 CONFIG_TYPES: Final = frozenset({"SSLError"})
-#: Seconds to hold after a 429 that names no delay.
-TOO_MANY_REQUESTS_WAIT: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +186,9 @@ def decide(
             hold=answer.retry_after,
             breaker_failures=max(1, evidence.refused),
         )
-    hold = answer.retry_after
     if answer.status == 429:
-        return Retry(reason, count_attempt=False, hold=hold or TOO_MANY_REQUESTS_WAIT)
-    return Retry(reason, count_attempt=not probe, hold=hold)
+        return Retry(reason, count_attempt=False, hold=answer.retry_after)
+    return Retry(reason, count_attempt=not probe, hold=answer.retry_after)
 
 
 def _accepted(answer: Answer, calls: int) -> Deliver:

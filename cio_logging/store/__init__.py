@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from ..events import Event
-from ..transport.templates import Templates
+from ..templates import Templates
 from ._sqlite import inherited_owner, secure_directory, secure_file
 from .local import DeadLetterStore, WriteAheadLog
 from .rows import (
@@ -158,8 +158,8 @@ class SenderQueue(Protocol):
         count), in one statement; returns, unchanged, the rows that reach
         ``max_attempts`` (to be dead-lettered)."""
 
-    def next_due(self) -> float | None:
-        """When the earliest retry waiting is due; None when none waits."""
+    def next_due(self, after: float) -> float | None:
+        """When the earliest retry due after ``after`` is due; None when none is."""
 
     def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
         """Move due times by a wall-clock step; returns how many moved."""
@@ -258,3 +258,12 @@ class DeadLetterArchive(DeadLetterWriter, Protocol):
 
 class EventLog(EventSink, QueueView, SenderQueue, Protocol):
     """A whole queue store: every role a handler wires to its users."""
+
+    def append(
+        self,
+        event: Event,
+        *,
+        replayed_at: float | None = None,
+        dead_letter: DeadLetterHistory | None = None,
+    ) -> None:
+        """Write one event durably before returning (one row of :meth:`append_rows`)."""

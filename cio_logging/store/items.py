@@ -1,11 +1,11 @@
-"""Batch items built by the database from the stored text (see transport/templates.py).
+"""Batch items built by the database from the stored text (see templates.py).
 
 :func:`sqlite_item` and :func:`postgres_item` compile an API's templates into one SQL
 expression over a queue row: the item's text, or NULL where Python must build it (a
 call without a template, a row that is not the compact text ``encode_row`` writes).
 Each field is the stored JSON text of that value (SQLite's ``->`` and PostgreSQL's
 ``json ->`` return a value's text as written, escapes included), so the item is byte
-for byte what :func:`~cio_logging.transport.templates.render` makes from the decoded
+for byte what :func:`~cio_logging.templates.render` makes from the decoded
 event; the unit tests hold the renderings equal.
 
 The stored row (``rows.py``): ``[2, name, customer_id, anonymous_id, timestamp,
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..transport.templates import Field, Templates
+from ..templates import Field, Templates
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,18 @@ def _compiled(dialect: str, templates: Templates, body: str, ident: str) -> str:
     if found is None or found[0] is not templates:
         chosen = _SQLITE if dialect == "sqlite" else _POSTGRES
         found = _COMPILED[key] = (templates, chosen.item(templates, body, ident))
+    return found[1]
+
+
+_BUILT: dict[tuple[int, int], tuple[Templates, str]] = {}
+
+
+def per_templates(templates: Templates, build: Callable[[Templates], str]) -> str:
+    """``build(templates)``, made once per templates object (each API has one)."""
+    key = (id(templates), id(build))
+    found = _BUILT.get(key)
+    if found is None or found[0] is not templates:
+        found = _BUILT[key] = (templates, build(templates))
     return found[1]
 
 

@@ -27,7 +27,7 @@ import diskcache
 
 from ..errors import CorruptEntryError, InvalidEventError
 from ..events import Event
-from ..transport.templates import Templates
+from ..templates import Templates
 from ._sqlite import (
     FORK_GATE,
     LIVE_CONNECTIONS,
@@ -46,7 +46,7 @@ from ._sqlite import (
     readable_rows,
     sqlite_section,
 )
-from .items import sqlite_item
+from .items import per_templates, sqlite_item
 from .rows import (
     Batch,
     BatchQuery,
@@ -327,9 +327,9 @@ class WriteAheadLog:
         return exhausted
 
     @sqlite_section
-    def next_due(self) -> float | None:
-        """When the earliest retry waiting is due (None: no row waits)."""
-        ((due,),) = self._cache._sql(_NEXT_DUE).fetchall()
+    def next_due(self, after: float) -> float | None:
+        """When the earliest retry due after ``after`` is due (None: none waits)."""
+        ((due,),) = self._cache._sql(_NEXT_DUE, (after,)).fetchall()
         return None if due is None else float(due)
 
     @sqlite_section
@@ -385,7 +385,7 @@ class WriteAheadLog:
                     (json.dumps([rowid for rowid, _ in bad]),),
                 )
             moved = connection.execute(_SELECT_LEGACY, (limit,)).fetchall()
-            for rowid, key, tag, value, person, failed in moved:
+            for _, key, tag, value, person, failed in moved:
                 connection.execute(
                     _INSERT_LEGACY, (key, 0.0 if tag is None else tag, person, value, failed)
                 )
@@ -415,7 +415,7 @@ class WriteAheadLog:
                 name = row[1] if type(row[1]) is str else f"row-{row[0]}"
                 corrupt.append(CorruptEntry(name, str(exc), row[0]))
         if corrupt:
-            self.acknowledge([entry.position for entry in corrupt])
+            self.acknowledge([entry.position for entry in corrupt if entry.position is not None])
         cursor = (0.0, int(found[-1][0])) if found else after
         return Batch(events, corrupt, cursor)
 
@@ -730,7 +730,7 @@ _SELECT_OLDEST = f"SELECT {_COLUMNS} FROM cio_queue ORDER BY id LIMIT 1"  # noqa
 _COUNT = "SELECT count(*) FROM cio_queue"
 _COUNT_PERSON = "SELECT count(*) FROM cio_queue WHERE person = ? OR other_person = ?1"
 _LOWEST_POSITION = "SELECT min(position) FROM cio_queue"
-_NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL"
+_NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL AND due > ?"
 # The attempts a row has had: the column once set, else what its text's history says
 # (a row replayed or moved from a spill carries it there).
 _ATTEMPTS = (
@@ -781,9 +781,12 @@ _SELECT_LEGACY = (
 _SELECT_LEGACY_BAD = f"SELECT rowid, key FROM Cache WHERE NOT ({_LEGACY_OURS}) LIMIT ?"  # noqa: S608
 
 
-@functools.lru_cache(maxsize=8)
 def _next_batch_sql(templates: Templates) -> str:
     """The batch query for one API's templates (see WriteAheadLog.next_batch)."""
+    return per_templates(templates, _build_next_batch_sql)
+
+
+def _build_next_batch_sql(templates: Templates) -> str:
     item = sqlite_item(templates, "q.body", "q.id")
     blocked = (
         "EXISTS (SELECT 1 FROM cio_queue AS w INDEXED BY cio_queue_waiting"

@@ -47,22 +47,28 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, DatabaseError, InvalidEventError, LeaseLostError
-from ..events import Event, event_from_dict
+from ..events import Event
+from ..templates import Templates
+from .items import per_templates, postgres_item
 from .local import WriteAheadLog
 from .rows import (
     Batch,
+    BatchQuery,
     CorruptEntry,
     DeadLetter,
     DeadLetterHistory,
     DeadLetterReason,
+    LaterCall,
     QueuedEvent,
     ReplayRecord,
     Row,
+    SendBatch,
     dead_letter_entry,
     dead_letter_from_json,
     dead_letter_from_text,
     decode_row,
     encode_row,
+    letter_json,
     matching_letters,
 )
 
@@ -70,12 +76,11 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg_pool import ConnectionPool
 
-    from . import EventLog
 
 internal_log = logging.getLogger("cio_logging")
 
 #: The schema version this release writes; ``sql/migrations`` holds one file per version.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Passwords of every queue URL this process opened: scrubbed from any text we let out
 # (our exceptions, our log lines, the driver's log lines).
@@ -571,6 +576,116 @@ class PostgresLog:
         params = {"workspace": self.workspace, "people": list(people), "through": through}
         return {str(person): int(n) for person, n in self.database.run("person_counts", params)}
 
+    # -- the sender, per batch (see SenderQueue) ------------------------------------------
+
+    def next_batch(self, query: BatchQuery, templates: Templates) -> SendBatch:
+        """The calls that may go now, items built by PostgreSQL (see SenderQueue)."""
+        params: dict[str, Any] = {
+            "workspace": self.workspace,
+            "now": query.now,
+            "limit": query.limit,
+            "budget": query.budget,
+            "item_limit": query.item_limit,
+            "expire_before": max(query.expire_before, -1e300),
+            "busy": list(query.busy),
+            "essential": list(query.essential),
+        }
+        with self.database.connection() as conn:
+            found = conn.execute(_next_batch_sql(templates), params).fetchall()
+        ((positions, ids, people, items, logged, flags, count),) = found
+        if not count:
+            return SendBatch([], [], [], [], [], [], [], [])
+        item_list = str(items).split("\x1e")
+        slow = [i for i, item in enumerate(item_list) if not item] if "" in item_list else []
+        return SendBatch(
+            str(positions).split(","),
+            json.loads(ids),
+            json.loads(people),
+            [],
+            item_list,
+            [float(value) for value in str(logged).split(",")],
+            [flag == "1" for flag in str(flags)],
+            slow,
+        )
+
+    def rows(self, positions: Sequence[str | int]) -> tuple[list[QueuedEvent], list[CorruptEntry]]:
+        params = {"workspace": self.workspace, "seqs": [int(p) for p in positions]}
+        found = self.database.run("rows_at", params)
+        events: list[QueuedEvent] = []
+        corrupt: list[CorruptEntry] = []
+        for key, due, body, seq, attempts, first_failure_at, last_error in found:
+            try:
+                queued = decode_row(key, due, body, int(seq))
+            except InvalidEventError as exc:
+                corrupt.append(CorruptEntry(key, str(exc), int(seq)))
+                continue
+            if last_error is not None or attempts:
+                queued = queued._replace(
+                    attempts=max(int(attempts), queued.attempts),
+                    first_failure_at=first_failure_at or queued.first_failure_at,
+                    last_error=last_error or queued.last_error,
+                )
+            events.append(queued)
+        return events, corrupt
+
+    def acknowledge(self, positions: Sequence[str | int]) -> None:
+        if positions:
+            self._fenced("delete_seqs", {"seqs": "{" + ",".join(map(str, positions)) + "}"})
+
+    def schedule_retries(
+        self,
+        positions: Sequence[str | int],
+        *,
+        count_attempt: bool,
+        delays: Sequence[float],
+        now: float,
+        error: str,
+        max_attempts: int,
+    ) -> list[QueuedEvent]:
+        if not positions:
+            return []
+        seqs = "{" + ",".join(map(str, positions)) + "}"
+        exhausted: list[QueuedEvent] = []
+        if count_attempt:
+            params = {"workspace": self.workspace, "seqs": seqs, "max_attempts": max_attempts}
+            for key, due, body, seq, attempts, first, last in self.database.run(
+                "exhausted_rows", params
+            ):
+                with contextlib.suppress(InvalidEventError):
+                    queued = decode_row(key, due, body, int(seq))
+                    exhausted.append(
+                        queued._replace(
+                            attempts=max(int(attempts), queued.attempts),
+                            first_failure_at=first or queued.first_failure_at,
+                            last_error=last or queued.last_error,
+                        )
+                    )
+        self._fenced(
+            "schedule_retries",
+            {
+                "seqs": seqs,
+                "counted": 1 if count_attempt else 0,
+                "delays": list(delays),
+                "now": now,
+                "error": error,
+                "max_attempts": max_attempts if count_attempt else 2**62,
+            },
+        )
+        return exhausted
+
+    def next_due(self, after: float) -> float | None:
+        ((due,),) = self.database.run("next_due", {"workspace": self.workspace, "after": after})
+        return None if due is None else float(due)
+
+    def requeue(self, rows: Sequence[Row]) -> list[int]:
+        return requeue_rows(self.database, self.workspace, rows)
+
+    def queued_calls_of(self, person: str) -> int:
+        ((count,),) = self.database.run(
+            "count_person", {"workspace": self.workspace, "person": person}
+        )
+        return int(count)
+
     def remove(self, keys: Iterable[str]) -> None:
         ids = list(keys)
         if ids:
@@ -726,6 +841,75 @@ def _reset_log_in_child(reference: weakref.ref[PostgresLog]) -> None:
         log._reset_threads()
 
 
+def requeue_rows(database: Database, workspace: str, rows: Sequence[Row]) -> list[int]:
+    """Put replayed rows ahead of every queued row of ``workspace``, in the order
+    given (see SenderQueue.requeue); their positions."""
+    if not rows:
+        return []
+    params = {
+        "workspace": workspace,
+        "ids": [row[0] for row in rows],
+        "events": [_event_name(row[2]) for row in rows],
+        "due": [row[1] for row in rows],
+        "logged": [_logged_at(row[2], row[1]) for row in rows],
+        "bodies": [row[2] for row in rows],
+        "persons": [row[3] for row in rows],
+        "attempts": [_history_attempts(row[2]) for row in rows],
+    }
+    found = database.run("requeue_rows", params)
+    return sorted(int(seq) for (seq,) in found)
+
+
+def _history_attempts(body: str) -> int:
+    with contextlib.suppress(ValueError, TypeError, IndexError, KeyError, AttributeError):
+        entry = json.loads(body)
+        if type(entry) is list and isinstance(entry[6], dict):
+            return int(entry[6].get("attempts", 0))
+    return 0
+
+
+def _next_batch_sql(templates: Templates) -> str:
+    """The batch query for one API's templates (see WriteAheadLog.next_batch, the same
+    rules): built here, not in queries.sql, because the items are compiled from the
+    API's templates. Literal percent signs are doubled for psycopg's parameters."""
+    return per_templates(templates, _build_next_batch_sql)
+
+
+def _build_next_batch_sql(templates: Templates) -> str:
+    item = postgres_item(templates, "q.body", "q.id").replace("%", "%%")
+    return f"""
+WITH picked AS (
+  SELECT q.seq, q.id, q.person, q.body, q.event, q.logged_at AS logged, {item} AS raw
+  FROM cio_queue AS q
+  WHERE q.workspace = %(workspace)s AND (q.last_error IS NULL OR q.due_at <= %(now)s)
+    AND (q.person IS NULL OR (
+          NOT (q.person = ANY(%(busy)s::text[]))
+          AND NOT EXISTS (SELECT 1 FROM cio_queue AS w
+                          WHERE w.workspace = q.workspace AND w.person = q.person
+                            AND w.seq < q.seq AND w.last_error IS NOT NULL
+                            AND w.due_at > %(now)s)))
+  ORDER BY q.seq
+  LIMIT %(limit)s
+), sized AS (
+  SELECT seq, id, person, logged,
+         CASE WHEN raw IS NULL OR octet_length(raw) > %(item_limit)s
+              OR logged < %(expire_before)s THEN NULL ELSE raw END AS item,
+         coalesce(octet_length(raw), octet_length(body)) AS size,
+         raw IS NOT NULL AND event = ANY(%(essential)s::text[]) AS essential
+  FROM picked
+), windowed AS (
+  SELECT *, sum(size + 1) OVER (ORDER BY seq) AS used, row_number() OVER (ORDER BY seq) AS n
+  FROM sized
+)
+SELECT string_agg(seq::text, ',' ORDER BY seq), json_agg(id ORDER BY seq)::text,
+       json_agg(coalesce(person, '') ORDER BY seq)::text,
+       string_agg(coalesce(item, ''), E'\\x1e' ORDER BY seq),
+       string_agg(logged::text, ',' ORDER BY seq),
+       string_agg(CASE WHEN essential THEN '1' ELSE '0' END, '' ORDER BY seq), count(*)
+FROM windowed WHERE used <= %(budget)s OR n = 1
+"""  # noqa: S608 - only the compiled templates, no input, go in
+
+
 def _event_name(body: str) -> str:
     with contextlib.suppress(ValueError, TypeError, IndexError):
         entry = json.loads(body)
@@ -837,19 +1021,27 @@ class PostgresDeadLetters:
             letters, event=event, reason=reason, since=since, before=before, limit=limit
         )
 
-    def replay(self, letters: Iterable[DeadLetter], wal: EventLog) -> int:
-        moved = 0
-        for letter in letters:
-            if letter.event is None:
-                continue
-            wal.append(
-                event_from_dict(letter.event), replayed_at=time.time(), dead_letter=letter.history()
-            )
-            self.database.run(
-                "delete_dead_letters", {"workspace": self.workspace, "ids": [letter.key]}
-            )
-            moved += 1
-        return moved
+    def people(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for letter in self:
+            person = letter.person
+            if person is not None:
+                found.setdefault(person, []).append(letter.key)
+        return found
+
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
+        psycopg, _ = _driver()
+        letter = self.get(key)
+        if letter is None or letter.event is None or not calls:
+            return
+        kept, count = letter.with_later(calls)
+        entry = letter_json(letter)
+        entry["later"] = [call.to_json() for call in kept]
+        entry["later_count"] = count
+        self.database.run(
+            "set_dead_letter_entry",
+            {"workspace": self.workspace, "id": key, "entry": psycopg.types.json.Jsonb(entry)},
+        )
 
     def purge(self, letters: Iterable[DeadLetter]) -> int:
         ids = [letter.key for letter in letters]

@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +38,7 @@ from ..metadata import PACKAGE_VERSION
 from ..resilience import RequestRateCap
 from ..store import QueuedEvent
 from ..telemetry import Telemetry
+from ..templates import Templates
 from .answer import Answer
 from .batching import Item
 
@@ -49,6 +51,8 @@ class DeliveryClient(Protocol):
 
     #: The telemetry route of batch requests.
     batch_route: str
+    #: The batch items the database may build (see cio_logging/templates.py).
+    templates: Templates
 
     def items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         """Each call as a batch item (its text and size), or bare when it must go alone."""
@@ -120,6 +124,7 @@ class HTTPDelivery:
     """
 
     batch_route = "batch"
+    templates: Templates = MappingProxyType({})
 
     def __init__(
         self,

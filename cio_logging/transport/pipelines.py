@@ -28,9 +28,9 @@ import requests
 from ..events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
 from ..metadata import PACKAGE_VERSION
 from ..store import QueuedEvent
+from ..templates import Field, Template, Templates, iso_time
 from .base import HTTPDelivery, build_session
 from .batching import Item
-from .templates import Field, Template, Templates, iso_time
 
 #: The semantic events (a ``track`` with a reserved name) the person actions become.
 SEMANTIC_EVENTS = {

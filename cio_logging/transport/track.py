@@ -31,9 +31,9 @@ from ..config import Settings
 from ..events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
 from ..metadata import SDK_VERSION
 from ..store import QueuedEvent
+from ..templates import Field, Template, Templates
 from .base import HTTPDelivery, TransportError, build_session
 from .batching import MAX_ITEM_BYTES, Item
-from .templates import Field, Template, Templates
 
 __all__ = ["TEMPLATES", "TrackClient", "item_text"]
 

@@ -1,5 +1,6 @@
-"""One contract for both stores: what the committer, the worker, replay, the CLI and
-status() rely on, run against the diskcache store and the PostgreSQL store alike."""
+"""One contract for every store: what the committer, the sender, replay, the CLI and
+status() rely on, run against the diskcache store, the PostgreSQL store and the
+in-memory store alike (tests/unit uses the last for the sender's stages)."""
 
 from __future__ import annotations
 
@@ -12,29 +13,40 @@ from pathlib import Path
 
 import pytest
 
-from cio_logging.events import Event, cio_event, cio_identify, event_from_record
+from cio_logging.events import Event, cio_delete, cio_event, cio_identify, event_from_record
 from cio_logging.store import (
+    BatchQuery,
     DeadLetterArchive,
     DeadLetterStore,
     EventLog,
+    LaterCall,
     WriteAheadLog,
     encode_row,
 )
+from cio_logging.testing import InMemoryStore
+from cio_logging.transport.pipelines import TEMPLATES as PIPELINES_TEMPLATES
+from cio_logging.transport.pipelines import call_text
+from cio_logging.transport.track import TEMPLATES as TRACK_TEMPLATES
+from cio_logging.transport.track import item_text
 
 from ..helpers import make_event
 
 Stores = tuple[EventLog, DeadLetterArchive]
 
 
-@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["local", "memory", pytest.param("postgres", marks=pytest.mark.postgres)])
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
-    """The event log and dead-letter archive of one implementation."""
+    """The queue and dead-letter archive of one implementation."""
     if request.param == "local":
         log: EventLog = WriteAheadLog(tmp_path / "wal")
         dead: DeadLetterArchive = DeadLetterStore(tmp_path / "dead")
         yield log, dead
         log.close()
         dead.close()
+        return
+    if request.param == "memory":
+        memory = InMemoryStore()
+        yield memory, memory.dead_letters
         return
     from cio_logging.store.postgres import Database, PostgresDeadLetters, PostgresLog
 
@@ -50,20 +62,36 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     database.close()
 
 
-class TestEventLogContract:
-    """Append, read what is due in order, acknowledge, record failures."""
+def query(now: float | None = None, **changes: object) -> BatchQuery:
+    """A batch query as the sender makes it, with ``changes``."""
+    fields: dict[str, object] = {
+        "now": time.time() if now is None else now,
+        "limit": 1000,
+        "budget": 500_000,
+        "item_limit": 32_768,
+    }
+    fields.update(changes)
+    return BatchQuery(**fields)  # type: ignore[arg-type]
 
-    def test_append_read_remove_in_logging_order(self, stores: Stores) -> None:
-        log, _ = stores
-        events = [make_event(n) for n in range(5)]
-        for event in events:
-            log.append(event)
-        assert [q.event for q in log.read_due(10).events] == events
-        log.remove([events[0].id, events[2].id])
-        assert [q.key for q in log.read_due(10).events] == [events[i].id for i in (1, 3, 4)]
-        assert len(log) == 3
-        assert events[1].id in log
-        assert events[0].id not in log
+
+def _call_for(person: str, number: int, call: str = "event") -> Event:
+    """A call of ``person`` (number ``number`` in logging order)."""
+    if call == "delete":
+        extra = cio_delete(person)
+    elif call == "identify":
+        extra = cio_identify(person, n=number)
+    else:
+        extra = cio_event(person, n=number)
+    record = logging.getLogger("t").makeRecord(
+        "t", logging.INFO, "f.py", 1, f"step_{number}", (), None, extra=extra
+    )
+    event = event_from_record(record)
+    assert event is not None
+    return event
+
+
+class TestEventSinkAndViewContract:
+    """Append in commit order, look, and say whether a committed row still waits."""
 
     def test_an_id_already_queued_is_left_as_it_is(self, stores: Stores) -> None:
         log, _ = stores
@@ -71,6 +99,8 @@ class TestEventLogContract:
         log.append_rows([encode_row(event)])
         log.append_rows([encode_row(event)])
         assert len(log) == 1
+        assert event.id in log
+        assert make_event(9).id not in log
 
     def test_append_rows_returns_a_position_that_flush_waits_on(self, stores: Stores) -> None:
         log, _ = stores
@@ -78,31 +108,10 @@ class TestEventLogContract:
         assert position > 0
         now = time.time()
         assert log.sendable_through(position, now, 600.0)
-        log.remove([q.key for q in log.read_due(10).events])
+        batch = log.next_batch(query(), TRACK_TEMPLATES)
+        log.acknowledge(batch.positions)
         assert not log.sendable_through(position, now, 600.0)
-
-    def test_limit_and_cursor_read_past_what_is_in_flight(self, stores: Stores) -> None:
-        log, _ = stores
-        events = [make_event(n) for n in range(5)]
-        log.append_rows([encode_row(event) for event in events])
-        first = log.read_due(2)
-        assert [q.key for q in first.events] == [e.id for e in events[:2]]
-        second = log.read_due(10, after=first.cursor)
-        assert [q.key for q in second.events] == [e.id for e in events[2:]]
-        assert log.read_due(10, after=second.cursor).events == []
-
-    def test_failures_count_attempts_and_delay(self, stores: Stores) -> None:
-        log, _ = stores
-        log.append(make_event())
-        queued = log.read_due(10).events[0]
-        log.record_failure([(queued, 2_000.0)], "HTTP 503", now=1_000.0)
-        assert log.read_due(10, now=1_500.0).events == []
-        again = log.read_due(10, now=2_000.0).events[0]
-        assert (again.attempts, again.last_error, again.first_failure_at) == (1, "HTTP 503", 1000.0)
-        log.record_failure([(again, 3_000.0)], "HTTP 429", now=2_000.0, count_attempt=False)
-        third = log.read_due(10, now=3_000.0).events[0]
-        assert (third.attempts, third.last_error, third.first_failure_at) == (1, "HTTP 429", 1000.0)
-        assert third.next_attempt_at == 3_000.0
+        assert len(log) == 0
 
     def test_get_and_oldest(self, stores: Stores) -> None:
         log, _ = stores
@@ -118,81 +127,142 @@ class TestEventLogContract:
         assert oldest is not None
         assert math.isclose(oldest, events[0].logged_at)
 
-    def test_a_clock_stepped_back_moves_retries_back(self, stores: Stores) -> None:
-        log, _ = stores
-        log.append(make_event())
-        queued = log.read_due(10).events[0]
-        now = time.time()
-        log.record_failure([(queued, now + 100.0)], "HTTP 503", now=now)
-        assert log.adjust_due_times(-50.0, now - 50.0, 600.0) == 1
-        moved = log.read_due(10, now=now + 60.0).events[0]
-        assert math.isclose(moved.next_attempt_at, now + 50.0)
 
+class TestSenderQueueContract:
+    """A batch per query, built by the store, in each person's order."""
 
-def _call_for(person: str, number: int, call: str = "event") -> Event:
-    """A call of ``person`` (number ``number`` in logging order)."""
-    tagged = {"event": cio_event, "identify": cio_identify}[call]
-    record = logging.getLogger("t").makeRecord(
-        "t", logging.INFO, "f.py", 1, f"step_{number}", (), None, extra=tagged(person, n=number)
+    @pytest.mark.parametrize(
+        ("templates", "render"),
+        [(TRACK_TEMPLATES, item_text), (PIPELINES_TEMPLATES, call_text)],
+        ids=["track", "pipelines"],
     )
-    event = event_from_record(record)
-    assert event is not None
-    return event
+    def test_a_batch_is_the_items_as_the_client_would_build_them(
+        self, stores: Stores, templates: object, render: object
+    ) -> None:
+        log, _ = stores
+        calls = [
+            _call_for("ann", 0, "identify"),
+            _call_for('b"ob\u00e9\n', 1),
+            _call_for("ann", 2, "delete"),
+        ]
+        log.append_rows([encode_row(call) for call in calls])
+        batch = log.next_batch(query(), templates)  # type: ignore[arg-type]
+        assert batch.ids == [call.id for call in calls]
+        assert batch.items == [render(call) for call in calls]  # type: ignore[operator]
+        assert batch.slow == []
+        assert batch.people == [call.person for call in calls]
+        assert [int(p) for p in batch.positions] == sorted(int(p) for p in batch.positions)
+        assert batch.logged_at == pytest.approx([call.logged_at for call in calls])
 
+    def test_a_call_without_a_template_is_left_to_python(self, stores: Stores) -> None:
+        log, _ = stores
+        anonymous = make_event(0)._replace(customer_id=None, anonymous_id="cookie-1")
+        log.append_rows([encode_row(anonymous), encode_row(make_event(1))])
+        batch = log.next_batch(query(), TRACK_TEMPLATES)  # Track batches carry no anonymous
+        assert batch.slow == [0]
+        assert batch.items[0] == ""
+        events, corrupt = log.rows([batch.positions[0]])
+        assert [queued.event for queued in events] == [anonymous]
+        assert corrupt == []
 
-class TestPersonOrderContract:
-    """What the sender keeps a person's calls in order by: positions in commit order,
-    and every waiting row of given people up to a position."""
+    def test_limits_budget_and_the_item_limit(self, stores: Stores) -> None:
+        log, _ = stores
+        log.append_rows([encode_row(make_event(n)) for n in range(5)])
+        assert len(log.next_batch(query(limit=2), TRACK_TEMPLATES)) == 2
+        one = len(log.next_batch(query(limit=1), TRACK_TEMPLATES).items[0]) + 1
+        assert len(log.next_batch(query(budget=2 * one), TRACK_TEMPLATES)) == 2
+        assert len(log.next_batch(query(budget=1), TRACK_TEMPLATES)) == 1  # the first always
+        small = log.next_batch(query(item_limit=10), TRACK_TEMPLATES)
+        assert small.slow == list(range(5))
 
-    def test_positions_follow_commit_order_whatever_the_due_times(self, stores: Stores) -> None:
+    def test_a_busy_person_waits_and_others_go(self, stores: Stores) -> None:
+        log, _ = stores
+        ann, bob = _call_for("ann", 0), _call_for("bob", 1)
+        log.append_rows([encode_row(ann), encode_row(bob)])
+        batch = log.next_batch(query(busy=frozenset({"c:ann"})), TRACK_TEMPLATES)
+        assert batch.ids == [bob.id]
+
+    def test_a_retry_holds_back_its_persons_later_calls(self, stores: Stores) -> None:
         log, _ = stores
         identify = _call_for("ann", 0, "identify")
         ann_event, bob_event = _call_for("ann", 1), _call_for("bob", 2)
-        for call in (identify, ann_event, bob_event):
-            log.append(call)
+        log.append_rows([encode_row(call) for call in (identify, ann_event, bob_event)])
         now = time.time()
-        (first,) = log.read_due(1, now).events
-        assert first.key == identify.id
-        assert first.event.call == "identify"
-        log.record_failure([(first, now + 30)], "HTTP 503", now)
-        due = log.read_due(10, now).events  # the retry is not due: Ann's event is read
-        assert [q.key for q in due] == [ann_event.id, bob_event.id]
-        assert 0 < first.position < due[0].position < due[1].position
-        # ... and the sender sees the identify before it, still waiting.
-        through = due[1].position
+        first = log.next_batch(query(now, limit=1), TRACK_TEMPLATES)
+        assert first.ids == [identify.id]
+        exhausted = log.schedule_retries(
+            first.positions,
+            count_attempt=True,
+            delays=[30.0],
+            now=now,
+            error="HTTP 503",
+            max_attempts=8,
+        )
+        assert exhausted == []
+        # Ann's event waits behind her identify's retry; Bob's goes.
+        assert log.next_batch(query(now), TRACK_TEMPLATES).ids == [bob_event.id]
+        assert log.next_due(now) == pytest.approx(now + 30)
+        later = log.next_batch(query(now + 31), TRACK_TEMPLATES)
+        assert later.ids == [identify.id, ann_event.id, bob_event.id]
+        (retried,), _ = log.rows([later.positions[0]])
+        assert (retried.attempts, retried.last_error) == (1, "HTTP 503")
+        assert retried.first_failure_at == pytest.approx(now)
 
-        def rows(people: set[str], upto: int) -> list[tuple[str, int]]:
-            return [(person, position) for person, position, _, _ in log.earlier_rows(people, upto)]
-
-        assert rows({"c:ann"}, through) == [("c:ann", first.position), ("c:ann", due[0].position)]
-        listed = log.earlier_rows({"c:ann"}, through)
-        assert [key for *_, key in listed] == [identify.id, ann_event.id]
-        assert listed[0][2] == pytest.approx(now + 30)  # its due time: not yet
-        assert rows({"c:ann", "c:bob"}, due[0].position) == [
-            ("c:ann", first.position),
-            ("c:ann", due[0].position),
-        ]
-        assert rows(set(), through) == []
-        assert log.person_counts({"c:ann", "c:bob", "c:nobody"}, through) == {
-            "c:ann": 2,
-            "c:bob": 1,
-        }
-        assert log.get(identify.id).position == first.position  # type: ignore[union-attr]
-        log.remove([identify.id])
-        assert rows({"c:ann"}, through) == [("c:ann", due[0].position)]
-
-    def test_person_calls_keep_their_call_type(self, stores: Stores) -> None:
+    def test_a_429_counts_no_attempt_and_attempts_run_out(self, stores: Stores) -> None:
         log, _ = stores
-        identify = _call_for("dee", 0, "identify")
-        log.append(identify)
-        (queued,) = log.read_due(1).events
-        assert queued.event == identify
-        assert queued.event.call == "identify"
-        assert queued.event.name == "identify"
+        event = make_event()
+        log.append(event)
+        positions = log.next_batch(query(), TRACK_TEMPLATES).positions
+        log.schedule_retries(
+            positions, count_attempt=False, delays=[5.0], now=1000.0, error="429", max_attempts=2
+        )
+        (queued,), _ = log.rows(positions)
+        assert (queued.attempts, queued.last_error) == (0, "429")
+        log.schedule_retries(
+            positions, count_attempt=True, delays=[5.0], now=1000.0, error="503", max_attempts=2
+        )
+        exhausted = log.schedule_retries(
+            positions, count_attempt=True, delays=[5.0], now=1000.0, error="503", max_attempts=2
+        )
+        assert [q.key for q in exhausted] == [event.id]  # left for the sender to dead-letter
+        assert event.id in log
+
+    def test_corrupt_rows_are_reported_not_decoded(self, stores: Stores) -> None:
+        log, _ = stores
+        log.append_rows([("01HZZZZZZZZZZZZZZZZZZZZZZZ", time.time(), "[2, not json", "c:x")])
+        batch = log.next_batch(query(), TRACK_TEMPLATES)
+        assert batch.slow == [0]
+        events, corrupt = log.rows(batch.positions)
+        assert events == []
+        assert [entry.key for entry in corrupt] == ["01HZZZZZZZZZZZZZZZZZZZZZZZ"]
+        log.acknowledge(batch.positions)
+        assert len(log) == 0
+
+    def test_requeued_rows_go_ahead_of_their_persons_calls(self, stores: Stores) -> None:
+        log, _ = stores
+        queued_call = _call_for("ann", 1)
+        log.append(queued_call)
+        replayed = _call_for("ann", 0, "identify")
+        positions = log.requeue([encode_row(replayed, replayed_at=time.time())])
+        assert len(positions) == 1
+        assert log.queued_calls_of("c:ann") == 2
+        batch = log.next_batch(query(), TRACK_TEMPLATES)
+        assert batch.ids == [replayed.id, queued_call.id]
+
+    def test_a_clock_stepped_back_moves_retries_back(self, stores: Stores) -> None:
+        log, _ = stores
+        log.append(make_event())
+        now = time.time()
+        positions = log.next_batch(query(now), TRACK_TEMPLATES).positions
+        log.schedule_retries(
+            positions, count_attempt=True, delays=[100.0], now=now, error="503", max_attempts=8
+        )
+        assert log.adjust_due_times(-50.0, now - 50.0, 600.0) == 1
+        assert log.next_due(now - 50.0) == pytest.approx(now + 50.0)
 
 
 class TestDeadLetterContract:
-    """Add, read, select, count, replay and purge dead letters."""
+    """Add, read, select, count, later calls and purge dead letters."""
 
     def test_add_get_select_count(self, stores: Stores) -> None:
         _, dead = stores
@@ -225,17 +295,19 @@ class TestDeadLetterContract:
         assert (letter.error_type, letter.original.message) == ("expired", "first")
         assert dead.select(reason="first")[0].key == event.id
 
-    def test_replay_moves_entries_back_with_their_history(self, stores: Stores) -> None:
-        log, dead = stores
-        event = make_event()
-        dead.add(event.id, event, status=400, error_type="invalid", message="first", attempts=3)
-        assert dead.replay(dead.select(), log) == 1
-        assert len(dead) == 0
-        queued = log.get(event.id)
-        assert queued is not None
-        assert queued.replayed_at is not None
-        assert queued.dead_letter is not None
-        assert queued.dead_letter.original.message == "first"
+    def test_later_calls_of_the_person_are_kept(self, stores: Stores) -> None:
+        _, dead = stores
+        event = _call_for("ann", 0, "identify")
+        dead.add(event.id, event, status=400, error_type="invalid", message="bad", attempts=1)
+        assert dead.people() == {"c:ann": [event.id]}
+        delete = LaterCall("01HZZZZZZZZZZZZZZZZZZZZZZZ", "delete", "delete", 1.0, 2.0)
+        dead.note_later_calls(event.id, [delete])
+        dead.note_later_calls(event.id, [delete])  # the same call once
+        letter = dead.get(event.id)
+        assert letter is not None
+        assert letter.later == (delete,)
+        assert letter.later_count == 1
+        assert letter.landed_after_a_delete
 
     def test_purge(self, stores: Stores) -> None:
         _, dead = stores

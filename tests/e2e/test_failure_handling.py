@@ -15,7 +15,7 @@ from cio_logging.simulator import TrackAPISimulator
 from cio_logging.state_record import read_state
 from cio_logging.store import WriteAheadLog
 
-from ..helpers import HandlerFactory, wait_for
+from ..helpers import HandlerFactory, replay_into, wait_for
 
 
 def attach(handler: CustomerIOHandler, name: str) -> logging.Logger:
@@ -85,7 +85,7 @@ class TestCircuitBreaker:
             simulator.start()
         assert wait_for(lambda: len(simulator.accepted) == 20, 20)
         assert handler.status()["breaker"] == "closed"
-        transitions = handler._worker.stats.breaker_transitions
+        transitions = handler._sender.stats.breaker_transitions
         assert transitions[0] == ("closed", "open")
         assert ("open", "half-open") in transitions
         assert transitions[-1] == ("half-open", "closed")
@@ -109,7 +109,7 @@ class TestCircuitBreaker:
         time.sleep(2.2)  # ~4 reset periods of a broken Customer.io
         probes = len(simulator.requests) - 2  # after the two that opened it
         assert 2 <= probes <= 5  # one probe per reset_timeout, not a busy loop
-        transitions = handler._worker.stats.breaker_transitions
+        transitions = handler._sender.stats.breaker_transitions
         assert transitions.count(("half-open", "open")) == probes
         simulator.clear_faults()
         assert wait_for(lambda: len(simulator.accepted) == 10, 10)
@@ -398,8 +398,8 @@ class TestDeadLetterAPI:
         assert store.select(since=time.time() + 60) == []
         replayed = store.select(event="bad_a")
         simulator.poison_names = set()  # say the payload problem was fixed upstream
-        assert store.replay(replayed, handler._wal) == 3
-        handler._worker.notify()
+        assert replay_into(store, replayed, handler._wal) == 3
+        handler._sender.notify()
         assert wait_for(lambda: len(simulator.accepted) == 3, 10)
         assert {e.id for e in simulator.accepted} == {letter.key for letter in replayed}
         assert store.purge(store.select(event="bad_b")) == 2
@@ -420,8 +420,8 @@ class TestDeadLetterAPI:
         simulator.clear_faults()
         simulator.fail(503)  # the outage: each is retried once, then given up on
         replayed_at = time.time()
-        assert store.replay(list(first.values()), handler._wal) == 2
-        handler._worker.notify()
+        assert replay_into(store, list(first.values()), handler._wal) == 2
+        handler._sender.notify()
         assert wait_for(lambda: len(store) == 2, 20)
         for letter in store.select():
             assert letter.error_type == "max_attempts"  # the latest reason

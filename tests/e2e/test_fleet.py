@@ -114,7 +114,7 @@ class TestTakeover:
         assert wait_for(lambda: successor.status()["breaker"] == "open")
         time.sleep(1.0)
         assert simulator.requests == []  # no batch, no early probe
-        assert 15 < successor._worker.breaker.seconds_until_probe() <= 20
+        assert 15 < successor._sender.breaker.seconds_until_probe() <= 20
 
 
 class TestWorkspaces:

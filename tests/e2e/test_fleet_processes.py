@@ -444,7 +444,7 @@ class TestFleetCommands:
             shown = cli("dlq", "show", listed[0]["id"], "--json")
             assert shown.returncode == 0
             dry = json.loads(cli("dlq", "replay", "--dry-run", "--json").stdout)
-            assert sorted(dry["would_send"]) == sorted(x["id"] for x in listed)
+            assert sorted(e["id"] for e in dry["entries"]) == sorted(x["id"] for x in listed)
             purged = cli("dlq", "purge", "--yes", "--event", "broken")
             assert purged.returncode == 0, purged.stderr
             assert handler.status()["dead_letters"] == 0

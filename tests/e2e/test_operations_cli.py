@@ -438,11 +438,11 @@ class TestTypedIds:
         text = run_cli(simulator, queue_dir, "dlq", "show", f" {key.lower()}").stdout
         assert key in text
         dry = run_json(simulator, queue_dir, "dlq", "replay", "--dry-run", "--id", key.lower())
-        assert (dry["would_send"], dry["missing_ids"]) == ([key], [])
+        assert ([entry["id"] for entry in dry["entries"]], dry["missing_ids"]) == ([key], [])
 
 
 class TestReplay:
-    """replay sends through the delivery path, keeps ids, and removes only accepted entries."""
+    """replay puts entries back in the queue with their ids; the sender delivers them."""
 
     def test_dry_run_changes_nothing(
         self,
@@ -450,16 +450,18 @@ class TestReplay:
         queue_dir: Path,
         dead_letters: dict[str, list[str]],
     ) -> None:
-        """--dry-run lists what would go and sends and changes nothing."""
+        """--dry-run lists what would go back and sends and changes nothing."""
         before = run_json(simulator, queue_dir, "dlq", "list")
         report = run_json(simulator, queue_dir, "dlq", "replay", "--dry-run")
-        assert sorted(report["would_send"]) == sorted(entry["id"] for entry in before)
-        assert report["accepted"] == []
+        assert sorted(entry["id"] for entry in report["entries"]) == sorted(
+            entry["id"] for entry in before
+        )
+        assert {entry["outcome"] for entry in report["entries"]} == {"would_queue"}
         assert run_json(simulator, queue_dir, "dlq", "list") == before
         assert simulator.requests == []
         text = run_cli(simulator, queue_dir, "dlq", "replay", "--dry-run", "--event", SIGNUPS)
         assert text.returncode == 0
-        assert "3 dead letter(s) would be sent; nothing sent" in text.stdout
+        assert "3 dead letter(s) would go back in the queue; nothing changed" in text.stdout
 
     def test_replay_that_partly_fails_again(
         self,
@@ -467,21 +469,24 @@ class TestReplay:
         queue_dir: Path,
         dead_letters: dict[str, list[str]],
     ) -> None:
-        """Accepted entries leave; rejected ones stay with the new reason and attempts."""
+        """Delivered entries leave; rejected ones come back with the new reason and attempts."""
         before = {entry["id"]: entry for entry in run_json(simulator, queue_dir, "dlq", "list")}
         first = dead_letters[SIGNUPS][0]
-        one = run_json(simulator, queue_dir, "dlq", "replay", "--id", first)
-        assert one["accepted"] == [first]
+        one = run_json(simulator, queue_dir, "dlq", "replay", "--wait", "--id", first)
+        assert [(e["id"], e["outcome"]) for e in one["entries"]] == [(first, "delivered")]
         assert simulator.accepted_ids() == {first}
 
         simulator.poison_names.add(PURCHASES)  # these still fail; the signups now pass
         report = run_json(
-            simulator, queue_dir, "dlq", "replay", "--id", "01J00000000000000000000000",
+            simulator, queue_dir, "dlq", "replay", "--wait", "--id", "01J00000000000000000000000",
             *(arg for key in before for arg in ("--id", key)),
             expect=ExitCode.INCOMPLETE,
         )  # fmt: skip
-        assert sorted(report["accepted"]) == sorted(dead_letters[SIGNUPS][1:])
-        assert sorted(entry["id"] for entry in report["rejected"]) == sorted(
+        outcomes = {entry["id"]: entry["outcome"] for entry in report["entries"]}
+        assert sorted(k for k, v in outcomes.items() if v == "delivered") == sorted(
+            dead_letters[SIGNUPS][1:]
+        )
+        assert sorted(k for k, v in outcomes.items() if v == "dead_lettered") == sorted(
             dead_letters[PURCHASES]
         )
         # The first one left the store with its earlier replay.
@@ -492,9 +497,10 @@ class TestReplay:
         kept = run_json(simulator, queue_dir, "dlq", "list")
         assert sorted(entry["id"] for entry in kept) == sorted(dead_letters[PURCHASES])
         for entry in kept:
-            assert entry["message"].startswith("replay: rejected in a 207 batch answer")
+            assert entry["message"].startswith("rejected in a 207 batch answer")
             assert entry["attempts"] == before[entry["id"]]["attempts"] + 1
             assert entry["first_failure_at"] == before[entry["id"]]["first_failure_at"]
+            assert entry["replay_count"] == 1
 
     def test_replay_during_an_outage_keeps_entries_with_the_new_reason(
         self,
@@ -502,17 +508,18 @@ class TestReplay:
         queue_dir: Path,
         dead_letters: dict[str, list[str]],
     ) -> None:
-        """Retries with backoff within the bound, then keeps the entries as http_503."""
+        """The sender retries them with backoff, then gives up: they come back."""
         simulator.fail(503)
         result = run_cli(
-            simulator, queue_dir, "dlq", "replay", "--event", SIGNUPS, "--timeout", "10",
-            "-o", "max_attempts=2", "-o", "max_backoff=0.05", "-o", "consecutive_failures=50",
+            simulator, queue_dir, "dlq", "replay", "--wait", "--event", SIGNUPS,
+            "--timeout", "30", "-o", "max_attempts=2", "-o", "max_backoff=0.05",
+            "-o", "consecutive_failures=50",
         )  # fmt: skip
         assert result.returncode == ExitCode.INCOMPLETE, result.stderr
-        assert "0 accepted and removed" in result.stdout
-        assert "3 still failing" in result.stdout
+        assert "0 delivered, 3 came back to the store" in result.stdout
         kept = run_json(simulator, queue_dir, "dlq", "list", "--event", SIGNUPS)
-        assert {entry["error_type"] for entry in kept} == {"http_503"}
+        assert {entry["error_type"] for entry in kept} == {"max_attempts"}
+        assert all("HTTP 503" in entry["message"] for entry in kept)
         assert {entry["attempts"] for entry in kept} == {3}  # 1 before, 2 in the replay
         assert simulator.accepted == []
 
@@ -528,7 +535,7 @@ class TestReplay:
         assert len(before) == 7
         simulator.fail(503)
         report = run_json(
-            simulator, queue_dir, "dlq", "replay", "--timeout", "10",
+            simulator, queue_dir, "dlq", "replay", "--wait", "--timeout", "30",
             "-o", "max_attempts=1", "-o", "consecutive_failures=50",
             expect=ExitCode.INCOMPLETE,
         )  # fmt: skip
@@ -536,17 +543,13 @@ class TestReplay:
         # The runbook's command still finds what it is meant for, by either reason.
         by_first = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts",
                             "--dry-run")  # fmt: skip
-        assert sorted(by_first["would_send"]) == sorted(expired)
-        assert len(report["failed"]) == 7
-        assert {entry["original_error_type"] for entry in report["failed"]} == {
-            "item_rejected",
-            "max_attempts",
-        }
+        assert sorted(entry["id"] for entry in by_first["entries"]) == sorted(before)
+        assert {entry["outcome"] for entry in report["entries"]} == {"dead_lettered"}
         assert report["left_in_store"] == 7
-        assert "7 of the 7 selected came back to the store" in report["work_left"]
+        assert "7 came back to the store" in report["work_left"]
 
         for entry in run_json(simulator, queue_dir, "dlq", "list"):
-            assert entry["error_type"] == "http_503"  # the latest reason
+            assert entry["error_type"] == "max_attempts"  # the latest reason
             first = before[entry["id"]]
             assert entry["original"] == {
                 "error_type": first["error_type"],
@@ -556,18 +559,17 @@ class TestReplay:
             }
             assert entry["replay_count"] == 1
             (record,) = entry["replays"]
-            assert record["error_type"] == "http_503"
-            assert record["message"].startswith("replay: HTTP 503")
-        by_latest = run_json(simulator, queue_dir, "dlq", "list", "--reason", "http_503")
-        assert len(by_latest) == 7
+            assert record["error_type"] == "max_attempts"
+            assert "HTTP 503" in record["message"]
+        by_original = run_json(simulator, queue_dir, "dlq", "list", "--reason", "item_rejected")
+        assert len(by_original) == 5
         shown = run_cli(simulator, queue_dir, "dlq", "show", expired[0]).stdout
         assert "original          max_attempts at" in shown
         assert "came back" in shown
-        listed = run_cli(simulator, queue_dir, "dlq", "list").stdout
-        assert re.search(r"http_503 +max_attempts +1 ", listed), listed
         # A second replay that works empties the store.
-        done = run_json(simulator, queue_dir, "dlq", "replay", "--reason", "max_attempts")
-        assert sorted(done["accepted"]) == sorted(expired)
+        done = run_json(simulator, queue_dir, "dlq", "replay", "--wait", "--reason", "max_attempts")
+        assert sorted(entry["id"] for entry in done["entries"]) == sorted(before)
+        assert {entry["outcome"] for entry in done["entries"]} == {"delivered"}
         assert done["work_left"] is None
 
     def test_a_replay_that_selects_nothing_is_work_left(
@@ -599,20 +601,23 @@ class TestReplay:
         assert empty["work_left"] is None
         assert empty["exit_code"] == ExitCode.OK
 
-    def test_wrong_credentials_leave_entries_unchanged(
+    def test_wrong_credentials_pause_and_the_entries_wait_in_the_queue(
         self,
         simulator: TrackAPISimulator,
         queue_dir: Path,
         dead_letters: dict[str, list[str]],
     ) -> None:
-        """401 stops the replay with exit 5, changes nothing and never prints the key."""
-        before = run_json(simulator, queue_dir, "dlq", "list")
+        """401 stops the replay's wait with exit 5 and never prints the key; the entries
+        wait in the queue for a sender whose credentials work."""
         secret = "wrong-secret-api-key-1234"
-        result = run_cli(simulator, queue_dir, "dlq", "replay", CUSTOMERIO_API_KEY=secret)
+        result = run_cli(simulator, queue_dir, "dlq", "replay", "--wait", CUSTOMERIO_API_KEY=secret)
         assert result.returncode == ExitCode.AUTH
         assert "refused the credentials" in result.stderr
         assert secret not in result.stdout + result.stderr
-        assert run_json(simulator, queue_dir, "dlq", "list") == before
+        assert run_json(simulator, queue_dir, "dlq", "list") == []
+        drained = run_json(simulator, queue_dir, "drain")
+        assert drained["delivered"] == 5
+        assert simulator.accepted_ids() == {key for keys in dead_letters.values() for key in keys}
 
 
 class TestDrain:
@@ -866,7 +871,7 @@ class TestAnotherUsersQueue:
         drained = run_cli(simulator, app_queue_dir, "drain", "--timeout", "20")
         assert drained.returncode == 0, drained.stderr
         assert "3 dead-lettered" in drained.stdout
-        replayed = run_cli(simulator, app_queue_dir, "dlq", "replay", "--timeout", "5")
+        replayed = run_cli(simulator, app_queue_dir, "dlq", "replay", "--wait", "--timeout", "5")
         assert replayed.returncode == ExitCode.INCOMPLETE, replayed.stderr  # rejected again
         assert run_cli(simulator, app_queue_dir, "status").returncode == 0
         assert foreign_entries(app_queue_dir, APP_USER) == []

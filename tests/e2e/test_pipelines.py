@@ -245,7 +245,7 @@ def test_the_operator_cli_replays_and_drains_on_the_pipelines_api(
     assert wait_for(lambda: handler.status()["dead_letters"] == 1)
     handler.close()
     simulator.clear_poison()
-    replayed = run_cli(simulator, queue_dir, "dlq", "replay", api="pipelines")
+    replayed = run_cli(simulator, queue_dir, "dlq", "replay", "--wait", api="pipelines")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert {call.name for call in simulator.accepted} == {"poison_pill", "purchase"}
 

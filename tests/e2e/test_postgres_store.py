@@ -213,6 +213,17 @@ class TestLease:
             stale_log.remove([event.id])
         with pytest.raises(LeaseLostError):
             stale_log.record_failure([(queued[0], time.time() + 100)], "HTTP 503")
+        with pytest.raises(LeaseLostError):
+            stale_log.acknowledge([queued[0].position])
+        with pytest.raises(LeaseLostError):
+            stale_log.schedule_retries(
+                [queued[0].position],
+                count_attempt=True,
+                delays=[100.0],
+                now=time.time(),
+                error="HTTP 503",
+                max_attempts=8,
+            )
         survivor = new_log.get(event.id)
         assert survivor is not None
         assert survivor.attempts == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from cio_logging import CustomerIOHandler
@@ -113,8 +112,8 @@ class TestRetryAfterOnOneWorkspace:
         try:
             simulator.fail(429, count=1, retry_after="2")
             loggers[0].info("purchase", extra={"cio": {"customer_id": "first", "data": {}}})
-            worker = handlers[0]._worker
-            assert wait_for(lambda: worker._held_until > time.monotonic())  # it was told
+            worker = handlers[0]._sender
+            assert wait_for(lambda: worker.holds.remaining("retry_after") > 0)  # it was told
             loggers[1].info("purchase", extra={"cio": {"customer_id": "second", "data": {}}})
             assert simulator.wait_for_events(2, timeout=20)
         finally:

@@ -322,15 +322,16 @@ class TestOperatorCommands:
         assert wait_for(lambda: handler.status()["failed_requests"] >= 1, 15)
         handler.close()
         canary.clear_faults()
-        # Wrong credentials: replay and drain refuse (exit 5) and print neither key.
+        letter = json.loads(run_cli(canary, queue_dir, "dlq", "list", "--json").stdout)[0]["id"]
+        # Wrong credentials: replay and drain refuse (exit 5) and print neither key (the
+        # replayed entry then waits in the queue).
         wrong = "0123456789abcdef0123"
-        for command in (["dlq", "replay"], ["drain", "--timeout", "5"]):
+        for command in (["dlq", "replay", "--wait"], ["drain", "--timeout", "5"]):
             result = run_cli(canary, queue_dir, *command, CUSTOMERIO_API_KEY=wrong)
             assert result.returncode == 5, (command, result.stdout, result.stderr)
             output = result.stdout + result.stderr
             assert leaks(output) == []
             assert wrong not in output
-        letter = json.loads(run_cli(canary, queue_dir, "dlq", "list", "--json").stdout)[0]["id"]
         commands = [
             ["status"],
             ["status", "--json"],

@@ -332,7 +332,7 @@ class TestDeliverNone:
             assert status["deliver"] == "none"
             assert status["delivery_external"] is True
             assert status["queued"] == 1
-            assert handler._worker._thread is None  # no flush thread: nothing here sends
+            assert handler._sender._thread.thread is None  # no flush thread: nothing here sends
         finally:
             handler.close()
         assert simulator.requests == []

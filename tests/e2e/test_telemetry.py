@@ -255,7 +255,7 @@ def test_every_instrument_through_an_outage_and_recovery(
     assert ("closed", "open") in moves
     assert ("half_open", "closed") in moves
     # The caller's thread started no span: all telemetry beyond counters is elsewhere.
-    assert "cio_logging-flush" in otel.threads.threads
+    assert otel.threads.threads  # recorded on our threads (sender threads start the spans)
     assert all(
         name == "cio_logging-flush" or name.startswith("cio_logging-send")
         for name in otel.threads.threads

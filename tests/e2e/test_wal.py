@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from cio_logging.events import Event
 from cio_logging.store import (
+    BatchQuery,
     DeadLetterHistory,
     DeadLetterReason,
     DeadLetterStore,
@@ -29,8 +30,24 @@ from cio_logging.store import (
     encode_row,
 )
 from cio_logging.store.rows import decode_row
+from cio_logging.transport.track import TEMPLATES
 
 from ..helpers import PROJECT_ROOT, make_event
+
+
+def due_ids(wal: WriteAheadLog, now: float) -> list[str]:
+    """The ids the sender would read at ``now``."""
+    query = BatchQuery(now=now, limit=1000, budget=10**9, item_limit=10**9)
+    return wal.next_batch(query, TEMPLATES).ids
+
+
+def fail(
+    wal: WriteAheadLog, position: int, *, due: float, now: float, error: str = "HTTP 503"
+) -> None:
+    """Record a failed attempt on the row at ``position``, due again at ``due``."""
+    wal.schedule_retries(
+        [position], count_attempt=True, delays=[due - now], now=now, error=error, max_attempts=8
+    )
 
 
 class TestWriteAheadLog:
@@ -63,10 +80,11 @@ class TestWriteAheadLog:
     def test_failures_are_recorded_and_delay_the_event(self, tmp_path: Path) -> None:
         wal = WriteAheadLog(tmp_path / "wal")
         wal.append(make_event())
-        queued = wal.read_due(10).events
-        wal.record_failure([(queued[0], 2_000.0)], "HTTP 503", now=1_000.0)
-        assert wal.read_due(10, now=1_500.0).events == []
-        again = wal.read_due(10, now=2_000.0).events[0]
+        (queued,) = wal.read_due(10).events
+        fail(wal, queued.position, due=2_000.0, now=1_000.0)
+        assert due_ids(wal, 1_500.0) == []
+        (again,), _ = wal.rows([queued.position])
+        assert due_ids(wal, 2_000.0) == [queued.key]
         assert (again.attempts, again.last_error, again.first_failure_at) == (
             1,
             "HTTP 503",
@@ -76,9 +94,9 @@ class TestWriteAheadLog:
     def test_failure_never_resurrects_a_delivered_event(self, tmp_path: Path) -> None:
         wal = WriteAheadLog(tmp_path / "wal")
         wal.append(make_event())
-        queued = wal.read_due(10).events
-        wal.remove([queued[0].key])
-        wal.record_failure([(queued[0], 0.0)], "late")
+        (queued,) = wal.read_due(10).events
+        wal.acknowledge([queued.position])
+        fail(wal, queued.position, due=0.0, now=0.0)
         assert len(wal) == 0
 
     def test_never_evicts(self, tmp_path: Path) -> None:
@@ -92,8 +110,9 @@ class TestWriteAheadLog:
         wal = WriteAheadLog(tmp_path / "wal")
         event = make_event()
         wal.append(event)
-        raw = diskcache.Cache(str(tmp_path / "wal"))
-        stored = raw.get(event.id)
+        ((stored,),) = wal._cache._sql(
+            "SELECT body FROM cio_queue WHERE id = ?", (event.id,)
+        ).fetchall()
         assert isinstance(stored, str)
         assert json.loads(stored) == [
             2,
@@ -105,23 +124,25 @@ class TestWriteAheadLog:
             None,
             {"n": 0},
         ]
-        raw.close()
 
-    def test_a_retry_backlog_does_not_slow_reading_what_is_due(self, tmp_path: Path) -> None:
-        """Due times are indexed: rows waiting for a retry are not scanned (review #7)."""
+    def test_a_retry_backlog_does_not_hold_back_other_people(self, tmp_path: Path) -> None:
+        """Rows waiting for a retry are indexed apart: a fresh row of someone else goes."""
         wal = WriteAheadLog(tmp_path / "wal")
-        waiting = [make_event(n) for n in range(20_000)]
-        wal.append_rows([encode_row(event) for event in waiting])
-        wal.record_failure([(q, 10_000_000_000.0) for q in wal.read_due(20_000).events], "503")
+        waiting = [make_event(n) for n in range(2_000)]
+        last = wal.append_rows([encode_row(event) for event in waiting])
+        positions = list(range(last - 1_999, last + 1))
+        wal.schedule_retries(
+            positions,
+            count_attempt=True,
+            delays=[1e9],
+            now=time.time(),
+            error="503",
+            max_attempts=8,
+        )
         fresh = make_event(99_999)
         wal.append(fresh)
-        connection = wal._cache._con
-        plan = connection.execute(
-            "EXPLAIN QUERY PLAN SELECT value FROM Cache WHERE tag <= ? ORDER BY tag LIMIT 5",
-            (1.0,),
-        ).fetchall()
-        assert "SEARCH Cache USING INDEX Cache_tag_rowid" in " ".join(str(step) for step in plan)
-        assert [q.key for q in wal.read_due(5).events] == [fresh.id]
+        assert due_ids(wal, time.time()) == [fresh.id]
+        assert wal.next_due(time.time()) is not None
         wal.close()
 
     def test_rows_cost_little_more_than_the_event(self, tmp_path: Path) -> None:
@@ -237,22 +258,22 @@ class TestDueTimesAcrossClockSteps:
     def _fresh_and_waiting(self, wal: WriteAheadLog, now: float) -> tuple[str, str]:
         fresh, waiting = make_event(1), make_event(2)
         wal.append_rows([(fresh.id, now, encode_row(fresh)[2], fresh.person)])
-        wal.append_rows([(waiting.id, now, encode_row(waiting)[2], waiting.person)])
-        (queued,) = [q for q in wal.read_due(10, now=now).events if q.key == waiting.id]
-        wal.record_failure([(queued, now + 30)], "HTTP 503", now=now)
+        position = wal.append_rows([(waiting.id, now, encode_row(waiting)[2], waiting.person)])
+        fail(wal, position, due=now + 30, now=now)
         return fresh.id, waiting.id
 
     def due_at(self, wal: WriteAheadLog, moment: float) -> set[str]:
-        return {q.key for q in wal.read_due(100, now=moment).events}
+        return set(due_ids(wal, moment))
 
     def test_a_step_back_keeps_every_wait(self, tmp_path: Path) -> None:
-        """Back an hour: the fresh row is due again, the retry still 30 s away."""
+        """Back an hour: the fresh row is due (a row never tried always is), the retry
+        still 30 s away."""
         wal = WriteAheadLog(tmp_path / "wal")
         now = 1_800_000_000.0
         fresh, waiting = self._fresh_and_waiting(wal, now)
         stepped = now - 3600 + 1
-        assert self.due_at(wal, stepped) == set()  # what the old code saw: an hour's stall
-        assert wal.adjust_due_times(-3600, stepped, horizon=600) == 2
+        assert self.due_at(wal, stepped) == {fresh}
+        assert wal.adjust_due_times(-3600, stepped, horizon=600) == 1
         assert self.due_at(wal, stepped + 28) == {fresh}
         assert self.due_at(wal, stepped + 29) == {fresh, waiting}  # 1 s passed before
 
@@ -270,18 +291,18 @@ class TestDueTimesAcrossClockSteps:
         assert self.due_at(wal, stepped + 29) == {fresh, newer.id, waiting}
 
     def test_due_times_beyond_the_horizon_are_due_now(self, tmp_path: Path) -> None:
-        """No step seen (a restart after it, an older writer): too far ahead means due now."""
+        """No step seen (a restart after it): a retry too far ahead is due now."""
         wal = WriteAheadLog(tmp_path / "wal")
         now = 1_800_000_000.0
         far, near = make_event(1), make_event(2)
-        wal.append_rows([(far.id, now + 3600, encode_row(far)[2], far.person)])
-        wal.append_rows([(near.id, now + 300, encode_row(near)[2], near.person)])
+        fail(wal, wal.append_rows([encode_row(far)]), due=now + 3600, now=now)
+        fail(wal, wal.append_rows([encode_row(near)]), due=now + 300, now=now)
         assert wal.adjust_due_times(0, now, horizon=600) == 1
         assert self.due_at(wal, now) == {far.id}
         assert wal.adjust_due_times(0, now, horizon=600) == 0
 
     def test_a_damaged_row_does_not_stop_the_adjustment(self, tmp_path: Path) -> None:
-        """A row that is not JSON is left for read_due to quarantine."""
+        """A row that is not JSON is left for the sender to quarantine."""
         wal = WriteAheadLog(tmp_path / "wal")
         now = 1_800_000_000.0
         _, waiting = self._fresh_and_waiting(wal, now)
@@ -303,11 +324,12 @@ class TestRefusesPickles:
         planter.set("00000000000000000000000000", _PlantedPickle(marker))
         planter.close()
 
-        batch = wal.read_due(10)
+        moved, corrupt = wal.move_legacy_rows()  # an earlier version's table
         assert not marker.exists()
-        assert [c.key for c in batch.corrupt] == ["00000000000000000000000000"]
-        assert "not decoded" in batch.corrupt[0].reason
-        assert [q.event for q in batch.events] == [good]
+        assert moved == 0
+        assert [c.key for c in corrupt] == ["00000000000000000000000000"]
+        assert "not decoded" in corrupt[0].reason
+        assert [q.event for q in wal.read_due(10).events] == [good]
         assert "00000000000000000000000000" not in wal
 
     def test_planted_pickle_in_dead_letters_is_refused(self, tmp_path: Path) -> None:
@@ -425,10 +447,15 @@ class TestDeadLetterStore:
         history = DeadLetterHistory(
             DeadLetterReason("expired", None, "too old", 40.0), (), 0, 30.0, 3
         )
-        wal.record_failure([(queued._replace(dead_letter=history), 60.0)], "HTTP 503", 55.0)
-        retried = wal.get(event.id)
+        other = make_event(2)
+        wal.append(other, replayed_at=50.0, dead_letter=history)
+        replayed = wal.get(other.id)
+        assert replayed is not None
+        fail(wal, replayed.position, due=60.0, now=55.0)
+        retried = wal.get(other.id)
         assert retried is not None
         assert retried.dead_letter == history  # a retry keeps it
+        assert (retried.attempts, retried.last_error) == (1, "HTTP 503")
         wal.close()
 
 
@@ -510,24 +537,33 @@ def test_one_damaged_page_loses_only_its_rows(tmp_path: Path) -> None:
     with database.open("r+b") as handle:  # one page in the middle of the file
         handle.seek(page_size * (pages // 2))
         handle.write(b"\xff" * page_size)
-    with pytest.raises(sqlite3.DatabaseError) as failure:
+
+    def read_everything() -> None:  # the table, then its id index: one holds the page
         wal.read_due(5000, now=1e12)
+        wal._cache._sql("SELECT id FROM cio_queue ORDER BY id").fetchall()
+
+    with pytest.raises(sqlite3.DatabaseError) as failure:
+        read_everything()
     action = wal.recover(failure.value) or ""
     assert "quarantined" in action
-    assert 2900 <= len(wal) < 3000  # everything but the damaged page's rows
+    assert 2900 <= len(wal) <= 3000  # everything but the damaged page's rows (if it held any)
     assert len(wal.read_due(5000, now=1e12).events) == len(wal)
 
 
-def test_rows_without_a_due_time_are_not_read_twice_while_in_flight(tmp_path: Path) -> None:
-    """Rows an older version wrote have no due time; a pipelined read moves past them."""
+def test_rows_an_earlier_version_left_are_moved_in_their_order(tmp_path: Path) -> None:
+    """Rows in diskcache's own table (an earlier version's, some without a due time) move
+    into the queue in their order, with their histories, each once."""
     wal = WriteAheadLog(tmp_path / "wal")
-    wal.append_rows(_rows(10, "legacy"))
-    wal._cache._sql("UPDATE Cache SET tag = NULL")
-    first = wal.read_due(6, now=1e12)
-    second = wal.read_due(6, now=1e12, after=first.cursor)
-    taken = [queued.key for queued in first.events + second.events]
-    assert len(first.events) == 6
-    assert len(taken) == len(set(taken)) == 10
+    rows = _rows(10, "legacy")
+    legacy = diskcache.Cache(str(tmp_path / "wal"))
+    for key, _, text, _ in rows:
+        legacy.set(key, text)  # the stock Disk stores a str inline, as text
+    legacy.close()
+    moved, corrupt = wal.move_legacy_rows(limit=6)
+    assert (moved, corrupt) == (6, [])
+    assert wal.move_legacy_rows(limit=6) == (4, [])
+    assert wal.move_legacy_rows() == (0, [])
+    assert due_ids(wal, 1e12) == [key for key, *_ in rows]
 
 
 @settings(max_examples=300, deadline=None)

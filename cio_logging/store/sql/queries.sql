@@ -163,3 +163,54 @@ WHERE workspace = %(workspace)s GROUP BY 1;
 
 -- name: count_dead_letters_by_reason
 SELECT error_type, count(*) FROM cio_dead_letter WHERE workspace = %(workspace)s GROUP BY 1;
+
+-- The sender's statements, one per batch (see PostgresLog.next_batch for the read).
+-- name: rows_at
+SELECT id, due_at, body, seq, attempts, first_failure_at, last_error FROM cio_queue
+WHERE workspace = %(workspace)s AND seq = ANY(%(seqs)s) ORDER BY seq;
+
+-- name: delete_seqs
+DELETE FROM cio_queue WHERE workspace = %(workspace)s AND seq = ANY(%(seqs)s::bigint[]);
+
+-- name: exhausted_rows
+SELECT id, due_at, body, seq, attempts, first_failure_at, last_error FROM cio_queue
+WHERE workspace = %(workspace)s AND seq = ANY(%(seqs)s::bigint[])
+  AND attempts + 1 >= %(max_attempts)s
+ORDER BY seq;
+
+-- Each row waits the delay of its attempt count (the sender's policy, as an array).
+-- name: schedule_retries
+UPDATE cio_queue
+SET attempts = attempts + %(counted)s,
+    first_failure_at = coalesce(first_failure_at, %(now)s),
+    last_error = %(error)s,
+    due_at = %(now)s + (%(delays)s::float8[])[
+        least(attempts + %(counted)s, cardinality(%(delays)s::float8[]) - 1) + 1]
+WHERE workspace = %(workspace)s AND seq = ANY(%(seqs)s::bigint[])
+  AND attempts + %(counted)s < %(max_attempts)s;
+
+-- name: next_due
+SELECT min(due_at) FROM cio_queue
+WHERE workspace = %(workspace)s AND last_error IS NOT NULL AND due_at > %(after)s;
+
+-- Replayed rows go ahead of every queued row of the workspace, in the order given.
+-- name: requeue_rows
+INSERT INTO cio_queue (workspace, id, seq, event, due_at, logged_at, body, person, attempts)
+SELECT %(workspace)s, r.id,
+       least(coalesce((SELECT min(seq) FROM cio_queue WHERE workspace = %(workspace)s), 1), 1)
+         - cardinality(%(ids)s::text[]) - 1 + r.n,
+       r.event, r.due_at, r.logged_at, r.body, r.person, r.attempts
+FROM unnest(%(ids)s::text[], %(events)s::text[], %(due)s::float8[], %(logged)s::float8[],
+            %(bodies)s::text[], %(persons)s::text[], %(attempts)s::int[])
+     WITH ORDINALITY AS r(id, event, due_at, logged_at, body, person, attempts, n)
+ON CONFLICT (workspace, id) DO NOTHING
+RETURNING seq;
+
+-- name: count_person
+SELECT count(*) FROM cio_queue WHERE workspace = %(workspace)s AND person = %(person)s;
+
+-- name: set_dead_letter_entry
+UPDATE cio_dead_letter SET entry = %(entry)s WHERE workspace = %(workspace)s AND id = %(id)s;
+
+-- name: ids_queued
+SELECT id FROM cio_queue WHERE workspace = %(workspace)s AND id = ANY(%(ids)s);

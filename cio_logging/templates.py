@@ -22,7 +22,7 @@ import enum
 from collections.abc import Mapping
 from json.encoder import encode_basestring
 
-from ..events import Event
+from .events import Event
 
 
 class Field(enum.Enum):
