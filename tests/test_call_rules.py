@@ -21,12 +21,12 @@ from cio_logging import (
     cio_suppress,
     cio_unsuppress,
 )
-from cio_logging.client import Item, plan_requests
 from cio_logging.errors import InvalidEventError
 from cio_logging.events import Event, check_for_api, event_from_record
-from cio_logging.pipelines import call_text, iso_timestamp
 from cio_logging.store import QueuedEvent, encode_row
 from cio_logging.store.rows import decode_row
+from cio_logging.transport.batching import Item, plan_requests
+from cio_logging.transport.pipelines import call_text, iso_timestamp
 
 
 def _record(extra: dict[str, Any], message: str = "msg") -> logging.LogRecord:

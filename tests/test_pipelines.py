@@ -23,8 +23,8 @@ from cio_logging import (
     cio_suppress,
     cio_unsuppress,
 )
-from cio_logging.pipelines import SEMANTIC_EVENTS
 from cio_logging.simulator import TrackAPISimulator
+from cio_logging.transport.pipelines import SEMANTIC_EVENTS
 
 from .conftest import APIS, HandlerFactory, handler_settings, wait_for
 from .spec_check import (

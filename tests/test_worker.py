@@ -15,8 +15,8 @@ import pytest
 from cio_logging import worker as worker_module
 from cio_logging.clock import WallClock
 from cio_logging.config import Settings, resolve_settings
-from cio_logging.delivery import Failure
 from cio_logging.store import DeadLetterStore, WriteAheadLog, encode_row
+from cio_logging.transport import Failure
 from cio_logging.worker import DeliveryWorker
 
 from .test_wal import make_event

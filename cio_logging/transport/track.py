@@ -1,6 +1,6 @@
 """Sending calls to the Track API: the only module that touches the customerio SDK.
 
-Every request goes out on the SDK's session, which :mod:`.client` builds: no urllib3
+Every request goes out on the SDK's session, which :mod:`.base` builds: no urllib3
 retries, a pinned CA bundle, a response hook that keeps the last response, because
 ``CustomerIOException`` carries no status code and its text holds the request data
 (personal data). That text is never logged: failures are described from the status,
@@ -27,35 +27,14 @@ from typing import Any
 import requests
 from customerio import CustomerIO, CustomerIOException
 
-from .client import (
-    AUTH,
-    CONFIG,
-    MAX_ITEM_BYTES,
-    NOT_SENT,
-    PAYLOAD,
-    TRANSIENT,
-    DeliveryReport,
-    Failure,
-    HTTPDelivery,
-    Item,
-    TransportError,
-    build_session,
-)
-from .config import Settings
-from .events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
-from .metadata import SDK_VERSION
-from .store import QueuedEvent
+from ..config import Settings
+from ..events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
+from ..metadata import SDK_VERSION
+from ..store import QueuedEvent
+from .base import Failure, HTTPDelivery, TransportError, build_session
+from .batching import MAX_ITEM_BYTES, Item
 
-__all__ = [
-    "AUTH",
-    "CONFIG",
-    "NOT_SENT",
-    "PAYLOAD",
-    "TRANSIENT",
-    "DeliveryReport",
-    "Failure",
-    "TrackClient",
-]
+__all__ = ["TrackClient", "item_text"]
 
 # v1 events carry a type; v2 actions name the call.
 _V1_TYPES = {EVENT: None, PAGE: "page", SCREEN: "screen"}

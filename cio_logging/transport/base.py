@@ -1,14 +1,14 @@
-"""The one small interface the worker delivers through, and what both APIs share.
+"""The one small interface the sender delivers through, and what both APIs share.
 
-The worker hands a list of queued calls to a :class:`DeliveryClient` and gets a
+The sender hands a list of queued calls to a :class:`DeliveryClient` and gets a
 :class:`DeliveryReport` back; it never knows which API it talks to. One module per API
-implements it (:mod:`.delivery` for the Track API, :mod:`.pipelines` for the Data
+implements it (:mod:`.track` for the Track API, :mod:`.pipelines` for the Data
 Pipelines API) on :class:`HTTPDelivery`, which holds what they share:
 
-* the requests session: no urllib3 retries (the worker owns the one retry policy), a
+* the requests session: no urllib3 retries (the sender owns the one retry policy), a
   CA bundle given in the settings wins over ``REQUESTS_CA_BUNDLE``, a response hook;
-* the request plan that keeps a person's calls in order within one delivery, and the
-  bisection that finds the one bad call of a refused batch;
+* the bisection that finds the one bad call of a refused batch (the request plan that
+  keeps a person's calls in order within one delivery is :mod:`.batching`'s);
 * the rate cap, the breaker and the telemetry span around every request;
 * failures described in words safe to log: the status, the server's scrubbed error
   words and the exception's type, never the request data (personal data) or a key.
@@ -23,23 +23,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import pybreaker
 import requests
 from requests.adapters import HTTPAdapter
 
-from . import background
-from .config import Settings
-from .metadata import PACKAGE_VERSION
-from .resilience import DeliveryBreaker, RequestRateCap
-from .store import QueuedEvent
-from .telemetry import Telemetry
+from .. import background
+from ..config import Settings
+from ..metadata import PACKAGE_VERSION
+from ..resilience import DeliveryBreaker, RequestRateCap
+from ..store import QueuedEvent
+from ..telemetry import Telemetry
+from .batching import Item, plan_requests
 
-MAX_BATCH_BYTES = 500 * 1024
-MAX_ITEM_BYTES = 32 * 1024
-# Headroom for the {"batch":[...]} wrapper.
-BATCH_BUDGET = MAX_BATCH_BYTES - 4 * 1024
 # Answers that mean the payload is at fault: retrying the same bytes cannot succeed.
 PAYLOAD_STATUSES = frozenset({400, 413, 422})
 # Answers that mean the credentials are wrong: pause, never dead-letter.
@@ -109,54 +106,6 @@ class DeliveryClient(Protocol):
 
     def close(self) -> None:
         """Stop the sender threads and close the connections."""
-
-
-class Item(NamedTuple):
-    """One call of a batch request: the queued call, its wire form, its size in bytes."""
-
-    queued: QueuedEvent
-    wire: Any
-    size: int
-
-
-class PlannedRequest(NamedTuple):
-    """A batch of items, or (``single``) one call sent on its own route."""
-
-    single: bool
-    items: list[Item]
-
-
-def plan_requests(
-    batchable: Sequence[Item | QueuedEvent], max_items: int, budget: int = BATCH_BUDGET
-) -> list[PlannedRequest]:
-    """Group calls into requests sent one after another, keeping each person's order.
-
-    ``batchable`` is in the order the calls were read; an :class:`Item` can go in a
-    batch, a bare :class:`QueuedEvent` goes alone (a route batches cannot carry).
-    Batches fill in order; a single for a person who has a call in the batch being
-    filled closes that batch first, so it goes after the person's earlier calls and
-    before their later ones. Other people's calls are not held up by it.
-    """
-    planned: list[PlannedRequest] = []
-    current: list[Item] = []
-    people: set[str] = set()
-    used = 0
-    for entry in batchable:
-        if isinstance(entry, Item):
-            if current and (used + entry.size + 1 > budget or len(current) >= max_items):
-                planned.append(PlannedRequest(False, current))
-                current, people, used = [], set(), 0
-            current.append(entry)
-            people.add(entry.queued.event.person)
-            used += entry.size + 1
-            continue
-        if entry.event.person in people:
-            planned.append(PlannedRequest(False, current))
-            current, people, used = [], set(), 0
-        planned.append(PlannedRequest(True, [Item(entry, None, 0)]))
-    if current:
-        planned.append(PlannedRequest(False, current))
-    return planned
 
 
 class _PinnedCASession(requests.Session):
@@ -507,27 +456,3 @@ def transport_failure(cause: BaseException | None, timeout: float) -> Failure:
         return Failure(None, type(cause).__name__, "connection refused, reset or unreachable")
     name = type(cause).__name__ if cause is not None else "CustomerIOException"
     return Failure(None, name, f"request failed ({name})")
-
-
-def make_client(
-    settings: Settings,
-    *,
-    breaker: DeliveryBreaker | None = None,
-    rate_cap: RequestRateCap | None = None,
-    telemetry: Telemetry | None = None,
-    thread_initializer: Callable[[], None] | None = None,
-) -> HTTPDelivery:
-    """The client of the API the settings name."""
-    options: dict[str, Any] = {
-        "breaker": breaker,
-        "rate_cap": rate_cap,
-        "telemetry": telemetry,
-        "thread_initializer": thread_initializer,
-    }
-    if settings.api == "pipelines":
-        from .pipelines import PipelinesClient
-
-        return PipelinesClient(settings, **options)
-    from .delivery import TrackClient
-
-    return TrackClient(settings, **options)

@@ -2,7 +2,7 @@
 
 Neither the customerio SDK (it does not speak this API) nor customerio-cdp-analytics
 (it queues in memory and drops, see facts.md) sends here: requests go through the
-same session :mod:`.client` builds for the Track API, with the source's API key as
+same session :mod:`.base` builds for the Track API, with the source's API key as
 the Basic username and a blank password.
 
 Every request is ``POST /v1/batch`` in Segment's shape, at most 500 KB, each call at
@@ -26,10 +26,11 @@ from typing import Any
 
 import requests
 
-from .client import HTTPDelivery, Item, build_session
-from .events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
-from .metadata import PACKAGE_VERSION
-from .store import QueuedEvent
+from ..events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
+from ..metadata import PACKAGE_VERSION
+from ..store import QueuedEvent
+from .base import HTTPDelivery, build_session
+from .batching import Item
 
 #: The semantic events (a ``track`` with a reserved name) the person actions become.
 SEMANTIC_EVENTS = {
