@@ -54,7 +54,7 @@ def report_threads_started_at_exit() -> None:
             sys.stderr.write(f"a thread was started at interpreter exit: {thread.name}\n")
         start(thread, *args, **kwargs)
 
-    threading.Thread.start = reporting_start  # type: ignore[method-assign]
+    threading.Thread.start = reporting_start  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:
@@ -79,8 +79,12 @@ def main() -> None:
             for number in range(3):
                 log_one(name, number, "thread")
 
+        def at_exit() -> None:
+            for number in range(3):
+                log_one(name, number, "atexit")
+
         threading.Thread(target=after_main, name="outlives-main").start()
-        atexit.register(lambda: [log_one(name, n, "atexit") for n in range(3)])
+        atexit.register(at_exit)
     if args.ending == "exception":
         raise ValueError("the script failed")
     if args.ending == "sys-exit":
