@@ -10,6 +10,7 @@ holds events in memory (bounded) until the disk recovers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,7 +39,7 @@ from .config import (
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
 from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
 from .sender_process import SenderSupervisor
-from .signals import install_commit_on_signals
+from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
     DeadLetterArchive,
     DeadLetterStore,
@@ -210,6 +211,11 @@ class CustomerIOHandler(logging.Handler):
                     "signal_handlers=True needs the handler built on the main thread; "
                     "no signal handler installed"
                 )
+        elif reraises_with_default_action(signal.SIGTERM):
+            # uvicorn's worker ends by re-raising SIGTERM with the default action, so
+            # no logging.shutdown() will commit: commit on the signal, on top of it.
+            with contextlib.suppress(ValueError):  # not on the main thread
+                self.install_signal_handlers()
         if self._supervisor is not None:
             self._supervisor.ensure(now=True)
         elif self._deliver == DELIVER_NONE:
