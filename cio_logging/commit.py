@@ -204,6 +204,9 @@ class GroupCommitter:
 
     def _submit(self, row: Row, durable: bool) -> str:
         size = len(row[2]) + _ROW_OVERHEAD
+        # Without a writer (none may start at interpreter exit), the caller commits.
+        if self._writer is None and not self._start_writer():
+            durable = True
         now = self._clock()
         with self._lock:
             # Essential rows may use twice the budget: they are shed last.
@@ -243,8 +246,6 @@ class GroupCommitter:
                 # The first row starts the interval the idle writer must now wait for
                 # (a durable row is committed by its caller).
                 self._wake.notify()
-        if self._writer is None:  # it never ends before close(); a forked child has none
-            self._start_writer()
         if not durable or failing:
             return BUFFERED  # while the disk fails, the writer retries for everyone
         return COMMITTED if self._commit_through(ticket, gather=True) else BUFFERED
@@ -396,15 +397,25 @@ class GroupCommitter:
                 self._max_bytes,
             )
 
-    def _start_writer(self) -> None:
+    def _start_writer(self) -> bool:
+        """Start the writer thread if none runs; returns whether one runs.
+
+        It never ends before close(), and a forked child has none. None is started once
+        the interpreter exits (see background.py): callers then commit themselves.
+        """
         with self._lock:
             writer = self._writer
-            if (writer is not None and writer.is_alive()) or self._stopping:
-                return
-            self._writer = threading.Thread(
-                target=self._run, name="cio_logging-commit", daemon=True
-            )
-            self._writer.start()
+            if writer is not None and writer.is_alive():
+                return True
+            if self._stopping or background.interpreter_exiting():
+                return False
+            writer = threading.Thread(target=self._run, name="cio_logging-commit", daemon=True)
+            try:
+                writer.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self._writer = writer
+            return True
 
     def _run(self) -> None:
         # A flush or close may wait for this thread while holding logging's module lock

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from . import background
 from .commit import REFUSED, GroupCommitter
 from .config import (
     DELIVER_NONE,
@@ -334,15 +335,16 @@ class CustomerIOHandler(logging.Handler):
 
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""
+        if self._closed or background.interpreter_exiting():
+            # No thread starts at exit: flush() delivers on its own thread (see flush).
+            if self._deliver == DELIVER_THREAD:
+                self._worker.notify()
+            return
         if self._deliver != DELIVER_THREAD:
-            if self._supervisor is not None and not self._closed:
+            if self._supervisor is not None:
                 self._supervisor.ensure()  # take over from a supervisor that is gone
             return
-        if not self._closed:
-            try:
-                self._worker.ensure_started()
-            except RuntimeError:
-                return  # no new thread at interpreter exit; the rows are on disk
+        if self._worker.ensure_started():
             self._worker.notify()
 
     def _warn_buffer_full(self) -> None:
@@ -454,8 +456,12 @@ class CustomerIOHandler(logging.Handler):
         remaining = max(0.0, deadline - time.monotonic())
         if self._deliver == DELIVER_PROCESS:
             delivered = self._worker.wait_for_sender(remaining, last_rowid)
-        else:
+        elif self._worker.ensure_started():
             delivered = self._worker.flush(remaining, last_rowid)
+        else:
+            # At interpreter exit no thread may start (Python 3.12 refuses, and thread
+            # pools refuse on every version): deliver here, on the caller's thread.
+            delivered = self._worker.deliver_here(remaining, last_rowid)
         if not delivered:
             internal_log.warning(
                 "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
