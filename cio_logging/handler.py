@@ -91,7 +91,8 @@ class CustomerIOHandler(logging.Handler):
         **options: tunables (``flush_timeout``, ``close_timeout``, ``request_timeout``,
             ``flush_interval``, ``batch_size``, retry, breaker, rate-cap, degradation and
             disk-limit options, ``fsync``, ``deliver``: ``"thread"``, ``"process"``
-            or ``"none"``); see README for each with its default.
+            or ``"none"``); each, with its default, in the settings reference
+            (docs/reference/settings.md).
 
     Raises:
         ConfigurationError: a credential is missing or a setting is invalid.
