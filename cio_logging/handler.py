@@ -10,6 +10,7 @@ holds events in memory (bounded) until the disk recovers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ from .errors import ConfigurationError, InvalidEventError, QueueError, Unreadabl
 from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
 from .sender import Hold, Sender, StateFile, StateRecord, flush_thread_marker
 from .sender_process import SenderSupervisor
-from .signals import install_commit_on_signals
+from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
     DeadLetterArchive,
     DeadLetterStore,
@@ -91,7 +92,8 @@ class CustomerIOHandler(logging.Handler):
         **options: tunables (``flush_timeout``, ``close_timeout``, ``request_timeout``,
             ``flush_interval``, ``batch_size``, retry, breaker, rate-cap, degradation and
             disk-limit options, ``fsync``, ``deliver``: ``"thread"``, ``"process"``
-            or ``"none"``); see README for each with its default.
+            or ``"none"``); each, with its default, in the settings reference
+            (docs/reference/settings.md).
 
     Raises:
         ConfigurationError: a credential is missing or a setting is invalid.
@@ -223,6 +225,11 @@ class CustomerIOHandler(logging.Handler):
                     "signal_handlers=True needs the handler built on the main thread; "
                     "no signal handler installed"
                 )
+        elif reraises_with_default_action(signal.SIGTERM):
+            # uvicorn's worker ends by re-raising SIGTERM with the default action, so
+            # no logging.shutdown() will commit: commit on the signal, on top of it.
+            with contextlib.suppress(ValueError):  # not on the main thread
+                self.install_signal_handlers()
         if self._supervisor is not None:
             self._supervisor.ensure(now=True)
         elif self._deliver == DELIVER_NONE:
@@ -444,21 +451,31 @@ class CustomerIOHandler(logging.Handler):
             )
         return reason
 
-    def flush(self) -> bool:  # type: ignore[override]  # logging ignores what it returns
-        """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be.
+    def flush(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Wait, at most ``timeout`` (default ``flush_timeout``), until what was queued is
+        delivered or cannot be; whether everything was delivered.
 
         Returns True once every event emitted so far has left the queue (delivered, or
         dead-lettered); False while events wait: behind a hold (a Retry-After, the open
         breaker, refused credentials: ``status()["hold"]`` says which, and flush does
-        not wait it out), for a retry, for the disk, or past ``flush_timeout``. With
+        not wait it out), for a retry, for the disk, or past ``timeout``. With
         ``deliver="none"`` it only commits to disk (the sender is not ours to wait
         for) and returns whether that worked. With ``"process"`` it waits for the
-        sender process as for the thread.
+        sender process as for the thread. (``logging`` ignores what it returns.)
+        """
+        return self.deliver_within(self.settings.flush_timeout if timeout is None else timeout)
+
+    def deliver_within(self, timeout: float) -> bool:
+        """:meth:`flush` with a time budget: True once every event this process logged
+        has left the queue; False while some wait (behind a hold, for a retry, for
+        another process, or past ``timeout``) or could not even be written to disk.
+        Writing them to disk is not cut short by a ``timeout`` below ``close_timeout``:
+        a short delivery budget must not leave events in memory.
         """
         if self._closed:
-            return True
-        deadline = time.monotonic() + self.settings.flush_timeout
-        if not self._committer.commit(self.settings.flush_timeout):
+            return False
+        deadline = time.monotonic() + timeout
+        if not self._committer.commit(max(timeout, self.settings.close_timeout)):
             internal_log.warning(
                 "flush could not write %d event(s) to disk (%s)",
                 self._committer.buffered,
@@ -493,7 +510,7 @@ class CustomerIOHandler(logging.Handler):
             elif time.monotonic() >= deadline:
                 internal_log.warning(
                     "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
-                    self.settings.flush_timeout,
+                    timeout,
                     waiting,
                 )
         return delivered

@@ -32,8 +32,8 @@ Every accepted call of either API is an `AcceptedEvent` in `accepted`, in accept
 `set_latency`, `reset_connections`, `refuse_connections`, `poison`, ...), which apply to both
 APIs alike, and read what it received from `requests`; another process can do the same
 through the unauthenticated control routes under `/_simulator/` (listed in `CONTROL_API`,
-and in the README). `python -m cio_logging.simulator` (or `cio-logging simulator`) runs one
-until interrupted.
+and in docs/reference/simulator.md). `python -m cio_logging.simulator` (or
+`cio-logging simulator`) runs one until interrupted.
 
 The TLS certificate comes from a throwaway CA made by trustme; its PEM is at `ca_file`.
 """
@@ -67,6 +67,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qs, unquote
+
+from ._argparse import OneLineParser
 
 __all__ = [
     "CONTROL_API",
@@ -154,7 +156,7 @@ _CONTROL_METHODS = {
     "clear": ("POST",),
 }
 
-#: The unauthenticated control routes, as ``--help`` and the README describe them.
+#: The unauthenticated control routes, as ``--help`` and docs/reference/simulator.md describe them.
 CONTROL_API = """\
 control API (unauthenticated, JSON; never recorded, never faulted):
   GET  /_simulator/events        accepted calls of both APIs: {"events": [...],
@@ -759,7 +761,8 @@ class TrackAPISimulator:
         directory.mkdir(parents=True, exist_ok=True)
         self._dir = directory
         ca = trustme.CA()
-        self._ca_file = directory / "cio-track-simulator-ca.pem"
+        # Absolute: the CA path is printed in an export line, pasted into other shells.
+        self._ca_file = directory.resolve() / "cio-track-simulator-ca.pem"
         ca.cert_pem.write_to_path(self._ca_file)
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         names = dict.fromkeys(["127.0.0.1", "localhost", host])  # ordered, without repeats
@@ -1253,7 +1256,7 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
 
     Returns 0 after an interrupt, 1 when it cannot start (one line on stderr says why).
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cio-logging simulator",
         description="A local Customer.io Track API and Data Pipelines API over HTTPS, for "
         "trying the handler and the CLI without a workspace. Track routes take Basic auth "

@@ -135,13 +135,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def readme_block(heading: str) -> str:
-    """The first python code block under ``heading`` in README.md."""
-    text = (PROJECT_ROOT / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
 # -- gunicorn serving tests/apps/wsgi_app.py -------------------------------------------
 
 #: The sync workers each gunicorn test starts.
@@ -166,11 +159,11 @@ def listening_port(log: Path, gunicorn: subprocess.Popen[bytes]) -> int:
     return found[0]
 
 
-def request_event(port: int) -> tuple[str, int]:
+def request_event(port: int, path: str = "/") -> tuple[str, int]:
     """One request; the event id the worker logged and the worker's pid."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.request("GET", "/")
+        connection.request("GET", path)
         response = connection.getresponse()
         body = response.read().decode()
         assert response.status == 200, body
