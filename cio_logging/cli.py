@@ -648,6 +648,15 @@ def _refusal_advice(error: str) -> str:
     return f"TLS verification failed ({error}); check --ca-bundle and any proxy"
 
 
+def _hold_text(hold: dict[str, Any] | None) -> str:
+    """Why the sender sends nothing now, and until when; "no" when nothing holds it."""
+    if not hold:
+        return "no"
+    return (
+        f"{hold['reason']} until {hold['until']} ({_age(hold['seconds'])} more): {hold['message']}"
+    )
+
+
 def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
     status = fleet_status(fleet)
     if out.json_mode:
@@ -683,6 +692,7 @@ def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
         ("breaker", breaker),
         ("last error", last_error),
         ("delivery paused", status["delivery_paused"] or "no"),
+        ("held", _hold_text(status["hold"])),
     ]
     for label, value in rows:
         out.line(f"{label:<16} {value}")
@@ -739,6 +749,7 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         ("breaker", breaker),
         ("last error", last_error),
         ("delivery paused", status.delivery_paused or "no"),
+        ("held", _hold_text(status.hold)),
     ]
     if status.counters:  # the recording process's own, since it started
         counters = status.counters

@@ -372,6 +372,9 @@ class QueueStatus:
     # Events are queued and no process holds delivery.lock: nothing sends them (an
     # application with deliver="none" and no ``cio-logging deliver`` running).
     events_wait_for_a_sender: bool = False
+    # Why the sending process sends nothing now, as it recorded it, while it lasts:
+    # {"reason": retry_after | auth | config | breaker, "until", "seconds", "message"}.
+    hold: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -431,7 +434,25 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         recorder_is_delivering=recorded_by is not None and recorded_by == holder,
         counters=counters,
         events_wait_for_a_sender=queued > 0 and holder is None,
+        hold=current_hold(state, moment) if holder is not None else None,
     )
+
+
+def current_hold(state: Mapping[str, Any], now: float) -> dict[str, Any] | None:
+    """The hold a sender recorded (see sender/state.py), if it has not ended yet, with
+    its seconds left from ``now`` and its end as ISO time."""
+    hold = state.get("hold")
+    if not isinstance(hold, dict):
+        return None
+    until = _number_or_none(hold.get("until"))
+    if until is None or until <= now:
+        return None
+    return {
+        "reason": _string_or_none(hold.get("reason")),
+        "until": iso_time(until),
+        "seconds": round(until - now, 1),
+        "message": _string_or_none(hold.get("message")),
+    }
 
 
 def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str, Any]:
@@ -477,6 +498,7 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
         "last_error": _string_or_none(state.get("last_error")),
         "last_error_at": iso_time(_number_or_none(state.get("last_error_at"))),
         "delivery_paused": _string_or_none(state.get("delivery_paused")),
+        "hold": current_hold(state, moment) if info is not None and info.valid else None,
         "recorded_by": None
         if not state
         else {"host": _string_or_none(state.get("host")), "pid": state.get("pid")},

@@ -37,6 +37,7 @@ from ..errors import DatabaseError, LeaseLostError
 from ..process_lock import DeliveryLock
 from ..resilience import CLOSED, OPEN, DeliveryBreaker, RequestRateCap, RetryPolicy
 from ..store import (
+    LANES,
     DeadLetterWriter,
     EventSink,
     LegacyRows,
@@ -441,38 +442,63 @@ class Sender:
     ) -> bool:
         """Keep up to ``max_in_flight`` batches in flight until nothing more can go;
         whether anything was sent or taken out. ``inline``: every exchange on the
-        calling thread, one at a time (interpreter exit)."""
+        calling thread, one at a time (interpreter exit).
+
+        Requests in flight never share a person. With nothing in flight, a read takes
+        everyone's calls; a full batch means a backlog, and from then on each request
+        takes one lane of people's calls (see BatchQuery) and a lane has at most one
+        request out: several calls of each of a few people per request, and other
+        people for the requests beside it.
+        """
         window = 1 if inline else self._settings.max_in_flight
-        in_flight: deque[tuple[Future[Result], Planned, bool]] = deque()
-        busy: set[str] = set()
-        progress = failed = False
+        free: deque[int] = deque(range(LANES))
+        in_flight: deque[tuple[Future[Result], Planned, bool, list[int]]] = deque()
+        progress = failed = backlog = False
         while True:
-            while not failed and len(in_flight) < window and self._may_send(deadline):
+            while not failed and len(in_flight) < window and free and self._may_send(deadline):
                 probe = self.breaker.state != CLOSED
                 if probe and in_flight:
                     break  # the probe goes alone
-                planned = planner.next(busy, probe=probe)
+                lanes, planned = self._next_batch(planner, free, probe, backlog or bool(in_flight))
                 if planned is None:
                     break
+                if len(lanes) > 1 and len(planned.batch) >= self._settings.batch_size:
+                    backlog = window > 1
                 self._effects.set_aside(planned)
                 progress = progress or bool(planned.corrupt or planned.expired)
                 if not planned.requests:
-                    continue
-                people = planned.people
-                busy |= people
-                in_flight.append((self._submit(planned, client, probe, inline), planned, probe))
+                    continue  # everything read was set aside: read again
+                for lane in lanes:
+                    free.remove(lane)
+                future = self._submit(planned, client, probe, inline)
+                in_flight.append((future, planned, probe, lanes))
                 if probe:
                     break
             if not in_flight:
                 return progress
-            future, planned, probe = in_flight.popleft()
+            future, planned, probe, lanes = in_flight.popleft()
             result = future.result()
-            busy -= planned.people
+            free.extend(lanes)
             self._effects.apply(result, probe=probe)
             progress = progress or bool(result.delivered or result.refused or result.retry)
             failed = failed or result.stopped
             if result.delivered or result.refused:
                 self._record_state()
+
+    def _next_batch(
+        self, planner: Planner, free: deque[int], probe: bool, by_lane: bool
+    ) -> tuple[list[int], Planned | None]:
+        """The next batch and the lanes it takes: everyone's calls (every lane) unless
+        ``by_lane``, else the first free lane whose people have calls that may go."""
+        if probe or not by_lane:
+            return list(free), planner.next(probe=probe)
+        for _ in range(len(free)):
+            lane = free[0]
+            free.rotate(-1)
+            planned = planner.next(lane=lane)
+            if planned is not None:
+                return [lane], planned
+        return [], None
 
     def _may_send(self, deadline: float | None) -> bool:
         if self._stop.is_set() and deadline is None:

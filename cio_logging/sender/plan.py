@@ -75,16 +75,24 @@ class Planner:
         self._clock = clock
         self._essential = settings.essential_events
 
-    def next(self, busy: set[str], *, probe: bool = False) -> Planned | None:
-        """The next batch that may go now (one call when it is the breaker's probe),
-        or None when nothing may."""
+    def next(
+        self,
+        busy: set[str] | None = None,
+        *,
+        probe: bool = False,
+        lane: int | None = None,
+    ) -> Planned | None:
+        """The next batch that may go now, of the people of ``lane`` (everyone's when
+        None), none of them ``busy``; one call when it is the breaker's probe. None
+        when nothing may go."""
         now = self._clock()
         query = BatchQuery(
             now=now,
             limit=1 if probe else self._settings.batch_size,
+            lane=lane,
             budget=BATCH_BUDGET,
             item_limit=MAX_ITEM_BYTES,
-            busy=frozenset(busy),
+            busy=frozenset(busy or ()),
             # Younger than this cannot be past max_event_age; older is checked exactly.
             expire_before=now - self._retry.max_event_age,
             essential=self._essential,

@@ -37,6 +37,7 @@ from ..templates import Templates
 from ._sqlite import inherited_owner, secure_directory, secure_file
 from .local import DeadLetterStore, WriteAheadLog
 from .rows import (
+    LANES,
     Batch,
     BatchQuery,
     CorruptEntry,
@@ -52,6 +53,7 @@ from .rows import (
 )
 
 __all__ = [
+    "LANES",
     "Batch",
     "BatchQuery",
     "CorruptEntry",

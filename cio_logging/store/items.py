@@ -32,6 +32,7 @@ class _Dialect:
     to_float: Callable[[str], str]  # SQL text of a number -> double
     to_text: Callable[[str], str]  # integer -> its decimal text
     shape_ok: Callable[[str], str]  # body -> the row is ours, compact, well typed
+    unreadable: Callable[[str], str]  # body -> true where the JSON functions would fail
     iso_time: Callable[[str, str, str], str]  # (moment, seconds, micros) -> quoted ISO text
 
     def fields(self, body: str, ident: str) -> dict[Field, str]:
@@ -66,13 +67,24 @@ class _Dialect:
         fields = self.fields(body, ident)
         version = self.to_int(self.element_text(body, 0))
         call = f"(CASE {version} WHEN 3 THEN {self.element_text(body, 7)} ELSE 'event' END)"
-        identified = f"({self.element_text(body, 2)} IS NOT NULL)"
+        identified = f"(CASE WHEN {self.element_text(body, 2)} IS NULL THEN '0' ELSE '1' END)"
+        # One key, worked out once per row, picks the branch: "event|1" is an event of
+        # an identified person. Events first: most rows are events.
+        key = f"({call} || '|' || {identified})"
         branches = []
-        for (name, named), template in sorted(templates.items()):
+        for (name, named), template in sorted(templates.items(), key=_events_first):
             parts = [_literal(part) if isinstance(part, str) else fields[part] for part in template]
-            condition = f"{call} = {_literal(name)} AND {identified} = {_boolean(named)}"
-            branches.append(f"WHEN {condition} THEN {' || '.join(parts)}")
-        return f"(CASE WHEN NOT ({self.shape_ok(body)}) THEN NULL " + " ".join(branches) + " END)"
+            branches.append(f"WHEN {_literal(f'{name}|{int(named)}')} THEN {' || '.join(parts)}")
+        built = f"(CASE {key} {' '.join(branches)} END)"
+        return (
+            f"(CASE WHEN {self.unreadable(body)} THEN NULL"
+            f" WHEN NOT ({self.shape_ok(body)}) THEN NULL ELSE {built} END)"
+        )
+
+
+def _events_first(entry: tuple[tuple[str, bool], object]) -> tuple[bool, bool, str]:
+    (name, named), _ = entry
+    return name != "event", not named, name
 
 
 def _literal(text: str) -> str:
@@ -84,35 +96,29 @@ def _boolean(value: bool) -> str:
 
 
 def _sqlite_shape(body: str) -> str:
-    # json_valid first: the arrows raise on a text that is not JSON. Then the shape
-    # encode_row writes: a version 2 or 3 array whose values have the right types.
+    # The shape encode_row writes (json_valid was checked first, in ``unreadable``: the
+    # arrows raise on a text that is not JSON): a version 2 or 3 array whose name is
+    # text and whose data is an object. The other values are copied as they are: a
+    # row is only ever written by encode_row.
     data = f"CASE ({body} ->> '$[0]') WHEN 3 THEN '$[8]' ELSE '$[7]' END"
     return (
-        f"json_valid({body}) AND json_type({body}) = 'array'"
-        f" AND json_type({body}, '$[0]') = 'integer' AND ({body} ->> '$[0]') IN (2, 3)"
-        f" AND json_type({body}, '$[1]') = 'text'"
-        f" AND json_type({body}, '$[2]') IN ('text', 'null')"
-        f" AND json_type({body}, '$[3]') IN ('text', 'null')"
-        f" AND json_type({body}, '$[4]') = 'integer'"
-        f" AND json_type({body}, '$[5]') IN ('integer', 'real')"
+        f"({body} ->> '$[0]') IN (2, 3) AND json_type({body}, '$[1]') = 'text'"
         f" AND json_type({body}, {data}) = 'object'"
-        f" AND (({body} ->> '$[0]') = 2 OR json_type({body}, '$[7]') = 'text')"
     )
 
 
 def _postgres_shape(body: str) -> str:
+    # PostgreSQL cannot turn a \u0000 escape into text, and reading any element of a
+    # row whose object keys hold one raises: such a row is left to Python (checked
+    # first, alone, in a CASE of its own: an AND's operands may run in any order).
+    # The rest as for SQLite, plus an integer timestamp (its cast would raise).
     json = f"({body})::json"
     data = f"CASE ({json} ->> 0) WHEN '3' THEN 8 ELSE 7 END"
     return (
-        f"{body} LIKE '[%]' AND json_typeof({json}) = 'array'"
-        f" AND ({json} ->> 0) IN ('2', '3')"
+        f"json_typeof({json}) = 'array' AND ({json} ->> 0) IN ('2', '3')"
         f" AND json_typeof({json} -> 1) = 'string'"
-        f" AND json_typeof({json} -> 2) IN ('string', 'null')"
-        f" AND json_typeof({json} -> 3) IN ('string', 'null')"
-        f" AND json_typeof({json} -> 4) = 'number' AND ({json} ->> 4) ~ '^-?[0-9]+$'"
-        f" AND json_typeof({json} -> 5) = 'number'"
+        f" AND ({json} ->> 4) ~ '^-?[0-9]+$' AND ({json} ->> 5) ~ '^-?[0-9.eE+-]+$'"
         f" AND json_typeof({json} -> {data}) = 'object'"
-        f" AND (({json} ->> 0) = '2' OR json_typeof({json} -> 7) = 'string')"
     )
 
 
@@ -125,6 +131,7 @@ _SQLITE = _Dialect(
     to_float=lambda value: f"CAST({value} AS REAL)",
     to_text=lambda value: f"CAST({value} AS TEXT)",
     shape_ok=_sqlite_shape,
+    unreadable=lambda body: f"NOT json_valid({body}) OR json_type({body}) != 'array'",
     iso_time=lambda moment, seconds, micros: (
         f"('\"' || strftime('%Y-%m-%dT%H:%M:%S', {seconds}, 'unixepoch')"
         f" || '.' || printf('%03d', {micros} / 1000) || 'Z\"')"
@@ -140,6 +147,7 @@ _POSTGRES = _Dialect(
     to_float=lambda value: f"(({value})::double precision)",
     to_text=lambda value: f"(({value})::text)",
     shape_ok=_postgres_shape,
+    unreadable=lambda body: f"(strpos({body}, '\\u0000') > 0 OR {body} NOT LIKE '[%]')",
     iso_time=lambda moment, seconds, micros: (
         f"('\"' || to_char(to_timestamp({seconds}) AT TIME ZONE 'UTC',"
         f" 'YYYY-MM-DD\"T\"HH24:MI:SS') || '.' || lpad(({micros} / 1000)::text, 3, '0')"

@@ -48,6 +48,7 @@ from ._sqlite import (
 )
 from .items import per_templates, sqlite_item
 from .rows import (
+    LANES,
     Batch,
     BatchQuery,
     CorruptEntry,
@@ -247,22 +248,30 @@ class WriteAheadLog:
         still to come. Calls of a person come in commit order; an earlier call of the
         person that may go comes in the same batch, ahead of it.
         """
-        sql = _next_batch_sql(templates)
-        busy = json.dumps(list(query.busy)) if query.busy else "[]"
-        essential = json.dumps(list(query.essential)) if query.essential else "[]"
+        sql = _next_batch_sql(templates, query.lane is not None)
         parameters = {
             "now": query.now,
             "limit": query.limit,
+            "lane": query.lane,
+            "scan": query.scan or 4 * query.limit,
+            "after": -(2**63),
             "budget": query.budget,
             "item_limit": query.item_limit,
             "expire_before": query.expire_before,
-            "busy": busy,
-            "essential": essential,
+            "busy": json.dumps(list(query.busy)) if query.busy else "[]",
+            "essential": json.dumps(list(query.essential)) if query.essential else "[]",
         }
-        ((positions, ids, people, others, items, logged, flags, count),) = self._cache._sql(
-            sql, parameters
-        ).fetchall()
-        return _send_batch(positions, ids, people, others, items, logged, flags, count)
+        while True:
+            found = self._cache._sql(sql, parameters).fetchall()
+            ((positions, ids, people, others, items, logged, flags, count),) = found
+            if count:
+                return _send_batch(positions, ids, people, others, items, logged, flags, count)
+            # Nothing may go in this scan: was it a whole scan (then look past it, a
+            # bounded scan at a time), or the end of the queue?
+            ((last, scanned),) = self._cache._sql(_SCANNED, parameters).fetchall()
+            if scanned < parameters["scan"] or last is None:
+                return _send_batch(None, None, None, None, None, None, None, 0)
+            parameters["after"] = last
 
     @sqlite_section
     def rows(self, positions: Sequence[str | int]) -> tuple[list[QueuedEvent], list[CorruptEntry]]:
@@ -667,6 +676,13 @@ def _send_batch(
     )
 
 
+#: The lane of a person (see rows.lane_of, which computes the same): the code points of
+#: the key's last two characters and its length, modulo LANES. None: lane 0.
+_LANE = (
+    "(CASE WHEN {person} IS NULL THEN 0 ELSE (unicode(substr({person}, -1)) * 31"
+    f" + unicode(substr({{person}}, -2, 1)) * 7 + length({{person}})) % {LANES} END)"
+)
+
 # The queue table. AUTOINCREMENT: a position is never given twice, so "every row this
 # process committed has a position at most N" stays true after deliveries.
 _SCHEMA = (
@@ -680,8 +696,12 @@ _SCHEMA = (
     " waiting INTEGER,"  # 1: tried and failed; its due time counts
     " attempts INTEGER,"  # failed attempts counted (NULL: as the body's history says)
     " first_failure_at REAL,"
-    " last_error TEXT)",
+    " last_error TEXT,"
+    # Which of the LANES lanes the call's person is in: requests in flight each take
+    # one lane's calls, so they never share a person (see BatchQuery).
+    f" lane INTEGER AS ({_LANE.format(person='person')}) VIRTUAL)",
     "CREATE UNIQUE INDEX IF NOT EXISTS cio_queue_id ON cio_queue(id)",
+    "CREATE INDEX IF NOT EXISTS cio_queue_lane ON cio_queue(lane, position)",
     "CREATE INDEX IF NOT EXISTS cio_queue_waiting ON cio_queue(person, position)"
     " WHERE waiting IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS cio_queue_other ON cio_queue(other_person, position)"
@@ -731,6 +751,11 @@ _COUNT = "SELECT count(*) FROM cio_queue"
 _COUNT_PERSON = "SELECT count(*) FROM cio_queue WHERE person = ? OR other_person = ?1"
 _LOWEST_POSITION = "SELECT min(position) FROM cio_queue"
 _NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL AND due > ?"
+_SCANNED = (
+    "SELECT max(position), count(*) FROM (SELECT position FROM cio_queue"
+    " WHERE position > :after AND (:lane IS NULL OR lane = :lane) ORDER BY position"
+    " LIMIT :scan)"
+)
 # The attempts a row has had: the column once set, else what its text's history says
 # (a row replayed or moved from a spill carries it there).
 _ATTEMPTS = (
@@ -781,57 +806,95 @@ _SELECT_LEGACY = (
 _SELECT_LEGACY_BAD = f"SELECT rowid, key FROM Cache WHERE NOT ({_LEGACY_OURS}) LIMIT ?"  # noqa: S608
 
 
-def _next_batch_sql(templates: Templates) -> str:
+def _next_batch_sql(templates: Templates, lane: bool = False) -> str:
     """The batch query for one API's templates (see WriteAheadLog.next_batch)."""
-    return per_templates(templates, _build_next_batch_sql)
+    return per_templates(templates, _with_lane if lane else _build_next_batch_sql)
 
 
-def _build_next_batch_sql(templates: Templates) -> str:
+def _with_lane(templates: Templates) -> str:
+    return _build_next_batch_sql(templates, lane=True)
+
+
+def _build_next_batch_sql(templates: Templates, *, lane: bool = False, order: bool = True) -> str:
+    """The batch query (see WriteAheadLog.next_batch): the calls that may go, in commit
+    order (of one lane of people, ``:lane``, when ``lane``), at most ``:scan`` rows
+    looked at, at most ``:limit`` taken, cut at ``:budget`` bytes; then their items,
+    built from their text.
+
+    ``order=False`` leaves out the person rules: the benchmarks' anchor for what the
+    order guarantee costs a read. Never sent with.
+    """
     item = sqlite_item(templates, "q.body", "q.id")
     blocked = (
         "EXISTS (SELECT 1 FROM cio_queue AS w INDEXED BY cio_queue_waiting"
         " WHERE w.waiting IS NOT NULL AND w.person = {who} AND w.position < q.position"
         " AND w.due > :now)"
     )
+    rules = ""
+    if order:
+        rules = _PERSON_RULES.format(
+            blocked_person=blocked.format(who="q.person"),
+            blocked_other=blocked.format(who="q.other_person"),
+        )
     return f"""
+WITH scan AS (
+  SELECT position, person, other_person, waiting, due FROM cio_queue
+  {"INDEXED BY cio_queue_lane WHERE lane = :lane AND" if lane else "WHERE"} position > :after
+  ORDER BY position LIMIT :scan
+), chosen AS (
+  SELECT q.position FROM scan AS q
+  WHERE (q.waiting IS NULL OR q.due <= :now)
+    {rules}
+  LIMIT :limit
+), cut AS (
+  SELECT position FROM (
+    SELECT c.position,
+           sum(length(CAST(q.body AS BLOB)) + {_ITEM_OVERHEAD + 1}) OVER (ORDER BY c.position)
+             AS used,
+           row_number() OVER (ORDER BY c.position) AS n
+    FROM chosen AS c JOIN cio_queue AS q ON q.position = c.position)
+  WHERE used <= :budget OR n = 1
+), built AS MATERIALIZED (
+  SELECT c.position, q.id, q.person, q.other_person, q.body, {item} AS raw
+  FROM cut AS c JOIN cio_queue AS q ON q.position = c.position
+), kept AS MATERIALIZED (
+  SELECT position, id, person, other_person, body,
+         CASE WHEN raw IS NULL OR length(CAST(raw AS BLOB)) > :item_limit THEN NULL
+              ELSE raw END AS item
+  FROM built
+), timed AS (
+  SELECT position, id, person, other_person, body, item,
+         CASE WHEN item IS NULL THEN NULL ELSE CAST(body ->> '$[5]' AS REAL) END AS logged
+  FROM kept
+)
 SELECT group_concat(position, ','), json_group_array(id), json_group_array(coalesce(person, '')),
        json_group_array(other_person),
-       group_concat(coalesce(item, ''), char(30)), group_concat(coalesce(logged, 0), ','),
-       group_concat(essential, ''), count(*)
-FROM (
-  SELECT position, id, person, other_person, item, logged, essential,
-         sum(size + 1) OVER (ORDER BY position) AS used,
-         row_number() OVER (ORDER BY position) AS n
-  FROM (
-    SELECT position, id, person, other_person, logged,
-           CASE WHEN raw IS NULL OR length(CAST(raw AS BLOB)) > :item_limit
-                OR logged < :expire_before THEN NULL ELSE raw END AS item,
-           coalesce(length(CAST(raw AS BLOB)), length(CAST(body AS BLOB))) AS size,
-           CASE WHEN raw IS NOT NULL AND (body ->> '$[1]') IN
-                (SELECT value FROM json_each(:essential)) THEN '1' ELSE '0' END AS essential
-    FROM (
-      SELECT q.position, q.id, q.body,
-             q.person, q.other_person,
-             {item} AS raw,
-             CASE WHEN json_valid(q.body) AND json_type(q.body, '$[5]') IN ('integer', 'real')
-                  THEN CAST(q.body ->> '$[5]' AS REAL) END AS logged
-      FROM cio_queue AS q
-      WHERE (q.waiting IS NULL OR q.due <= :now)
+       group_concat(CASE WHEN logged < :expire_before THEN '' ELSE coalesce(item, '') END,
+                    char(30)),
+       group_concat(coalesce(logged, 0), ','),
+       group_concat(CASE WHEN item IS NOT NULL AND (body ->> '$[1]') IN
+                    (SELECT value FROM json_each(:essential)) THEN '1' ELSE '0' END, ''),
+       count(*)
+FROM timed
+"""  # noqa: S608 - only the compiled templates, no input, go in
+
+
+#: How much larger than its stored row a call's batch item can be (the item's keys and
+#: id, less the row's own; the Pipelines API's context and ISO time are the most): the
+#: byte budget is kept with this, before any item is built.
+_ITEM_OVERHEAD = 320
+
+# A call goes only when none of its people is busy (a request in flight) or waits for
+# a retry earlier in commit order, and no earlier merge names its person.
+_PERSON_RULES = """
         AND (q.person IS NULL OR (
               q.person NOT IN (SELECT value FROM json_each(:busy))
-              AND NOT {blocked.format(who="q.person")}
+              AND NOT {blocked_person}
               AND NOT EXISTS (SELECT 1 FROM cio_queue AS m INDEXED BY cio_queue_other
                               WHERE m.other_person = q.person AND m.position < q.position)))
         AND (q.other_person IS NULL OR (
               q.other_person NOT IN (SELECT value FROM json_each(:busy))
-              AND NOT {blocked.format(who="q.other_person")}))
-      ORDER BY q.position
-      LIMIT :limit
-    )
-  )
-)
-WHERE used <= :budget OR n = 1
-"""  # noqa: S608 - only the compiled templates, no input, go in
+              AND NOT {blocked_other}))"""
 
 
 QUEUE_SALVAGE = SalvageQueries(

@@ -38,6 +38,7 @@ from .rows import (
     dead_letter_from_json,
     decode_row,
     encode_row,
+    lane_of,
     letter_json,
     matching_letters,
 )
@@ -145,15 +146,19 @@ class InMemoryStore:
     # -- SenderQueue -------------------------------------------------------------------
 
     def next_batch(self, query: BatchQuery, templates: Templates) -> SendBatch:
+        """As the databases do it: the calls (of the lane) that may go (due, no person
+        busy or behind a retry), in commit order, up to ``limit``."""
         batch = SendBatch([], [], [], [], [], [], [], [])
-        used = 0
         with self._guard:
             rows = sorted(self._rows.values(), key=lambda row: row.position)
-            waiting = [row for row in rows if row.waiting and row.due > query.now]
+        waiting = [row for row in rows if row.waiting and row.due > query.now]
+        used = 0
         for row in rows:
             if len(batch) >= query.limit:
                 break
             if row.waiting and row.due > query.now:
+                continue
+            if query.lane is not None and lane_of(row.person) != query.lane:
                 continue
             if row.person is not None and (
                 row.person in query.busy

@@ -584,15 +584,23 @@ class PostgresLog:
             "workspace": self.workspace,
             "now": query.now,
             "limit": query.limit,
+            "lane": query.lane,
+            "scan": query.scan or 4 * query.limit,
+            "after": -(2**63),
             "budget": query.budget,
             "item_limit": query.item_limit,
             "expire_before": max(query.expire_before, -1e300),
             "busy": list(query.busy),
             "essential": list(query.essential),
         }
-        with self.database.connection() as conn:
-            found = conn.execute(_next_batch_sql(templates), params).fetchall()
-        ((positions, ids, people, items, logged, flags, count),) = found
+        sql = _next_batch_sql(templates)
+        while True:
+            with self.database.connection() as conn:
+                found = conn.execute(sql, params).fetchall()
+            ((positions, ids, people, items, logged, flags, count, last, scanned),) = found
+            if count or scanned < params["scan"] or last is None:
+                break
+            params["after"] = last  # a whole scan that may not go: look past it
         if not count:
             return SendBatch([], [], [], [], [], [], [], [])
         item_list = str(items).split("\x1e")
@@ -876,37 +884,47 @@ def _next_batch_sql(templates: Templates) -> str:
 
 
 def _build_next_batch_sql(templates: Templates) -> str:
+    """The batch query (see WriteAheadLog.next_batch, the same rules and buckets)."""
     item = postgres_item(templates, "q.body", "q.id").replace("%", "%%")
     return f"""
-WITH picked AS (
-  SELECT q.seq, q.id, q.person, q.body, q.event, q.logged_at AS logged, {item} AS raw
-  FROM cio_queue AS q
-  WHERE q.workspace = %(workspace)s AND (q.last_error IS NULL OR q.due_at <= %(now)s)
-    AND (q.person IS NULL OR (
-          NOT (q.person = ANY(%(busy)s::text[]))
+WITH scan AS (
+  SELECT seq, person, last_error, due_at FROM cio_queue
+  WHERE workspace = %(workspace)s AND seq > %(after)s
+    AND (%(lane)s::int IS NULL OR lane = %(lane)s::int)
+  ORDER BY seq LIMIT %(scan)s
+), chosen AS (
+  SELECT s.seq FROM scan AS s
+  WHERE (s.last_error IS NULL OR s.due_at <= %(now)s)
+    AND (s.person IS NULL OR (
+          NOT (s.person = ANY(%(busy)s::text[]))
           AND NOT EXISTS (SELECT 1 FROM cio_queue AS w
-                          WHERE w.workspace = q.workspace AND w.person = q.person
-                            AND w.seq < q.seq AND w.last_error IS NOT NULL
+                          WHERE w.workspace = %(workspace)s AND w.person = s.person
+                            AND w.seq < s.seq AND w.last_error IS NOT NULL
                             AND w.due_at > %(now)s)))
-  ORDER BY q.seq
+  ORDER BY s.seq
   LIMIT %(limit)s
+), built AS MATERIALIZED (
+  SELECT c.seq, q.id, q.person, q.body, q.event, q.logged_at AS logged, {item} AS raw
+  FROM chosen AS c JOIN cio_queue AS q ON q.workspace = %(workspace)s AND q.seq = c.seq
 ), sized AS (
   SELECT seq, id, person, logged,
          CASE WHEN raw IS NULL OR octet_length(raw) > %(item_limit)s
               OR logged < %(expire_before)s THEN NULL ELSE raw END AS item,
-         coalesce(octet_length(raw), octet_length(body)) AS size,
-         raw IS NOT NULL AND event = ANY(%(essential)s::text[]) AS essential
-  FROM picked
-), windowed AS (
-  SELECT *, sum(size + 1) OVER (ORDER BY seq) AS used, row_number() OVER (ORDER BY seq) AS n
-  FROM sized
+         raw IS NOT NULL AND event = ANY(%(essential)s::text[]) AS essential,
+         sum(coalesce(octet_length(raw), octet_length(body)) + 1) OVER (ORDER BY seq) AS used,
+         row_number() OVER (ORDER BY seq) AS n
+  FROM built
+), kept AS (
+  SELECT * FROM sized WHERE used <= %(budget)s OR n = 1
 )
-SELECT string_agg(seq::text, ',' ORDER BY seq), json_agg(id ORDER BY seq)::text,
+SELECT string_agg(seq::text, ',' ORDER BY seq),
+       json_agg(id ORDER BY seq)::text,
        json_agg(coalesce(person, '') ORDER BY seq)::text,
        string_agg(coalesce(item, ''), E'\\x1e' ORDER BY seq),
        string_agg(logged::text, ',' ORDER BY seq),
-       string_agg(CASE WHEN essential THEN '1' ELSE '0' END, '' ORDER BY seq), count(*)
-FROM windowed WHERE used <= %(budget)s OR n = 1
+       string_agg(CASE WHEN essential THEN '1' ELSE '0' END, '' ORDER BY seq), count(*),
+       (SELECT max(seq) FROM scan), (SELECT count(*) FROM scan)
+FROM kept
 """  # noqa: S608 - only the compiled templates, no input, go in
 
 

@@ -83,6 +83,22 @@ class BatchQuery:
     busy: frozenset[str] = frozenset()
     expire_before: float = float("-inf")
     essential: frozenset[str] = frozenset()
+    #: The calls of one lane of people only (see :func:`lane_of`); None: everyone's.
+    lane: int | None = None
+    #: How many rows one read looks at, at most (0: the store's default).
+    scan: int = 0
+
+
+#: People are spread over this many lanes (see :func:`lane_of`).
+LANES = 8
+
+
+def lane_of(person: str | None) -> int:
+    """The lane of ``person`` (the stores' SQL computes the same: the code points of the
+    key's last two characters and its length, modulo :data:`LANES`)."""
+    if person is None:
+        return 0
+    return (ord(person[-1]) * 31 + ord(person[-2]) * 7 + len(person)) % LANES
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from cio_logging.store import (
     WriteAheadLog,
     encode_row,
 )
+from cio_logging.store.rows import LANES, lane_of
 from cio_logging.testing import InMemoryStore
 from cio_logging.transport.pipelines import TEMPLATES as PIPELINES_TEMPLATES
 from cio_logging.transport.pipelines import call_text
@@ -131,6 +132,33 @@ class TestEventSinkAndViewContract:
 class TestSenderQueueContract:
     """A batch per query, built by the store, in each person's order."""
 
+    def test_a_lane_of_people_at_a_time(self, stores: Stores) -> None:
+        """Calls of many people, interleaved: a batch of one lane takes only that lane's
+        people (several calls each), so batches of different lanes, in flight
+        together, never share a person; all lanes together are everyone."""
+        log, _ = stores
+        calls = [_call_for(f"p{n % 40}", n) for n in range(200)]
+        log.append_rows([encode_row(call) for call in calls])
+        seen: set[str] = set()
+        for lane in range(LANES):
+            batch = log.next_batch(query(lane=lane), TRACK_TEMPLATES)
+            people = set(batch.people)
+            assert all(lane_of(person) == lane for person in people)
+            assert not people & seen
+            seen |= people
+            mine = [int(position) for position in batch.positions]
+            assert mine == sorted(mine)
+        assert seen == {call.person for call in calls}
+        assert len({lane_of(call.person) for call in calls}) > 8  # spread over the lanes
+
+    def test_a_read_looks_past_a_scan_of_calls_that_may_not_go(self, stores: Stores) -> None:
+        """The first rows are all a busy person's: the read looks on past them."""
+        log, _ = stores
+        calls = [_call_for("busy", n) for n in range(30)] + [_call_for("free", 30)]
+        log.append_rows([encode_row(call) for call in calls])
+        batch = log.next_batch(query(limit=5, scan=10, busy=frozenset({"c:busy"})), TRACK_TEMPLATES)
+        assert batch.ids == [calls[-1].id]
+
     @pytest.mark.parametrize(
         ("templates", "render"),
         [(TRACK_TEMPLATES, item_text), (PIPELINES_TEMPLATES, call_text)],
@@ -147,12 +175,13 @@ class TestSenderQueueContract:
         ]
         log.append_rows([encode_row(call) for call in calls])
         batch = log.next_batch(query(), templates)  # type: ignore[arg-type]
-        assert batch.ids == [call.id for call in calls]
-        assert batch.items == [render(call) for call in calls]  # type: ignore[operator]
+        expected = calls
+        assert batch.ids == [call.id for call in expected]
+        assert batch.items == [render(call) for call in expected]  # type: ignore[operator]
         assert batch.slow == []
-        assert batch.people == [call.person for call in calls]
+        assert batch.people == [call.person for call in expected]
         assert [int(p) for p in batch.positions] == sorted(int(p) for p in batch.positions)
-        assert batch.logged_at == pytest.approx([call.logged_at for call in calls])
+        assert batch.logged_at == pytest.approx([call.logged_at for call in expected])
 
     def test_a_call_without_a_template_is_left_to_python(self, stores: Stores) -> None:
         log, _ = stores
@@ -170,7 +199,10 @@ class TestSenderQueueContract:
         log.append_rows([encode_row(make_event(n)) for n in range(5)])
         assert len(log.next_batch(query(limit=2), TRACK_TEMPLATES)) == 2
         one = len(log.next_batch(query(limit=1), TRACK_TEMPLATES).items[0]) + 1
-        assert len(log.next_batch(query(budget=2 * one), TRACK_TEMPLATES)) == 2
+        cut = log.next_batch(query(budget=2 * one), TRACK_TEMPLATES)  # a store may keep
+        assert 1 <= len(cut) <= 2  # the budget with an estimate of the items' size
+        assert sum(len(item) + 1 for item in cut.items) <= 2 * one
+        assert len(log.next_batch(query(budget=10 * one), TRACK_TEMPLATES)) == 5
         assert len(log.next_batch(query(budget=1), TRACK_TEMPLATES)) == 1  # the first always
         small = log.next_batch(query(item_limit=10), TRACK_TEMPLATES)
         assert small.slow == list(range(5))

@@ -156,7 +156,7 @@ class TestTheDefects:
             env=clean_environment(),
         )
         assert result.returncode == ExitCode.OK, result.stderr
-        assert "1 dead letter(s) would be sent; nothing sent" in result.stdout
+        assert "1 dead letter(s) would go back in the queue; nothing changed" in result.stdout
 
     def test_read_only_commands_with_a_queue_dir_need_no_site_id(
         self, one_dead_letter: Path
@@ -261,8 +261,8 @@ class TestTheTableOfExitCodes:
         with open(queue_dir / "dlq.lock", "a+") as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             check(ExitCode.LOCKED, "dlq", "purge", "--yes")
-        check(ExitCode.AUTH, "dlq", "replay", CUSTOMERIO_API_KEY="not-the-key")
-        check(ExitCode.OK, "dlq", "replay")  # now the dead letters are delivered
+        check(ExitCode.AUTH, "dlq", "replay", "--wait", CUSTOMERIO_API_KEY="not-the-key")
+        check(ExitCode.OK, "drain")  # the replayed dead letters wait in the queue: delivered
 
         # Interrupted: a drain that cannot deliver (every answer 503) gets a SIGTERM
         # once it holds delivery.lock.
@@ -347,9 +347,13 @@ class TestProgress:
     ) -> None:
         poisoned_dead_letters(simulator, make_handler, 120)
         env = child_environment(simulator, queue_dir, CIO_LOGGING_OPTIONS="")
-        code, stdout, shown = self.replay(env, "-o", "batch_size=25", terminal=True)
+        code, stdout, shown = self.replay(
+            env, "--wait", "-o", "batch_size=25", terminal=True
+        )
         assert code == ExitCode.OK, shown
-        counters = re.findall(r"\rreplay: ([\d,]+) of 120 done \(.*?\), [\d,]+/s", shown)
+        counters = re.findall(
+            r"\rreplay: ([\d,]+) of 120 delivered or back, [\d,]+/s", shown
+        )
         assert counters, shown
         assert counters[-1] == "120"
         assert "replayed 120 dead letter(s)" in stdout  # the summary, on stdout
@@ -359,10 +363,12 @@ class TestProgress:
     ) -> None:
         poisoned_dead_letters(simulator, make_handler, 30)
         env = child_environment(simulator, queue_dir)
-        code, stdout, shown = self.replay(env, "--json", "-o", "batch_size=10", terminal=True)
+        code, stdout, shown = self.replay(
+            env, "--json", "--wait", "-o", "batch_size=10", terminal=True
+        )
         assert code == ExitCode.OK
         assert "replay:" not in shown
-        assert json.loads(stdout)["accepted"]
+        assert {entry["outcome"] for entry in json.loads(stdout)["entries"]} == {"delivered"}
         poisoned_dead_letters(simulator, make_handler, 30)
         code, _, stderr = self.replay(env, "-o", "batch_size=10", terminal=False)
         assert code == ExitCode.OK

@@ -6,3 +6,10 @@ CREATE INDEX IF NOT EXISTS cio_queue_waiting ON cio_queue (workspace, person, se
     WHERE last_error IS NOT NULL;
 CREATE INDEX IF NOT EXISTS cio_queue_waiting_due ON cio_queue (workspace, due_at)
     WHERE last_error IS NOT NULL;
+-- Each person's lane (see rows.lane_of: the same formula): the sender keeps at most one
+-- request in flight per lane, reading one lane's calls through this index.
+ALTER TABLE cio_queue ADD COLUMN IF NOT EXISTS lane smallint GENERATED ALWAYS AS (
+    CASE WHEN person IS NULL THEN 0
+         ELSE (ascii(right(person, 1)) * 31 + ascii(left(right(person, 2), 1)) * 7
+               + length(person)) % 8 END) STORED;
+CREATE INDEX IF NOT EXISTS cio_queue_lane ON cio_queue (workspace, lane, seq);
