@@ -347,13 +347,9 @@ class TestProgress:
     ) -> None:
         poisoned_dead_letters(simulator, make_handler, 120)
         env = child_environment(simulator, queue_dir, CIO_LOGGING_OPTIONS="")
-        code, stdout, shown = self.replay(
-            env, "--wait", "-o", "batch_size=25", terminal=True
-        )
+        code, stdout, shown = self.replay(env, "--wait", "-o", "batch_size=25", terminal=True)
         assert code == ExitCode.OK, shown
-        counters = re.findall(
-            r"\rreplay: ([\d,]+) of 120 delivered or back, [\d,]+/s", shown
-        )
+        counters = re.findall(r"\rreplay: ([\d,]+) of 120 delivered or back, [\d,]+/s", shown)
         assert counters, shown
         assert counters[-1] == "120"
         assert "replayed 120 dead letter(s)" in stdout  # the summary, on stdout
