@@ -155,7 +155,7 @@ def cio_event(
     name: str | None = None,
     id: str | ULID | None = None,  # the Track API's own field name
     timestamp: float | dt.datetime | None = None,
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[Any, Any] | None = None,
     **data_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Build the ``extra`` dict that tags a log record as a Customer.io event.
@@ -195,7 +195,7 @@ def _tag(
     name: str | None,
     id: str | ULID | None,
     timestamp: float | dt.datetime | None,
-    data: Mapping[str, Any] | None,
+    data: Mapping[Any, Any] | None,
     data_keywords: dict[str, Any],
     data_argument: str = "data",
 ) -> dict[str, dict[str, Any]]:
@@ -260,7 +260,7 @@ def cio_identify(
     anonymous_id: str | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    attributes: Mapping[str, Any] | None = None,
+    attributes: Mapping[Any, Any] | None = None,
     **attribute_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as an identify: create or update a person and their attributes.
@@ -293,7 +293,7 @@ def cio_page(
     anonymous_id: str | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    properties: Mapping[str, Any] | None = None,
+    properties: Mapping[Any, Any] | None = None,
     **property_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as a page view (``name``: the page; by default the message).
@@ -321,7 +321,7 @@ def cio_screen(
     anonymous_id: str | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    properties: Mapping[str, Any] | None = None,
+    properties: Mapping[Any, Any] | None = None,
     **property_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as a mobile screen view; like :func:`cio_page`."""
@@ -525,7 +525,7 @@ def cio_group(
     relationship_attributes: Mapping[str, Any] | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    traits: Mapping[str, Any] | None = None,
+    traits: Mapping[Any, Any] | None = None,
     **trait_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as a Pipelines ``group`` call: relate a person (known or
