@@ -838,7 +838,13 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     settings = _settings(args, sends=not args.dry_run)
     bar = _Progress("replay", json_mode=out.json_mode)
 
+    told = False
+
     def progress(report: ReplayReport) -> None:
+        nonlocal told
+        if report.past_window and not told:  # the first call comes before anything is sent
+            told = True
+            out.note(_past_window_line(report))
         bar.update(
             report.done,
             report.selected,
@@ -864,6 +870,8 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
         out.json(report.to_dict())
     elif report.dry_run:
         out.line(f"dry run: {len(report.would_send)} dead letter(s) would be sent; nothing sent")
+        if report.past_window:
+            out.line(_past_window_line(report))
         for key in report.would_send:
             out.line(f"  {key}")
     else:
@@ -890,6 +898,14 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     elif code == ExitCode.INCOMPLETE:
         out.note(f"work left: {report.work_left()}")
     return code
+
+
+def _past_window_line(report: ReplayReport) -> str:
+    return (
+        f"{report.past_window} of the {report.selected} selected entr(ies) are past "
+        "Customer.io's 72-hour window: Customer.io records them, but triggers no campaign "
+        "from them"
+    )
 
 
 def _run_purge(args: argparse.Namespace, out: _Output) -> int:

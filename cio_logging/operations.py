@@ -62,7 +62,7 @@ from .store import (
     WriteAheadLog,
 )
 from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
-from .window import WINDOW_SECONDS
+from .window import WINDOW_SECONDS, past_window
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -716,6 +716,9 @@ class ReplayReport:
     elapsed_seconds: float = 0.0
     interrupted: bool = False
     left_in_store: int = 0  # dead letters in the store when the replay ended, any match
+    # Selected entries stamped more than 72 hours ago: Customer.io records them when
+    # they arrive, but triggers no campaign from them. Counted before anything is sent.
+    past_window: int = 0
 
     @property
     def done(self) -> int:
@@ -823,6 +826,8 @@ def replay_dead_letters(
                 next_attempt_at=0.0,
             )
             pending[letter.key] = _Pending(letter, queued)
+        selected_events = (entry.queued.event for entry in pending.values())
+        report.past_window = len(past_window(selected_events, time.time()))
         if dry_run or store is None:
             report.would_send = list(pending)
         else:

@@ -45,7 +45,15 @@ from cio_logging import (
 from cio_logging.simulator import AcceptedEvent, TrackAPISimulator
 from cio_logging.wire import MAX_CALL_BYTES, REQUEST_BYTES_LIMIT
 
-from ..helpers import APIS, PROJECT_ROOT, HandlerFactory, handler_settings, padding_for, wait_for
+from ..helpers import (
+    APIS,
+    PROJECT_ROOT,
+    HandlerFactory,
+    handler_settings,
+    padding_for,
+    run_cli,
+    wait_for,
+)
 from ..spec_check import (
     ANONYMOUS_EVENTS_REQUEST,
     BATCH_BODY,
@@ -691,6 +699,38 @@ class TestThe72HourWindow:
             [*command, "--json"], capture_output=True, text=True, timeout=60, check=True
         )
         assert json.loads(as_json.stdout)["oldest_past_window"] is True
+
+    def test_dlq_replay_says_how_many_are_past_the_window_before_it_sends(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, queue_dir: Path
+    ) -> None:
+        """Dead letters stamped 80 hours ago: the count comes before anything is sent (here
+        every request fails, and the count is still said), in the dry run too."""
+        simulator.poison("refused")
+        handler = make_handler()
+        log = logging.getLogger("test.every_call.replay")
+        log.propagate = False
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        try:
+            for number, hours in enumerate((80, 80, 1)):
+                stamp = time.time() - hours * 3600
+                log.info("refused", extra=cio_event(f"late-{number}", timestamp=stamp))
+            assert wait_for(lambda: handler.status()["dead_letters"] == 3)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+        simulator.clear_poison()
+        line = "2 of the 3 selected entr(ies) are past Customer.io's 72-hour window"
+        dry = run_cli(simulator, queue_dir, "dlq", "replay", "--dry-run")
+        assert line in dry.stdout
+        report = json.loads(
+            run_cli(simulator, queue_dir, "dlq", "replay", "--dry-run", "--json").stdout
+        )
+        assert report["past_window"] == 2
+        simulator.fail(503)
+        failing = run_cli(simulator, queue_dir, "dlq", "replay", "--timeout", "2")
+        assert line in failing.stderr
+        assert simulator.accepted == []
 
 
 # JSON-compatible data, as logging it: str keys, every JSON value, with the awkward parts

@@ -785,6 +785,71 @@ class TestAgainstThePublishedSpec:
         assert spec.errors(BATCH_BODY, batch(*items)) == []
         assert len(sim.accepted) == len(items)
 
+    @pytest.mark.parametrize(
+        ("item", "field"),
+        [
+            (v2_person("add_device"), "device"),
+            (v2_person("add_device", device={"token": "t"}), "device.platform"),
+            (
+                v2_person("add_device", device={"token": "t", "platform": "windows"}),
+                "device.platform",
+            ),
+            (
+                v2_person(
+                    "add_device", device={"token": "t", "platform": "ios", "attributes": {"n": 1}}
+                ),
+                "device.attributes",
+            ),
+            (v2_person("delete_device", device={"platform": "ios"}), "device.token"),
+            (
+                {
+                    "type": "person",
+                    "action": "merge",
+                    "primary": {"id": "1", "email": "a@b.c"},
+                    "secondary": {"id": "2"},
+                },
+                "primary",
+            ),
+            ({"type": "person", "action": "merge", "primary": {"id": "1"}}, "primary"),
+            (v2_person("add_relationships"), "cio_relationships"),
+            (
+                v2_person(
+                    "add_relationships",
+                    cio_relationships=[
+                        {
+                            "identifiers": {
+                                "object_type_id": "1",
+                                "object_id": "a",
+                                "cio_object_id": "b",
+                            }
+                        }
+                    ],
+                ),
+                "cio_relationships[0].identifiers",
+            ),
+            (
+                v2_person(
+                    "delete_relationships",
+                    cio_relationships=[
+                        {"identifiers": {"cio_object_id": "b"}, "relationship_attributes": 1}
+                    ],
+                ),
+                "cio_relationships[0].relationship_attributes",
+            ),
+        ],
+    )
+    def test_the_track_person_actions_the_spec_refuses_are_refused(
+        self, sim: TrackAPISimulator, spec: Spec, item: dict[str, Any], field: str
+    ) -> None:
+        """Devices, merges and relationships: each invalid shape is a 207 item error
+        naming the field, and the published batch schema refuses it too."""
+        response = post(sim, "/api/v2/batch", batch(item), auth=TRACK_AUTH)
+        assert response.status_code == 207
+        [error] = response.json()["errors"]
+        assert (error["batch_index"], error["field"]) == (0, field)
+        assert sim.accepted == []
+        assert spec.errors(BATCH_BODY, batch(item)) != []
+
 
 class TestWithoutThePipelinesSpec:
     """A fresh clone, with no shared/spec beside it: the skip says why, and CI=true fails."""
