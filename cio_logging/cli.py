@@ -334,7 +334,7 @@ def _common_options() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a handler option, as in the README's table (e.g. -o max_attempts=3)",
+        help="any setting of the handler (e.g. -o max_attempts=3); repeat for more",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     return common

@@ -180,10 +180,11 @@ def cio_event(
             not resolved either way: the record is refused at emit, with a warning
             that names the key (this function itself never raises).
 
-    Example::
-
+    Examples:
+        ```python
         log.info("purchase", extra=cio_event("user-42", amount=9.99, sku="A-1"))
         log.info("profile_updated", extra=cio_event("user-1", data={"name": "Alice"}))
+        ```
     """
     return _tag(EVENT, customer_id, anonymous_id, name, id, timestamp, data, data_keywords)
 
@@ -269,9 +270,10 @@ def cio_identify(
     identify is refused at emit). Pipelines API: ``identify`` with ``traits``, for a
     known or an anonymous person. ``attributes`` is for keys that cannot be keywords.
 
-    Example::
-
-        log.info("identify", extra=cio_identify("user-42", email="a@example.com", plan="pro"))
+    Examples:
+        ```python
+        log.info("identify", extra=cio_identify("user-42", email="a@example.com"))
+        ```
     """
     return _tag(
         IDENTIFY,
@@ -324,7 +326,7 @@ def cio_screen(
     properties: Mapping[Any, Any] | None = None,
     **property_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Tag a log record as a mobile screen view; like :func:`cio_page`."""
+    """Tag a log record as a mobile screen view; like `cio_page`."""
     return _tag(
         SCREEN,
         customer_id,

@@ -78,7 +78,7 @@ _DRAIN_FLUSH_INTERVAL = 0.2
 
 
 class ExitCode(enum.IntEnum):
-    """The command's exit status; documented in ``--help`` and the README."""
+    """The command's exit status; documented in ``--help`` and docs/reference/cli.md."""
 
     OK = 0
     INCOMPLETE = 1  # work left: events not delivered, entries not replayed, not found

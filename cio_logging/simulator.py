@@ -32,8 +32,8 @@ Every accepted call of either API is an `AcceptedEvent` in `accepted`, in accept
 `set_latency`, `reset_connections`, `refuse_connections`, `poison`, ...), which apply to both
 APIs alike, and read what it received from `requests`; another process can do the same
 through the unauthenticated control routes under `/_simulator/` (listed in `CONTROL_API`,
-and in the README). `python -m cio_logging.simulator` (or `cio-logging simulator`) runs one
-until interrupted.
+and in docs/reference/simulator.md). `python -m cio_logging.simulator` (or
+`cio-logging simulator`) runs one until interrupted.
 
 The TLS certificate comes from a throwaway CA made by trustme; its PEM is at `ca_file`.
 """
@@ -160,7 +160,7 @@ _CONTROL_METHODS = {
     "clear": ("POST",),
 }
 
-#: The unauthenticated control routes, as ``--help`` and the README describe them.
+#: The unauthenticated control routes, as ``--help`` and docs/reference/simulator.md describe them.
 CONTROL_API = """\
 control API (unauthenticated, JSON; never recorded, never faulted):
   GET  /_simulator/events        accepted calls of both APIs: {"events": [...],

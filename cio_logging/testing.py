@@ -50,7 +50,7 @@ class Refusal(NamedTuple):
 
 
 class CapturedEvents:
-    """What the records logged inside :func:`capture_cio_events` would have become."""
+    """What the records logged inside `capture_cio_events` would have become."""
 
     def __init__(self) -> None:
         #: The events the handler would queue, in the order they were logged.
@@ -111,7 +111,7 @@ def capture_cio_events(
             captured, just as it would not be sent.
 
     Yields:
-        a :class:`CapturedEvents`, filled as records are logged.
+        A `CapturedEvents`, filled as records are logged.
     """
     target = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
     captured = CapturedEvents()
@@ -164,7 +164,7 @@ class CioSimulator:
         from .simulator import TrackAPISimulator  # needs trustme, which only this needs
 
         directory = Path(directory)
-        #: The queue directory handlers built by :meth:`handler` share.
+        #: The queue directory handlers built by `handler()` share.
         self.queue_dir = directory / "queue"
         #: The simulator itself: faults (``fail``, ``set_latency``, ...) and its records.
         self.simulator: TrackAPISimulator = TrackAPISimulator(state_dir=directory / "simulator")
@@ -232,7 +232,7 @@ class CioSimulator:
         }
 
     def handler(self, **options: Any) -> CustomerIOHandler:
-        """A ``CustomerIOHandler`` that delivers here; closed by :meth:`close`."""
+        """A ``CustomerIOHandler`` that delivers here; closed by `close()`."""
         handler = CustomerIOHandler(**self.handler_settings(**options))
         self._handlers.append(handler)
         return handler
