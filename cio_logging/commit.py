@@ -137,6 +137,8 @@ class GroupCommitter:
         self._retry_delay = 0.0
         self._writer: threading.Thread | None = None
         self._stopping = False
+        # Told to stop (a SIGTERM): every row from then on is committed by its caller.
+        self._unbuffered = False
         self._volume_at = float("-inf")
         self._volume_dirty = False
         self._identity_at = self._clock()
@@ -230,6 +232,7 @@ class GroupCommitter:
             durable = (
                 durable
                 or self._stopping
+                or self._unbuffered
                 or (
                     not failing
                     and not self._committing
@@ -258,6 +261,15 @@ class GroupCommitter:
             if self._committed >= ticket:
                 return True
             return self._commit_through(ticket, timeout)
+
+    def stop_buffering(self) -> None:
+        """From now on commit every row before ``submit`` returns.
+
+        For a process told to stop: it may end by any path from then on (a server that
+        re-raises SIGTERM with Python's default action ends it without ``atexit``), so
+        no event may wait in memory for the writer any more.
+        """
+        self._unbuffered = True
 
     def close(self, timeout: float) -> int:
         """Stop the writer after a last commit; returns how many rows could not be written."""

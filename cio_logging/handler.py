@@ -10,6 +10,7 @@ holds events in memory (bounded) until the disk recovers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,7 +39,7 @@ from .config import (
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
 from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
 from .sender_process import SenderSupervisor
-from .signals import install_commit_on_signals
+from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
     DeadLetterArchive,
     DeadLetterStore,
@@ -211,6 +212,11 @@ class CustomerIOHandler(logging.Handler):
                     "signal_handlers=True needs the handler built on the main thread; "
                     "no signal handler installed"
                 )
+        elif reraises_with_default_action(signal.SIGTERM):
+            # uvicorn's worker ends by re-raising SIGTERM with the default action, so
+            # no logging.shutdown() will commit: commit on the signal, on top of it.
+            with contextlib.suppress(ValueError):  # not on the main thread
+                self.install_signal_handlers()
         if self._supervisor is not None:
             self._supervisor.ensure(now=True)
         elif self._deliver == DELIVER_NONE:
@@ -432,27 +438,38 @@ class CustomerIOHandler(logging.Handler):
             )
         return reason
 
-    def flush(self) -> None:
-        """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be.
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait, at most ``timeout`` (default ``flush_timeout``), until what was queued is
+        delivered or cannot be.
 
         With ``deliver="none"`` it only commits to disk: the sender is not ours to wait
         for. With ``"process"`` it waits for the sender process as for the thread.
         """
+        self.deliver_within(self.settings.flush_timeout if timeout is None else timeout)
+
+    def deliver_within(self, timeout: float) -> bool:
+        """:meth:`flush` that says how it went: True once every event this process
+        logged is delivered, or cannot go now (a retry due later, the breaker open, the
+        credentials refused), or waits for another process that delivers; False if
+        some are still to go after ``timeout`` (they wait on disk), or could not even
+        be written to disk. Writing them to disk is not cut short by a ``timeout``
+        below ``close_timeout``: a short delivery budget must not leave events in memory.
+        """
         if self._closed:
-            return
-        deadline = time.monotonic() + self.settings.flush_timeout
-        if not self._committer.commit(self.settings.flush_timeout):
+            return False
+        deadline = time.monotonic() + timeout
+        if not self._committer.commit(max(timeout, self.settings.close_timeout)):
             internal_log.warning(
                 "flush could not write %d event(s) to disk (%s)",
                 self._committer.buffered,
                 self._committer.disk_error or "timed out",
             )
-            return
+            return False
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
         if self._deliver == DELIVER_NONE:
-            return
+            return True
         remaining = max(0.0, deadline - time.monotonic())
         if self._deliver == DELIVER_PROCESS:
             delivered = self._worker.wait_for_sender(remaining, last_rowid)
@@ -465,9 +482,10 @@ class CustomerIOHandler(logging.Handler):
         if not delivered:
             internal_log.warning(
                 "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
-                self.settings.flush_timeout,
+                timeout,
                 _or_none(self._wal.__len__),  # a failing store must not raise here
             )
+        return delivered
 
     def close(self) -> None:
         """Stop the worker within ``close_timeout``; unsent events stay on disk.

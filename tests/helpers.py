@@ -159,11 +159,11 @@ def listening_port(log: Path, gunicorn: subprocess.Popen[bytes]) -> int:
     return found[0]
 
 
-def request_event(port: int) -> tuple[str, int]:
+def request_event(port: int, path: str = "/") -> tuple[str, int]:
     """One request; the event id the worker logged and the worker's pid."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.request("GET", "/")
+        connection.request("GET", path)
         response = connection.getresponse()
         body = response.read().decode()
         assert response.status == 200, body
