@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from collections.abc import Iterable
 from json.encoder import encode_basestring
@@ -50,6 +51,7 @@ from .events import (
     TRACK_API,
     UNSUPPRESS,
     Event,
+    event_from_record,
 )
 from .metadata import PACKAGE_VERSION
 
@@ -135,6 +137,32 @@ _HEAD_BOUND = 2_048
 
 def _surely_fits(event: Event) -> bool:
     return 4 * len(event.data_json) + _HEAD_BOUND <= MAX_CALL_BYTES
+
+
+def call_from_record(record: logging.LogRecord, api: str) -> Event | None:
+    """The call a tagged record becomes on ``api``, checked; None for an untagged one.
+
+    What the handler queues, and what ``testing.capture_cio_events`` shows.
+
+    Raises:
+        UnreadableTagError: the tag is where it cannot be read.
+        InvalidEventError: the call breaks a rule or the API cannot carry it; an
+            exception the application's objects raised while the tag was read (a
+            mapping whose methods raise) is one, rule ``unreadable_record``, named by its
+            type only, since its text may quote the value.
+    """
+    try:
+        event = event_from_record(record)
+        if event is not None:
+            check_for_api(event, api)
+    except InvalidEventError:
+        raise
+    except Exception as exc:
+        raise InvalidEventError(
+            f"the record could not be read as a call ({type(exc).__name__} while reading its tag)",
+            "unreadable_record",
+        ) from None
+    return event
 
 
 def route_of(event: Event, api: str) -> str:
