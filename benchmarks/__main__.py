@@ -1,6 +1,7 @@
 """The benchmark suite of issue 6: every figure measured in one run, printed as markdown.
 
-    python -m benchmarks [--quick] [--only emit,delivery,drain,rss,wal,fleet,pipelines,webapp]
+    python -m benchmarks [--quick]
+                         [--only emit,delivery,drain,rss,wal,fleet,pipelines,webapp,sender]
                          [--output PATH]
 
 Sections:
@@ -23,7 +24,10 @@ Sections:
   a request, delivery at 50 ms in the same process): requests/s and the logging call's
   p99 / p99.9 against the stdlib QueueHandler; one call's median against QueueHandler
   and a bare diskcache push; the sender's CPU per delivered event against today's
-  release (commit f62ab90, in its own environment).
+  release (commit f62ab90, in its own environment);
+- ``sender``: the sender's targets (issue 20): events/s and CPU per delivered event
+  draining a 100,000-event backlog of 1,000 people at 50 ms, both APIs, the local store
+  and PostgreSQL; the order rule's read cost against the same read without it.
 
 The simulator (``python -m cio_logging.simulator``) and the CDP stub run in their own
 processes; every measurement runs in a fresh process; each peer runs from its own
@@ -47,6 +51,7 @@ from .fleet import fleet_section
 from .pipelines import pipelines_section
 from .processes import BenchmarkError, cdp_stub, peer_python, run_case, simulator
 from .report import Check, Section, machine, number, render
+from .sender import sender_section
 from .webapp import webapp_section
 from .workload import ESSENTIAL_NAME, NON_ESSENTIAL_NAME
 
@@ -70,7 +75,7 @@ class Sizes:
 
 FULL = Sizes(20_000, 400, 100_000, 20_000, 200, 100_000, 1_000_000, 100_000)
 QUICK = Sizes(3_000, 120, 20_000, 5_000, 40, 20_000, 250_000, 5_000)
-SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet", "pipelines", "webapp")
+SECTIONS = ("emit", "delivery", "drain", "rss", "wal", "fleet", "pipelines", "webapp", "sender")
 
 
 class Run:
@@ -601,6 +606,7 @@ BUILDERS: dict[str, Callable[[Run], Section]] = {
     "fleet": lambda run: fleet_section(run, _attempt),
     "pipelines": lambda run: pipelines_section(run, _attempt),
     "webapp": lambda run: webapp_section(run, _attempt),
+    "sender": lambda run: sender_section(run, _attempt),
 }
 
 

@@ -119,7 +119,7 @@ def read_cost(arguments: dict[str, Any]) -> dict[str, Any]:
             sql = local_store._build_next_batch_sql(templates, order=order)
             original = local_store._next_batch_sql
 
-            def fixed(_templates: object, sql: str = sql) -> str:
+            def fixed(_templates: object, _lane: bool = False, sql: str = sql) -> str:
                 return sql
 
             local_store._next_batch_sql = fixed  # type: ignore[assignment]

@@ -37,7 +37,7 @@ from .config import (
     resolve_settings,
 )
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
-from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
+from .events import EXTRA_KEY, carries_tag
 from .sender import Hold, Sender, StateFile, StateRecord, flush_thread_marker
 from .sender_process import SenderSupervisor
 from .signals import install_commit_on_signals, reraises_with_default_action
@@ -51,6 +51,7 @@ from .store import (
     secure_directory,
 )
 from .telemetry import QueueProbes, Telemetry
+from .wire import call_from_record
 
 if TYPE_CHECKING:
     from .store.postgres import PostgresLease, SenderState
@@ -290,11 +291,9 @@ class CustomerIOHandler(logging.Handler):
             if self._degradation == DISABLED:
                 self._count_drop(DROP_DISABLED, None)
                 return
-            event = event_from_record(record)
+            event = call_from_record(record, self._api)
             if event is None:
                 return
-            if event.call != EVENT or self._api != TRACK_API:
-                check_for_api(event, self._api)
             essential = event.is_essential(self._essential_events)
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)
@@ -566,6 +565,9 @@ class CustomerIOHandler(logging.Handler):
             "api": self.settings.api,
             "breaker": self._sender.breaker.state,
             "queued": _or_none(self._wal.__len__),
+            # Seconds since the oldest waiting event was logged (None: none waits, or
+            # the disk fails); past 72 hours Customer.io triggers nothing with it.
+            "oldest_age": self._oldest_age_or_none(),
             "dead_letters": _or_none(self._dead_letters.__len__),
             "degradation": self._degradation,
             "enqueued": enqueued,
@@ -651,6 +653,13 @@ class CustomerIOHandler(logging.Handler):
         with self._counts_guard:
             self._dropped[reason] += 1
         self._telemetry.event_dropped(reason, essential)
+
+    def _oldest_age_or_none(self) -> float | None:
+        try:
+            age = self._oldest_age()
+        except Exception:
+            return None
+        return None if age is None else round(age, 3)
 
     def _oldest_age(self) -> float | None:
         logged_at = self._wal.oldest_logged_at()

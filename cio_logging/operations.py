@@ -62,6 +62,7 @@ from .store import (
     WriteAheadLog,
     encode_row,
 )
+from .window import WINDOW_SECONDS, past_window
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -375,6 +376,9 @@ class QueueStatus:
     # Why the sending process sends nothing now, as it recorded it, while it lasts:
     # {"reason": retry_after | auth | config | breaker, "until", "seconds", "message"}.
     hold: dict[str, Any] | None = None
+    # The oldest waiting event was logged more than 72 hours ago: Customer.io will
+    # record it but trigger no campaign with it.
+    oldest_past_window: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -435,6 +439,7 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         counters=counters,
         events_wait_for_a_sender=queued > 0 and holder is None,
         hold=current_hold(state, moment) if holder is not None else None,
+        oldest_past_window=oldest is not None and moment - oldest > WINDOW_SECONDS,
     )
 
 
@@ -483,6 +488,7 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
         "queued": int(queued),
         "oldest_logged_at": iso_time(_number_or_none(oldest)),
         "oldest_age_seconds": None if oldest is None else round(max(0.0, moment - oldest), 3),
+        "oldest_past_window": oldest is not None and moment - float(oldest) > WINDOW_SECONDS,
         "dead_letters": int(dead),
         "sender": None
         if info is None
@@ -749,6 +755,9 @@ class ReplayReport:
     elapsed_seconds: float = 0.0
     interrupted: bool = False
     left_in_store: int = 0  # dead letters in the store when the replay ended, any match
+    # Selected entries stamped more than 72 hours ago: Customer.io records them when
+    # they arrive, but triggers no campaign from them. Counted before anything is sent.
+    past_window: int = 0
 
     def ids(self, outcome: str) -> list[str]:
         return [entry.id for entry in self.entries if entry.outcome == outcome]
@@ -919,6 +928,9 @@ def replay_dead_letters(
                 readable.append(letter)
         # Logging order: a person's replayed calls keep theirs among themselves.
         readable.sort(key=lambda letter: (float(letter.event.get("logged_at") or 0), letter.key))  # type: ignore[union-attr]
+        report.past_window = len(
+            past_window((event_from_dict(letter.event) for letter in readable), time.time())  # type: ignore[arg-type]
+        )
         if readable and store is not None:
             queue = cleanup.enter_context(_replay_queue(location))
             chosen = _judge(readable, queue, report, dry_run=dry_run, after_delete=after_delete)

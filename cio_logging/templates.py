@@ -17,11 +17,11 @@ a template (or a row the database cannot read) is built in Python instead.
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 from collections.abc import Mapping
 from json.encoder import encode_basestring
 
+from . import wire
 from .events import Event
 
 
@@ -44,15 +44,8 @@ Template = tuple[str | Field, ...]
 Templates = Mapping[tuple[str, bool], Template]
 
 
-def iso_time(event: Event) -> str:
-    """The call's time in ISO 8601 (UTC, milliseconds): the record's own time when the
-    event's timestamp is that second (it was not given), so calls logged in one second
-    keep their order to the millisecond."""
-    moment: float = event.timestamp
-    if int(event.logged_at) == event.timestamp:
-        moment = event.logged_at
-    stamp = dt.datetime.fromtimestamp(moment, dt.UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+#: The call's time as the wire formats write it (one definition, in wire.py).
+iso_time = wire.iso_timestamp
 
 
 def field_text(field: Field, event: Event) -> str:

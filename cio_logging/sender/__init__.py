@@ -16,7 +16,7 @@
     upkeep.py    clock steps, the fleet's spill, recovery of a damaged file, old rows
 
 ``dlq replay`` puts dead letters back in the queue and ``drain`` runs a sender, so both
-go through these same stages and rules. See ``docs/architecture.md``.
+go through these same stages and rules. See ``docs/explanation/architecture.md``.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class Effects:
             self._note_later(planned, result.delivered, result.refused, now)
         gone = [batch.positions[index] for index in result.delivered]
         gone += [batch.positions[index] for index, _ in result.refused]
-        self._queue.acknowledge(gone)
+        self._queue.acknowledge(gone, delivered=len(result.delivered))
         self.stats.delivered += len(result.delivered)
         self.stats.dead_lettered += refused
         self.stats.requests += result.requests

@@ -74,6 +74,9 @@ def exchange(
     """Send ``planned``'s requests and read every answer through the outcome policy."""
     result = Result(planned)
     evidence = _Evidence()
+    # Calls past Customer.io's 72-hour window are accepted and start no campaign: say
+    # so (counted, and warned about once a minute at most) before they go.
+    client.window.note(planned.late, planned.oldest)
     for request in planned.requests:
         if result.stopped:
             result.deferred.extend(request.indices)

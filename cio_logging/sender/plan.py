@@ -20,6 +20,7 @@ from ..resilience import RetryPolicy
 from ..store import BatchQuery, CorruptEntry, QueuedEvent, SendBatch, SenderQueue
 from ..transport.base import DeliveryClient
 from ..transport.batching import BATCH_BUDGET, MAX_ITEM_BYTES
+from ..window import WINDOW_SECONDS
 
 
 @dataclass(slots=True)
@@ -46,6 +47,9 @@ class Planned:
     events: dict[int, QueuedEvent] = field(default_factory=dict)
     corrupt: list[tuple[int, CorruptEntry]] = field(default_factory=list)
     expired: list[tuple[int, QueuedEvent]] = field(default_factory=list)
+    #: Calls stamped past Customer.io's 72-hour window, and the earliest stamp of them.
+    late: int = 0
+    oldest: float | None = None
 
     @property
     def people(self) -> set[str]:
@@ -96,11 +100,12 @@ class Planner:
             # Younger than this cannot be past max_event_age; older is checked exactly.
             expire_before=now - self._retry.max_event_age,
             essential=self._essential,
+            late_before=now - WINDOW_SECONDS,
         )
         batch = self._queue.next_batch(query, self._client.templates)
         if not batch:
             return None
-        planned = Planned(batch)
+        planned = Planned(batch, late=batch.late, oldest=batch.oldest)
         if batch.slow:
             self._look_at_slow(planned, now)
         planned.requests = self._requests(planned)
@@ -121,6 +126,10 @@ class Planner:
                 planned.expired.append((index, queued))
             else:
                 planned.events[index] = queued
+                stamp = queued.event.timestamp
+                if stamp < now - WINDOW_SECONDS:
+                    planned.late += 1
+                    planned.oldest = stamp if planned.oldest is None else min(planned.oldest, stamp)
 
     def _requests(self, planned: Planned) -> list[Request]:
         """The batch cut into requests in order, around the calls that go alone.

@@ -124,6 +124,9 @@ class QueueView(Protocol):
     def volume(self) -> int:
         """Bytes the waiting rows take (for the shedding limits)."""
 
+    def delivered_total(self) -> int:
+        """Calls delivered from this queue so far, by any process (0 where not kept)."""
+
     def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
         """Whether a row at or before position ``rowid`` still waits and can go now
         (never tried, its retry due, or due beyond ``horizon``: a stepped clock)."""
@@ -143,8 +146,9 @@ class SenderQueue(Protocol):
     def rows(self, positions: Sequence[str | int]) -> tuple[list[QueuedEvent], list[CorruptEntry]]:
         """The rows at ``positions``, decoded (the slow path), and those unreadable."""
 
-    def acknowledge(self, positions: Sequence[str | int]) -> None:
-        """Take rows out (delivered, or dead-lettered first): one statement."""
+    def acknowledge(self, positions: Sequence[str | int], *, delivered: int = 0) -> None:
+        """Take rows out (delivered, or dead-lettered first): one statement; ``delivered``
+        of them were accepted (counted in :meth:`QueueView.delivered_total`)."""
 
     def schedule_retries(
         self,

@@ -258,18 +258,23 @@ class WriteAheadLog:
             "budget": query.budget,
             "item_limit": query.item_limit,
             "expire_before": query.expire_before,
+            "late_before": max(query.late_before, -1e300),
             "busy": json.dumps(list(query.busy)) if query.busy else "[]",
             "essential": json.dumps(list(query.essential)) if query.essential else "[]",
         }
         while True:
             found = self._cache._sql(sql, parameters).fetchall()
-            ((positions, ids, people, others, items, logged, flags, count),) = found
+            ((positions, ids, people, others, items, logged, flags, count, late, oldest),) = found
             if count:
-                return _send_batch(positions, ids, people, others, items, logged, flags, count)
+                batch = _send_batch(positions, ids, people, others, items, logged, flags, count)
+                batch.late, batch.oldest = late or 0, oldest
+                return batch
             # Nothing may go in this scan: was it a whole scan (then look past it, a
-            # bounded scan at a time), or the end of the queue?
-            ((last, scanned),) = self._cache._sql(_SCANNED, parameters).fetchall()
-            if scanned < parameters["scan"] or last is None:
+            # bounded scan at a time), or the end of the queue? A scan whose every call
+            # is of a busy person ends the read: an answer frees them, and reading on
+            # through a long backlog of theirs at every read would cost more each time.
+            ((last, scanned, busy),) = self._cache._sql(_SCANNED, parameters).fetchall()
+            if scanned < parameters["scan"] or last is None or busy == scanned:
                 return _send_batch(None, None, None, None, None, None, None, 0)
             parameters["after"] = last
 
@@ -289,12 +294,22 @@ class WriteAheadLog:
         return events, corrupt
 
     @sqlite_section
-    def acknowledge(self, positions: Sequence[str | int]) -> None:
-        """Take the rows at ``positions`` out: delivered, or in the dead-letter store."""
+    def acknowledge(self, positions: Sequence[str | int], *, delivered: int = 0) -> None:
+        """Take the rows at ``positions`` out: delivered, or in the dead-letter store;
+        ``delivered`` of them were accepted (added to :meth:`delivered_total` in the same
+        transaction)."""
         if not positions:
             return
         with self._write_guard, self._transaction() as connection:
             connection.execute(_DELETE_POSITIONS, (_json_numbers(positions),))
+            if delivered:
+                connection.execute(_COUNT_DELIVERED, (delivered,))
+
+    @sqlite_section
+    def delivered_total(self) -> int:
+        """Calls delivered from this queue so far, by any process (0 before the first)."""
+        rows = self._cache._sql(_SELECT_DELIVERED).fetchall()
+        return int(rows[0][0]) if rows else 0
 
     @sqlite_section
     def schedule_retries(
@@ -691,7 +706,6 @@ _SCHEMA = (
     " id TEXT NOT NULL,"
     " due REAL NOT NULL,"  # when a retry is due (a row never tried is due at once)
     " person TEXT,"  # whose call (Event.person); NULL: no order to keep
-    " other_person TEXT,"  # a second person the call must keep order with (a merge)
     " body TEXT NOT NULL,"  # the row text of rows.encode_row
     " waiting INTEGER,"  # 1: tried and failed; its due time counts
     " attempts INTEGER,"  # failed attempts counted (NULL: as the body's history says)
@@ -699,15 +713,28 @@ _SCHEMA = (
     " last_error TEXT,"
     # Which of the LANES lanes the call's person is in: requests in flight each take
     # one lane's calls, so they never share a person (see BatchQuery).
-    f" lane INTEGER AS ({_LANE.format(person='person')}) VIRTUAL)",
+    f" lane INTEGER AS ({_LANE.format(person='person')}) VIRTUAL,"
+    # A second person the call keeps order with: a merge's primary (its person is the
+    # secondary); as Event.people names it. Worked out from the text, for merges only.
+    " other_person TEXT AS (CASE WHEN substr(body, 1, 3) = '[3,' AND json_valid(body)"
+    " AND body ->> '$[7]' = 'merge' THEN 'c:' || (body ->> '$[8].primary') END) VIRTUAL)",
     "CREATE UNIQUE INDEX IF NOT EXISTS cio_queue_id ON cio_queue(id)",
     "CREATE INDEX IF NOT EXISTS cio_queue_lane ON cio_queue(lane, position)",
     "CREATE INDEX IF NOT EXISTS cio_queue_waiting ON cio_queue(person, position)"
     " WHERE waiting IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS cio_queue_other ON cio_queue(other_person, position)"
     " WHERE other_person IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS cio_queue_merges ON cio_queue(person, position)"
+    " WHERE other_person IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS cio_queue_waiting_due ON cio_queue(due) WHERE waiting IS NOT NULL",
+    # Running totals kept with the rows: "delivered", bumped as accepted rows go.
+    "CREATE TABLE IF NOT EXISTS cio_counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
+_COUNT_DELIVERED = (
+    "INSERT INTO cio_counts VALUES ('delivered', ?)"
+    " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+)
+_SELECT_DELIVERED = "SELECT value FROM cio_counts WHERE name = 'delivered'"
 
 _INSERT_INTO = "INSERT OR IGNORE INTO cio_queue(id, due, body, person) VALUES "
 _INSERT_ROW = _INSERT_INTO + "(?, ?, ?, ?)"
@@ -752,7 +779,9 @@ _COUNT_PERSON = "SELECT count(*) FROM cio_queue WHERE person = ? OR other_person
 _LOWEST_POSITION = "SELECT min(position) FROM cio_queue"
 _NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL AND due > ?"
 _SCANNED = (
-    "SELECT max(position), count(*) FROM (SELECT position FROM cio_queue"
+    "SELECT max(position), count(*), coalesce(sum(person IN (SELECT value FROM"
+    " json_each(:busy)) OR other_person IN (SELECT value FROM json_each(:busy))), 0)"
+    " FROM (SELECT position, person, other_person FROM cio_queue"
     " WHERE position > :after AND (:lane IS NULL OR lane = :lane) ORDER BY position"
     " LIMIT :scan)"
 )
@@ -834,7 +863,7 @@ def _build_next_batch_sql(templates: Templates, *, lane: bool = False, order: bo
     if order:
         rules = _PERSON_RULES.format(
             blocked_person=blocked.format(who="q.person"),
-            blocked_other=blocked.format(who="q.other_person"),
+            other_lane=_LANE.format(person="q.other_person"),
         )
     return f"""
 WITH scan AS (
@@ -846,26 +875,28 @@ WITH scan AS (
   WHERE (q.waiting IS NULL OR q.due <= :now)
     {rules}
   LIMIT :limit
-), cut AS (
-  SELECT position FROM (
-    SELECT c.position,
-           sum(length(CAST(q.body AS BLOB)) + {_ITEM_OVERHEAD + 1}) OVER (ORDER BY c.position)
-             AS used,
-           row_number() OVER (ORDER BY c.position) AS n
-    FROM chosen AS c JOIN cio_queue AS q ON q.position = c.position)
-  WHERE used <= :budget OR n = 1
 ), built AS MATERIALIZED (
   SELECT c.position, q.id, q.person, q.other_person, q.body, {item} AS raw
-  FROM cut AS c JOIN cio_queue AS q ON q.position = c.position
+  FROM chosen AS c JOIN cio_queue AS q ON q.position = c.position
 ), kept AS MATERIALIZED (
   SELECT position, id, person, other_person, body,
          CASE WHEN raw IS NULL OR length(CAST(raw AS BLOB)) > :item_limit THEN NULL
               ELSE raw END AS item
   FROM built
+), cut AS (
+  SELECT * FROM (
+    SELECT *,
+           sum(coalesce(length(CAST(item AS BLOB)),
+                        length(CAST(body AS BLOB)) + {_ITEM_OVERHEAD}) + 1)
+             OVER (ORDER BY position) AS used,
+           row_number() OVER (ORDER BY position) AS n
+    FROM kept)
+  WHERE used <= :budget OR n = 1
 ), timed AS (
   SELECT position, id, person, other_person, body, item,
-         CASE WHEN item IS NULL THEN NULL ELSE CAST(body ->> '$[5]' AS REAL) END AS logged
-  FROM kept
+         CASE WHEN item IS NULL THEN NULL ELSE CAST(body ->> '$[5]' AS REAL) END AS logged,
+         CASE WHEN item IS NULL THEN NULL ELSE CAST(body ->> '$[4]' AS REAL) END AS stamp
+  FROM cut
 )
 SELECT group_concat(position, ','), json_group_array(id), json_group_array(coalesce(person, '')),
        json_group_array(other_person),
@@ -874,7 +905,8 @@ SELECT group_concat(position, ','), json_group_array(id), json_group_array(coale
        group_concat(coalesce(logged, 0), ','),
        group_concat(CASE WHEN item IS NOT NULL AND (body ->> '$[1]') IN
                     (SELECT value FROM json_each(:essential)) THEN '1' ELSE '0' END, ''),
-       count(*)
+       count(*), sum(CASE WHEN logged < :expire_before THEN 0 ELSE stamp < :late_before END),
+       min(CASE WHEN logged < :expire_before THEN NULL ELSE stamp END)
 FROM timed
 """  # noqa: S608 - only the compiled templates, no input, go in
 
@@ -884,17 +916,24 @@ FROM timed
 #: byte budget is kept with this, before any item is built.
 _ITEM_OVERHEAD = 320
 
-# A call goes only when none of its people is busy (a request in flight) or waits for
-# a retry earlier in commit order, and no earlier merge names its person.
+# A call goes only when its person is not busy (a request in flight), has no earlier
+# call waiting for a retry, and no earlier merge of theirs still queued (either side).
+# A merge (other_person: the primary) goes only once every earlier call of the primary
+# left the queue: the merge and what follows it wait a batch, merges being rare.
 _PERSON_RULES = """
         AND (q.person IS NULL OR (
               q.person NOT IN (SELECT value FROM json_each(:busy))
               AND NOT {blocked_person}
               AND NOT EXISTS (SELECT 1 FROM cio_queue AS m INDEXED BY cio_queue_other
-                              WHERE m.other_person = q.person AND m.position < q.position)))
+                              WHERE m.other_person = q.person AND m.position < q.position)
+              AND NOT EXISTS (SELECT 1 FROM cio_queue AS m INDEXED BY cio_queue_merges
+                              WHERE m.other_person IS NOT NULL AND m.person = q.person
+                                AND m.position < q.position)))
         AND (q.other_person IS NULL OR (
               q.other_person NOT IN (SELECT value FROM json_each(:busy))
-              AND NOT {blocked_other}))"""
+              AND NOT EXISTS (SELECT 1 FROM cio_queue AS w INDEXED BY cio_queue_lane
+                              WHERE w.lane = {other_lane} AND w.person = q.other_person
+                                AND w.position < q.position)))"""
 
 
 QUEUE_SALVAGE = SalvageQueries(

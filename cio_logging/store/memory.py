@@ -56,6 +56,17 @@ class _Row:
     first_failure_at: float | None = None
     last_error: str | None = None
 
+    @property
+    def other_person(self) -> str | None:
+        """A merge's primary (as the databases work it out from the text)."""
+        if not self.body.startswith("[3,"):
+            return None
+        try:
+            people = decode_row(self.id, self.due, self.body, self.position).event.people
+        except InvalidEventError:
+            return None
+        return people[1] if len(people) > 1 else None
+
 
 class InMemoryStore:
     """The queue and the dead letters of one workspace, in memory; thread-safe."""
@@ -66,6 +77,7 @@ class InMemoryStore:
         self._guard = threading.RLock()
         self._rows: dict[int, _Row] = {}  # by position, inserted in position order
         self._ids: dict[str, int] = {}
+        self._delivered = 0
         self._positions = itertools.count(1)
         self._letters: dict[str, str] = {}  # id -> the entry's JSON text
 
@@ -152,17 +164,39 @@ class InMemoryStore:
         with self._guard:
             rows = sorted(self._rows.values(), key=lambda row: row.position)
         waiting = [row for row in rows if row.waiting and row.due > query.now]
+        merges = [row for row in rows if row.other_person is not None]
         used = 0
+        # As the databases read: a window of ``scan`` rows at a time; a batch comes from
+        # one window; a window of busy people's calls only ends the read.
+        scan = query.scan or 4 * query.limit
+        examined = busy_seen = 0
         for row in rows:
             if len(batch) >= query.limit:
                 break
-            if row.waiting and row.due > query.now:
-                continue
             if query.lane is not None and lane_of(row.person) != query.lane:
+                continue
+            if examined == scan:
+                if batch or busy_seen == scan:
+                    break
+                examined = busy_seen = 0
+            examined += 1
+            if row.person in query.busy or row.other_person in query.busy:
+                busy_seen += 1
+            if row.waiting and row.due > query.now:
                 continue
             if row.person is not None and (
                 row.person in query.busy
                 or any(w.person == row.person and w.position < row.position for w in waiting)
+                or any(
+                    m.position < row.position and row.person in (m.person, m.other_person)
+                    for m in merges
+                )
+            ):
+                continue
+            other = row.other_person
+            if other is not None and (
+                other in query.busy
+                or any(e.person == other and e.position < row.position for e in rows)
             ):
                 continue
             item, logged, essential = self._item(row, query, templates)
@@ -175,9 +209,16 @@ class InMemoryStore:
             batch.positions.append(str(row.position))
             batch.ids.append(row.id)
             batch.people.append(row.person or "")
+            if other is not None:
+                batch.others.append(other)
             batch.items.append(item)
             batch.logged_at.append(logged)
             batch.essential.append(essential)
+            if item:
+                stamp = decode_row(row.id, row.due, row.body, row.position).event.timestamp
+                if stamp < query.late_before:
+                    batch.late += 1
+                batch.oldest = stamp if batch.oldest is None else min(batch.oldest, stamp)
         return batch
 
     @staticmethod
@@ -210,8 +251,12 @@ class InMemoryStore:
                 corrupt.append(CorruptEntry(row.id, str(exc), row.position))
         return events, corrupt
 
-    def acknowledge(self, positions: Sequence[str | int]) -> None:
+    def delivered_total(self) -> int:
+        return self._delivered
+
+    def acknowledge(self, positions: Sequence[str | int], *, delivered: int = 0) -> None:
         with self._guard:
+            self._delivered += delivered
             for position in positions:
                 row = self._rows.pop(int(position), None)
                 if row is not None:

@@ -590,6 +590,7 @@ class PostgresLog:
             "budget": query.budget,
             "item_limit": query.item_limit,
             "expire_before": max(query.expire_before, -1e300),
+            "late_before": max(query.late_before, -1e300),
             "busy": list(query.busy),
             "essential": list(query.essential),
         }
@@ -597,8 +598,11 @@ class PostgresLog:
         while True:
             with self.database.connection() as conn:
                 found = conn.execute(sql, params).fetchall()
-            ((positions, ids, people, items, logged, flags, count, last, scanned),) = found
-            if count or scanned < params["scan"] or last is None:
+            ((positions, ids, people, items, logged, flags, count, last, scanned, *more),) = found
+            busy, late, oldest, others = more
+            # A scan whose every call is of a busy person ends the read (see the local
+            # store's next_batch).
+            if count or scanned < params["scan"] or last is None or busy == scanned:
                 break
             params["after"] = last  # a whole scan that may not go: look past it
         if not count:
@@ -609,11 +613,13 @@ class PostgresLog:
             str(positions).split(","),
             json.loads(ids),
             json.loads(people),
-            [],
+            json.loads(others),
             item_list,
             [float(value) for value in str(logged).split(",")],
             [flag == "1" for flag in str(flags)],
             slow,
+            int(late or 0),
+            None if oldest is None else float(oldest),
         )
 
     def rows(self, positions: Sequence[str | int]) -> tuple[list[QueuedEvent], list[CorruptEntry]]:
@@ -636,7 +642,11 @@ class PostgresLog:
             events.append(queued)
         return events, corrupt
 
-    def acknowledge(self, positions: Sequence[str | int]) -> None:
+    def delivered_total(self) -> int:
+        """Not kept in fleet mode: the sender's row counts what it delivered."""
+        return 0
+
+    def acknowledge(self, positions: Sequence[str | int], *, delivered: int = 0) -> None:
         if positions:
             self._fenced("delete_seqs", {"seqs": "{" + ",".join(map(str, positions)) + "}"})
 
@@ -888,7 +898,7 @@ def _build_next_batch_sql(templates: Templates) -> str:
     item = postgres_item(templates, "q.body", "q.id").replace("%", "%%")
     return f"""
 WITH scan AS (
-  SELECT seq, person, last_error, due_at FROM cio_queue
+  SELECT seq, person, other_person, last_error, due_at FROM cio_queue
   WHERE workspace = %(workspace)s AND seq > %(after)s
     AND (%(lane)s::int IS NULL OR lane = %(lane)s::int)
   ORDER BY seq LIMIT %(scan)s
@@ -900,14 +910,29 @@ WITH scan AS (
           AND NOT EXISTS (SELECT 1 FROM cio_queue AS w
                           WHERE w.workspace = %(workspace)s AND w.person = s.person
                             AND w.seq < s.seq AND w.last_error IS NOT NULL
-                            AND w.due_at > %(now)s)))
+                            AND w.due_at > %(now)s)
+          AND NOT EXISTS (SELECT 1 FROM cio_queue AS m
+                          WHERE m.workspace = %(workspace)s AND m.other_person = s.person
+                            AND m.other_person IS NOT NULL AND m.seq < s.seq)
+          AND NOT EXISTS (SELECT 1 FROM cio_queue AS m
+                          WHERE m.workspace = %(workspace)s AND m.person = s.person
+                            AND m.other_person IS NOT NULL AND m.seq < s.seq)))
+    AND (s.other_person IS NULL OR (
+          NOT (s.other_person = ANY(%(busy)s::text[]))
+          AND NOT EXISTS (SELECT 1 FROM cio_queue AS w
+                          WHERE w.workspace = %(workspace)s AND w.person = s.other_person
+                            AND w.seq < s.seq)))
   ORDER BY s.seq
   LIMIT %(limit)s
 ), built AS MATERIALIZED (
-  SELECT c.seq, q.id, q.person, q.body, q.event, q.logged_at AS logged, {item} AS raw
+  SELECT c.seq, q.id, q.person, q.other_person, q.body, q.event, q.logged_at AS logged,
+         {item} AS raw
   FROM chosen AS c JOIN cio_queue AS q ON q.workspace = %(workspace)s AND q.seq = c.seq
 ), sized AS (
-  SELECT seq, id, person, logged,
+  SELECT seq, id, person, other_person, logged,
+         CASE WHEN raw IS NULL OR octet_length(raw) > %(item_limit)s
+              OR logged < %(expire_before)s THEN NULL
+              ELSE ((body)::json ->> 4)::double precision END AS stamp,
          CASE WHEN raw IS NULL OR octet_length(raw) > %(item_limit)s
               OR logged < %(expire_before)s THEN NULL ELSE raw END AS item,
          raw IS NOT NULL AND event = ANY(%(essential)s::text[]) AS essential,
@@ -923,7 +948,12 @@ SELECT string_agg(seq::text, ',' ORDER BY seq),
        string_agg(coalesce(item, ''), E'\\x1e' ORDER BY seq),
        string_agg(logged::text, ',' ORDER BY seq),
        string_agg(CASE WHEN essential THEN '1' ELSE '0' END, '' ORDER BY seq), count(*),
-       (SELECT max(seq) FROM scan), (SELECT count(*) FROM scan)
+       (SELECT max(seq) FROM scan), (SELECT count(*) FROM scan),
+       (SELECT count(*) FROM scan WHERE person = ANY(%(busy)s::text[])
+          OR other_person = ANY(%(busy)s::text[])),
+       count(*) FILTER (WHERE stamp < %(late_before)s), min(stamp),
+       coalesce(json_agg(other_person ORDER BY seq)
+                FILTER (WHERE other_person IS NOT NULL), '[]')::text
 FROM kept
 """  # noqa: S608 - only the compiled templates, no input, go in
 

@@ -73,7 +73,8 @@ class BatchQuery:
     item for the comma, at most this (the first call always comes); ``item_limit``: an
     item larger than this is built in Python (it may need a route of its own).
     ``expire_before``: a call logged before this is checked in Python (it may be past
-    ``max_event_age``). ``essential``: the names counted as essential.
+    ``max_event_age``). ``essential``: the names counted as essential. ``late_before``:
+    the batch counts its calls stamped before this (Customer.io's 72-hour window).
     """
 
     now: float
@@ -87,6 +88,7 @@ class BatchQuery:
     lane: int | None = None
     #: How many rows one read looks at, at most (0: the store's default).
     scan: int = 0
+    late_before: float = float("-inf")
 
 
 #: People are spread over this many lanes (see :func:`lane_of`).
@@ -113,7 +115,9 @@ class SendBatch:
     in full (:meth:`SenderQueue.rows`): one without a template, too large for a batch,
     old enough to be past ``max_event_age``, or not readable. ``others``: the second
     people of calls that have one (a merge). While the batch is in flight every person
-    in ``people`` and ``others`` is busy.
+    in ``people`` and ``others`` is busy. ``late``: how many of the calls built by the
+    database are stamped before the query's ``late_before``; ``oldest``: the earliest
+    such stamp (the calls in ``slow`` are not counted: Python reads them).
     """
 
     positions: list[str]
@@ -124,6 +128,8 @@ class SendBatch:
     logged_at: list[float]
     essential: list[bool]
     slow: list[int]
+    late: int = 0
+    oldest: float | None = None
 
     def __len__(self) -> int:
         return len(self.positions)

@@ -32,13 +32,14 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from .. import background
+from .. import background, wire
 from ..config import Settings
 from ..metadata import PACKAGE_VERSION
 from ..resilience import RequestRateCap
 from ..store import QueuedEvent
 from ..telemetry import Telemetry
 from ..templates import Templates
+from ..window import WindowWatch
 from .answer import Answer
 from .batching import Item
 
@@ -53,6 +54,9 @@ class DeliveryClient(Protocol):
     batch_route: str
     #: The batch items the database may build (see cio_logging/templates.py).
     templates: Templates
+
+    #: Events about to be sent past Customer.io's 72-hour window: counted, warned about.
+    window: WindowWatch
 
     def items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         """Each call as a batch item (its text and size), or bare when it must go alone."""
@@ -137,6 +141,8 @@ class HTTPDelivery:
         self._rate_cap = rate_cap
         self._telemetry = telemetry
         self._local = threading.local()
+        #: Events sent past Customer.io's 72-hour window: counted, and warned about.
+        self.window = WindowWatch(None if telemetry is None else telemetry.events_past_window)
         self._open()
         background.guard_loggers()  # requests', urllib3's (and the SDK's) loggers exist now
 
@@ -178,7 +184,7 @@ class HTTPDelivery:
 
     def post_batch(self, items: Sequence[str]) -> Answer:
         """Send one batch request of these item texts; its answer, read."""
-        body = ("{" + '"batch":[' + ",".join(items) + "]}").encode("utf-8")
+        body = (wire.BATCH_OPEN + ",".join(items) + wire.BATCH_CLOSE).encode("utf-8")
         return self._exchange(
             self.batch_route, len(items), lambda: self._send_batch(body), lambda: items
         )

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from cio_logging.events import Event, cio_delete, cio_event, cio_identify, event_from_record
+from cio_logging.events import (
+    Event,
+    cio_delete,
+    cio_event,
+    cio_identify,
+    cio_merge,
+    event_from_record,
+)
 from cio_logging.store import (
     BatchQuery,
     DeadLetterArchive,
@@ -79,6 +86,8 @@ def _call_for(person: str, number: int, call: str = "event") -> Event:
     """A call of ``person`` (number ``number`` in logging order)."""
     if call == "delete":
         extra = cio_delete(person)
+    elif call == "merge":
+        extra = cio_merge("primary", person)
     elif call == "identify":
         extra = cio_identify(person, n=number)
     else:
@@ -113,6 +122,18 @@ class TestEventSinkAndViewContract:
         log.acknowledge(batch.positions)
         assert not log.sendable_through(position, now, 600.0)
         assert len(log) == 0
+
+    def test_acknowledge_counts_the_delivered(self, stores: Stores) -> None:
+        """The accepted rows are counted as they go, in the same transaction; the
+        dead-lettered ones are not (fleet mode keeps no such count: 0)."""
+        log, _ = stores
+        log.append_rows([encode_row(make_event(n)) for n in range(3)])
+        batch = log.next_batch(query(), TRACK_TEMPLATES)
+        log.acknowledge(batch.positions[:2], delivered=2)
+        log.acknowledge(batch.positions[2:])
+        assert len(log) == 0
+        assert log.delivered_total() in (0, 2)
+        assert (log.delivered_total() == 0) == (type(log).__name__ == "PostgresLog")
 
     def test_get_and_oldest(self, stores: Stores) -> None:
         log, _ = stores
@@ -149,15 +170,38 @@ class TestSenderQueueContract:
             mine = [int(position) for position in batch.positions]
             assert mine == sorted(mine)
         assert seen == {call.person for call in calls}
-        assert len({lane_of(call.person) for call in calls}) > 8  # spread over the lanes
+        assert len({lane_of(call.person) for call in calls}) > LANES // 2  # spread over lanes
 
-    def test_a_read_looks_past_a_scan_of_calls_that_may_not_go(self, stores: Stores) -> None:
-        """The first rows are all a busy person's: the read looks on past them."""
+    def test_a_read_looks_past_a_scan_of_calls_waiting_for_a_retry(self, stores: Stores) -> None:
+        """The first rows are all a person's, behind their first call's retry: the read
+        looks on past them, a scan at a time."""
+        log, _ = stores
+        calls = [_call_for("late", n) for n in range(30)] + [_call_for("free", 30)]
+        log.append_rows([encode_row(call) for call in calls])
+        now = time.time()
+        first = log.next_batch(query(now, limit=1), TRACK_TEMPLATES)
+        log.schedule_retries(
+            first.positions,
+            count_attempt=True,
+            delays=[60.0],
+            now=now,
+            error="HTTP 503",
+            max_attempts=8,
+        )
+        batch = log.next_batch(query(now, limit=5, scan=10), TRACK_TEMPLATES)
+        assert batch.ids == [calls[-1].id]
+
+    def test_a_scan_of_busy_peoples_calls_only_ends_the_read(self, stores: Stores) -> None:
+        """The first rows are all a busy person's: the read ends there (their answer will
+        free them) instead of reading on through their backlog at every read."""
         log, _ = stores
         calls = [_call_for("busy", n) for n in range(30)] + [_call_for("free", 30)]
         log.append_rows([encode_row(call) for call in calls])
-        batch = log.next_batch(query(limit=5, scan=10, busy=frozenset({"c:busy"})), TRACK_TEMPLATES)
-        assert batch.ids == [calls[-1].id]
+        busy = frozenset({"c:busy"})
+        assert not log.next_batch(query(limit=5, scan=10, busy=busy), TRACK_TEMPLATES)
+        assert log.next_batch(query(limit=5, scan=40, busy=busy), TRACK_TEMPLATES).ids == [
+            calls[-1].id
+        ]
 
     @pytest.mark.parametrize(
         ("templates", "render"),
@@ -202,7 +246,7 @@ class TestSenderQueueContract:
         cut = log.next_batch(query(budget=2 * one), TRACK_TEMPLATES)  # a store may keep
         assert 1 <= len(cut) <= 2  # the budget with an estimate of the items' size
         assert sum(len(item) + 1 for item in cut.items) <= 2 * one
-        assert len(log.next_batch(query(budget=10 * one), TRACK_TEMPLATES)) == 5
+        assert len(log.next_batch(query(budget=50 * one), TRACK_TEMPLATES)) == 5
         assert len(log.next_batch(query(budget=1), TRACK_TEMPLATES)) == 1  # the first always
         small = log.next_batch(query(item_limit=10), TRACK_TEMPLATES)
         assert small.slow == list(range(5))
@@ -239,6 +283,31 @@ class TestSenderQueueContract:
         (retried,), _ = log.rows([later.positions[0]])
         assert (retried.attempts, retried.last_error) == (1, "HTTP 503")
         assert retried.first_failure_at == pytest.approx(now)
+
+    def test_a_merge_goes_after_the_primarys_earlier_calls_and_before_later_ones(
+        self, stores: Stores
+    ) -> None:
+        """A merge is the secondary's call: it waits until every earlier call of the
+        primary left the queue, and the calls of both after it wait for it."""
+        log, _ = stores
+        identify = _call_for("primary", 0, "identify")
+        before = _call_for("secondary", 1)
+        merge = _call_for("secondary", 2, "merge")
+        after, primary_after = _call_for("secondary", 3), _call_for("primary", 4)
+        calls = (identify, before, merge, after, primary_after)
+        log.append_rows([encode_row(call) for call in calls])
+        now = time.time()
+        first = log.next_batch(query(now), TRACK_TEMPLATES)
+        assert first.ids == [identify.id, before.id]  # the merge waits for the identify
+        assert log.next_batch(query(now, busy=frozenset({"c:primary"})), TRACK_TEMPLATES).ids == [
+            before.id
+        ]
+        log.acknowledge(first.positions)
+        second = log.next_batch(query(now), TRACK_TEMPLATES)
+        assert second.ids == [merge.id]
+        assert second.everyone() == {"c:secondary", "c:primary"}  # both busy while it flies
+        log.acknowledge(second.positions)
+        assert log.next_batch(query(now), TRACK_TEMPLATES).ids == [after.id, primary_after.id]
 
     def test_a_429_counts_no_attempt_and_attempts_run_out(self, stores: Stores) -> None:
         log, _ = stores

@@ -179,7 +179,10 @@ def test_a_207_that_names_no_item_is_taken_as_accepted_and_counted(
         logger.info("purchase", extra=cio_event(f"u{number}"))
     assert handler.flush()
     assert len(simulator.accepted) == 3
-    assert [r.status for r in simulator.requests] == [207]
+    # The calls may go in one request or more (the sender may wake between two commits):
+    # the first answer is the 207, any other a 200.
+    assert [r.status for r in simulator.requests][:1] == [207]
+    assert all(r.status == 200 for r in simulator.requests[1:])
     assert handler.status()["dead_letters"] == 0
     assert handler.status()["uncertain"] == max(1, len(body["errors"]))  # type: ignore[arg-type]
 

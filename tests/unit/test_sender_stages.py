@@ -23,6 +23,7 @@ from cio_logging.store import QueuedEvent, encode_row
 from cio_logging.testing import InMemoryStore
 from cio_logging.transport.batching import Item
 from cio_logging.transport.track import TEMPLATES, TrackClient
+from cio_logging.window import WindowWatch
 
 NOW = 1_800_000_000.0
 
@@ -50,6 +51,7 @@ class ScriptedClient:
         self.answer = answer
         self.sent: list[list[str]] = []
         self.singles: list[QueuedEvent] = []
+        self.window = WindowWatch()
 
     def items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         return TrackClient.items(self, events)  # type: ignore[arg-type]  # uses no state

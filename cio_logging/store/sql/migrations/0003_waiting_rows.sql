@@ -13,3 +13,14 @@ ALTER TABLE cio_queue ADD COLUMN IF NOT EXISTS lane smallint GENERATED ALWAYS AS
          ELSE (ascii(right(person, 1)) * 31 + ascii(left(right(person, 2), 1)) * 7
                + length(person)) % 8 END) STORED;
 CREATE INDEX IF NOT EXISTS cio_queue_lane ON cio_queue (workspace, lane, seq);
+-- A merge's primary (its person is the secondary; see events.Event.people), from the
+-- text: a merge goes once the primary's earlier calls left the queue, and the calls of
+-- either person after a merge wait for it.
+ALTER TABLE cio_queue ADD COLUMN IF NOT EXISTS other_person text GENERATED ALWAYS AS (
+    CASE WHEN left(body, 3) = '[3,' AND strpos(body, '\u0000') = 0
+              AND (body::json ->> 7) = 'merge'
+         THEN 'c:' || (body::json -> 8 ->> 'primary') END) STORED;
+CREATE INDEX IF NOT EXISTS cio_queue_other ON cio_queue (workspace, other_person, seq)
+    WHERE other_person IS NOT NULL;
+CREATE INDEX IF NOT EXISTS cio_queue_merges ON cio_queue (workspace, person, seq)
+    WHERE other_person IS NOT NULL;
