@@ -37,7 +37,7 @@ from .config import (
     resolve_settings,
 )
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
-from .events import EXTRA_KEY, carries_tag, event_from_record
+from .events import EXTRA_KEY, carries_tag
 from .sender_process import SenderSupervisor
 from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
@@ -49,7 +49,7 @@ from .store import (
     secure_directory,
 )
 from .telemetry import QueueProbes, Telemetry
-from .wire import check_for_api
+from .wire import call_from_record
 from .worker import DeliveryWorker, flush_thread_marker
 
 if TYPE_CHECKING:
@@ -278,22 +278,9 @@ class CustomerIOHandler(logging.Handler):
             if self._degradation == DISABLED:
                 self._count_drop(DROP_DISABLED, None)
                 return
-            try:
-                event = event_from_record(record)
-                if event is None:
-                    return
-                check_for_api(event, self._api)
-            except InvalidEventError:
-                raise
-            except Exception as exc:
-                # The application's objects raised while the record was read (a tag
-                # whose methods raise): refused like any other bad record, named by
-                # the exception's type only, since its text may quote the value.
-                raise InvalidEventError(
-                    f"the record could not be read as a call ({type(exc).__name__} "
-                    "while reading its tag)",
-                    "unreadable_record",
-                ) from None
+            event = call_from_record(record, self._api)
+            if event is None:
+                return
             essential = event.is_essential(self._essential_events)
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)

@@ -405,6 +405,8 @@ class TestShapesTheSpecsAccept:
             "User Deleted": "delete",
             "User Suppressed": "suppress",
             "User Unsuppressed": "unsuppress",
+            "Device Created or Updated": "add_device",
+            "Device Deleted": "delete_device",
         }
         for request in simulator.requests:
             assert request.status == 200
