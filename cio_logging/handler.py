@@ -445,6 +445,17 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.disk_error or "timed out",
             )
             return
+        # Fleet mode: rows in the local spill are not in the database yet; move them
+        # now if it answers (whatever "deliver" is: no sender of ours may exist).
+        settle = getattr(self._wal, "settle", None)
+        spilled = 0 if settle is None else settle(max(0.0, deadline - time.monotonic()))
+        if spilled:
+            internal_log.warning(
+                "flush: PostgreSQL does not answer; %d event(s) wait in the local spill "
+                "and move to the database once it answers",
+                spilled,
+            )
+            return
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid

@@ -700,7 +700,10 @@ class DeliveryWorker:
             )
         events: list[QueuedEvent] = []
         for queued in batch.events:
-            since = max(queued.event.logged_at, queued.replayed_at or 0.0)
+            # Fleet mode: logged_at_here is on the database's clock (a host whose clock
+            # is off ages nothing); keep it when porting (see store/postgres.py).
+            logged_at = queued.logged_at_here or queued.event.logged_at
+            since = max(logged_at, queued.replayed_at or 0.0)
             if self.retry.expired(since, now, uncounted=self._clock.uncounted_since(since)):
                 self._give_up(
                     queued,
@@ -921,6 +924,8 @@ class DeliveryWorker:
         state["host"] = socket.gethostname()
         try:
             self._fleet_state.write(state)
+        except LeaseLostError:
+            raise  # fenced: another sender took over; _run stops this one
         except DatabaseError as exc:
             internal_log.debug("sender state not recorded: %s", exc)
 
@@ -949,7 +954,10 @@ class DeliveryWorker:
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
         if self._lock.held:
-            self._record_state(now=True, breaker=new)
+            # A listener's exception would reach the request: a lost lease shows at the
+            # sender's next fenced write instead.
+            with contextlib.suppress(LeaseLostError):
+                self._record_state(now=True, breaker=new)
         if new == OPEN:
             internal_log.warning(
                 "circuit breaker opened (%s -> %s): Customer.io keeps failing; "

@@ -334,7 +334,13 @@ def pytest_runtest_makereport(
 # the reason; under CI=true that is a failure instead, so CI always runs them. The
 # application role's password is watched like the API key.
 
-from .pg_cluster import APP_PASSWORD, Cluster, server_binaries  # noqa: E402
+from .pg_cluster import (  # noqa: E402
+    APP_PASSWORD,
+    Bouncer,
+    Cluster,
+    pgbouncer_binary,
+    server_binaries,
+)
 
 WATCHED_SECRETS.append(APP_PASSWORD)
 
@@ -377,3 +383,34 @@ def own_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+def _pgbouncer_or_skip() -> Any:
+    binary = pgbouncer_binary()
+    if binary is None:
+        reason = "PgBouncer is not installed (apt-get install pgbouncer)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}, and CI=true: the fleet tests through PgBouncer must run")
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def pg_bouncer(pg_cluster: Cluster) -> Iterator[Bouncer]:
+    """PgBouncer in transaction pooling mode in front of the session's cluster: four
+    server connections shared by every client, as fleets reach PostgreSQL."""
+    bouncer = Bouncer(_pgbouncer_or_skip(), pg_cluster)
+    try:
+        yield bouncer
+    finally:
+        bouncer.destroy()
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def fleet_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    """A fresh database's URL, straight to PostgreSQL and through PgBouncer: the fleet
+    tests that use it run both ways."""
+    if request.param == "direct":
+        return pg_url
+    bouncer: Bouncer = request.getfixturevalue("pg_bouncer")
+    return bouncer.url(pg_url.rsplit("/", 1)[1])

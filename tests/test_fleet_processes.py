@@ -528,3 +528,47 @@ class TestForkedChildren:
         assert wait_for(lambda: simulator.accepted_ids() >= set(ids), 30), (
             f"missing {len(set(ids) - simulator.accepted_ids())}"
         )
+
+
+class TestThroughPgBouncer:
+    """Fleets reach PostgreSQL through PgBouncer in transaction pooling mode: server
+    sessions are shared between clients, so nothing may rely on session state (a
+    prepared statement, a SET) surviving from one transaction to the next."""
+
+    def test_three_apps_then_the_sender_killed_lose_nothing(
+        self, simulator: TrackAPISimulator, pg_bouncer: Any, pg_url: str, tmp_path: Path,
+        hosts: list[Host],
+    ) -> None:
+        url = pg_bouncer.url(pg_url.rsplit("/", 1)[1])
+        lease_seconds = 2.0
+        for number in range(3):
+            hosts.append(
+                Host(
+                    simulator,
+                    url,
+                    tmp_path / f"host{number}",
+                    400,
+                    "--pause",
+                    "0.005",
+                    "--lease",
+                    str(lease_seconds),
+                )
+            )
+        sender = _sender(pg_url, hosts)
+        assert wait_for(lambda: len(simulator.accepted) >= 100, 60), "\n".join(
+            line for host in hosts for line in host.errors[-5:]
+        )
+        killed_ids = set(sender.ids)
+        sender.kill()
+        survivors = [host for host in hosts if host is not sender]
+        assert wait_for(lambda: all(host.done for host in survivors), 60)
+        expected = killed_ids | {i for host in survivors for i in host.ids}
+        assert wait_for(lambda: expected <= simulator.accepted_ids(), 60), (
+            f"{len(expected - simulator.accepted_ids())} of {len(expected)} events lost; "
+            + "\n".join(line for host in hosts for line in host.errors[-5:])
+        )
+        for host in survivors:
+            assert host.finish() == 0
+        errors = "\n".join(line for host in survivors for line in host.errors)
+        assert "prepared statement" not in errors, errors[-3000:]
+        assert "Traceback" not in errors, errors[-3000:]

@@ -65,6 +65,7 @@ class TestSchema:
             "cio_dead_letter",
             "cio_lease",
             "cio_sender_state",
+            "cio_spill",
         }
         columns = dict(_columns(pg_url, "cio_dead_letter"))
         for name in ("event", "customer_id", "data", "error", "attempts", "created_at"):

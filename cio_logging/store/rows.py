@@ -40,6 +40,10 @@ class QueuedEvent(NamedTuple):
     #: Where the row sits in commit order (SQLite rowid, PostgreSQL seq): the order a
     #: person's calls are sent in (see EventLog.earlier_rows). 0: not known.
     position: int = 0
+    #: When the event was logged on this process's clock, where the store knows it
+    #: better than the event's own stamp: fleet mode measures ages on the database's
+    #: clock, so a host whose clock is off ages no event (None: use event.logged_at).
+    logged_at_here: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
