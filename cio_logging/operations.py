@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from .client import AUTH, CONFIG, TRANSIENT, Failure, make_client
 from .config import (
     ENV_API,
     ENV_API_KEY,
@@ -61,6 +60,7 @@ from .store import (
     ReplayRecord,
     WriteAheadLog,
 )
+from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 

@@ -47,15 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import background
-from .client import (
-    AUTH,
-    CONFIG,
-    TRANSIENT,
-    DeliveryClient,
-    DeliveryReport,
-    Failure,
-    make_client,
-)
 from .clock import STEP_TOLERANCE_SECONDS, WallClock
 from .config import Settings
 from .errors import DatabaseError, LeaseLostError
@@ -73,6 +64,15 @@ from .store import (
     ReplayRecord,
 )
 from .telemetry import Telemetry
+from .transport import (
+    AUTH,
+    CONFIG,
+    TRANSIENT,
+    DeliveryClient,
+    DeliveryReport,
+    Failure,
+    make_client,
+)
 
 internal_log = logging.getLogger("cio_logging")
 status_log = logging.getLogger("cio_logging.status")

@@ -1,27 +1,36 @@
-"""Shared fixtures: a real Track API simulator over HTTPS, handlers in tmp_path, clean logging."""
+"""Shared fixtures and hooks: a real Track API simulator over HTTPS, handlers in tmp_path,
+clean logging, the output check for secrets, a throwaway PostgreSQL cluster.
+
+Plain helpers live in helpers.py; tests import them from there.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
+import re
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import pytest
 
 from cio_logging import CustomerIOHandler, resilience
 from cio_logging.simulator import TrackAPISimulator
-from cio_logging.testing import simulator_handler_settings
 
+from .helpers import (
+    CANARY_KEY,
+    CANARY_SITE,
+    HandlerFactory,
+    handler_settings,
+    leaked_secrets,
+    running_in_ci,
+)
+from .pg_cluster import Bouncer, Cluster, pgbouncer_binary, server_binaries
 from .spec_check import PIPELINES_SPEC_PATH, SPEC_PATH, Spec, load_pipelines_spec, load_spec
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-HandlerFactory = Callable[..., CustomerIOHandler]
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +61,6 @@ PIPELINES_SPEC_MISSING = (
     f"put it at {PIPELINES_SPEC_PATH} (shared/spec beside the checkout) or set "
     "CIO_PIPELINES_SPEC to its path"
 )
-
-
-def running_in_ci() -> bool:
-    """CI=true (or 1, yes): a skip that would hide a missing requirement must fail instead."""
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 @pytest.fixture(autouse=True)
@@ -119,17 +123,6 @@ def queue_dir(tmp_path: Path) -> Path:
     return tmp_path / "queue"
 
 
-def handler_settings(sim: TrackAPISimulator, queue_dir: Path, **options: Any) -> dict[str, Any]:
-    """Constructor arguments for a handler talking to ``sim``, fast enough for tests:
-    the same the shipped testing helpers give applications."""
-    return simulator_handler_settings(sim, queue_dir, **options)
-
-
-#: The two APIs, for the tests that run on both: parametrize ``api`` with it, and every
-#: handler ``make_handler`` builds and every ``child_environment`` speaks that API.
-APIS = ["track", "pipelines"]
-
-
 @pytest.fixture
 def api() -> str:
     """The API handlers talk to; a test parametrized over ``api`` overrides it."""
@@ -165,56 +158,11 @@ def event_logger(make_handler: HandlerFactory) -> tuple[logging.Logger, Customer
     return logger, handler
 
 
-def child_environment(
-    sim: TrackAPISimulator, queue_dir: Path, api: str = "track", **extra: str
-) -> dict[str, str]:
-    """Environment for a subprocess that configures its handler from variables only."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "CIO_LOGGING_API": api,
-            "CUSTOMERIO_SITE_ID": sim.site_id,
-            "CUSTOMERIO_API_KEY": sim.api_key,
-            "CUSTOMERIO_CDP_API_KEY": sim.api_key,
-            "CIO_LOGGING_TRACK_URL": sim.url,
-            "CIO_LOGGING_CA_BUNDLE": sim.ca_file,
-            "CIO_LOGGING_QUEUE_DIR": str(queue_dir),
-            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]),
-        }
-    )
-    env.update(extra)
-    return env
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-PYTHON = sys.executable
-CHILD_APP = str(PROJECT_ROOT / "tests" / "child_app.py")
-
-
-def printed_ids(output: str) -> list[str]:
-    """The event ids a child app printed, one a line, once each emit returned."""
-    return [line for line in output.splitlines() if len(line) == 26]
-
-
-def run_child_app(sim: TrackAPISimulator, queue_dir: Path, *args: str) -> list[str]:
-    """Run tests/child_app.py to its end on ``queue_dir``; the ids it logged."""
-    result = subprocess.run(
-        [PYTHON, CHILD_APP, *args],
-        env=child_environment(sim, queue_dir),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return printed_ids(result.stdout)
+@pytest.fixture
+def canary(simulator: TrackAPISimulator) -> TrackAPISimulator:
+    """The simulator accepts only the canary credentials."""
+    simulator.set_credentials(CANARY_SITE, CANARY_KEY)
+    return simulator
 
 
 # -- The API key never appears in any output of the suite ----------------------------
@@ -224,39 +172,8 @@ def run_child_app(sim: TrackAPISimulator, queue_dir: Path, *args: str) -> list[s
 # ran, at DEBUG, formatted with its traceback. A test whose output carries a watched
 # secret fails, whatever it asserted. Inputs are not output: a test may pass the key
 # as an argument, set it in a subprocess's environment or capture a subprocess's
-# output into a variable (and check that itself).
-
-
-from collections.abc import Generator  # noqa: E402
-
-import pluggy  # noqa: E402  # appended block: the shared imports above stay untouched
-
-
-def _simulator_default(name: str) -> str:
-    import inspect  # here, not at the top: this block is appended to the shared conftest
-
-    default: str = inspect.signature(TrackAPISimulator).parameters[name].default
-    return default
-
-
-#: The credentials every ``simulator`` fixture accepts, unless a test changes them.
-SIMULATOR_SITE_ID = _simulator_default("site_id")
-SIMULATOR_API_KEY = _simulator_default("api_key")
-
-
-def secret_forms(site_id: str, api_key: str) -> list[str]:
-    """The key, and the Basic authorization values built from it (with and without
-    padding): Track's ``site_id:api_key``, then the Pipelines API's ``api_key:``."""
-    import base64
-
-    basic = base64.b64encode(f"{site_id}:{api_key}".encode()).decode()
-    # The Pipelines API's: the key as the username, a blank password.
-    pipelines = base64.b64encode(f"{api_key}:".encode()).decode()
-    return [api_key, basic, basic.rstrip("="), pipelines, pipelines.rstrip("=")]
-
-
-#: What no output may contain. Tests that use a key of their own add its forms here.
-WATCHED_SECRETS: list[str] = secret_forms(SIMULATOR_SITE_ID, SIMULATOR_API_KEY)
+# output into a variable (and check that itself). The watched secrets are
+# helpers.WATCHED_SECRETS.
 
 _RECORDER_KEY = pytest.StashKey["_RecordingHandler"]()
 _SAVED_ROOT_LEVEL = pytest.StashKey[int]()
@@ -276,11 +193,6 @@ class _RecordingHandler(logging.Handler):
             self.lines.append(self.format(record))
         except Exception:  # a record that cannot be formatted is the test's business
             self.lines.append(f"{record.name} {record.levelname} {record.msg!r} {record.args!r}")
-
-
-def leaked_secrets(text: str) -> list[str]:
-    """The watched secrets found in ``text``."""
-    return [secret for secret in WATCHED_SECRETS if secret in text]
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -334,16 +246,6 @@ def pytest_runtest_makereport(
 # the reason; under CI=true that is a failure instead, so CI always runs them. The
 # application role's password is watched like the API key.
 
-from .pg_cluster import (  # noqa: E402
-    APP_PASSWORD,
-    Bouncer,
-    Cluster,
-    pgbouncer_binary,
-    server_binaries,
-)
-
-WATCHED_SECRETS.append(APP_PASSWORD)
-
 
 def _postgres_or_skip() -> Any:
     binaries = server_binaries()
@@ -368,9 +270,6 @@ def pg_cluster() -> Iterator[Cluster]:
 @pytest.fixture
 def pg_url(pg_cluster: Cluster, request: pytest.FixtureRequest) -> str:
     """The URL of a fresh, empty database for this test (the app role owns it)."""
-    import re
-    import uuid
-
     stem = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
     return pg_cluster.new_database(f"t_{stem}_{uuid.uuid4().hex[:8]}")
 

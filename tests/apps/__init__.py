@@ -1,0 +1,1 @@
+"""The scripts and server applications the tests run as subprocesses (not collected)."""

@@ -1,0 +1,1 @@
+"""Contract tests: every store implementation against one suite."""

@@ -1,0 +1,1 @@
+"""End-to-end tests: real HTTPS to the simulator, real processes, real PostgreSQL."""

@@ -1,0 +1,118 @@
+"""The cio-logging command: the demo (the main job) and the simulator."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cio_logging.cli import main
+from cio_logging.demo import run_demo
+
+from ..helpers import PYTHON
+
+
+@pytest.mark.parametrize("api", ["track", "pipelines"])
+def test_demo_accounts_for_every_event(tmp_path: Path, api: str) -> None:
+    out = io.StringIO()
+    assert run_demo(out=out, outage_seconds=1.0, directory=tmp_path, api=api) == 0
+    text = out.getvalue()
+    assert ("Pipelines API" if api == "pipelines" else "Track API") in text
+    # user-1's identify is the first call Customer.io received for them.
+    assert re.search(r"received identify 'identify' for user-1 .*\n.*received event", text)
+    assert "every event accounted for" in text
+    assert "closed->open" in text  # the outage opened the breaker ...
+    assert "half-open->closed" in text  # ... and a probe closed it
+    assert "waiting on disk 30" in text
+    assert "degradation_essential_only" in text
+    assert re.search(r"dead-lettered +1\n", text)
+
+
+def test_demo_run_again_in_the_same_directory_counts_its_own_events(tmp_path: Path) -> None:
+    """--dir kept from an earlier run holds its dead letter: not this run's missing event."""
+    assert run_demo(out=io.StringIO(), outage_seconds=0.5, directory=tmp_path) == 0
+    out = io.StringIO()
+    assert run_demo(out=out, outage_seconds=0.5, directory=tmp_path) == 0
+    text = out.getvalue()
+    assert "the directory holds 1 dead letter(s) and 0 queued event(s) from an earlier run" in text
+    assert re.search(r"dead-lettered +1\n", text)
+    assert "every event accounted for" in text
+
+
+def test_demo_says_what_it_does_and_keeps_its_queue_for_the_commands_it_suggests(
+    tmp_path: Path,
+) -> None:
+    """The poison name is announced, each phase's count said, and every command it
+    suggests works on the queue directory it kept, with no credentials in the environment."""
+    result = subprocess.run(
+        [PYTHON, "-m", "cio_logging.cli", "demo", "--outage-seconds", "1", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    text = result.stdout
+    assert "every event accounted for" in text
+    assert "it was told to reject events named 'poison_pill'" in text
+    assert "phase 1 logged 7 identifies and 30 events" in text
+    for phase, count in [(2, 30), (3, 10), (4, 2)]:
+        assert f"phase {phase} logged {count} events" in text, phase
+    queue_dir = tmp_path / "queue"
+    assert f"the queue directory is kept: {queue_dir}" in text
+    assert (queue_dir / "wal").is_dir()
+    assert not (tmp_path / "simulator").exists()  # its CA is of no use once it stopped
+    suggested = [line.strip() for line in text.splitlines() if line.startswith("  cio-logging ")]
+    assert [shlex.split(line)[1:3] for line in suggested] == [
+        ["status", "--queue-dir"],
+        ["dlq", "count"],
+        ["dlq", "list"],
+        ["dlq", "show"],
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTOMERIO_", "CIO_"))}
+    outputs = []
+    for line in suggested:
+        command = shlex.split(line)[1:]
+        ran = subprocess.run(
+            [PYTHON, "-m", "cio_logging.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert ran.returncode == 0, (line, ran.stderr)
+        outputs.append(ran.stdout)
+    assert "dead letters     1" in outputs[0]
+    assert re.search(r"\ncounters +delivered 73, dead-lettered 1, requests \d+", outputs[0])
+    assert "item_rejected  1" in outputs[1]
+    assert "poison_pill" in outputs[2]
+    assert '"name": "poison_pill"' in outputs[3]
+    assert f"when done: rm -rf {tmp_path}" in text
+
+
+def test_simulator_command_prints_url_and_ca() -> None:
+    with subprocess.Popen(
+        [PYTHON, "-m", "cio_logging.cli", "simulator", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(4)]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    text = "".join(lines)
+    assert "https://127.0.0.1:" in text
+    assert ".pem" in text
+    assert "CIO_LOGGING_TRACK_URL=" in text
+
+
+def test_unknown_arguments_are_refused() -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--nope"])
+    assert exit_.value.code == 2
