@@ -313,3 +313,14 @@ def fleet_url(request: pytest.FixtureRequest, pg_url: str) -> str:
         return pg_url
     bouncer: Bouncer = request.getfixturevalue("pg_bouncer")
     return bouncer.url(pg_url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def one_session_bouncer(pg_cluster: Cluster) -> Iterator[Bouncer]:
+    """A PgBouncer of this test's own with one server connection: every client's
+    transactions run in the same server session, one after the other."""
+    bouncer = Bouncer(_pgbouncer_or_skip(), pg_cluster, pool_size=1)
+    try:
+        yield bouncer
+    finally:
+        bouncer.destroy()

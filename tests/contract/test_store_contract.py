@@ -26,7 +26,14 @@ from ..helpers import make_event
 Stores = tuple[EventLog, DeadLetterArchive]
 
 
-@pytest.fixture(params=["local", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "local",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        # Every statement of the store once through a pooler in transaction mode.
+        pytest.param("postgres-pgbouncer", marks=pytest.mark.postgres),
+    ]
+)
 def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     """The event log and dead-letter archive of one implementation."""
     if request.param == "local":
@@ -39,7 +46,10 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
     from cio_logging.store.postgres import Database, PostgresDeadLetters, PostgresLog
 
     # One database for the session's contract tests; a workspace of this test's own.
-    url = request.getfixturevalue("pg_cluster").url()
+    if request.param == "postgres-pgbouncer":
+        url = request.getfixturevalue("pg_bouncer").url()
+    else:
+        url = request.getfixturevalue("pg_cluster").url()
     database = Database(url)
     workspace = f"site-{uuid.uuid4().hex[:8]}@https://track.example"
     spill = WriteAheadLog(tmp_path / "spill")

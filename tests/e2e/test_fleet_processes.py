@@ -536,7 +536,11 @@ class TestThroughPgBouncer:
     prepared statement, a SET) surviving from one transaction to the next."""
 
     def test_three_apps_then_the_sender_killed_lose_nothing(
-        self, simulator: TrackAPISimulator, pg_bouncer: Any, pg_url: str, tmp_path: Path,
+        self,
+        simulator: TrackAPISimulator,
+        pg_bouncer: Any,
+        pg_url: str,
+        tmp_path: Path,
         hosts: list[Host],
     ) -> None:
         url = pg_bouncer.url(pg_url.rsplit("/", 1)[1])
