@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
-from .config import ENV_API_KEY, ENV_CDP_API_KEY, ENV_QUEUE_URL
+from ._argparse import OneLineParser
+from .config import ENV_API_KEY, ENV_CDP_API_KEY, ENV_QUEUE_DIR, ENV_QUEUE_URL
 from .errors import CIOLoggingError, ConfigurationError, QueueError
 from .metadata import PACKAGE_VERSION
 from .operations import (
@@ -36,7 +37,6 @@ from .operations import (
     count_dead_letters,
     deliver,
     drain,
-    explicit_queue_dir,
     fleet_location,
     fleet_status,
     list_dead_letters,
@@ -72,19 +72,8 @@ _DEFAULT_LIST_LIMIT = 100
 _DEFAULT_TIMEOUT = 300.0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that also answers in JSON when --json was asked for (sub-parsers too)."""
-
-    json_wanted = False
-
-    def error(self, message: str) -> NoReturn:
-        if _Parser.json_wanted:
-            print(json.dumps({"error": message, "exit_code": int(ExitCode.USAGE)}))
-        super().error(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _Parser.json_wanted = "--json" in (sys.argv[1:] if argv is None else argv)
+    OneLineParser.json_wanted = "--json" in (sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
 
@@ -93,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_from_command_line(rest)
     if rest:
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        _command_parser(parser, args).error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "demo":
         from .demo import run_demo
 
@@ -117,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, out)
     except ConfigurationError as exc:
+        if isinstance(exc.__cause__, (OSError, QueueError)):
+            # The handler (drain, deliver) found the queue directory unusable: that is
+            # the queue's exit code, as for every other command, not a usage error.
+            return out.fail(_unusable_queue_message(exc.__cause__, args), ExitCode.NO_QUEUE)
         return out.fail(_configuration_message(exc, args), ExitCode.USAGE)
     except QueueDirectoryError as exc:
         return out.fail(str(exc), ExitCode.NO_QUEUE)
@@ -132,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="cio-logging",
         description="Customer.io events through Python logging: demo and operator tools.",
         epilog=EXIT_CODES,
@@ -271,6 +264,19 @@ def _parser() -> argparse.ArgumentParser:
         "a missing queue directory, as the application would.",
     )
     deliver_command.set_defaults(run=_run_deliver)
+    return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The sub-parser of the command ``args`` name (``dlq replay``), for its error line."""
+    for name in (args.command, getattr(args, "dlq_command", None)):
+        choices = next(
+            (a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+            None,
+        )
+        if not name or not choices or name not in choices:
+            break
+        parser = choices[name]
     return parser
 
 
@@ -453,12 +459,18 @@ def _location(args: argparse.Namespace) -> Path | FleetLocation:
 
 
 def _queue_dir(args: argparse.Namespace) -> Path:
-    """For commands that do not send: an explicit directory needs no credentials."""
-    explicit = explicit_queue_dir(args.queue_dir)
-    if explicit is not None:
-        return explicit
+    """For commands that do not send: an explicit directory needs no credentials, and
+    every setting given is checked all the same (``--region mars`` is refused here as
+    it is by the commands that send)."""
     queue_dir: Path = _settings(args, sends=False).queue_dir
     return queue_dir
+
+
+def _unusable_queue_message(cause: BaseException, args: argparse.Namespace) -> str:
+    where = args.queue_dir or os.environ.get(ENV_QUEUE_DIR) or "the default queue directory"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"queue directory {where} cannot be used: {cause.strerror}"
+    return f"queue directory {where} cannot be used: {cause}"
 
 
 def _configuration_message(exc: ConfigurationError, args: argparse.Namespace) -> str:
@@ -518,31 +530,35 @@ class _Output:
         return int(code)
 
 
-class _ProgressBar:
-    """A one-line bar on stderr, drawn only when stderr is a terminal."""
+class _Progress:
+    """A counter with a rate, on one line of stderr that it rewrites.
 
-    _WIDTH = 30
+    Drawn only when stderr is a terminal and the output is not JSON: a pipe, a log
+    file or a program reading --json gets the summary alone.
+    """
 
-    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+    def __init__(self, label: str, *, json_mode: bool, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stderr
         self._label = label
-        self._active = self._stream.isatty()
-        self._drawn = False
+        self._active = not json_mode and self._stream.isatty()
+        self._started = time.monotonic()
+        self._last = ""
 
     def update(self, done: int, total: int, detail: str) -> None:
         if not self._active:
             return
-        filled = self._WIDTH if total <= 0 else min(self._WIDTH, self._WIDTH * done // total)
-        bar = "#" * filled + "." * (self._WIDTH - filled)
-        self._stream.write(f"\r{self._label} [{bar}] {done}/{total} {detail}\x1b[K")
+        elapsed = time.monotonic() - self._started
+        rate = f", {done / elapsed:,.0f}/s" if elapsed > 0 and done else ""
+        self._last = f"\r{self._label}: {done:,} of {total:,} {detail}{rate}\x1b[K"
+        self._stream.write(self._last)
         self._stream.flush()
-        self._drawn = True
 
     def finish(self) -> None:
-        if self._drawn:
+        """End the line, so that the summary starts on a line of its own."""
+        if self._last:
             self._stream.write("\n")
             self._stream.flush()
-            self._drawn = False
+            self._last = ""
 
 
 @contextlib.contextmanager
@@ -821,15 +837,14 @@ def _run_show(args: argparse.Namespace, out: _Output) -> int:
 
 def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     settings = _settings(args, sends=not args.dry_run)
-    bar = _ProgressBar("replay")
-    total = 0
+    bar = _Progress("replay", json_mode=out.json_mode)
 
     def progress(report: ReplayReport) -> None:
         bar.update(
             report.done,
-            total or report.selected,
-            f"accepted {len(report.accepted)}, rejected {len(report.rejected)}, "
-            f"failed {len(report.failed)}",
+            report.selected,
+            f"done (accepted {len(report.accepted)}, rejected {len(report.rejected)}, "
+            f"failed {len(report.failed)})",
         )
 
     _show_library_warnings()
@@ -937,7 +952,7 @@ def _run_drain(args: argparse.Namespace, out: _Output) -> int:
         "ca_bundle": args.ca_bundle,
         **options,
     }
-    bar = _ProgressBar("drain")
+    bar = _Progress("drain", json_mode=out.json_mode)
     waiting_noted = False
 
     def progress(report: Any) -> None:
@@ -954,7 +969,7 @@ def _run_drain(args: argparse.Namespace, out: _Output) -> int:
         bar.update(
             done,
             report.queued_at_start,
-            f"left {report.queued}, breaker {report.breaker or '-'}",
+            f"done ({report.queued:,} left, breaker {report.breaker or '-'})",
         )
 
     _show_library_warnings()

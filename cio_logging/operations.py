@@ -42,6 +42,7 @@ from .config import (
     ENV_CDP_API_KEY,
     ENV_QUEUE_DIR,
     ENV_QUEUE_URL,
+    ENV_SITE_ID,
     PIPELINES,
     Settings,
     resolve_settings,
@@ -67,6 +68,7 @@ WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dl
 # Read-only commands need no API key: the default queue directory depends on the site
 # id and the endpoint only. This stands in for it and is never sent anywhere.
 _UNUSED_API_KEY = "unused-by-read-only-commands"
+_UNUSED_SITE_ID = "unused-by-read-only-commands"
 # How often drain looks at its handler's progress.
 _DRAIN_POLL_SECONDS = 0.1
 # Drain's handler looks for the lock and for retries that came due this often, unless
@@ -150,6 +152,11 @@ def operator_settings(
     env = os.environ if environ is None else environ
     pipelines = str(options.get("api") or env.get(ENV_API) or "").strip().lower() == PIPELINES
     key_variable = ENV_CDP_API_KEY if pipelines else ENV_API_KEY
+    explicit = explicit_queue_dir(queue_dir, env) is not None
+    if not sends and explicit and not (site_id or env.get(ENV_SITE_ID)):
+        # The site id only names the default directory: with the directory given, a
+        # command that sends nothing needs none (every other setting is still checked).
+        site_id = _UNUSED_SITE_ID
     if not sends and not (api_key or env.get(key_variable)):
         if pipelines and explicit_queue_dir(queue_dir, env) is None:
             # The default directory of a Pipelines source is named by its key.
@@ -856,6 +863,8 @@ def _replay(
     )
     held_until = 0.0  # Retry-After asks every client to wait, not just the events sent
     replayed_at = time.time()  # the replay's time in each entry's history
+    if progress is not None:
+        progress(report)  # "0 of N" at once: the first answer may take a while
     try:
         while pending and not stop.is_set():
             now = time.monotonic()

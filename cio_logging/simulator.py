@@ -68,6 +68,8 @@ from types import FrameType
 from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qs, unquote
 
+from ._argparse import OneLineParser
+
 __all__ = [
     "CONTROL_API",
     "AcceptedEvent",
@@ -755,7 +757,8 @@ class TrackAPISimulator:
         directory.mkdir(parents=True, exist_ok=True)
         self._dir = directory
         ca = trustme.CA()
-        self._ca_file = directory / "cio-track-simulator-ca.pem"
+        # Absolute: the CA path is printed in an export line, pasted into other shells.
+        self._ca_file = directory.resolve() / "cio-track-simulator-ca.pem"
         ca.cert_pem.write_to_path(self._ca_file)
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         names = dict.fromkeys(["127.0.0.1", "localhost", host])  # ordered, without repeats
@@ -1240,7 +1243,7 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
 
     Returns 0 after an interrupt, 1 when it cannot start (one line on stderr says why).
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cio-logging simulator",
         description="A local Customer.io Track API and Data Pipelines API over HTTPS, for "
         "trying the handler and the CLI without a workspace. Track routes take Basic auth "

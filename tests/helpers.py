@@ -135,13 +135,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def readme_block(heading: str) -> str:
-    """The first python code block under ``heading`` in README.md."""
-    text = (PROJECT_ROOT / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
 # -- gunicorn serving tests/apps/wsgi_app.py -------------------------------------------
 
 #: The sync workers each gunicorn test starts.

@@ -19,7 +19,7 @@ from cio_logging import CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.structlog import CioEventRenderer
 
-from ..helpers import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, readme_block
+from ..helpers import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment
 
 #: The processors structlog's documentation puts before the last one.
 USUAL_CHAIN: list[structlog.typing.Processor] = [
@@ -249,7 +249,8 @@ class TestRenderingWithinStructlog:
 def test_the_example_app_delivers_in_each_set_up(
     simulator: TrackAPISimulator, queue_dir: Path, setup: str
 ) -> None:
-    """examples/structlog_app.py, the README's recipe, run as a user would run it."""
+    """examples/structlog_app.py, the recipe's three set-ups, run as a user would run them
+    (docs/how-to/structlog.md shows the third, run by tests/test_docs.py)."""
     result = subprocess.run(
         [PYTHON, str(PROJECT_ROOT / "examples" / "structlog_app.py"), setup],
         env=child_environment(simulator, queue_dir),
@@ -264,16 +265,3 @@ def test_the_example_app_delivers_in_each_set_up(
     ]
     assert "an ordinary structlog line" in result.stderr  # the console still logs
     assert "cio_logging" not in result.stderr  # no warning
-
-
-def test_the_readme_recipe_runs_as_written(simulator: TrackAPISimulator, queue_dir: Path) -> None:
-    subprocess.run(
-        [PYTHON, "-c", readme_block("## structlog")],
-        env=child_environment(simulator, queue_dir),
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    assert [(e.name, e.customer_id, e.data) for e in simulator.accepted] == [
-        ("purchase", "user-42", {"amount": 9.99})
-    ]

@@ -151,23 +151,24 @@ class TestCioSimulator:
 class TestPytestPlugin:
     """The pytest11 entry point, in a pytest run of its own (pytester, a subprocess)."""
 
-    def test_the_readme_example_passes_under_filterwarnings_error(
-        self, pytester: pytest.Pytester
-    ) -> None:
+    def test_the_example_passes_under_filterwarnings_error(self, pytester: pytest.Pytester) -> None:
         pytester.makeini(STRICT_INI)
         for name in ("shop.py", "test_shop.py"):
             shutil.copy(EXAMPLE / name, pytester.path / name)
         result = pytester.runpytest_subprocess("-q")
         result.assert_outcomes(passed=3)
 
-    def test_the_readme_shows_the_example_as_it_is(self) -> None:
-        from ..helpers import readme_block
+    def test_the_recipe_shows_the_example_as_it_is(self) -> None:
+        """docs/how-to/testing.md quotes examples/testing/test_shop.py: line for line."""
 
         def code(text: str) -> list[str]:
             return [line.split("  #")[0].rstrip() for line in text.splitlines() if line.strip()]
 
+        page = (PROJECT_ROOT / "docs" / "how-to" / "testing.md").read_text()
+        section = page.split("\n## Deliver to a simulator\n", 1)[1]
+        shown = code(section.split("```python\n", 1)[1].split("```", 1)[0])
         example = code((EXAMPLE / "test_shop.py").read_text())
-        shown = code(readme_block("## Testing your application"))
+        assert len(shown) > 10
         assert [line for line in shown if line not in example] == []
 
     def test_a_wrong_expectation_fails_with_the_events_shown(
