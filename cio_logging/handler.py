@@ -46,6 +46,7 @@ from .store import (
     encode_row,
     secure_directory,
 )
+from .store.owner import claim as claim_queue_dir
 from .telemetry import QueueProbes, Telemetry
 from .worker import DeliveryWorker, flush_thread_marker
 
@@ -121,6 +122,8 @@ class CustomerIOHandler(logging.Handler):
         queue_dir_path = self.settings.queue_dir
         try:
             secure_directory(queue_dir_path)
+            # One workspace per queue directory: its rows go out with our credentials.
+            claim_queue_dir(queue_dir_path, self.settings.account)
             self._wal: EventLog
             self._dead_letters: DeadLetterArchive
             self._lease: PostgresLease | None = None
@@ -459,6 +462,8 @@ class CustomerIOHandler(logging.Handler):
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
+        # Fleet mode: rows moved from the spill into the database are ours too.
+        last_rowid = max(last_rowid, getattr(self._wal, "moved_through", 0))
         if self._deliver == DELIVER_NONE:
             return
         remaining = max(0.0, deadline - time.monotonic())

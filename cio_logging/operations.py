@@ -61,6 +61,7 @@ from .store import (
     ReplayRecord,
     WriteAheadLog,
 )
+from .store.owner import check as check_owner
 from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
@@ -807,6 +808,9 @@ def replay_dead_letters(
     report = ReplayReport(dry_run=dry_run)
     started = time.monotonic()
     _check(location, writable=not dry_run)
+    if isinstance(location, Path) and not dry_run:
+        # Sent with these credentials: only a directory of this workspace.
+        check_owner(location, settings.account)
     stop = stop or threading.Event()
     with contextlib.ExitStack() as cleanup:
         if not dry_run and isinstance(location, Path):

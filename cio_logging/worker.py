@@ -318,6 +318,12 @@ class DeliveryWorker:
                     if client is not None:
                         client.close()
                         client = None
+                except DatabaseError as exc:
+                    # Fleet mode, the database away (a restart, a failover): expected,
+                    # said in a line (at most once a minute), no traceback. The rows are
+                    # in the database; sending resumes when it answers.
+                    self._report_database_away(exc)
+                    self._stop.wait(max(self._settings.flush_interval, 1.0))
                 except Exception:
                     # A locked database (another process held it past the timeout), a
                     # full disk, a bug: never let the thread die. Events stay on disk;
@@ -485,6 +491,12 @@ class DeliveryWorker:
                 error.strerror,
                 owner,
             )
+
+    def _report_database_away(self, error: DatabaseError) -> None:
+        now = time.monotonic()
+        if now - self._unexpected_reported_at >= _ERROR_REPEAT_SECONDS:
+            self._unexpected_reported_at = now
+            internal_log.warning("sending paused: %s; it resumes once the database answers", error)
 
     def _report_unexpected(self) -> None:
         now = time.monotonic()

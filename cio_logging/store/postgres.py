@@ -48,7 +48,7 @@ from ..errors import ConfigurationError, DatabaseError, InvalidEventError, Lease
 from ..events import Event, event_from_dict
 from ..process_lock import DeliveryLock
 from . import queue_url
-from .local import WriteAheadLog
+from .local import DeadLetterStore, WriteAheadLog
 from .queue_url import display_url, scrub
 from .rows import (
     Batch,
@@ -65,6 +65,7 @@ from .rows import (
     decode_row,
     encode_row,
     matching_letters,
+    storable_key,
 )
 from .rows import _split_row as _split_row
 
@@ -139,6 +140,7 @@ def _driver() -> Any:
         return _DRIVER
     try:
         import psycopg
+        import psycopg.conninfo
         import psycopg.types.json
 
         from . import _pgconn
@@ -205,7 +207,8 @@ class Database:
         return display_url(self.url)
 
     def _connect_options(self) -> dict[str, Any]:
-        return {
+        psycopg, _ = _driver()
+        options: dict[str, Any] = {
             "autocommit": True,
             # No server-side prepared statements: through PgBouncer in transaction
             # mode the next statement may reach another server session, where the
@@ -215,9 +218,13 @@ class Database:
             # A server that vanished from the network: the kernel gives up on
             # unacknowledged data after this long (milliseconds).
             "tcp_user_timeout": int(self.statement_seconds * 1000),
-            # Which process holds a connection, for pg_stat_activity.
-            "application_name": f"cio_logging pid {os.getpid()}",
         }
+        # Which process holds a connection, for pg_stat_activity (unless the URL names
+        # one of its own).
+        with contextlib.suppress(psycopg.ProgrammingError):
+            if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
+                options["application_name"] = f"cio_logging pid {os.getpid()}"
+        return options
 
     def _get_slots(self) -> Any:
         with self._guard:
@@ -430,8 +437,9 @@ class Fence:
 # The spill mover's waits between tries while the database does not answer.
 _MOVE_RETRY_FIRST = 0.5
 _MOVE_RETRY_MAX = 5.0
-# Rows moved from the spill per statement.
+# Rows moved from the spill per read of it, and bytes per statement.
 _MOVE_BATCH = 500
+_MOVE_BYTES = 4 << 20
 # At exit, how long moving the spill may take in all (on the calling thread).
 _EXIT_MOVE_SECONDS = 10.0
 
@@ -473,20 +481,15 @@ def _jsonb_safe(value: Any) -> Any:
 
 
 def _refused_by_data(error: DatabaseError) -> bool:
-    """Whether PostgreSQL (or the driver) refused what a statement carried, rather than
-    failing to answer: sending the rows one by one finds which."""
+    """Whether PostgreSQL (or the driver, before sending) refused what a statement
+    carried (a value its types cannot hold: class 22, data exception; class 23,
+    integrity), rather than failing to answer or to let us in: sending the rows in
+    halves then finds which."""
     psycopg, pgconn = _driver()
     cause = error.__cause__
     if isinstance(cause, pgconn.DeadlineExceeded | pgconn.PoolExhausted):
         return False
-    return isinstance(
-        cause,
-        psycopg.DataError
-        | psycopg.IntegrityError
-        | psycopg.ProgrammingError
-        | psycopg.NotSupportedError
-        | ValueError,
-    )
+    return isinstance(cause, psycopg.DataError | psycopg.IntegrityError | ValueError)
 
 
 class PostgresLog:
@@ -582,6 +585,12 @@ class PostgresLog:
         self._start_mover()
         return 0
 
+    @property
+    def moved_through(self) -> int:
+        """The largest position a row moved from the spill by this process got (0:
+        none): ``flush()`` waits for those rows too."""
+        return self._moved_through
+
     def available(self) -> bool:
         """Whether the database answered the last time it was tried (while it does
         not, commits go to the spill and figures are not asked of it)."""
@@ -650,25 +659,36 @@ class PostgresLog:
         return max(first, self._insert_or_dead_letter(rows[half:], timeout))
 
     def _refuse(self, row: Row, error: DatabaseError) -> None:
-        """A row the database cannot store: a dead letter with the reason (the dead
-        letter stores any text exactly), so it holds up nothing behind it."""
+        """A row the database cannot store: a dead letter with the reason, so it holds
+        up nothing behind it. The dead letter keeps any event exactly (see
+        :class:`PostgresDeadLetters`); an id the database cannot hold (ours are ULIDs:
+        a damaged or foreign spill) is written with its NUL spelled out. Should the
+        database refuse even that, the row goes to the queue directory's own
+        dead-letter store (``cio-logging dlq --queue-dir``), never away."""
         reason = f"PostgreSQL refused the row: {scrub(str(error))}"
-        internal_log.error("event %s moved to the dead-letter store: %s", row[0], reason)
-        if self.dead_letters is None:
-            raise error
+        key = _pg_text(row[0])
         try:
             event: Event | None = decode_row(row[0], row[1], row[2]).event
         except InvalidEventError:
             event = None
-        self.dead_letters.add(
-            row[0],
-            event,
-            status=None,
-            error_type="refused_by_database",
-            message=reason,
-            attempts=0,
-            fenced=False,
-        )
+        kind = "refused_by_database"
+        try:
+            if self.dead_letters is None:
+                raise error
+            self.dead_letters.add(
+                key, event, status=None, error_type=kind, message=reason, attempts=0, fenced=False
+            )
+            where = "the dead-letter table"
+        except DatabaseError as exc:
+            if not _refused_by_data(exc):
+                raise
+            local = DeadLetterStore(self.spill.directory.parent / "dead", fsync=True)
+            try:
+                local.add(key, event, status=None, error_type=kind, message=reason, attempts=0)
+            finally:
+                local.close()
+            where = f"the local dead-letter store in {local.directory}"
+        internal_log.error("event %s moved to %s: %s", key, where, reason)
 
     # -- the spill ---------------------------------------------------------------------
 
@@ -679,6 +699,8 @@ class PostgresLog:
         Inserted first (an id already there is left as it is), removed from the spill
         after: a crash in between leaves a row in both, and the id deduplicates.
         """
+        if not len(self.spill):
+            return 0  # the usual answer: no lock taken
         with self._move_guard:
             if not self._spill_lock.try_acquire():
                 return 0
@@ -711,12 +733,24 @@ class PostgresLog:
             internal_log.error(
                 "a spilled row could not be read and was dropped: %s", corrupt.reason
             )
-        if rows:
-            seq = self._insert_or_dead_letter(rows, timeout)
-            self._moved_through = max(self._moved_through, seq)
-            self._answered = True
-            self.spill.remove([row[0] for row in rows])
+        # Large events: a statement of at most _MOVE_BYTES, so each fits its deadline.
+        chunk: list[Row] = []
+        size = 0
+        for row in rows:
+            if chunk and size + len(row[2]) > _MOVE_BYTES:
+                self._move_rows(chunk, timeout)
+                chunk, size = [], 0
+            chunk.append(row)
+            size += len(row[2])
+        if chunk:
+            self._move_rows(chunk, timeout)
         return len(rows) + len(batch.corrupt)
+
+    def _move_rows(self, rows: list[Row], timeout: float | None) -> None:
+        seq = self._insert_or_dead_letter(rows, timeout)
+        self._moved_through = max(self._moved_through, seq)
+        self._answered = True
+        self.spill.remove([row[0] for row in rows])
 
     def _move_all(self, deadline: float | None = None) -> bool:
         """Move the whole spill (another process of the directory may be doing it);
@@ -957,7 +991,7 @@ class PostgresLog:
     # -- looking -----------------------------------------------------------------------
 
     def get(self, key: str) -> QueuedEvent | None:
-        if not _storable_key(key):
+        if not storable_key(key):
             return None
         params = {"workspace": self.workspace, "id": key, "shift": self.database.clock_shift()[0]}
         found = self.database.run("get_row", params)
@@ -1036,18 +1070,6 @@ class PostgresLog:
         self._closing = False  # a handler used after close works (and reopens)
         self.spill.close()
         self.database.close()  # shared with the lease and the dead letters: reopens on use
-
-
-def _storable_key(key: str) -> bool:
-    """Whether ``key`` can be an id in the database (an argument of the CLI may hold
-    anything: bytes that are not UTF-8, a NUL)."""
-    if "\x00" in key:
-        return False
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _reset_log_in_child(reference: weakref.ref[PostgresLog]) -> None:
@@ -1165,7 +1187,7 @@ class PostgresDeadLetters:
             yield dead_letter_from_text(key, text)
 
     def get(self, key: str) -> DeadLetter | None:
-        if not _storable_key(key):
+        if not storable_key(key):
             return None  # no id in the database holds it
         found = self.database.run("get_dead_letter", {"workspace": self.workspace, "id": key})
         return dead_letter_from_text(key, found[0][0]) if found else None

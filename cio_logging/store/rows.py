@@ -81,6 +81,18 @@ _CALL_ROW_VERSION = 3
 _ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+def storable_key(key: str) -> bool:
+    """Whether ``key`` can be an id in a store (an id given on the command line may hold
+    anything: bytes that are not UTF-8, a NUL); no stored row has one that is not."""
+    if "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def encode_row(
     event: Event,
     *,
