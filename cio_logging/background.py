@@ -22,6 +22,13 @@ handlers, so someone who turns on urllib3's debug output still sees our requests
 silencing these loggers on our threads would have hidden that. Those handlers' own
 locks are no risk: a reconfiguration holds only the lock of the handler it is flushing,
 and ours takes none in ``handle``. And nothing these threads run calls ``getLogger``.
+
+Interpreter exit is the other place where a thread of ours is not to be counted on.
+Once the main thread has finished, ``threading``'s shutdown has run: ``concurrent.futures``
+executors refuse work, and on Python 3.12 so does ``Thread.start`` ("can't create new
+thread at interpreter shutdown"). ``logging.shutdown()`` runs after that, from
+``atexit``. :func:`interpreter_exiting` tells the code that would start a thread to do
+the work on the calling thread instead, on every Python alike.
 """
 
 from __future__ import annotations
@@ -53,6 +60,16 @@ def mark_current_thread() -> None:
 
 def on_our_thread() -> bool:
     return bool(getattr(marker, "active", False))
+
+
+def interpreter_exiting() -> bool:
+    """Whether the interpreter has begun to exit (the main thread has finished).
+
+    From then on no thread of ours is started: thread pools refuse work on every
+    Python, new threads on 3.12, and a daemon thread started now would be cut off at
+    finalization anyway. Threads already running go on until then.
+    """
+    return not threading.main_thread().is_alive()
 
 
 class _LevelCheck:

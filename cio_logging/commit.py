@@ -137,6 +137,8 @@ class GroupCommitter:
         self._retry_delay = 0.0
         self._writer: threading.Thread | None = None
         self._stopping = False
+        # Told to stop (a SIGTERM): every row from then on is committed by its caller.
+        self._unbuffered = False
         self._volume_at = float("-inf")
         self._volume_dirty = False
         self._identity_at = self._clock()
@@ -204,6 +206,9 @@ class GroupCommitter:
 
     def _submit(self, row: Row, durable: bool) -> str:
         size = len(row[2]) + _ROW_OVERHEAD
+        # Without a writer (none may start at interpreter exit), the caller commits.
+        if self._writer is None and not self._start_writer():
+            durable = True
         now = self._clock()
         with self._lock:
             # Essential rows may use twice the budget: they are shed last.
@@ -227,6 +232,7 @@ class GroupCommitter:
             durable = (
                 durable
                 or self._stopping
+                or self._unbuffered
                 or (
                     not failing
                     and not self._committing
@@ -243,8 +249,6 @@ class GroupCommitter:
                 # The first row starts the interval the idle writer must now wait for
                 # (a durable row is committed by its caller).
                 self._wake.notify()
-        if self._writer is None:  # it never ends before close(); a forked child has none
-            self._start_writer()
         if not durable or failing:
             return BUFFERED  # while the disk fails, the writer retries for everyone
         return COMMITTED if self._commit_through(ticket, gather=True) else BUFFERED
@@ -257,6 +261,15 @@ class GroupCommitter:
             if self._committed >= ticket:
                 return True
             return self._commit_through(ticket, timeout)
+
+    def stop_buffering(self) -> None:
+        """From now on commit every row before ``submit`` returns.
+
+        For a process told to stop: it may end by any path from then on (a server that
+        re-raises SIGTERM with Python's default action ends it without ``atexit``), so
+        no event may wait in memory for the writer any more.
+        """
+        self._unbuffered = True
 
     def close(self, timeout: float) -> int:
         """Stop the writer after a last commit; returns how many rows could not be written."""
@@ -396,15 +409,25 @@ class GroupCommitter:
                 self._max_bytes,
             )
 
-    def _start_writer(self) -> None:
+    def _start_writer(self) -> bool:
+        """Start the writer thread if none runs; returns whether one runs.
+
+        It never ends before close(), and a forked child has none. None is started once
+        the interpreter exits (see background.py): callers then commit themselves.
+        """
         with self._lock:
             writer = self._writer
-            if (writer is not None and writer.is_alive()) or self._stopping:
-                return
-            self._writer = threading.Thread(
-                target=self._run, name="cio_logging-commit", daemon=True
-            )
-            self._writer.start()
+            if writer is not None and writer.is_alive():
+                return True
+            if self._stopping or background.interpreter_exiting():
+                return False
+            writer = threading.Thread(target=self._run, name="cio_logging-commit", daemon=True)
+            try:
+                writer.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self._writer = writer
+            return True
 
     def _run(self) -> None:
         # A flush or close may wait for this thread while holding logging's module lock

@@ -177,7 +177,7 @@ def run_demo(
         dead_lettered = (status["dead_letters"] or 0) - dead_before
         print(f"  dead-lettered       {dead_lettered}", file=out)
         print(f"  dropped at emit     {dropped}  {status['dropped']}", file=out)
-        print(f"  breaker transitions {' , '.join(f'{a}->{b}' for a, b in transitions)}", file=out)
+        print(f"  breaker transitions {', '.join(f'{a}->{b}' for a, b in transitions)}", file=out)
         accounted = delivered + dead_lettered + dropped == logged + queued_before
         accounted = accounted and status["queued"] == 0
         print(f"  {'every event accounted for' if accounted else 'EVENTS MISSING'}", file=out)
@@ -198,19 +198,38 @@ def run_demo(
 
 def _try_next(out: TextIO, workdir: Path, queue_dir: Path, dead_letter: str | None) -> None:
     where = shlex.quote(str(queue_dir))
+    command = _this_command()
     commands = [
-        f"cio-logging status --queue-dir {where}",
-        f"cio-logging dlq count --by reason --queue-dir {where}",
-        f"cio-logging dlq list --queue-dir {where}",
+        f"{command} status --queue-dir {where}",
+        f"{command} dlq count --by reason --queue-dir {where}",
+        f"{command} dlq list --queue-dir {where}",
     ]
     if dead_letter is not None:
-        commands.append(f"cio-logging dlq show {dead_letter} --queue-dir {where}")
+        commands.append(f"{command} dlq show {dead_letter} --queue-dir {where}")
     print(file=out)
     print(f"the queue directory is kept: {queue_dir}", file=out)
     print("try the operator commands on it next (no credentials needed to read):", file=out)
     for command in commands:
         print(f"  {command}", file=out)
     print(f"when done: rm -rf {shlex.quote(str(workdir))}", file=out, flush=True)
+
+
+def _this_command() -> str:
+    """How to run this installation's ``cio-logging`` from the shell the demo ran in.
+
+    Plain ``cio-logging`` when the PATH finds this very script; its full path when it
+    does not (``.venv/bin/cio-logging demo`` with the virtual environment not active);
+    ``python -m cio_logging`` with this interpreter's full path when there is no
+    script beside it.
+    """
+    candidates = [Path(sys.argv[0]), Path(sys.executable).parent / "cio-logging"]
+    script = next((c for c in candidates if c.name == "cio-logging" and c.is_file()), None)
+    if script is None:
+        return f"{shlex.quote(sys.executable)} -m cio_logging"
+    found = shutil.which("cio-logging")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "cio-logging"
+    return shlex.quote(str(script.absolute()))
 
 
 def _logging_config(simulator: Any, queue_dir: Path, api: str) -> dict[str, Any]:

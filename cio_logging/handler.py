@@ -10,6 +10,7 @@ holds events in memory (bounded) until the disk recovers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from . import background
 from .commit import REFUSED, GroupCommitter
 from .config import (
     DELIVER_NONE,
@@ -35,9 +37,9 @@ from .config import (
     resolve_settings,
 )
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
-from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
+from .events import EXTRA_KEY, carries_tag
 from .sender_process import SenderSupervisor
-from .signals import install_commit_on_signals
+from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
     DeadLetterArchive,
     DeadLetterStore,
@@ -48,6 +50,7 @@ from .store import (
 )
 from .store.owner import claim as claim_queue_dir
 from .telemetry import QueueProbes, Telemetry
+from .wire import call_from_record
 from .worker import DeliveryWorker, flush_thread_marker
 
 if TYPE_CHECKING:
@@ -90,7 +93,8 @@ class CustomerIOHandler(logging.Handler):
         **options: tunables (``flush_timeout``, ``close_timeout``, ``request_timeout``,
             ``flush_interval``, ``batch_size``, retry, breaker, rate-cap, degradation and
             disk-limit options, ``fsync``, ``deliver``: ``"thread"``, ``"process"``
-            or ``"none"``); see README for each with its default.
+            or ``"none"``); each, with its default, in the settings reference
+            (docs/reference/settings.md).
 
     Raises:
         ConfigurationError: a credential is missing or a setting is invalid.
@@ -212,6 +216,11 @@ class CustomerIOHandler(logging.Handler):
                     "signal_handlers=True needs the handler built on the main thread; "
                     "no signal handler installed"
                 )
+        elif reraises_with_default_action(signal.SIGTERM):
+            # uvicorn's worker ends by re-raising SIGTERM with the default action, so
+            # no logging.shutdown() will commit: commit on the signal, on top of it.
+            with contextlib.suppress(ValueError):  # not on the main thread
+                self.install_signal_handlers()
         if self._supervisor is not None:
             self._supervisor.ensure(now=True)
         elif self._deliver == DELIVER_NONE:
@@ -272,11 +281,9 @@ class CustomerIOHandler(logging.Handler):
             if self._degradation == DISABLED:
                 self._count_drop(DROP_DISABLED, None)
                 return
-            event = event_from_record(record)
+            event = call_from_record(record, self._api)
             if event is None:
                 return
-            if event.call != EVENT or self._api != TRACK_API:
-                check_for_api(event, self._api)
             essential = event.is_essential(self._essential_events)
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)
@@ -336,15 +343,16 @@ class CustomerIOHandler(logging.Handler):
 
     def _committed(self) -> None:
         """Rows reached the log: the flush thread has work."""
+        if self._closed or background.interpreter_exiting():
+            # No thread starts at exit: flush() delivers on its own thread (see flush).
+            if self._deliver == DELIVER_THREAD:
+                self._worker.notify()
+            return
         if self._deliver != DELIVER_THREAD:
-            if self._supervisor is not None and not self._closed:
+            if self._supervisor is not None:
                 self._supervisor.ensure()  # take over from a supervisor that is gone
             return
-        if not self._closed:
-            try:
-                self._worker.ensure_started()
-            except RuntimeError:
-                return  # no new thread at interpreter exit; the rows are on disk
+        if self._worker.ensure_started():
             self._worker.notify()
 
     def _warn_buffer_full(self) -> None:
@@ -432,22 +440,33 @@ class CustomerIOHandler(logging.Handler):
             )
         return reason
 
-    def flush(self) -> None:
-        """Wait, at most ``flush_timeout``, until what was queued is delivered or cannot be.
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait, at most ``timeout`` (default ``flush_timeout``), until what was queued is
+        delivered or cannot be.
 
         With ``deliver="none"`` it only commits to disk: the sender is not ours to wait
         for. With ``"process"`` it waits for the sender process as for the thread.
         """
+        self.deliver_within(self.settings.flush_timeout if timeout is None else timeout)
+
+    def deliver_within(self, timeout: float) -> bool:
+        """:meth:`flush` that says how it went: True once every event this process
+        logged is delivered, or cannot go now (a retry due later, the breaker open, the
+        credentials refused), or waits for another process that delivers; False if
+        some are still to go after ``timeout`` (they wait on disk), or could not even
+        be written to disk. Writing them to disk is not cut short by a ``timeout``
+        below ``close_timeout``: a short delivery budget must not leave events in memory.
+        """
         if self._closed:
-            return
-        deadline = time.monotonic() + self.settings.flush_timeout
-        if not self._committer.commit(self.settings.flush_timeout):
+            return False
+        deadline = time.monotonic() + timeout
+        if not self._committer.commit(max(timeout, self.settings.close_timeout)):
             internal_log.warning(
                 "flush could not write %d event(s) to disk (%s)",
                 self._committer.buffered,
                 self._committer.disk_error or "timed out",
             )
-            return
+            return False
         # Fleet mode: rows in the local spill are not in the database yet; move them
         # now if it answers (whatever "deliver" is: no sender of ours may exist).
         settle = getattr(self._wal, "settle", None)
@@ -458,25 +477,30 @@ class CustomerIOHandler(logging.Handler):
                 "and move to the database once it answers",
                 spilled,
             )
-            return
+            return False
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
         # Fleet mode: rows moved from the spill into the database are ours too.
         last_rowid = max(last_rowid, getattr(self._wal, "moved_through", 0))
         if self._deliver == DELIVER_NONE:
-            return
+            return True
         remaining = max(0.0, deadline - time.monotonic())
         if self._deliver == DELIVER_PROCESS:
             delivered = self._worker.wait_for_sender(remaining, last_rowid)
-        else:
+        elif self._worker.ensure_started():
             delivered = self._worker.flush(remaining, last_rowid)
+        else:
+            # At interpreter exit no thread may start (Python 3.12 refuses, and thread
+            # pools refuse on every version): deliver here, on the caller's thread.
+            delivered = self._worker.deliver_here(remaining, last_rowid)
         if not delivered:
             internal_log.warning(
                 "flush timed out after %gs; %s event(s) wait on disk and will be sent later",
-                self.settings.flush_timeout,
+                timeout,
                 _or_none(self._wal.__len__),  # a failing store must not raise here
             )
+        return delivered
 
     def close(self) -> None:
         """Stop the worker within ``close_timeout``; unsent events stay on disk.
@@ -529,6 +553,9 @@ class CustomerIOHandler(logging.Handler):
             "api": self.settings.api,
             "breaker": self._worker.breaker.state,
             "queued": _or_none(self._wal.__len__),
+            # Seconds since the oldest waiting event was logged (None: none waits, or
+            # the disk fails); past 72 hours Customer.io triggers nothing with it.
+            "oldest_age": self._oldest_age_or_none(),
             "dead_letters": _or_none(self._dead_letters.__len__),
             "degradation": self._degradation,
             "enqueued": enqueued,
@@ -611,6 +638,13 @@ class CustomerIOHandler(logging.Handler):
         with self._counts_guard:
             self._dropped[reason] += 1
         self._telemetry.event_dropped(reason, essential)
+
+    def _oldest_age_or_none(self) -> float | None:
+        try:
+            age = self._oldest_age()
+        except Exception:
+            return None
+        return None if age is None else round(age, 3)
 
     def _oldest_age(self) -> float | None:
         logged_at = self._wal.oldest_logged_at()

@@ -42,7 +42,8 @@ _INSTRUMENTATION_NAME = "cio_logging"
 #: most twice the one before, so a quantile read from the buckets (Prometheus's
 #: histogram_quantile) is within 2x of the truth between 1 ms and 60 s. The SDK's
 #: default (0, 5, 10 ... 10000) is made for milliseconds and put every request under
-#: 5 s in one bucket. A View on the MeterProvider overrides them (README, "Observability").
+#: 5 s in one bucket. A View on the MeterProvider overrides them
+#: (docs/how-to/prometheus-grafana.md).
 DELIVERY_DURATION_BOUNDARIES: tuple[float, ...] = (
     0.001, 0.002, 0.004, 0.008, 0.015, 0.03, 0.06, 0.1, 0.2, 0.4, 0.8,
     1.5, 3.0, 6.0, 10.0, 20.0, 40.0, 60.0,
@@ -134,6 +135,12 @@ class Telemetry:
             unit="{event}",
             description="Events dropped at emit (cio.drop.reason)",
         )
+        self.past_window = meter.create_counter(
+            "cio.events.past_window",
+            unit="{event}",
+            description="Events sent past Customer.io's 72-hour window: recorded there, "
+            "but they trigger no campaign",
+        )
         self.delivery_duration = meter.create_histogram(
             "cio.delivery.duration",
             unit="s",
@@ -159,6 +166,9 @@ class Telemetry:
         self.dropped.add(1, attributes)
 
     # -- the flush thread -------------------------------------------------------------
+
+    def events_past_window(self, count: int) -> None:
+        self.past_window.add(count)
 
     @contextlib.contextmanager
     def request(self, route: str, message_count: int) -> Iterator[RequestSpan]:

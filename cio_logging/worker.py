@@ -41,9 +41,9 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from . import background
@@ -205,17 +205,30 @@ class DeliveryWorker:
         """Whether this process holds the queue directory's delivery lock."""
         return self._lock.held
 
-    def ensure_started(self) -> None:
+    def ensure_started(self) -> bool:
+        """Start the flush thread if it does not run; returns whether it runs.
+
+        False once closed, and at interpreter exit, where no thread is started (see
+        background.py): :meth:`deliver_here` then does the thread's work.
+        """
         thread = self._thread
-        if (thread is not None and thread.is_alive()) or self._stop.is_set():
-            return
+        if thread is not None and thread.is_alive():
+            return True
+        if self._stop.is_set() or background.interpreter_exiting():
+            return False
         with self._start_guard:  # a thread that died (it should not) is started again
             thread = self._thread
-            if (thread is None or not thread.is_alive()) and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name="cio_logging-flush", daemon=True
-                )
-                self._thread.start()
+            if thread is not None and thread.is_alive():
+                return True
+            if self._stop.is_set():
+                return False
+            thread = threading.Thread(target=self._run, name="cio_logging-flush", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return False
+            self._thread = thread
+            return True
 
     def notify(self) -> None:
         # Event.set takes a lock and notifies even when already set; this runs after
@@ -285,6 +298,54 @@ class DeliveryWorker:
                 return False
             time.sleep(min(remaining, 0.05))
         return True
+
+    def deliver_here(self, timeout: float, last_rowid: int) -> bool:
+        """:meth:`flush` without the flush thread: deliver on the calling thread.
+
+        For interpreter exit, where no thread may start and thread pools refuse work:
+        the requests go one after another on this thread (the client's ``deliver``,
+        never its ``submit``), and none starts after ``timeout`` (each is bounded by
+        what is left of it). Returns True once nothing more is due or what is left
+        cannot go now, as :meth:`flush` does; False on timeout. When another process
+        holds the right to send, it waits for that one as :meth:`flush` would.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            acquired = self._lock.try_acquire()
+        except PermissionError as exc:
+            self._report_foreign_lock(exc)
+            acquired = False
+        self._lock_tried = True
+        if not acquired:
+            return self.wait_for_sender(timeout, last_rowid)
+        client: DeliveryClient | None = None
+        try:
+            self._keep_due_times(self._clock.take_step())
+            settings = replace(
+                self._settings,
+                request_timeout=max(0.1, min(self._settings.request_timeout, timeout)),
+            )
+            client = make_client(
+                settings, breaker=self.breaker, rate_cap=self._rate_cap, telemetry=self._telemetry
+            )
+            here = CallingThreadClient(client, deadline)
+            while self._seconds_on_hold() <= 0 and self._deliver_once(here):
+                if time.monotonic() >= deadline:
+                    return False
+            return True
+        except Exception:  # never raise into flush() (logging.shutdown): it stays on disk
+            self._report_unexpected()
+            return False
+        finally:
+            if client is not None:
+                client.close()
+            with contextlib.suppress(Exception):
+                self._record_state(now=True)
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                # No thread goes on sending: let another process take over.
+                self._lock.release()
+                self._local_lock.release()
 
     def close(self, timeout: float) -> bool:
         """Stop the thread, waiting at most ``timeout``; returns whether it stopped."""
@@ -597,7 +658,9 @@ class DeliveryWorker:
                     for queued in allowed:
                         person = queued.event.person
                         accounted.setdefault(person, set()).add(queued.position)
-                        if person in busy or person in held:
+                        # A merge waits for either person's request in flight.
+                        people = queued.event.people
+                        if person in held or any(other in busy for other in people):
                             held.setdefault(person, []).append(queued)
                         else:
                             ready.append(queued)
@@ -606,7 +669,8 @@ class DeliveryWorker:
                         break  # wait for an answer: it frees people or shows new rows
                     continue  # all held back: read on, past them
                 for queued in ready:
-                    busy.setdefault(queued.event.person, set()).add(queued.position)
+                    for person in queued.event.people:
+                        busy.setdefault(person, set()).add(queued.position)
                 in_flight.append((client.submit(ready), ready))
             if not in_flight:
                 break
@@ -614,12 +678,16 @@ class DeliveryWorker:
             report = future.result()
             for queued in sent:
                 person = queued.event.person
-                for on_the_way in (busy, accounted):
-                    positions = on_the_way.get(person)
-                    if positions is not None:
-                        positions.discard(queued.position)
-                        if not positions:
-                            del on_the_way[person]
+                for on_the_way, people in (
+                    (busy, queued.event.people),
+                    (accounted, (person,)),
+                ):
+                    for someone in people:
+                        positions = on_the_way.get(someone)
+                        if positions is not None:
+                            positions.discard(queued.position)
+                            if not positions:
+                                del on_the_way[someone]
             self._apply(report)
             failed = failed or report.failure is not None
             exhausted = False
@@ -696,8 +764,34 @@ class DeliveryWorker:
                 if queued.event.person in listed_people and queued.position not in listed
             ]
         allowed.sort(key=_by_position)
+        allowed = self._merges_in_order(allowed, accounted)
         positions = {queued.position for queued in events}
         return allowed, read - sum(1 for queued in allowed if queued.position in positions)
+
+    def _merges_in_order(
+        self, allowed: list[QueuedEvent], accounted: dict[str, set[int]]
+    ) -> list[QueuedEvent]:
+        """Hold back a merge until every earlier call of the person it merges into is
+        accounted for, and with it the later calls of the person merged away.
+
+        A merge is stored under the person merged away, so that person's order holds
+        it already; ``Event.people`` names the other person. Rare: one query per merge.
+        """
+        if all(len(queued.event.people) == 1 for queued in allowed):
+            return allowed
+        kept: list[QueuedEvent] = []
+        stopped: set[str] = set()
+        for queued in allowed:
+            person, *others = queued.event.people
+            if person in stopped:
+                continue
+            if others:
+                earlier = self._wal.earlier_rows(others, queued.position - 1)
+                if any(position not in accounted.get(other, ()) for other, position, *_ in earlier):
+                    stopped.add(person)
+                    continue
+            kept.append(queued)
+        return kept
 
     def _take_due(
         self, limit: int, now: float, after: tuple[float, int] | None
@@ -1005,6 +1099,33 @@ class DeliveryWorker:
             self._stop.wait(_LINGER_SECONDS)
 
 
+class CallingThreadClient:
+    """A client that sends on the calling thread and starts no request after ``deadline``.
+
+    ``submit`` delivers at once (a thread pool refuses work at interpreter exit); past
+    the deadline nothing is sent and the calls are reported deferred (no attempt
+    counted): they stay in the log for the next sender.
+    """
+
+    def __init__(self, client: DeliveryClient, deadline: float) -> None:
+        self._client = client
+        self._deadline = deadline
+
+    def deliver(self, events: Sequence[QueuedEvent]) -> DeliveryReport:
+        if time.monotonic() >= self._deadline:
+            stopped = Failure(None, "stopped", "out of time at exit: not sent")
+            return DeliveryReport(deferred=list(events), failure=stopped)
+        return self._client.deliver(events)
+
+    def submit(self, events: Sequence[QueuedEvent]) -> Future[DeliveryReport]:
+        done: Future[DeliveryReport] = Future()
+        done.set_result(self.deliver(events))
+        return done
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def _by_position(queued: QueuedEvent) -> int:
     return queued.position
 
@@ -1018,7 +1139,9 @@ def _released(
     for person in list(held):
         if len(ready) >= limit:
             break
-        if person not in busy:
+        if person not in busy and not any(
+            other in busy for queued in held[person] for other in queued.event.people[1:]
+        ):
             ready.extend(held.pop(person))
     return ready
 

@@ -11,9 +11,11 @@ committed) and answers ``<event id> <worker pid>``, as tests/apps/wsgi_app.py do
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -35,7 +37,11 @@ options.update(json.loads(os.environ.get("CIO_TEST_HANDLER_OPTIONS", "{}")))
 logger = logging.getLogger("asgi_app.events")
 logger.setLevel(logging.INFO)
 logger.propagate = False
-logger.addHandler(CustomerIOHandler(**options))
+handler = CustomerIOHandler(**options)
+logger.addHandler(handler)
+EVENT_NAME = os.environ.get("CIO_TEST_EVENT_NAME", "purchase")
+SLOW_SECONDS = float(os.environ.get("CIO_TEST_SLOW_SECONDS", "1"))
+FLUSH_ON_SHUTDOWN = os.environ.get("CIO_TEST_FLUSH_ON_SHUTDOWN") == "1"
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -45,13 +51,19 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if FLUSH_ON_SHUTDOWN:
+                    handler.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] != "http":
         return
+    if scope["path"] == "/slow":
+        print("slow request started", file=sys.stderr, flush=True)
+        await asyncio.sleep(SLOW_SECONDS)
     event_id = str(ULID())
-    # An essential event: emit commits it to disk on this (the event loop's) thread.
-    logger.info("purchase", extra={"cio": {"customer_id": f"worker-{os.getpid()}", "id": event_id}})
+    person = scope["query_string"].decode() or f"worker-{os.getpid()}"
+    # An essential event is committed to disk by emit, on the event loop's thread.
+    logger.info(EVENT_NAME, extra={"cio": {"customer_id": person, "id": event_id}})
     body = f"{event_id} {os.getpid()}\n".encode()
     await send(
         {

@@ -50,11 +50,19 @@ def test_demo_says_what_it_does_and_keeps_its_queue_for_the_commands_it_suggests
 ) -> None:
     """The poison name is announced, each phase's count said, and every command it
     suggests works on the queue directory it kept, with no credentials in the environment."""
+    # As the README's first command runs it: the virtual environment's script, with the
+    # environment not active (its bin/ is not on PATH).
+    script = Path(PYTHON).parent / "cio-logging"
+    bin_dir = str(script.parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTOMERIO_", "CIO_"))}
+    env["PATH"] = path
     result = subprocess.run(
-        [PYTHON, "-m", "cio_logging.cli", "demo", "--outage-seconds", "1", "--dir", str(tmp_path)],
+        [str(script), "demo", "--outage-seconds", "1", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -68,23 +76,19 @@ def test_demo_says_what_it_does_and_keeps_its_queue_for_the_commands_it_suggests
     assert f"the queue directory is kept: {queue_dir}" in text
     assert (queue_dir / "wal").is_dir()
     assert not (tmp_path / "simulator").exists()  # its CA is of no use once it stopped
-    suggested = [line.strip() for line in text.splitlines() if line.startswith("  cio-logging ")]
+    assert re.search(r"breaker transitions closed->open, open->half-open, ", text)
+    # The commands it suggests, run as printed, in the shell the demo ran in.
+    suggested = [line.strip() for line in text.splitlines() if line.startswith(f"  {script} ")]
     assert [shlex.split(line)[1:3] for line in suggested] == [
         ["status", "--queue-dir"],
         ["dlq", "count"],
         ["dlq", "list"],
         ["dlq", "show"],
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTOMERIO_", "CIO_"))}
     outputs = []
     for line in suggested:
-        command = shlex.split(line)[1:]
         ran = subprocess.run(
-            [PYTHON, "-m", "cio_logging.cli", *command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
+            ["/bin/bash", "-c", line], capture_output=True, text=True, timeout=60, env=env
         )
         assert ran.returncode == 0, (line, ran.stderr)
         outputs.append(ran.stdout)
@@ -96,11 +100,14 @@ def test_demo_says_what_it_does_and_keeps_its_queue_for_the_commands_it_suggests
     assert f"when done: rm -rf {tmp_path}" in text
 
 
-def test_simulator_command_prints_url_and_ca() -> None:
+def test_simulator_command_prints_url_and_ca(tmp_path: Path) -> None:
+    """The export line works in any shell: the CA path in it is absolute, even for a
+    relative --state-dir."""
     with subprocess.Popen(
-        [PYTHON, "-m", "cio_logging.cli", "simulator", "--port", "0"],
+        [PYTHON, "-m", "cio_logging.cli", "simulator", "--port", "0", "--state-dir", "sim"],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=tmp_path,
     ) as process:
         assert process.stdout is not None
         lines = [process.stdout.readline() for _ in range(4)]
@@ -108,8 +115,12 @@ def test_simulator_command_prints_url_and_ca() -> None:
         assert process.wait(timeout=20) == 0
     text = "".join(lines)
     assert "https://127.0.0.1:" in text
-    assert ".pem" in text
     assert "CIO_LOGGING_TRACK_URL=" in text
+    export = next(line for line in lines if line.startswith("export "))
+    variables = dict(word.split("=", 1) for word in shlex.split(export)[1:])
+    ca_file = Path(variables["CIO_LOGGING_CA_BUNDLE"])
+    assert ca_file.is_absolute()
+    assert ca_file == tmp_path / "sim" / "cio-track-simulator-ca.pem"
 
 
 def test_unknown_arguments_are_refused() -> None:

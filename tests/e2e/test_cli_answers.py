@@ -315,12 +315,16 @@ class TestProgress:
     """Long commands show a counter with a rate on a terminal, and only there."""
 
     def replay(self, env: dict[str, str], *extra: str, terminal: bool) -> tuple[int, str, str]:
+        return self.command(env, "dlq", "replay", *extra, terminal=terminal)
+
+    def command(self, env: dict[str, str], *args: str, terminal: bool) -> tuple[int, str, str]:
+        """Run a command with stderr on a pseudo-terminal (or a pipe); (code, out, err)."""
         if not terminal:
-            result = run("dlq", "replay", *extra, env=env)
+            result = run(*args, env=env)
             return result.returncode, result.stdout, result.stderr
         controller, terminal_end = pty.openpty()
         process = subprocess.Popen(
-            [*CLI, "dlq", "replay", *extra],
+            [*CLI, *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -364,3 +368,21 @@ class TestProgress:
         assert code == ExitCode.OK
         assert "\r" not in stderr
         assert "replay:" not in stderr
+
+    def test_a_drain_on_a_terminal_counts_too(
+        self, simulator: TrackAPISimulator, make_handler: HandlerFactory, queue_dir: Path
+    ) -> None:
+        handler = make_handler(deliver="none")  # appends only: the drain sends
+        logger = logging.getLogger(f"test.cli.answers.progress.{time.monotonic_ns()}")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        for number in range(200):
+            logger.info("page_viewed", extra=cio_event(f"user-{number}"))
+        logger.removeHandler(handler)
+        handler.close()
+        env = child_environment(simulator, queue_dir)
+        code, stdout, shown = self.command(env, "drain", "--timeout", "60", terminal=True)
+        assert code == ExitCode.OK, shown
+        assert re.search(r"\rdrain: [\d,]+ of 200 done \(", shown), shown
+        assert "drain: 200 delivered" in stdout

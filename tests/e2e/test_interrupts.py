@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import operator
 import signal
 import struct
 import subprocess
@@ -24,7 +25,7 @@ from cio_logging.simulator import TrackAPISimulator
 from cio_logging.store import WriteAheadLog
 
 from ..apps import sigterm_app
-from ..helpers import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment
+from ..helpers import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
 
 INTERRUPT_APP = str(PROJECT_ROOT / "tests" / "apps" / "interrupt_app.py")
 
@@ -243,11 +244,13 @@ def _signal_run(
     tmp_path: Path,
     *options: str,
     signum: int = signal.SIGTERM,
+    at_least: tuple[int, ...] = (101, 101, 101, 101),
 ) -> tuple[int, dict[str, int], dict[str, set[int]], bytes, float]:
-    """Run tests/apps/sigterm_app.py and send it ``signum`` mid-flow. Returns the exit
-    status, what each thread had acknowledged just before the signal, what of each
-    thread's events is on disk or delivered, the app's memory map and when (monotonic)
-    the signal was sent."""
+    """Run tests/apps/sigterm_app.py and send it ``signum`` mid-flow, once each thread
+    has acknowledged at least its number in ``at_least`` (and 1.5 s have passed).
+    Returns the exit status, what each thread had acknowledged just before the signal,
+    what of each thread's events is on disk or delivered, the app's memory map and
+    when (monotonic) the signal was sent."""
     ack_map = tmp_path / "acknowledged.bin"
     ack_map.write_bytes(bytes(sigterm_app.MAP_BYTES))
     with subprocess.Popen(
@@ -259,6 +262,14 @@ def _signal_run(
         assert app.stdout is not None
         assert app.stdout.readline().strip() == "ready"
         time.sleep(1.5)
+
+        def counts() -> list[int]:
+            raw = ack_map.read_bytes()
+            return [int.from_bytes(raw[8 * n : 8 * n + 8], "little") for n in range(len(at_least))]
+
+        # Not a number of events in a fixed time: on a busy machine the main thread
+        # may get little of the GIL beside three threads logging flat out.
+        assert wait_for(lambda: all(map(operator.ge, counts(), at_least)), 60), counts()
         raw = ack_map.read_bytes()
         sent_at = time.monotonic()
         app.send_signal(signum)
@@ -280,9 +291,15 @@ def _signal_run(
 
 
 def _sigterm_run(
-    simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path, *options: str
+    simulator: TrackAPISimulator,
+    queue_dir: Path,
+    tmp_path: Path,
+    *options: str,
+    at_least: tuple[int, ...] = (101, 101, 101, 101),
 ) -> tuple[int, dict[str, int], dict[str, set[int]]]:
-    status, acknowledged, kept, _, _ = _signal_run(simulator, queue_dir, tmp_path, *options)
+    status, acknowledged, kept, _, _ = _signal_run(
+        simulator, queue_dir, tmp_path, *options, at_least=at_least
+    )
     return status, acknowledged, kept
 
 
@@ -313,7 +330,14 @@ class TestSigterm:
         """The main thread logs essential events, so SIGTERM mostly lands inside its
         own commit: the handler defers it until the thread leaves, then commits."""
         status, acknowledged, kept = _sigterm_run(
-            simulator, queue_dir, tmp_path, "--install", "--main-logs", "--commit-interval", "5"
+            simulator,
+            queue_dir,
+            tmp_path,
+            "--install",
+            "--main-logs",
+            "--commit-interval",
+            "5",
+            at_least=(11, 101, 101, 101),
         )
         assert status == -signal.SIGTERM
         assert acknowledged["thread-0"] > 10, acknowledged
