@@ -677,6 +677,7 @@ def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
         ("workspace", status["workspace"]),
         ("queued", f"{status['queued']}{_oldest(oldest)}"),
         ("dead letters", str(status["dead_letters"])),
+        ("spilled", _spills(status["spilled"])),
         ("sender", sending),
         ("breaker", breaker),
         ("last error", last_error),
@@ -685,6 +686,17 @@ def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
     for label, value in rows:
         out.line(f"{label:<16} {value}")
     return ExitCode.OK
+
+
+def _spills(spills: list[dict[str, Any]]) -> str:
+    """Fleet status: rows waiting in hosts' local spills, per host."""
+    if not spills:
+        return "0"
+    return "; ".join(
+        f"{spill['rows']} on {spill['host']} ({spill['directory']}, reported "
+        f"{_age(spill['reported_age_seconds'])} ago)"
+        for spill in spills
+    )
 
 
 def _run_status(args: argparse.Namespace, out: _Output) -> int:

@@ -61,6 +61,7 @@ from .store import (
     ReplayRecord,
     WriteAheadLog,
 )
+from .store.owner import check as check_owner
 from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
 from .window import WINDOW_SECONDS, past_window
 
@@ -454,13 +455,15 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
     Raises:
         QueueError: the database cannot be reached (the text holds no password).
     """
-    from .store.postgres import PostgresLease, SenderState, display_url
+    from .store.postgres import PostgresLease, SenderState, display_url, fleet_summary
 
     moment = time.time() if now is None else now
     database = location.database()
     try:
         workspace = location.workspace
-        ((queued, oldest),) = database.run("queue_summary", {"workspace": workspace})
+        # Times on this host's clock, from the database's (one clock for the fleet).
+        summary = fleet_summary(database, workspace)
+        queued, oldest = summary["queued"], summary["oldest_logged_at"]
         ((dead,),) = database.run("count_dead_letters", {"workspace": workspace})
         info = PostgresLease(database, workspace, seconds=1.0, log=None).info()
         state = SenderState(database, workspace, None).read() or {}
@@ -476,6 +479,18 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
         "oldest_age_seconds": None if oldest is None else round(max(0.0, moment - oldest), 3),
         "oldest_past_window": oldest is not None and moment - float(oldest) > WINDOW_SECONDS,
         "dead_letters": int(dead),
+        # Rows in hosts' local spills (committed there while the database did not
+        # answer), as each host last reported them: on their way into the queue.
+        "spilled": [
+            {
+                "host": spill["host"],
+                "directory": spill["directory"],
+                "rows": spill["rows"],
+                "oldest_logged_at": iso_time(spill["oldest_logged_at"]),
+                "reported_age_seconds": round(max(0.0, moment - spill["reported_at"]), 3),
+            }
+            for spill in summary["spills"]
+        ],
         "sender": None
         if info is None
         else {
@@ -809,6 +824,9 @@ def replay_dead_letters(
     report = ReplayReport(dry_run=dry_run)
     started = time.monotonic()
     _check(location, writable=not dry_run)
+    if isinstance(location, Path) and not dry_run:
+        # Sent with these credentials: only a directory of this workspace.
+        check_owner(location, settings.account)
     stop = stop or threading.Event()
     with contextlib.ExitStack() as cleanup:
         if not dry_run and isinstance(location, Path):

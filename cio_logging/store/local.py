@@ -61,6 +61,7 @@ from .rows import (
     decode_row,
     encode_row,
     matching_letters,
+    storable_key,
 )
 
 if TYPE_CHECKING:
@@ -406,6 +407,8 @@ class WriteAheadLog:
     @sqlite_section
     def get(self, key: str) -> QueuedEvent | None:
         """One waiting event by key, or None (gone, or not readable: left for the worker)."""
+        if not storable_key(key):
+            return None
         # fetchall, not fetchone: a statement left unfinished keeps its read snapshot
         # open, and this connection would not see later commits.
         rows = self._cache._sql(_SELECT_KEY, (key,)).fetchall()
@@ -761,6 +764,8 @@ class DeadLetterStore:
     @sqlite_section
     def get(self, key: str) -> DeadLetter | None:
         """One entry by its key (the event id, in either case), or None."""
+        if not storable_key(key):
+            return None
         try:
             text = self._cache.get(key)
             if text is None and key != key.upper():  # ULIDs are case-insensitive
