@@ -48,6 +48,7 @@ from .store import (
     encode_row,
     secure_directory,
 )
+from .store.owner import claim as claim_queue_dir
 from .telemetry import QueueProbes, Telemetry
 from .wire import call_from_record
 from .worker import DeliveryWorker, flush_thread_marker
@@ -125,6 +126,8 @@ class CustomerIOHandler(logging.Handler):
         queue_dir_path = self.settings.queue_dir
         try:
             secure_directory(queue_dir_path)
+            # One workspace per queue directory: its rows go out with our credentials.
+            claim_queue_dir(queue_dir_path, self.settings.account)
             self._wal: EventLog
             self._dead_letters: DeadLetterArchive
             self._lease: PostgresLease | None = None
@@ -464,9 +467,22 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.disk_error or "timed out",
             )
             return False
+        # Fleet mode: rows in the local spill are not in the database yet; move them
+        # now if it answers (whatever "deliver" is: no sender of ours may exist).
+        settle = getattr(self._wal, "settle", None)
+        spilled = 0 if settle is None else settle(max(0.0, deadline - time.monotonic()))
+        if spilled:
+            internal_log.warning(
+                "flush: PostgreSQL does not answer; %d event(s) wait in the local spill "
+                "and move to the database once it answers",
+                spilled,
+            )
+            return False
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
+        # Fleet mode: rows moved from the spill into the database are ours too.
+        last_rowid = max(last_rowid, getattr(self._wal, "moved_through", 0))
         if self._deliver == DELIVER_NONE:
             return True
         remaining = max(0.0, deadline - time.monotonic())
