@@ -50,6 +50,7 @@ from .store import (
     encode_row,
     secure_directory,
 )
+from .store.owner import claim as claim_queue_dir
 from .telemetry import QueueProbes, Telemetry
 from .wire import call_from_record
 
@@ -126,6 +127,8 @@ class CustomerIOHandler(logging.Handler):
         queue_dir_path = self.settings.queue_dir
         try:
             secure_directory(queue_dir_path)
+            # One workspace per queue directory: its rows go out with our credentials.
+            claim_queue_dir(queue_dir_path, self.settings.account)
             self._wal: EventLog
             self._dead_letters: DeadLetterArchive
             self._lease: PostgresLease | None = None
@@ -481,9 +484,23 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.disk_error or "timed out",
             )
             return False
+        # Fleet mode: rows in the local spill are not in the database yet; move them
+        # now if it answers (whatever "deliver" is: no sender of ours may exist).
+        spill = self._spill
+        spilled = 0 if spill is None else spill.settle(max(0.0, deadline - time.monotonic()))
+        if spilled:
+            internal_log.warning(
+                "flush: PostgreSQL does not answer; %d event(s) wait in the local spill "
+                "and move to the database once it answers",
+                spilled,
+            )
+            return False
         # Every row this process committed has a position at most this one: flush
         # waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
+        # Fleet mode: rows moved from the spill into the database are ours too.
+        if spill is not None:
+            last_rowid = max(last_rowid, spill.moved_through)
         if self._deliver == DELIVER_NONE:
             return True
         remaining = max(0.0, deadline - time.monotonic())
@@ -619,9 +636,9 @@ class CustomerIOHandler(logging.Handler):
 
         url = self.settings.queue_url or ""
         lease, fleet = None, None
-        available = getattr(self._wal, "available", None)
+        spill = self._spill
         try:
-            if available is not None and not available():
+            if spill is not None and not spill.available():
                 raise QueueError("PostgreSQL does not answer (commits go to the local spill)")
             info = self._lease.info()
             lease = (
@@ -639,14 +656,13 @@ class CustomerIOHandler(logging.Handler):
             fleet = self._fleet_state.read()
         except Exception as exc:  # status() never raises; the error is scrubbed
             fleet = {"database_error": str(exc)}
-        spill = getattr(self._wal, "spill", None)
         return {
             "store": "postgresql",
             "queue_url": display_url(url),
             "workspace": self.settings.workspace,
             "lease": lease,
             "fleet": fleet,
-            "spilled": None if spill is None else _or_none(spill.__len__),
+            "spilled": None if spill is None else _or_none(spill.spilled),
         }
 
     def _count_drop(self, reason: str, essential: bool | None) -> None:

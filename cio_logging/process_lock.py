@@ -62,6 +62,10 @@ class DeliveryLock:
                 os.write(descriptor, f"{os.getpid()}\n".encode())
             return True
 
+    def lost(self) -> None:
+        """A lock file is never taken away from its holder: nothing to do (the lease of
+        fleet mode can be)."""
+
     def release(self) -> None:
         with self._guard:
             if self._descriptor is not None:
@@ -74,7 +78,10 @@ class DeliveryLock:
         # parent's lock too (flock locks belong to the shared open file description).
         self._guard = threading.Lock()
         if self._descriptor is not None:
-            os.close(self._descriptor)
+            # EBADF: another thread of the parent was releasing it at the fork (closed,
+            # not yet forgotten).
+            with contextlib.suppress(OSError):
+                os.close(self._descriptor)
             self._descriptor = None
 
 

@@ -15,12 +15,15 @@ behind, and refuse to land one after a delete of its person).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..config import Settings
+from ..errors import LeaseLostError
+from ..events import DELETE
 from ..resilience import RequestRateCap, RetryPolicy
 from ..store import (
     DeadLetterHistory,
@@ -31,6 +34,7 @@ from ..store import (
     ReplayRecord,
     SenderQueue,
 )
+from ..store.rows import LATER_KEPT
 from ..telemetry import Telemetry
 from .exchange import Result
 from .outcome import Reason
@@ -72,6 +76,8 @@ class Effects:
         self._uncertain_reported_at = float("-inf")
         # The people who have dead letters, and the ids of those (see note_later).
         self._dead_people: dict[str, list[str]] | None = None
+        # Entries that hold their first later calls already: noted again for a delete only.
+        self._later_full: set[str] = set()
 
     # -- before sending: what may not go ----------------------------------------------
 
@@ -116,12 +122,18 @@ class Effects:
         planned = result.planned
         batch = planned.batch
         now = self._clock()
+        # Read before the rows go; written after: the dead letters and the one
+        # acknowledgement follow each other with nothing in between (a sender stopped
+        # there, a SIGSTOP past its lease, leaves the least for the next one to redo).
+        later = self._later_calls(planned, result.delivered, result.refused, now)
         refused = self._refused(result, now)
-        if result.delivered:
-            self._note_later(planned, result.delivered, result.refused, now)
         gone = [batch.positions[index] for index in result.delivered]
         gone += [batch.positions[index] for index, _ in result.refused]
         self._queue.acknowledge(gone, delivered=len(result.delivered))
+        for key, calls in later.items():
+            with contextlib.suppress(LeaseLostError):  # advisory; the loop sees the loss
+                if self._dead_letters.note_later_calls(key, calls) >= LATER_KEPT:
+                    self._later_full.add(key)
         self.stats.delivered += len(result.delivered)
         self.stats.dead_lettered += refused
         self.stats.requests += result.requests
@@ -318,36 +330,47 @@ class Effects:
         """Read the dead letters' people again at the next batch (a new sender)."""
         self._dead_people = None
 
-    def _note_later(
+    def _later_calls(
         self,
         planned: Planned,
         delivered: list[int],
         refused: list[tuple[int, Reason]],
         now: float,
-    ) -> None:
-        """For a person with a dead letter, record the calls delivered after it."""
+    ) -> dict[str, list[LaterCall]]:
+        """For each dead letter whose person had calls delivered in this batch after it,
+        those calls (to note; none for an entry that holds its first ones, bar a delete)."""
+        if not delivered:
+            return {}
         if self._dead_people is None:
             try:
                 self._dead_people = self._dead_letters.people()
             except Exception:  # the record is advisory; retried next batch
                 internal_log.debug("dead letters' people not read", exc_info=True)
-                return
+                return {}
         batch = planned.batch
         people = self._dead_people
         mine = people.keys() & set(batch.people) if people else set()
         if not mine:
-            return
+            return {}
         chosen = [index for index in delivered if batch.people[index] in mine]
         events, _ = self._queue.rows([batch.positions[index] for index in chosen])
         index_of = {batch.positions[index]: index for index in chosen}
         # Dead-lettered in this very batch: only the calls after it are later ones.
         refused_at = {batch.ids[index]: index for index, _ in refused}
-        for queued in events:
+        # One write per entry and batch, and none for an entry that holds its first
+        # calls already (bar a delete): a person with many dead letters and many calls
+        # costs no more writes than one with a few.
+        noted: dict[str, list[LaterCall]] = {}
+        for queued in sorted(events, key=lambda q: q.position):
             event, index = queued.event, index_of[str(queued.position)]
             call = LaterCall(queued.key, event.call, event.name, event.logged_at, now)
             for key in people.get(event.person, ()):
-                if refused_at.get(key, -1) < index:
-                    self._dead_letters.note_later_calls(key, [call])
+                if refused_at.get(key, -1) >= index:
+                    continue
+                if key in self._later_full and event.call != DELETE:
+                    continue
+                noted.setdefault(key, []).append(call)
+        return noted
 
     def _count_delivered(self, planned: Planned, delivered: list[int], now: float) -> None:
         if self._telemetry is None:

@@ -80,6 +80,9 @@ class SenderLock(Protocol):
 
     def try_acquire(self) -> bool: ...
 
+    def lost(self) -> None:
+        """Another process took the right over (fleet mode): forget holding it."""
+
     def release(self) -> None: ...
 
 
@@ -358,10 +361,15 @@ class Sender:
                     # Paused or cut off past the lease: another process sends now. Stop
                     # at once; the rows not acknowledged are the new sender's.
                     internal_log.warning("%s; this process stops sending", exc)
-                    lost = getattr(self._lock, "lost", None)
-                    if lost is not None:
-                        lost()
+                    self._lock.lost()
                     client = self._drop(client)
+                except DatabaseError as exc:
+                    # Fleet mode, the database away (a restart, a failover): expected,
+                    # said in a line (at most once a minute), no traceback. The rows are
+                    # in the database; sending resumes when it answers.
+                    self._report_database_away(exc)
+                    client = self._drop(client)
+                    self._stop.wait(max(self._settings.flush_interval, 1.0))
                 except Exception:
                     # A locked database (another process held it past the timeout), a
                     # full disk, a bug: never let the thread die. Events stay on disk;
@@ -632,6 +640,8 @@ class Sender:
                 return
         try:
             self._record.write(state)
+        except LeaseLostError:
+            raise  # fenced: another sender took over; the loop stops this one
         except DatabaseError as exc:
             internal_log.debug("sender state not recorded: %s", exc)
 
@@ -648,7 +658,10 @@ class Sender:
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
         if self._lock.held:
-            self._record_state(now=True, breaker=new)
+            # A listener's exception would reach the request: a lost lease shows at the
+            # sender's next fenced write instead.
+            with contextlib.suppress(LeaseLostError):
+                self._record_state(now=True, breaker=new)
         if new == OPEN:
             internal_log.warning(
                 "circuit breaker opened (%s -> %s): Customer.io keeps failing; "
@@ -667,6 +680,12 @@ class Sender:
             internal_log.info("circuit breaker %s -> %s", old, new)
         if self._telemetry is not None:
             self._telemetry.breaker_transition(old, new)
+
+    def _report_database_away(self, error: DatabaseError) -> None:
+        now = time.monotonic()
+        if now - self._unexpected_reported_at >= _ERROR_REPEAT_SECONDS:
+            self._unexpected_reported_at = now
+            internal_log.warning("sending paused: %s; it resumes once the database answers", error)
 
     def _report_unexpected(self) -> None:
         now = time.monotonic()

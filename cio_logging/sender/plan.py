@@ -120,7 +120,10 @@ class Planner:
             planned.corrupt.append((index_of[str(entry.position)], entry))
         for queued in events:
             index = index_of[str(queued.position)]
-            since = max(queued.event.logged_at, queued.replayed_at or 0.0)
+            # Fleet mode: logged_at_here is on the database's clock, moved to this host's
+            # (a host whose clock is off ages nothing).
+            logged_at = queued.logged_at_here or queued.event.logged_at
+            since = max(logged_at, queued.replayed_at or 0.0)
             uncounted = self._clock.uncounted_since(since)
             if self._retry.expired(since, now, uncounted=uncounted):
                 planned.expired.append((index, queued))

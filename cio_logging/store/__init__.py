@@ -124,8 +124,9 @@ class QueueView(Protocol):
     def volume(self) -> int:
         """Bytes the waiting rows take (for the shedding limits)."""
 
-    def delivered_total(self) -> int:
-        """Calls delivered from this queue so far, by any process (0 where not kept)."""
+    def delivered_total(self) -> int | None:
+        """Calls delivered from this queue so far, by any process (None: not counted,
+        as in fleet mode, where the sender's row counts them)."""
 
     def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
         """Whether a row at or before position ``rowid`` still waits and can go now
@@ -189,6 +190,19 @@ class Spilling(Protocol):
     def move_spilled(self, limit: int = 500) -> int:
         """Move up to ``limit`` spilled rows to the database; how many moved."""
 
+    def available(self) -> bool:
+        """Whether commits go to the database now (False: to the spill)."""
+
+    def settle(self, timeout: float) -> int:
+        """Move the spill to the database within ``timeout``; the rows left in it."""
+
+    @property
+    def moved_through(self) -> int:
+        """A position every row moved from the spill by this process is at or before."""
+
+    def spilled(self) -> int:
+        """Rows in the local spill now."""
+
 
 class LegacyRows(Protocol):
     """The local store: rows an earlier version left in diskcache's own table."""
@@ -222,8 +236,9 @@ class DeadLetterWriter(Protocol):
     def people(self) -> dict[str, list[str]]:
         """The ids of the entries of each person (``Event.person``)."""
 
-    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
-        """Record calls of the entry's person delivered after it was dead-lettered."""
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> int:
+        """Record calls of the entry's person delivered after it was dead-lettered;
+        returns how many it has noted in all (0: no such entry)."""
 
 
 class DeadLetterArchive(DeadLetterWriter, Protocol):

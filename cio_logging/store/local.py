@@ -66,6 +66,7 @@ from .rows import (
     encode_row,
     letter_json,
     matching_letters,
+    storable_key,
 )
 
 _internal_log = logging.getLogger("cio_logging")
@@ -273,7 +274,8 @@ class WriteAheadLog:
             # bounded scan at a time), or the end of the queue? A scan whose every call
             # is of a busy person ends the read: an answer frees them, and reading on
             # through a long backlog of theirs at every read would cost more each time.
-            ((last, scanned, busy),) = self._cache._sql(_SCANNED, parameters).fetchall()
+            scanned_sql = _SCANNED_ALL if query.lane is None else _SCANNED_LANE
+            ((last, scanned, busy),) = self._cache._sql(scanned_sql, parameters).fetchall()
             if scanned < parameters["scan"] or last is None or busy == scanned:
                 return _send_batch(None, None, None, None, None, None, None, 0)
             parameters["after"] = last
@@ -306,7 +308,7 @@ class WriteAheadLog:
                 connection.execute(_COUNT_DELIVERED, (delivered,))
 
     @sqlite_section
-    def delivered_total(self) -> int:
+    def delivered_total(self) -> int | None:
         """Calls delivered from this queue so far, by any process (0 before the first)."""
         rows = self._cache._sql(_SELECT_DELIVERED).fetchall()
         return int(rows[0][0]) if rows else 0
@@ -444,12 +446,20 @@ class WriteAheadLog:
         return Batch(events, corrupt, cursor)
 
     @sqlite_section
-    def remove(self, keys: Iterable[str]) -> None:
-        """Delete rows by event id (one statement)."""
+    def remove(self, keys: Iterable[str], *, delivered: int = 0) -> None:
+        """Delete rows by event id (one statement); ``delivered`` of them were accepted
+        (counted as :meth:`acknowledge` does)."""
         doomed = list(keys)
         if doomed:
+            # SQLite's JSON functions end a string at an escaped NUL: such ids (a
+            # foreign or damaged row) are deleted one by one, bound as they are.
+            odd = [(key,) for key in doomed if "\x00" in key]
             with self._write_guard, self._transaction() as connection:
                 connection.execute(_DELETE_IDS, (json.dumps(doomed),))
+                if odd:
+                    connection.executemany(_DELETE_ID, odd)
+                if delivered:
+                    connection.execute(_COUNT_DELIVERED, (delivered,))
 
     # -- clock steps ---------------------------------------------------------------------
 
@@ -488,6 +498,8 @@ class WriteAheadLog:
     @sqlite_section
     def get(self, key: str) -> QueuedEvent | None:
         """One waiting event by id, or None (gone, or not readable: left for the sender)."""
+        if not storable_key(key):
+            return None
         # fetchall, not fetchone: a statement left unfinished keeps its read snapshot
         # open, and this connection would not see later commits.
         rows = self._cache._sql(_SELECT_ID, (key,)).fetchall()
@@ -770,6 +782,7 @@ _IN_POSITIONS = "position IN (SELECT value FROM json_each(?))"
 _SELECT_POSITIONS = f"SELECT {_COLUMNS} FROM cio_queue WHERE {_IN_POSITIONS} ORDER BY position"  # noqa: S608
 _DELETE_POSITIONS = f"DELETE FROM cio_queue WHERE {_IN_POSITIONS}"  # noqa: S608
 _DELETE_IDS = "DELETE FROM cio_queue WHERE id IN (SELECT value FROM json_each(?))"
+_DELETE_ID = "DELETE FROM cio_queue WHERE id = ?"
 _SELECT_FROM = f"SELECT {_COLUMNS} FROM cio_queue WHERE position > ? ORDER BY position LIMIT ?"  # noqa: S608
 _SELECT_ID = f"SELECT {_COLUMNS} FROM cio_queue WHERE id = ?"  # noqa: S608
 _SELECT_ID_EXISTS = "SELECT 1 FROM cio_queue WHERE id = ?"
@@ -781,9 +794,14 @@ _NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL AND due > 
 _SCANNED = (
     "SELECT max(position), count(*), coalesce(sum(person IN (SELECT value FROM"
     " json_each(:busy)) OR other_person IN (SELECT value FROM json_each(:busy))), 0)"
-    " FROM (SELECT position, person, other_person FROM cio_queue"
-    " WHERE position > :after AND (:lane IS NULL OR lane = :lane) ORDER BY position"
-    " LIMIT :scan)"
+    " FROM (SELECT position, person, other_person FROM cio_queue {where}"
+    " ORDER BY position LIMIT :scan)"
+)
+# One lane's rows through its index: a lane with nothing to send must cost a probe,
+# not a walk through every other lane's rows.
+_SCANNED_ALL = _SCANNED.format(where="WHERE position > :after")
+_SCANNED_LANE = _SCANNED.format(
+    where="INDEXED BY cio_queue_lane WHERE lane = :lane AND position > :after"
 )
 # The attempts a row has had: the column once set, else what its text's history says
 # (a row replayed or moved from a spill carries it there).
@@ -1020,6 +1038,8 @@ class DeadLetterStore:
     @sqlite_section
     def get(self, key: str) -> DeadLetter | None:
         """One entry by its key (the event id, in either case), or None."""
+        if not storable_key(key):
+            return None
         try:
             text = self._cache.get(key)
             if text is None and key != key.upper():  # ULIDs are case-insensitive
@@ -1066,17 +1086,21 @@ class DeadLetterStore:
         return found
 
     @sqlite_section
-    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> int:
         """Record calls of the entry's person delivered after it (a replay would land
-        behind them); the first ones are kept, all are counted."""
+        behind them): the first ones and every delete are kept, all are counted.
+        Returns how many are counted (0: no such entry)."""
         letter = self.get(key)
-        if letter is None or letter.event is None or not calls:
-            return
+        if letter is None or letter.event is None:
+            return 0
+        if not calls:
+            return letter.later_count
         kept, count = letter.with_later(calls)
         entry = letter_json(letter)
         entry["later"] = [call.to_json() for call in kept]
         entry["later_count"] = count
         self._cache.set(letter.key, json.dumps(entry, ensure_ascii=False, separators=(",", ":")))
+        return count
 
     @sqlite_section
     def purge(self, letters: Iterable[DeadLetter]) -> int:

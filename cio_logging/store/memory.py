@@ -251,7 +251,7 @@ class InMemoryStore:
                 corrupt.append(CorruptEntry(row.id, str(exc), row.position))
         return events, corrupt
 
-    def delivered_total(self) -> int:
+    def delivered_total(self) -> int | None:
         return self._delivered
 
     def acknowledge(self, positions: Sequence[str | int], *, delivered: int = 0) -> None:
@@ -393,16 +393,19 @@ class InMemoryStore:
                 found.setdefault(letter.person, []).append(letter.key)
         return found
 
-    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> int:
         letter = self.letter(key)
-        if letter is None or not calls:
-            return
+        if letter is None:
+            return 0
+        if not calls:
+            return letter.later_count
         kept, count = letter.with_later(calls)
         entry = letter_json(letter)
         entry["later"] = [call.to_json() for call in kept]
         entry["later_count"] = count
         with self._guard:
             self._letters[key] = json.dumps(entry, ensure_ascii=False)
+        return count
 
     @property
     def dead_letters(self) -> InMemoryDeadLetters:
@@ -423,8 +426,8 @@ class InMemoryDeadLetters:
     def people(self) -> dict[str, list[str]]:
         return self._store.people()
 
-    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> None:
-        self._store.note_later_calls(key, calls)
+    def note_later_calls(self, key: str, calls: Sequence[LaterCall]) -> int:
+        return self._store.note_later_calls(key, calls)
 
     def __iter__(self) -> Iterator[DeadLetter]:
         return self._store.letters()

@@ -40,6 +40,10 @@ class QueuedEvent(NamedTuple):
     #: Where the row sits in commit order (SQLite rowid, PostgreSQL seq): the order a
     #: person's calls are sent in (see EventLog.earlier_rows). 0: not known.
     position: int = 0
+    #: When the event was logged on this process's clock, where the store knows it
+    #: better than the event's own stamp: fleet mode measures ages on the database's
+    #: clock, so a host whose clock is off ages no event (None: use event.logged_at).
+    logged_at_here: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,18 @@ _ROW_VERSION = 2
 _CALL_ROW_VERSION = 3
 # Built once: json.dumps with options builds a new encoder on every call.
 _ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def storable_key(key: str) -> bool:
+    """Whether ``key`` can be an id in a store (an id given on the command line may hold
+    anything: bytes that are not UTF-8, a NUL); no stored row has one that is not."""
+    if "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_row(
@@ -488,9 +504,11 @@ class LaterCall:
         )
 
 
-# The later calls an entry keeps (the first ones: a replay lands behind all of them,
-# and the first delete is what matters); later_count counts them all.
-_LATER_KEPT = 20
+# The later calls an entry keeps: the first ones (a replay lands behind all of them),
+# and every delete besides (what matters most). The sender notes no more calls of an
+# entry once it holds these, but deletes: later_count is then a lower bound.
+LATER_KEPT = 20
+_LATER_KEPT = LATER_KEPT
 
 
 def person_of(event: Mapping[str, Any] | None) -> str | None:
@@ -544,8 +562,18 @@ class DeadLetter:
         """The later calls with ``calls`` added: (kept, count)."""
         known = {call.id for call in self.later}
         new = [call for call in calls if call.id not in known]
-        kept = (*self.later, *new)[:_LATER_KEPT]
-        return kept, self.later_count + len(new)
+        kept: list[LaterCall] = []
+        plain = deletes = 0
+        for call in (*self.later, *new):
+            if call.call == "delete":
+                deletes += 1
+                if deletes <= _LATER_KEPT:
+                    kept.append(call)
+            else:
+                plain += 1
+                if plain <= _LATER_KEPT:
+                    kept.append(call)
+        return tuple(kept), self.later_count + len(new)
 
     @property
     def event_name(self) -> str | None:
@@ -622,7 +650,7 @@ def dead_letter_entry(
         "original": original.to_json(),
         "replays": [record.to_json() for record in replays[-_REPLAY_HISTORY:]],
         "replay_count": len(replays) if replay_count is None else replay_count,
-        "later": [call.to_json() for call in later[:_LATER_KEPT]],
+        "later": [call.to_json() for call in later],
         "later_count": max(later_count, len(later)),
     }
 

@@ -1,4 +1,4 @@
--- cio_logging schema version 3: the sender reads a batch per query (see next_batch in
+-- cio_logging schema version 4: the sender reads a batch per query (see next_batch in
 -- postgres.py). A row that failed waits for its retry, and its person's later calls wait
 -- for it: those rows alone are indexed by person and by due time, so the check costs an
 -- index probe that is usually empty.
@@ -24,3 +24,11 @@ CREATE INDEX IF NOT EXISTS cio_queue_other ON cio_queue (workspace, other_person
     WHERE other_person IS NOT NULL;
 CREATE INDEX IF NOT EXISTS cio_queue_merges ON cio_queue (workspace, person, seq)
     WHERE other_person IS NOT NULL;
+-- The calls of a dead letter's person delivered after it (what a replay would land
+-- behind), noted by the sender beside the entry, which is written once.
+CREATE TABLE IF NOT EXISTS cio_dead_letter_later (
+    workspace text NOT NULL,
+    id text NOT NULL,
+    later text NOT NULL,
+    PRIMARY KEY (workspace, id)
+);
