@@ -349,6 +349,12 @@ class Effects:
                 return {}
         batch = planned.batch
         people = self._dead_people
+        if refused:  # dead-lettered in this very batch: theirs count from here on
+            people = {person: list(keys) for person, keys in people.items()}
+            for index, _ in refused:
+                keys = people.setdefault(batch.people[index], [])
+                if batch.ids[index] not in keys:
+                    keys.append(batch.ids[index])
         mine = people.keys() & set(batch.people) if people else set()
         if not mine:
             return {}

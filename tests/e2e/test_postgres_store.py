@@ -63,6 +63,7 @@ class TestSchema:
             "cio_schema_version",
             "cio_queue",
             "cio_dead_letter",
+            "cio_dead_letter_later",
             "cio_lease",
             "cio_sender_state",
             "cio_spill",
