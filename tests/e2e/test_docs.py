@@ -339,6 +339,21 @@ class TestEveryBlockIsAccountedFor:
         ]
         assert not wide, wide
 
+    def test_no_page_reads_like_internal_notes(self) -> None:
+        """Written for a reader: no issue numbers, to-dos or work-in-progress asides."""
+        notes = re.compile(
+            r"\bissues? \d+|\bTODO\b|\bFIXME\b|\bXXX\b|planned, not built|not proven"
+            r"|of the issue's targets|our reading",
+            re.IGNORECASE,
+        )
+        found = [
+            f"{page.relative_to(PROJECT_ROOT)}:{number}: {match.group(0)}"
+            for page in PAGES
+            for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+            for match in notes.finditer(line)
+        ]
+        assert not found, found
+
     def test_blocks_not_run_are_the_listed_ones(self) -> None:
         marked = [b for b in ALL_BLOCKS if b.marker == "not-run"]
         for block in marked:
