@@ -11,6 +11,7 @@ alone can stop a process for longer than any bound a test could hold.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -33,13 +34,24 @@ from ..helpers import (
 )
 
 WORKERS = 2
+
+
+def require(library: str) -> None:
+    """Skip unless ``library`` is installed, without importing it here: importing
+    eventlet into the test process makes every later fork warn (and fail the tests
+    that fork, under ``filterwarnings = error``), and gevent is for its own processes.
+    """
+    if importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} is not installed (the test extra installs it)")
+
+
 REQUESTS = 300
 
 
 def test_gunicorn_gevent_workers_deliver_every_answered_event_once(
     simulator: TrackAPISimulator, queue_dir: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("gevent", reason="the test extra installs gevent")
+    require("gevent")
     simulator.record_bodies = True
     ticks = tmp_path / "ticks"
     ticks.mkdir()
@@ -153,7 +165,7 @@ def test_a_short_patched_script_delivers_at_exit(
     names in its thread pool, which cannot start a thread at exit: the handler resolves
     them on the hub instead then (nothing else runs on it any more). eventlet, whose
     gunicorn worker gunicorn 27 no longer ships, is tested this way only."""
-    pytest.importorskip(library, reason="the test extra installs gevent and eventlet")
+    require(library)
     # eventlet and its DNS library warn, on stderr, that they are deprecated.
     quiet = ["-W", "ignore"] if library == "eventlet" else []
     result = subprocess.run(
