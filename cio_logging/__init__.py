@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from .adapter import CioAdapter
 from .errors import (
     CIOLoggingError,
     ConfigurationError,
@@ -22,9 +23,16 @@ from .errors import (
     UnreadableTagError,
 )
 from .events import (
+    cio_add_device,
+    cio_add_relationships,
+    cio_alias,
     cio_delete,
+    cio_delete_device,
+    cio_delete_relationships,
     cio_event,
+    cio_group,
     cio_identify,
+    cio_merge,
     cio_page,
     cio_screen,
     cio_suppress,
@@ -38,6 +46,7 @@ __version__ = PACKAGE_VERSION
 
 __all__ = [
     "CIOLoggingError",
+    "CioAdapter",
     "ConfigurationError",
     "CorruptEntryError",
     "CustomerIOHandler",
@@ -45,9 +54,16 @@ __all__ = [
     "QueueError",
     "UnreadableTagError",
     "__version__",
+    "cio_add_device",
+    "cio_add_relationships",
+    "cio_alias",
     "cio_delete",
+    "cio_delete_device",
+    "cio_delete_relationships",
     "cio_event",
+    "cio_group",
     "cio_identify",
+    "cio_merge",
     "cio_page",
     "cio_screen",
     "cio_suppress",

@@ -49,6 +49,7 @@ from .operations import (
     show_dead_letter,
 )
 from .sender_process import ENV_OPTIONS, ENV_PARENT, die_with_parent
+from .window import WINDOW_SECONDS
 
 EXIT_CODES = """\
 exit codes:
@@ -589,6 +590,18 @@ def _show_library_warnings() -> None:
         library_log.setLevel(logging.WARNING)
 
 
+def _oldest(seconds: float | None) -> str:
+    """The queue's age for the status line, marked once past the 72-hour window."""
+    if seconds is None:
+        return ""
+    if seconds > WINDOW_SECONDS:
+        return (
+            f" (oldest {_age(seconds)}: past Customer.io's 72-hour window, so the oldest "
+            "trigger no campaign when they arrive)"
+        )
+    return f" (oldest {_age(seconds)})"
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -662,7 +675,7 @@ def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
     rows = [
         ("store", f"PostgreSQL {status['queue_url']}"),
         ("workspace", status["workspace"]),
-        ("queued", f"{status['queued']}" + ("" if oldest is None else f" (oldest {_age(oldest)})")),
+        ("queued", f"{status['queued']}{_oldest(oldest)}"),
         ("dead letters", str(status["dead_letters"])),
         ("sender", sending),
         ("breaker", breaker),
@@ -682,9 +695,7 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
     if out.json_mode:
         out.json(status.to_dict())
         return ExitCode.OK
-    oldest = (
-        "" if status.oldest_age_seconds is None else f" (oldest {_age(status.oldest_age_seconds)})"
-    )
+    oldest = _oldest(status.oldest_age_seconds)
     if status.delivering_pid is None and status.events_wait_for_a_sender:
         # The record's age is the last sign of a sender (it rewrites it every few
         # seconds while it runs): say how long events have had none.
@@ -827,7 +838,13 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     settings = _settings(args, sends=not args.dry_run)
     bar = _Progress("replay", json_mode=out.json_mode)
 
+    told = False
+
     def progress(report: ReplayReport) -> None:
+        nonlocal told
+        if report.past_window and not told:  # the first call comes before anything is sent
+            told = True
+            out.note(_past_window_line(report))
         bar.update(
             report.done,
             report.selected,
@@ -853,6 +870,8 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
         out.json(report.to_dict())
     elif report.dry_run:
         out.line(f"dry run: {len(report.would_send)} dead letter(s) would be sent; nothing sent")
+        if report.past_window:
+            out.line(_past_window_line(report))
         for key in report.would_send:
             out.line(f"  {key}")
     else:
@@ -879,6 +898,14 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
     elif code == ExitCode.INCOMPLETE:
         out.note(f"work left: {report.work_left()}")
     return code
+
+
+def _past_window_line(report: ReplayReport) -> str:
+    return (
+        f"{report.past_window} of the {report.selected} selected entr(ies) are past "
+        "Customer.io's 72-hour window: Customer.io records them, but triggers no campaign "
+        "from them"
+    )
 
 
 def _run_purge(args: argparse.Namespace, out: _Output) -> int:

@@ -356,7 +356,10 @@ def _region(value: object) -> str:
     return region
 
 
-_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.\-]+$|^\[[0-9A-Fa-f:.]+\]$")
+# Letters, digits, dots, hyphens, and underscores: not valid in an internet host name,
+# but common in the names docker-compose and Kubernetes give services (my_service),
+# which resolvers and TLS certificates accept; or an IPv6 literal.
+_HOST_PATTERN = re.compile(r"^[A-Za-z0-9._\-]+$|^\[[0-9A-Fa-f:.]+\]$")
 
 
 def _api(value: object) -> str:

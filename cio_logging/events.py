@@ -4,11 +4,15 @@ Pure functions, no I/O. A call leaves here as one compact JSON text, which is wh
 the write-ahead log stores and what the sender reads back.
 
 A call is an event (``cio_event``) or a person call (``cio_identify``, ``cio_page``,
-``cio_screen``, ``cio_delete``, ``cio_suppress``, ``cio_unsuppress``), carried by the
-same :class:`Event` tuple; ``call`` says which. Limits are Customer.io's published
-ones (``../shared/docs/facts.md``): a call that breaks one, or that the configured API
-cannot carry (:func:`check_for_api`), is refused at emit, where the application's
+``cio_screen``, ``cio_delete``, ``cio_suppress``, ``cio_unsuppress``, the devices,
+``cio_merge``, the relationships, ``cio_group``, ``cio_alias``), carried by the same
+:class:`Event` tuple; ``call`` says which. Limits are Customer.io's published ones
+(``../shared/docs/facts.md``): a call that breaks one, or that the configured API
+cannot carry (``wire.check_for_api``), is refused at emit, where the application's
 developer can see why, rather than rejected by the API hours later.
+
+Nothing changes silently: every value is either encoded as the conversion table of
+:func:`encode_data` says, or the record is refused with a warning naming the rule.
 """
 
 from __future__ import annotations
@@ -46,20 +50,25 @@ _ALLOWED_KEYS = frozenset(
 EVENT = "event"
 IDENTIFY, PAGE, SCREEN = "identify", "page", "screen"
 DELETE, SUPPRESS, UNSUPPRESS = "delete", "suppress", "unsuppress"
-CALLS = frozenset({EVENT, IDENTIFY, PAGE, SCREEN, DELETE, SUPPRESS, UNSUPPRESS})
-#: Calls about the person itself: named after the call, always essential (a lost
+ADD_DEVICE, DELETE_DEVICE, MERGE = "add_device", "delete_device", "merge"
+ADD_RELATIONSHIPS, DELETE_RELATIONSHIPS = "add_relationships", "delete_relationships"
+GROUP, ALIAS = "group", "alias"
+CALLS = frozenset(
+    {EVENT, IDENTIFY, PAGE, SCREEN, DELETE, SUPPRESS, UNSUPPRESS, ADD_DEVICE, DELETE_DEVICE}
+    | {MERGE, ADD_RELATIONSHIPS, DELETE_RELATIONSHIPS, GROUP, ALIAS}
+)
+#: Calls about the person itself: named after the call, and always essential (a lost
 #: identify means a campaign never reaches that person; a lost delete is a promise
-#: broken), and never anonymous where the API cannot take it (see check_for_api).
-PERSON_CALLS = frozenset({IDENTIFY, DELETE, SUPPRESS, UNSUPPRESS})
+#: broken; a lost device, merge or relationship is a profile left wrong).
+PERSON_CALLS = CALLS - {EVENT, PAGE, SCREEN}
 #: The two APIs (``api=`` of the handler).
 TRACK_API, PIPELINES_API = "track", "pipelines"
-#: One call as sent, at most (both APIs: a v2 batch item, a Pipelines call).
-MAX_CALL_BYTES = 32 * 1024
-# What a call adds around its data on the wire, generously: keys, ids, the ISO
-# timestamp, the context naming the library.
-_CALL_FRAME_BYTES = 512
-# Set by cio_event on a mistake it must not raise for; the record is refused at emit.
+#: Device platforms both APIs accept.
+PLATFORMS = ("ios", "android")
+# Set by cio_event on a mistake it must not raise for; the record is refused at emit,
+# under the rule in _RULE_KEY ("invalid" when absent).
 _TAG_ERROR_KEY = "cio_event_error"
+_RULE_KEY = "cio_event_rule"
 
 # A tag a structlog renderer (JSON, console, key-value, logfmt) wrote into the message
 # text: ``"cio": {``, ``cio={``, ``'cio': {``, ``cio="{``, with colour codes between.
@@ -100,6 +109,19 @@ class Event(NamedTuple):
             return "c:" + self.customer_id
         return "a:" + (self.anonymous_id or "")
 
+    @property
+    def people(self) -> tuple[str, ...]:
+        """Every person whose order this call takes part in, its own first.
+
+        A merge is stored under the person merged away (``customer_id`` is the
+        secondary: it goes after that person's earlier calls and before their later
+        ones) and also waits for every earlier call of the person it is merged into.
+        """
+        if self.call != MERGE:
+            return (self.person,)
+        primary = self.data.get("primary")
+        return (self.person, "c:" + str(primary))
+
     def is_essential(self, essential_events: frozenset[str]) -> bool:
         """Essential: committed before emit returns, kept at the essential-only level."""
         return self.call in PERSON_CALLS or self.name in essential_events
@@ -133,7 +155,7 @@ def cio_event(
     name: str | None = None,
     id: str | ULID | None = None,  # the Track API's own field name
     timestamp: float | dt.datetime | None = None,
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[Any, Any] | None = None,
     **data_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Build the ``extra`` dict that tags a log record as a Customer.io event.
@@ -174,7 +196,7 @@ def _tag(
     name: str | None,
     id: str | ULID | None,
     timestamp: float | dt.datetime | None,
-    data: Mapping[str, Any] | None,
+    data: Mapping[Any, Any] | None,
     data_keywords: dict[str, Any],
     data_argument: str = "data",
 ) -> dict[str, dict[str, Any]]:
@@ -185,13 +207,39 @@ def _tag(
     elif not isinstance(data, Mapping):
         tag[_TAG_ERROR_KEY] = f"{data_argument}= must be a mapping, not {type(data).__name__}"
     else:
-        clashes = data_keywords.keys() & data.keys()
-        if clashes:
-            keys = ", ".join(repr(key) for key in sorted(clashes))
-            tag[_TAG_ERROR_KEY] = (
-                f"got key(s) {keys} both in {data_argument}= and as keywords; give each key once"
-            )
-        tag["data"] = {**data, **data_keywords}
+        try:
+            merged = {**data, **data_keywords}
+            clashes = len(merged) != len(data) + len(data_keywords)
+        except Exception as exc:  # a Mapping whose keys, length or items raise
+            tag[_TAG_ERROR_KEY] = f"{data_argument}= could not be read ({type(exc).__name__})"
+            tag[_RULE_KEY] = "data_unreadable"
+        else:
+            if clashes:
+                keys = ", ".join(sorted(repr(key) for key in data_keywords if _given_in(data, key)))
+                tag[_TAG_ERROR_KEY] = (
+                    f"got key(s) {keys} both in {data_argument}= and as keywords; "
+                    "give each key once"
+                )
+            tag["data"] = merged
+    return _finish_tag(tag, call, customer_id, anonymous_id, name, id, timestamp)
+
+
+def _given_in(data: Mapping[str, Any], key: str) -> bool:
+    try:
+        return key in data
+    except Exception:
+        return False
+
+
+def _finish_tag(
+    tag: dict[str, Any],
+    call: str,
+    customer_id: object,
+    anonymous_id: object,
+    name: object,
+    id: object,
+    timestamp: object,
+) -> dict[str, dict[str, Any]]:
     if call != EVENT:
         tag["call"] = call
     if customer_id is not None:
@@ -213,7 +261,7 @@ def cio_identify(
     anonymous_id: str | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    attributes: Mapping[str, Any] | None = None,
+    attributes: Mapping[Any, Any] | None = None,
     **attribute_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as an identify: create or update a person and their attributes.
@@ -247,7 +295,7 @@ def cio_page(
     anonymous_id: str | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    properties: Mapping[str, Any] | None = None,
+    properties: Mapping[Any, Any] | None = None,
     **property_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as a page view (``name``: the page; by default the message).
@@ -275,7 +323,7 @@ def cio_screen(
     anonymous_id: str | None = None,
     id: str | ULID | None = None,
     timestamp: float | dt.datetime | None = None,
-    properties: Mapping[str, Any] | None = None,
+    properties: Mapping[Any, Any] | None = None,
     **property_keywords: Any,
 ) -> dict[str, dict[str, Any]]:
     """Tag a log record as a mobile screen view; like `cio_page`."""
@@ -316,6 +364,214 @@ def cio_unsuppress(
     """Tag a log record as lifting a suppression: Track v2 ``unsuppress``,
     Pipelines ``User Unsuppressed``."""
     return _tag(UNSUPPRESS, customer_id, None, None, id, timestamp, None, {})
+
+
+def cio_add_device(
+    customer_id: str | int,
+    token: str,
+    platform: str,
+    *,
+    last_used: float | dt.datetime | None = None,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+    attributes: Mapping[str, str] | None = None,
+    **attribute_keywords: str,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as adding (or updating) a person's mobile device.
+
+    Track API: a v2 batch ``add_device``. Pipelines API: the semantic event ``Device
+    Created or Updated``, the token and platform in ``context.device``, the
+    attributes (and ``last_used``) in ``properties``. ``platform`` is ``"ios"`` or
+    ``"android"``; device attributes are text (``push_enabled``: ``"true"`` or
+    ``"false"``).
+
+    Example::
+
+        log.info("device", extra=cio_add_device("user-42", "apns-token", "ios", app_version="2.1"))
+    """
+    tag = _tag(
+        ADD_DEVICE,
+        customer_id,
+        None,
+        None,
+        id,
+        timestamp,
+        attributes,
+        attribute_keywords,
+        "attributes",
+    )
+    fields = tag[EXTRA_KEY]
+    device: dict[str, Any] = {"token": token, "platform": platform}
+    if last_used is not None:
+        device["last_used"] = last_used
+    if fields.get("data"):
+        device["attributes"] = fields["data"]
+    fields["data"] = device
+    return tag
+
+
+def cio_delete_device(
+    customer_id: str | int,
+    token: str,
+    *,
+    platform: str | None = None,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as removing a device from a person.
+
+    Track API: a v2 batch ``delete_device``. Pipelines API: the semantic event
+    ``Device Deleted`` (``platform``, when given, goes in ``context.device.type``).
+    """
+    device: dict[str, Any] = {"token": token}
+    if platform is not None:
+        device["platform"] = platform
+    return _tag(DELETE_DEVICE, customer_id, None, None, id, timestamp, None, device)
+
+
+def cio_merge(
+    primary: str | int,
+    secondary: str | int,
+    *,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as merging the person ``secondary`` into ``primary``.
+
+    Track API only: a v2 batch ``merge`` (Customer.io then deletes ``secondary``; the
+    primary must exist). The Pipelines API has no merge: refused at emit there.
+
+    Order: the merge is sent after every call logged before it for either person, and
+    before every call logged after it for ``secondary`` (which Customer.io would create
+    anew). Calls for ``primary`` logged after it may go before it: they land on the
+    primary either way.
+    """
+    return _tag(MERGE, secondary, None, None, id, timestamp, None, {"primary": primary})
+
+
+def cio_add_relationships(
+    customer_id: str | int,
+    relationships: Any,
+    *,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as relating a person to objects (companies, accounts, ...).
+
+    Track API only: a v2 batch ``add_relationships``. On the Pipelines API relate a
+    person to an object with :func:`cio_group`; this call is refused at emit there.
+
+    Args:
+        relationships: the objects, each ``(object_type_id, object_id)``, or a dict
+            with ``object_type_id`` and ``object_id`` (or ``cio_object_id``) and
+            optionally ``relationship_attributes``.
+
+    Example::
+
+        log.info("joined", extra=cio_add_relationships("user-42", [("1", "acme")]))
+    """
+    return _relationship_tag(ADD_RELATIONSHIPS, customer_id, relationships, id, timestamp)
+
+
+def cio_delete_relationships(
+    customer_id: str | int,
+    relationships: Any,
+    *,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as removing a person's relationships to objects; like
+    :func:`cio_add_relationships` (Track API only: a v2 batch ``delete_relationships``)."""
+    return _relationship_tag(DELETE_RELATIONSHIPS, customer_id, relationships, id, timestamp)
+
+
+def _relationship_tag(
+    call: str, customer_id: object, relationships: object, id: object, timestamp: object
+) -> dict[str, dict[str, Any]]:
+    tag: dict[str, Any] = {}
+    try:
+        if isinstance(relationships, str | bytes | Mapping):
+            raise TypeError("a list of relationships")
+        given = [_relationship_spec(item) for item in relationships]  # type: ignore[attr-defined]
+    except Exception as exc:
+        tag[_TAG_ERROR_KEY] = (
+            f"the relationships of a {call} call must be a list of (object_type_id, "
+            f"object_id) pairs or dicts ({type(exc).__name__})"
+        )
+        tag[_RULE_KEY] = "call_shape"
+    else:
+        tag["data"] = {"cio_relationships": given}
+    return _finish_tag(tag, call, customer_id, None, None, id, timestamp)
+
+
+def _relationship_spec(item: object) -> object:
+    """A relationship as the Track API writes it, from a pair or a flat dict."""
+    if isinstance(item, tuple) and len(item) == 2:
+        return {"identifiers": {"object_type_id": item[0], "object_id": item[1]}}
+    if isinstance(item, Mapping):
+        fields = dict(item)
+        attributes = fields.pop("relationship_attributes", None)
+        spec: dict[str, Any] = {"identifiers": fields}
+        if attributes is not None:
+            spec["relationship_attributes"] = attributes
+        return spec
+    return item  # refused at emit, with its type
+
+
+def cio_group(
+    customer_id: str | int | None = None,
+    group_id: str | int | None = None,
+    *,
+    anonymous_id: str | None = None,
+    object_type_id: str | int | None = None,
+    relationship_attributes: Mapping[str, Any] | None = None,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+    traits: Mapping[Any, Any] | None = None,
+    **trait_keywords: Any,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as a Pipelines ``group`` call: relate a person (known or
+    anonymous) to the object ``group_id``, with the object's traits.
+
+    Pipelines API only (on the Track API use :func:`cio_add_relationships`; refused
+    at emit there). ``object_type_id`` and ``relationship_attributes`` go in the
+    traits as ``object_type_id`` and ``relationshipAttributes``.
+
+    Example::
+
+        log.info("joined", extra=cio_group("user-42", "acme", object_type_id="1", name="Acme"))
+    """
+    tag = _tag(
+        GROUP, customer_id, anonymous_id, None, id, timestamp, traits, trait_keywords, "traits"
+    )
+    fields = tag[EXTRA_KEY]
+    if "data" in fields:
+        group_traits = fields["data"]
+        if object_type_id is not None:
+            group_traits["object_type_id"] = (
+                str(object_type_id) if type(object_type_id) is int else object_type_id
+            )
+        if relationship_attributes is not None:
+            group_traits["relationshipAttributes"] = relationship_attributes
+        fields["data"] = {"groupId": group_id, "traits": group_traits}
+    return tag
+
+
+def cio_alias(
+    customer_id: str | int,
+    previous_id: str | int,
+    *,
+    id: str | ULID | None = None,
+    timestamp: float | dt.datetime | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Tag a log record as a Pipelines ``alias`` call: ``previous_id`` (an anonymous id
+    or an earlier user id) is the person ``customer_id`` from now on.
+
+    Pipelines API only (``POST /v1/alias``: batches cannot carry it); refused at emit
+    on the Track API, whose nearest call is :func:`cio_merge`. Sent in
+    ``customer_id``'s order.
+    """
+    return _tag(ALIAS, customer_id, None, None, id, timestamp, None, {"previousId": previous_id})
 
 
 def carries_tag(record: logging.LogRecord) -> bool:
@@ -385,7 +641,7 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
         raise InvalidEventError(f"extra[{EXTRA_KEY!r}] must be a dict, not {type(tag).__name__}")
     if not _ALLOWED_KEYS.issuperset(tag):
         if _TAG_ERROR_KEY in tag:
-            raise InvalidEventError(str(tag[_TAG_ERROR_KEY]))
+            raise InvalidEventError(str(tag[_TAG_ERROR_KEY]), str(tag.get(_RULE_KEY, "invalid")))
         unknown = set(tag) - _ALLOWED_KEYS
         if unknown == {EXTRA_KEY}:
             raise InvalidEventError(
@@ -405,67 +661,246 @@ def event_from_record(record: logging.LogRecord) -> Event | None:
     if anonymous_id is not None:
         anonymous_id = _identifier("anonymous_id", anonymous_id)
     call = tag.get("call", EVENT)
-    if call not in CALLS:
+    if type(call) is not str or call not in CALLS:
         raise InvalidEventError(
             f"unknown call in extra[{EXTRA_KEY!r}]['call'] (known: {', '.join(sorted(CALLS))})"
         )
     if (customer_id is None) == (anonymous_id is None):
         what = "an event" if call == EVENT else f"a {call} call"
         raise InvalidEventError(f"{what} needs exactly one of customer_id and anonymous_id")
+    data = tag.get("data")
+    name: object
     if call in PERSON_CALLS:
         name = call  # a person call has no name of its own
+        if call in _CALL_SHAPES:
+            try:
+                data = _CALL_SHAPES[call](data, customer_id)
+            except InvalidEventError:
+                raise
+            except Exception as exc:  # the application's objects raised while read
+                raise InvalidEventError(
+                    f"the data of a {call} call could not be read ({type(exc).__name__})",
+                    "data_unreadable",
+                ) from None
     else:
         name = tag.get("name")
         if name is None:
-            name = record.getMessage() if default_name is None else default_name
+            name = _formatted_message(record) if default_name is None else default_name
     # Positional: a NamedTuple built from keywords costs a third more, at every emit.
     return Event(
         _event_id(tag.get("id")),
         _name(name),
         customer_id,
         anonymous_id,
-        encode_data(tag.get("data")),
+        encode_data(data),
         _timestamp(tag.get("timestamp"), record.created),
         record.created,
         call,
     )
 
 
-def check_for_api(event: Event, api: str) -> None:
-    """Refuse at emit a call the configured API would refuse or cannot carry.
+def _formatted_message(record: logging.LogRecord) -> str:
+    """The record's message, the event's default name.
 
     Raises:
-        InvalidEventError: with ``rule`` naming what the call breaks.
+        InvalidEventError: formatting raised (arguments that do not match the format,
+            an argument whose ``__str__`` raises); named by the exception's type only.
     """
-    if event.call == EVENT and api == TRACK_API:
-        return  # the Track API's own limits were checked already; v1 takes 100 KB of data
-    if event.anonymous_id is not None:
-        if api == TRACK_API and event.call in PERSON_CALLS:
-            raise InvalidEventError(
-                f"the Track API cannot {event.call} an anonymous person (its person actions "
-                "need an identifier): give customer_id, or use the Pipelines API for an "
-                "anonymous identify",
-                "anonymous_person_call",
-            )
-        if api == PIPELINES_API and event.call in (DELETE, SUPPRESS, UNSUPPRESS):
-            raise InvalidEventError(
-                f"the Pipelines API cannot {event.call} an anonymous person: give customer_id",
-                "anonymous_person_call",
-            )
-    # Track events over 32 KB go one by one through v1; nothing else has such a route.
-    if event.call in (PAGE, SCREEN) and api == TRACK_API:
-        return
-    person = event.customer_id or event.anonymous_id or ""
-    data = event.data_json
-    size = _CALL_FRAME_BYTES + len(event.name) + len(person)
-    size += len(data) if data.isascii() else _utf8_size("data", data)
-    if size > MAX_CALL_BYTES:
-        where = "a Pipelines call" if api == PIPELINES_API else "a Track v2 batch item"
+    try:
+        return record.getMessage()
+    except Exception as exc:
         raise InvalidEventError(
-            f"the {event.call} call is about {size:,} bytes as sent; {where} takes at most "
-            f"{MAX_CALL_BYTES:,}",
-            "call_too_large",
+            f"the record's message cannot be formatted with its arguments "
+            f"({type(exc).__name__}), so it cannot name the event: give name=, or fix the "
+            "format string or the argument",
+            "message_unformattable",
+        ) from None
+
+
+# -- the shapes of the calls that carry fields of their own ----------------------------
+#
+# Their data is the call's own fields, checked here and normalised into the object the
+# wire module splices into a request (keys in a fixed order, nothing else): a device, a
+# merge's primary, relationships, a group, an alias's previous id. Each function takes
+# the tag's data and the call's customer_id and returns the data to store.
+
+
+def _fields(call: str, data: object, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if data is None:
+        data = {}
+    if type(data) is not dict and not isinstance(data, Mapping):
+        raise InvalidEventError(
+            f"the data of a {call} call must be a dict, not {type(data).__name__}"
         )
+    try:
+        fields = dict(data)
+    except Exception as exc:
+        raise InvalidEventError(
+            f"the data of a {call} call could not be read ({type(exc).__name__})",
+            "data_unreadable",
+        ) from None
+    unknown = [key for key in fields if key not in allowed]
+    if unknown:
+        raise InvalidEventError(
+            f"a {call} call takes only {', '.join(allowed) or 'no data'} "
+            f"({len(unknown)} other key(s) given)",
+            "call_shape",
+        )
+    return fields
+
+
+def _text(call: str, field: str, value: object, *, limit: int | None = None) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidEventError(
+            f"{field} of a {call} call must be a string, not {type(value).__name__}", "call_shape"
+        )
+    text = str(value)
+    if not text.strip():
+        raise InvalidEventError(f"{field} of a {call} call must not be empty", "call_shape")
+    if limit is not None and _utf8_size(field, text) > limit:
+        raise InvalidEventError(
+            f"{field} of a {call} call is over {limit} bytes; Customer.io accepts at most {limit}",
+            "call_shape",
+        )
+    return text
+
+
+def _no_data(call: str) -> Any:
+    def shape(data: object, customer_id: str | None) -> dict[str, Any]:
+        _fields(call, data, ())
+        return {}
+
+    return shape
+
+
+def _device(call: str) -> Any:
+    adding = call == ADD_DEVICE
+
+    def shape(data: object, customer_id: str | None) -> dict[str, Any]:
+        allowed = ("token", "platform") + (("last_used", "attributes") if adding else ())
+        fields = _fields(call, data, allowed)
+        device: dict[str, Any] = {"token": _text(call, "token", fields.get("token"))}
+        platform = fields.get("platform")
+        if platform is not None or adding:
+            if platform not in PLATFORMS:
+                raise InvalidEventError(
+                    f"platform of a {call} call must be one of {', '.join(PLATFORMS)}",
+                    "call_shape",
+                )
+            device["platform"] = platform
+        last_used = fields.get("last_used")
+        if last_used is not None:
+            device["last_used"] = _timestamp(last_used, 0.0)
+        attributes = fields.get("attributes")
+        if attributes:
+            if not isinstance(attributes, Mapping) or not all(
+                type(key) is str and type(value) is str for key, value in attributes.items()
+            ):
+                raise InvalidEventError(
+                    "device attributes must map text to text (the Track API takes string "
+                    "values only)",
+                    "call_shape",
+                )
+            if attributes.get("push_enabled", "true") not in ("true", "false"):
+                raise InvalidEventError(
+                    "the device attribute push_enabled must be 'true' or 'false'", "call_shape"
+                )
+            device["attributes"] = dict(attributes)
+        return device
+
+    return shape
+
+
+def _merge(data: object, customer_id: str | None) -> dict[str, Any]:
+    fields = _fields(MERGE, data, ("primary",))
+    primary = _identifier("primary", fields.get("primary"))
+    if primary is None:
+        raise InvalidEventError("a merge call needs the primary person", "call_shape")
+    if primary == customer_id:
+        raise InvalidEventError(
+            "a merge call merges a person into another, not into itself", "call_shape"
+        )
+    return {"primary": primary}
+
+
+def _relationships(call: str) -> Any:
+    def shape(data: object, customer_id: str | None) -> dict[str, Any]:
+        fields = _fields(call, data, ("cio_relationships",))
+        given = fields.get("cio_relationships")
+        if not isinstance(given, list | tuple) or not given:
+            raise InvalidEventError(f"a {call} call needs at least one relationship", "call_shape")
+        return {"cio_relationships": [_relationship(call, item) for item in given]}
+
+    return shape
+
+
+def _relationship(call: str, item: object) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise InvalidEventError(
+            f"each relationship of a {call} call must be a dict, not {type(item).__name__}",
+            "call_shape",
+        )
+    extra = set(item) - {"identifiers", "relationship_attributes"}
+    identifiers = item.get("identifiers")
+    if extra or not isinstance(identifiers, Mapping):
+        raise InvalidEventError(
+            f"each relationship of a {call} call is {{'identifiers': {{...}}, "
+            "'relationship_attributes': {...}}",
+            "call_shape",
+        )
+    if set(identifiers) == {"cio_object_id"}:
+        names: tuple[str, ...] = ("cio_object_id",)
+    elif set(identifiers) == {"object_type_id", "object_id"}:
+        names = ("object_type_id", "object_id")
+    else:
+        raise InvalidEventError(
+            "an object is named by object_type_id and object_id, or by cio_object_id alone",
+            "call_shape",
+        )
+    relationship: dict[str, Any] = {
+        "identifiers": {
+            name: _text(call, name, identifiers[name], limit=MAX_IDENTIFIER_BYTES) for name in names
+        }
+    }
+    attributes = item.get("relationship_attributes")
+    if attributes is not None:
+        if not isinstance(attributes, Mapping):
+            raise InvalidEventError("relationship_attributes must be a dict", "call_shape")
+        relationship["relationship_attributes"] = attributes
+    return relationship
+
+
+def _group(data: object, customer_id: str | None) -> dict[str, Any]:
+    fields = _fields(GROUP, data, ("groupId", "traits"))
+    group_id = _text(GROUP, "groupId", fields.get("groupId"), limit=MAX_IDENTIFIER_BYTES)
+    traits = fields.get("traits") or {}
+    if not isinstance(traits, Mapping):
+        raise InvalidEventError("the traits of a group call must be a dict", "call_shape")
+    return {"groupId": group_id, "traits": traits}
+
+
+def _alias(data: object, customer_id: str | None) -> dict[str, Any]:
+    fields = _fields(ALIAS, data, ("previousId",))
+    previous = _text(ALIAS, "previousId", fields.get("previousId"), limit=MAX_IDENTIFIER_BYTES)
+    if previous == customer_id:
+        raise InvalidEventError(
+            "an alias links two different ids, not an id to itself", "call_shape"
+        )
+    return {"previousId": previous}
+
+
+_CALL_SHAPES: dict[str, Any] = {
+    DELETE: _no_data(DELETE),
+    SUPPRESS: _no_data(SUPPRESS),
+    UNSUPPRESS: _no_data(UNSUPPRESS),
+    ADD_DEVICE: _device(ADD_DEVICE),
+    DELETE_DEVICE: _device(DELETE_DEVICE),
+    MERGE: _merge,
+    ADD_RELATIONSHIPS: _relationships(ADD_RELATIONSHIPS),
+    DELETE_RELATIONSHIPS: _relationships(DELETE_RELATIONSHIPS),
+    GROUP: _group,
+    ALIAS: _alias,
+}
 
 
 def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
@@ -480,7 +915,14 @@ def _tag_elsewhere(record: logging.LogRecord) -> tuple[object, object] | None:
     message = record.msg
     if type(message) is dict:  # a structlog event dict (ProcessorFormatter.wrap_for_formatter)
         event = message.get("event")
-        default_name = None if event is None else str(event)
+        try:
+            default_name = None if event is None else str(event)
+        except Exception as exc:
+            raise InvalidEventError(
+                f"the structlog event cannot be turned into text ({type(exc).__name__}), so "
+                "it cannot name the event: give name=",
+                "message_unformattable",
+            ) from None
         if EXTRA_KEY in message:
             return message[EXTRA_KEY], default_name
         nested = message.get("extra")
@@ -535,17 +977,40 @@ def _stored_call(value: object) -> str:
 
 
 def encode_data(data: object) -> str:
-    """Encode event data as compact JSON, refusing what the Track API cannot take.
+    """Encode event data as compact JSON (UTF-8 text, no ASCII escapes), refusing what
+    would not arrive exactly as logged.
 
-    Datetimes become Unix seconds (as the Customer.io SDK does), dates ISO strings,
-    Decimals numbers, UUIDs and sets strings and lists. NaN and infinity, cycles,
-    non-JSON objects, lone surrogates and data over 100,000 bytes are refused.
+    What each value becomes (the README's table of conversions):
+
+    - ``str``: a JSON string (control characters escaped, ``\\u0000`` style); a
+      lone surrogate is refused.
+    - ``int`` (and ``IntEnum``): the integer's exact digits, whatever its size (past
+      4,300 digits Python refuses to print it: refused).
+    - ``float``: the shortest text that reads back as the same double; NaN and
+      infinity are refused.
+    - ``decimal.Decimal``: an integral value as its exact integer digits; any other as
+      the shortest float text, when that float is exactly the Decimal's value (``9.99``,
+      ``0.1``); refused when no double holds it (``1e-400``, 20 significant digits),
+      and for NaN and infinity.
+    - ``bool``, ``None``: ``true``, ``false``, ``null``.
+    - ``dict`` and any other ``Mapping``: an object. Keys that are ``str`` stay as they
+      are; ``int``, ``float``, ``bool`` and ``None`` keys become their JSON text
+      (``1`` -> ``"1"``, ``None`` -> ``"null"``); two keys of one object that become the
+      same text (``{1: ..., "1": ...}``) are refused; any other key type is refused.
+    - ``list``, ``tuple``: an array; ``set``, ``frozenset``: an array in iteration order.
+    - ``datetime``: whole Unix seconds (naive ones read as UTC, the fraction dropped);
+      ``date``: ``"YYYY-MM-DD"``; ``uuid.UUID``: its canonical string.
+    - Anything else (bytes, objects, a value whose conversion raises), cycles, nesting
+      past Python's recursion limit and data over 100,000 bytes: refused.
     """
     if data is None:
         return "{}"
     if type(data) is not dict and not isinstance(data, Mapping):
         raise InvalidEventError(f"data must be a dict, not {type(data).__name__}")
     try:
+        if type(data) is not dict:
+            data = _json_default(data)
+        _check_keys(data)
         if _encode_unchecked is None:
             text = _DATA_ENCODER.encode(data)
         else:
@@ -555,16 +1020,25 @@ def encode_data(data: object) -> str:
                 text = _DATA_ENCODER.encode(data)  # which names a cycle as one
         # ASCII text has no lone surrogate and one byte a character: skip the encoding.
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    except InvalidEventError:
+        raise
     except UnicodeEncodeError:
         raise InvalidEventError(
             "data contains text that is not valid Unicode (a lone surrogate)"
         ) from None
     except RecursionError:
         raise InvalidEventError("data is nested too deeply to encode") from None
+    except _RefusedValueError as exc:
+        raise InvalidEventError(str(exc), exc.rule) from None
     except (TypeError, ValueError) as exc:
         # json's messages name the type or the rule ("Circular reference detected",
         # "Out of range float values"), not the data itself.
         raise InvalidEventError(f"data cannot be encoded as JSON: {exc}") from None
+    except Exception as exc:  # a value's own method raised: its text may hold the value
+        raise InvalidEventError(
+            f"data could not be read: a value raised {type(exc).__name__} while being encoded",
+            "data_unreadable",
+        ) from None
     if size > MAX_DATA_BYTES:
         raise InvalidEventError(
             f"data is {size:,} bytes as JSON; Customer.io accepts at most {MAX_DATA_BYTES:,}"
@@ -572,21 +1046,141 @@ def encode_data(data: object) -> str:
     return text
 
 
+class _RefusedValueError(ValueError):
+    """A value the conversion table refuses, under a rule of its own."""
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+# Values the key check never looks into (a set cannot hold a dict; a Mapping that is
+# not a dict is checked when it is converted).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _check_keys(data: object) -> None:
+    """Refuse an object whose keys collide once turned into JSON text.
+
+    json turns ``1``, ``1.0``, ``True`` and ``None`` keys into ``"1"``, ``"1.0"``,
+    ``"true"`` and ``"null"``, so ``{1: "a", "1": "b"}`` would go out with the key
+    ``"1"`` twice, and the receiver would keep one of them. Only objects with a key
+    that is not a ``str`` need the comparison; the walk itself costs a type check per
+    value, on the caller's thread. Containers seen twice (a cycle, which the encoder
+    then names) are walked once.
+
+    Raises:
+        _RefusedValueError: two keys of one object collide.
+    """
+    pending = [data]
+    seen: set[int] = set()
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            plain = True
+            for key, child in value.items():
+                if type(key) is not str:
+                    plain = False
+                if type(child) not in _SCALARS:
+                    pending.append(child)
+            if not plain and len({_key_text(key) for key in value}) != len(value):
+                raise _RefusedValueError(
+                    "data holds an object whose keys collide once turned into JSON text "
+                    "(such as 1 and '1'); the receiver would keep only one of them",
+                    "key_collision",
+                )
+        elif isinstance(value, list | tuple):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            pending.extend(child for child in value if type(child) not in _SCALARS)
+
+
+def _key_text(key: object) -> object:
+    """A key as json writes it (other types are left for the encoder to refuse)."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return float.__repr__(key)
+    return key
+
+
+def _unix_seconds(value: dt.datetime, what: str, rule: str) -> float:
+    """A datetime as Unix seconds (naive: UTC).
+
+    Raises:
+        _RefusedValueError: its time zone raised, or it is out of range (named by the
+            exception's type only: a tzinfo's message may quote anything).
+    """
+    try:
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        return aware.timestamp()
+    except Exception as exc:
+        raise _RefusedValueError(
+            f"{what} that cannot be turned into Unix seconds ({type(exc).__name__}: its "
+            "tzinfo raised, or it is out of range)",
+            rule,
+        ) from None
+
+
+def _decimal_number(value: decimal.Decimal) -> int | float:
+    """A Decimal as the JSON number that is exactly its value (see :func:`encode_data`).
+
+    Raises:
+        _RefusedValueError: no JSON number a double can hold is exactly this value.
+    """
+    if not value.is_finite():
+        raise _RefusedValueError("Decimal NaN or infinity is not JSON compliant", "invalid")
+    if value == value.to_integral_value():
+        if value.adjusted() >= 4300:  # int() would build it only for json to refuse it
+            raise _RefusedValueError(
+                "data holds an integral Decimal with more digits than JSON text allows",
+                "decimal_not_exact",
+            )
+        return int(value)
+    number = float(value)
+    if math.isfinite(number) and decimal.Decimal(repr(number)) == value:
+        return number
+    raise _RefusedValueError(
+        "data holds a Decimal that no JSON number a double can hold is exactly equal to "
+        "(too many significant digits, or out of a double's range); send it as a string, "
+        "or round it",
+        "decimal_not_exact",
+    )
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, dt.datetime):
-        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-        return int(aware.timestamp())
+        return int(_unix_seconds(value, "data holds a datetime", "data_unreadable"))
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError("Decimal NaN or infinity is not JSON compliant")
-        return number
+        return _decimal_number(value)
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, set | frozenset):
         return list(value)
+    if isinstance(value, Mapping):
+        try:
+            converted = dict(value)
+        except Exception as exc:
+            raise _RefusedValueError(
+                f"data holds a mapping that could not be read ({type(exc).__name__})",
+                "data_unreadable",
+            ) from None
+        _check_keys(converted)
+        return converted
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -714,8 +1308,10 @@ def _timestamp(value: object, created: float) -> int:
     if value is None:
         return int(created)
     if isinstance(value, dt.datetime):
-        aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-        value = aware.timestamp()
+        try:
+            value = _unix_seconds(value, "timestamp is a datetime", "timestamp_unreadable")
+        except _RefusedValueError as exc:
+            raise InvalidEventError(str(exc), exc.rule) from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidEventError(
             f"timestamp must be Unix seconds or a datetime, not {type(value).__name__}"

@@ -37,7 +37,7 @@ from .config import (
     resolve_settings,
 )
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
-from .events import EVENT, EXTRA_KEY, TRACK_API, carries_tag, check_for_api, event_from_record
+from .events import EXTRA_KEY, carries_tag, event_from_record
 from .sender_process import SenderSupervisor
 from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
@@ -49,6 +49,7 @@ from .store import (
     secure_directory,
 )
 from .telemetry import QueueProbes, Telemetry
+from .wire import check_for_api
 from .worker import DeliveryWorker, flush_thread_marker
 
 if TYPE_CHECKING:
@@ -278,11 +279,22 @@ class CustomerIOHandler(logging.Handler):
             if self._degradation == DISABLED:
                 self._count_drop(DROP_DISABLED, None)
                 return
-            event = event_from_record(record)
-            if event is None:
-                return
-            if event.call != EVENT or self._api != TRACK_API:
+            try:
+                event = event_from_record(record)
+                if event is None:
+                    return
                 check_for_api(event, self._api)
+            except InvalidEventError:
+                raise
+            except Exception as exc:
+                # The application's objects raised while the record was read (a tag
+                # whose methods raise): refused like any other bad record, named by
+                # the exception's type only, since its text may quote the value.
+                raise InvalidEventError(
+                    f"the record could not be read as a call ({type(exc).__name__} "
+                    "while reading its tag)",
+                    "unreadable_record",
+                ) from None
             essential = event.is_essential(self._essential_events)
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)
@@ -542,6 +554,9 @@ class CustomerIOHandler(logging.Handler):
             "api": self.settings.api,
             "breaker": self._worker.breaker.state,
             "queued": _or_none(self._wal.__len__),
+            # Seconds since the oldest waiting event was logged (None: none waits, or
+            # the disk fails); past 72 hours Customer.io triggers nothing with it.
+            "oldest_age": self._oldest_age_or_none(),
             "dead_letters": _or_none(self._dead_letters.__len__),
             "degradation": self._degradation,
             "enqueued": enqueued,
@@ -624,6 +639,13 @@ class CustomerIOHandler(logging.Handler):
         with self._counts_guard:
             self._dropped[reason] += 1
         self._telemetry.event_dropped(reason, essential)
+
+    def _oldest_age_or_none(self) -> float | None:
+        try:
+            age = self._oldest_age()
+        except Exception:
+            return None
+        return None if age is None else round(age, 3)
 
     def _oldest_age(self) -> float | None:
         logged_at = self._wal.oldest_logged_at()

@@ -62,6 +62,7 @@ from .store import (
     WriteAheadLog,
 )
 from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
+from .window import WINDOW_SECONDS, past_window
 
 WAL_DIR, DEAD_DIR, DELIVERY_LOCK, DLQ_LOCK = "wal", "dead", "delivery.lock", "dlq.lock"
 
@@ -372,6 +373,9 @@ class QueueStatus:
     # Events are queued and no process holds delivery.lock: nothing sends them (an
     # application with deliver="none" and no ``cio-logging deliver`` running).
     events_wait_for_a_sender: bool = False
+    # The oldest waiting event was logged more than 72 hours ago: Customer.io will
+    # record it but trigger no campaign with it.
+    oldest_past_window: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -431,6 +435,7 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         recorder_is_delivering=recorded_by is not None and recorded_by == holder,
         counters=counters,
         events_wait_for_a_sender=queued > 0 and holder is None,
+        oldest_past_window=oldest is not None and moment - oldest > WINDOW_SECONDS,
     )
 
 
@@ -462,6 +467,7 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
         "queued": int(queued),
         "oldest_logged_at": iso_time(_number_or_none(oldest)),
         "oldest_age_seconds": None if oldest is None else round(max(0.0, moment - oldest), 3),
+        "oldest_past_window": oldest is not None and moment - float(oldest) > WINDOW_SECONDS,
         "dead_letters": int(dead),
         "sender": None
         if info is None
@@ -710,6 +716,9 @@ class ReplayReport:
     elapsed_seconds: float = 0.0
     interrupted: bool = False
     left_in_store: int = 0  # dead letters in the store when the replay ended, any match
+    # Selected entries stamped more than 72 hours ago: Customer.io records them when
+    # they arrive, but triggers no campaign from them. Counted before anything is sent.
+    past_window: int = 0
 
     @property
     def done(self) -> int:
@@ -817,6 +826,8 @@ def replay_dead_letters(
                 next_attempt_at=0.0,
             )
             pending[letter.key] = _Pending(letter, queued)
+        selected_events = (entry.queued.event for entry in pending.values())
+        report.past_window = len(past_window(selected_events, time.time()))
         if dry_run or store is None:
             report.would_send = list(pending)
         else:

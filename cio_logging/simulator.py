@@ -79,15 +79,16 @@ __all__ = [
     "run_from_command_line",
 ]
 
-# Limits from Customer.io's documentation. Sizes are measured on compact UTF-8 JSON
-# (separators without spaces, no ASCII escaping): the smallest form of the same content.
+# Limits from Customer.io's documentation. Sizes are measured on the bytes received: a
+# call's, a data object's or a request's text as it arrived, never a re-encoding.
 MAX_NAME_BYTES = 100
 MAX_DATA_BYTES = 100_000
 MAX_IDENTIFIER_BYTES = 150
 MAX_V2_ITEM_BYTES = 32_768
-MAX_V2_REQUEST_BYTES = 512_000
 MAX_PIPELINES_CALL_BYTES = 32_768
-MAX_PIPELINES_REQUEST_BYTES = 512_000
+#: A request body must be smaller than this, on either API: the Track spec's "smaller
+#: than 500kb" and the Pipelines spec's "limited to 500KB", read as 500,000 bytes.
+REQUEST_BYTES_LIMIT = 500_000
 _MAX_READ_BYTES = 16 * 1024 * 1024  # beyond this the body is not even read (413)
 
 _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
@@ -100,12 +101,13 @@ _ACTIONS = {
     | {"delete_relationships"},
     "delivery": frozenset({"event"}),
 }
-# The person actions a Track v2 request records: those that the handler's person calls
-# send (relationships, devices and merges are validated, not recorded).
+# The v2 person actions recorded with their attributes as the data.
 _V2_PERSON_CALLS = frozenset({"identify", "delete", "suppress", "unsuppress"})
-# Every AcceptedEvent.call: group and alias come only from Pipelines calls.
+# Every AcceptedEvent.call: group and alias come only from Pipelines calls; merges and
+# relationships only from Track v2; devices from both.
 _CALLS = frozenset(
     {"event", "identify", "page", "screen", "delete", "suppress", "unsuppress", "group", "alias"}
+    | {"add_device", "delete_device", "merge", "add_relationships", "delete_relationships"}
 )
 # The spec's batch schema lists these five: alias has a route of its own only.
 _PIPELINES_BATCH_TYPES = ("identify", "track", "page", "screen", "group")
@@ -114,6 +116,8 @@ _SEMANTIC_CALLS = {
     "User Deleted": "delete",
     "User Suppressed": "suppress",
     "User Unsuppressed": "unsuppress",
+    "Device Created or Updated": "add_device",
+    "Device Deleted": "delete_device",
 }
 # RFC 3339, the JSON Schema meaning of the spec's `format: date-time`: a zone is required,
 # since a timestamp without one names no instant.
@@ -199,24 +203,79 @@ def _trustme() -> Any:
     return trustme
 
 
+def _issue_cert_for_any_names(
+    ca: Any, names: list[str], directory: Path, context: ssl.SSLContext
+) -> None:
+    """A server certificate signed by ``ca`` for names trustme refuses (``my_host``:
+    an underscore is no IDNA, but docker-compose names services so, and TLS takes it)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    signer = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    alternatives: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alternatives.append(x509.DNSName(name))
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    chain = directory / "cio-track-simulator-server.pem"
+    key_text = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    chain.write_bytes(key_text + certificate.public_bytes(serialization.Encoding.PEM))
+    chain.chmod(0o600)
+    context.load_cert_chain(chain)
+
+
 @dataclass(frozen=True)
 class AcceptedEvent:
     """One call the simulator accepted, of either API (a duplicate id is not recorded again).
 
     ``call`` is ``"event"``, ``"identify"``, ``"page"``, ``"screen"``, ``"delete"``,
-    ``"suppress"``, ``"unsuppress"``, or for Pipelines only ``"group"`` and ``"alias"``;
-    ``api`` is ``"track"`` or ``"pipelines"``. The other fields, for every call:
+    ``"suppress"``, ``"unsuppress"``, ``"add_device"``, ``"delete_device"``; for Track
+    only ``"merge"``, ``"add_relationships"``, ``"delete_relationships"``; for Pipelines
+    only ``"group"`` and ``"alias"``. ``api`` is ``"track"`` or ``"pipelines"``. The
+    other fields, for every call:
 
     - ``id``: the Track ``id`` or the Pipelines ``messageId`` (None when the call has none);
     - ``name``: the event name, the page or screen name (``""`` for a Pipelines page or
       screen sent without one), else the call itself (``"identify"``, ``"delete"``, ...);
-    - ``customer_id``: the person (Track identifier value, Pipelines ``userId``);
+    - ``customer_id``: the person (Track identifier value, Pipelines ``userId``; for a
+      merge, the secondary person, merged away);
     - ``anonymous_id``: Track v1 ``anonymous_id``, Pipelines ``anonymousId``;
-    - ``data``: attributes, properties or traits (``{}`` when absent; for an alias,
-      ``{"previousId": ...}``);
+    - ``data``: attributes, properties or traits (``{}`` when absent); for a device the
+      Track ``device`` object, or Pipelines ``{"device": context.device, "properties":
+      ...}``; for a merge ``{"primary": ..., "secondary": ...}``; for relationships
+      ``{"cio_relationships": [...]}``; for an alias ``{"previousId": ...}``; for a
+      group its traits (its ``groupId`` is in ``raw``);
     - ``timestamp``: Unix seconds (a Pipelines ISO 8601 ``timestamp`` floored), or None;
     - ``route``: ``"v1"``, ``"v1_anonymous"``, ``"v2_batch"``, ``"v2_entity"``,
       ``"pipelines_batch"``, ``"pipelines_track"``, ``"pipelines_identify"``, ...
+    - ``raw``: the call's text exactly as received (the v2 item, the Pipelines call, the
+      v1 body), and ``raw_data``: the text of its data, attributes, properties or
+      traits exactly as received (``""`` when it has none): what a byte-for-byte check
+      compares.
     """
 
     id: str | None
@@ -229,6 +288,8 @@ class AcceptedEvent:
     received_at: float
     call: str = "event"
     api: str = "track"
+    raw: str = ""
+    raw_data: str = ""
 
 
 @dataclass(frozen=True)
@@ -270,6 +331,9 @@ class _Draft(NamedTuple):
     route: str
     call: str = "event"
     api: str = "track"
+    raw: str = ""
+    raw_data: str = ""
+    other_person: str | None = None
 
 
 @dataclass
@@ -308,15 +372,124 @@ def _utf8_size(text: str, field: str) -> int:
         raise _ValidationError(field, f"{field} is not valid UTF-8") from None
 
 
-def _json_size(value: Any, field: str) -> int:
-    return _utf8_size(json.dumps(value, separators=(",", ":"), ensure_ascii=False), field)
-
-
 def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")  # json.loads would accept NaN and Infinity
 
 
+class _DuplicateKeyError(ValueError):
+    """An object names a key twice: a receiver would keep one of the two values."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _DuplicateKeyError("an object names the same key twice")
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+_scan_once: Any = _DECODER.scan_once  # type: ignore[attr-defined]  # set in __init__
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _Raw(NamedTuple):
+    """A JSON value as received: decoded, with its exact text.
+
+    The body, its batch and each of its calls are read member by member, so every call
+    and every member of a call (its data, attributes, properties, traits) has the text
+    that arrived, and sizes are counted on those bytes, never on a re-encoding.
+    """
+
+    value: Any
+    text: str
+    members: dict[str, _Raw] | None = None  # an object read member by member
+    elements: list[_Raw] | None = None  # an array read element by element
+
+    @property
+    def size(self) -> int:
+        return len(self.text) if self.text.isascii() else len(self.text.encode("utf-8"))
+
+    def member(self, key: str) -> _Raw | None:
+        return None if self.members is None else self.members.get(key)
+
+
+class _NotJSON(NamedTuple):
+    """A body that is not JSON, or that JSON a receiver would read two ways."""
+
+    reason: str
+
+
+def _read_json(body: bytes, depth: int) -> _Raw | _NotJSON:
+    """Decode ``body``, keeping the text of values down to ``depth`` levels.
+
+    Duplicate keys anywhere are refused (stricter than a receiver that keeps one), and
+    so are NaN and Infinity, invalid UTF-8 and trailing text.
+    """
+    try:
+        text = body.decode("utf-8")
+        raw, end = _read_value(text, _WHITESPACE.match(text, 0).end(), depth)  # type: ignore[union-attr]
+        if _WHITESPACE.match(text, end).end() != len(text):  # type: ignore[union-attr]
+            return _NotJSON("the body is not valid JSON (text after the value)")
+    except _DuplicateKeyError:
+        return _NotJSON("the body is not valid JSON for this API: an object names a key twice")
+    except (ValueError, StopIteration, IndexError):  # UnicodeDecodeError is a ValueError
+        return _NotJSON("the body is not valid JSON")
+    return raw
+
+
+def _read_value(text: str, index: int, depth: int) -> tuple[_Raw, int]:
+    char = text[index] if index < len(text) else ""
+    if depth <= 0 or char not in "{[":
+        value, end = _scan_once(text, index)
+        return _Raw(value, text[index:end]), end
+    skip = _WHITESPACE.match
+    closing = "}" if char == "{" else "]"
+    members: dict[str, _Raw] = {}
+    elements: list[_Raw] = []
+    position = skip(text, index + 1).end()  # type: ignore[union-attr]
+    if text[position] != closing:
+        while True:
+            if char == "{":
+                if text[position] != '"':
+                    raise ValueError("expected a key")
+                key, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+                position = skip(text, position).end()  # type: ignore[union-attr]
+                if text[position] != ":":
+                    raise ValueError("expected ':'")
+                position = skip(text, position + 1).end()  # type: ignore[union-attr]
+                member, position = _read_value(text, position, depth - 1)
+                if key in members:
+                    raise _DuplicateKeyError(key)
+                members[key] = member
+            else:
+                element, position = _read_value(text, position, depth - 1)
+                elements.append(element)
+            position = skip(text, position).end()  # type: ignore[union-attr]
+            if text[position] == ",":
+                position = skip(text, position + 1).end()  # type: ignore[union-attr]
+                continue
+            if text[position] != closing:
+                raise ValueError(f"expected ',' or {closing!r}")
+            break
+    end = position + 1
+    if char == "{":
+        value = {key: member.value for key, member in members.items()}
+        return _Raw(value, text[index:end], members=members), end
+    return _Raw([element.value for element in elements], text[index:end], elements=elements), end
+
+
+def _check_text(raw: _Raw, field: str) -> None:
+    """Refuse a value holding a lone surrogate (a ``\\ud800`` escape): not Unicode."""
+    if _SURROGATE_ESCAPE.search(raw.text):
+        try:
+            json.dumps(raw.value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _ValidationError(field, f"{field} is not valid UTF-8") from None
+
+
 def _loads(body: bytes) -> Any:
+    """A control route's body, decoded (or _NOT_JSON)."""
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except ValueError:  # also UnicodeDecodeError
@@ -335,10 +508,10 @@ def _check_identifier(value: Any, field: str) -> str:
 
 
 def _event_fields(
-    obj: dict[str, Any], data_key: str, poison: Collection[str]
+    obj: _Raw, data_key: str, poison: Collection[str]
 ) -> tuple[str, str | None, int | None, dict[str, Any]]:
     """Check name, id, timestamp and data/attributes, common to v1 and v2 events."""
-    name = _event_name(obj, poison)
+    name = _event_name(obj.value, poison)
     return (name, *_track_fields(obj, data_key))
 
 
@@ -358,69 +531,241 @@ def _event_name(obj: dict[str, Any], poison: Collection[str]) -> str:
     return name
 
 
-def _track_fields(
-    obj: dict[str, Any], data_key: str
-) -> tuple[str | None, int | None, dict[str, Any]]:
-    """Check id, timestamp and data/attributes, common to every Track call that records."""
-    event_id = obj.get("id")
-    if "id" in obj and not (isinstance(event_id, str) and _ULID.fullmatch(event_id)):
+def _track_fields(obj: _Raw, data_key: str) -> tuple[str | None, int | None, dict[str, Any]]:
+    """Check id, timestamp and data/attributes, common to every Track call that records.
+
+    The data's size is the bytes of its text as received (an SDK that escapes every
+    non-ASCII character sends up to six bytes for one)."""
+    fields = obj.value
+    event_id = fields.get("id")
+    if "id" in fields and not (isinstance(event_id, str) and _ULID.fullmatch(event_id)):
         raise _ValidationError("id", "id must be a ULID (26 Crockford base32 characters)")
-    timestamp = obj.get("timestamp")
-    if "timestamp" in obj and (not isinstance(timestamp, int) or isinstance(timestamp, bool)):
+    timestamp = fields.get("timestamp")
+    if "timestamp" in fields and (not isinstance(timestamp, int) or isinstance(timestamp, bool)):
         raise _ValidationError("timestamp", "timestamp must be an integer (Unix seconds)")
-    data = obj.get(data_key, {})
-    if not isinstance(data, dict):
+    raw_data = obj.member(data_key)
+    if raw_data is None:
+        return event_id, timestamp, {}
+    if not isinstance(raw_data.value, dict):
         raise _ValidationError(data_key, f"{data_key} must be an object")
-    size = _json_size(data, data_key)
+    size = raw_data.size
     if size > MAX_DATA_BYTES:
-        raise _ValidationError(data_key, f"{data_key} is {size} bytes, over 100000", "too_long")
-    return event_id, timestamp, data
+        raise _ValidationError(
+            data_key, f"{data_key} is {size} bytes as received, over 100000", "too_long"
+        )
+    return event_id, timestamp, raw_data.value
 
 
-def _v1_draft(payload: Any, customer_id: str | None, route: str, poison: Collection[str]) -> _Draft:
-    if not isinstance(payload, dict):
+# Keys of event data, attributes, properties and traits that the published specs give a
+# type (anything else under them is free).
+_STRING, _BOOLEAN, _OBJECT, _STRINGS = "a string", "true or false", "an object", "strings"
+_DATE_TIME_TYPE, _TOPICS = "an ISO 8601 date-time", "topics mapped to true or false"
+_RESERVED = {
+    ("track", "event"): {"recipient": _STRING, "from_address": _STRING, "reply_to": _STRING},
+    ("track", "anonymous"): {"from_address": _STRING, "reply_to": _STRING},
+    ("track", "page"): {
+        **dict.fromkeys(("path", "referrer", "search", "title", "url"), _STRING),
+        "keywords": _STRINGS,
+    },
+    ("track", "identify"): {"_update": _BOOLEAN, "cio_subscription_preferences": _TOPICS},
+    ("pipelines", "identify"): {
+        "email": _STRING,
+        "createdAt": _DATE_TIME_TYPE,
+        "unsubscribed": _BOOLEAN,
+        "cio_subscription_preferences": _TOPICS,
+    },
+    ("pipelines", "page"): {"category": _STRING},
+    ("pipelines", "group"): {"object_type_id": _STRING, "relationshipAttributes": _OBJECT},
+}
+
+
+def _check_reserved(data: dict[str, Any], api: str, call: str, data_key: str) -> None:
+    for key, kind in _RESERVED.get((api, call), {}).items():
+        if key not in data:
+            continue
+        value = data[key]
+        if kind == _STRING:
+            valid = isinstance(value, str)
+        elif kind == _BOOLEAN:
+            valid = isinstance(value, bool)
+        elif kind == _OBJECT:
+            valid = isinstance(value, dict)
+        elif kind == _STRINGS:
+            valid = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        elif kind == _DATE_TIME_TYPE:
+            valid = isinstance(value, str) and _date_time(value) is not None
+        else:
+            valid = isinstance(value, dict) and all(
+                isinstance(group, dict) and all(isinstance(flag, bool) for flag in group.values())
+                for name, group in value.items()
+                if name in ("topics", "channels")
+            )
+        if not valid:
+            raise _ValidationError(f"{data_key}.{key}", f"{data_key}.{key} must be {kind}")
+
+
+def _v1_draft(
+    payload: _Raw, customer_id: str | None, route: str, poison: Collection[str]
+) -> _Draft:
+    body = payload.value
+    if not isinstance(body, dict):
         raise _ValidationError("body", "the body must be a JSON object")
+    _check_text(payload, "body")
     name, event_id, timestamp, data = _event_fields(payload, "data", poison)
-    if "type" in payload and payload["type"] not in _V1_EVENT_TYPES:
+    if "type" in body and body["type"] not in _V1_EVENT_TYPES:
         raise _ValidationError("type", "type must be one of event, page, screen")
+    call = body.get("type", "event")  # a page or screen view, else an event
     anonymous_id = None
-    if route == "v1_anonymous" and "anonymous_id" in payload:
-        anonymous_id = _check_identifier(payload["anonymous_id"], "anonymous_id")
-    call = payload.get("type", "event")  # a page or screen view, else an event
-    return _Draft(event_id, name, customer_id, anonymous_id, data, timestamp, route, call)
+    if "anonymous_id" in body:
+        anonymous_id = _check_identifier(body["anonymous_id"], "anonymous_id")
+    elif call == "screen" and route == "v1":
+        # The spec's eventsRequest: only its "Mobile screen view" takes type screen, and
+        # it requires anonymous_id.
+        raise _ValidationError(
+            "anonymous_id", "a screen view on this route needs anonymous_id", "required"
+        )
+    if call == "event":
+        _check_reserved(data, "track", "event" if route == "v1" else "anonymous", "data")
+    raw_data = payload.member("data")
+    return _Draft(
+        event_id,
+        name,
+        customer_id,
+        anonymous_id if route == "v1_anonymous" else None,
+        data,
+        timestamp,
+        route,
+        call,
+        raw=payload.text,
+        raw_data="" if raw_data is None else raw_data.text,
+    )
 
 
-def _v2_draft(item: Any, route: str, poison: Collection[str]) -> _Draft | None:
+def _one_identifier(value: Any, field: str, kinds: Collection[str]) -> tuple[str, str]:
+    """One of a person's identifiers, as the spec's ``oneOf`` of one-key objects reads:
+    exactly one key, a string."""
+    if not isinstance(value, dict) or len(value) != 1 or not value.keys() <= set(kinds):
+        raise _ValidationError(field, f"give exactly one of {', '.join(sorted(kinds))}")
+    ((key, identifier),) = value.items()
+    return key, _check_identifier(identifier, f"{field}.{key}")
+
+
+def _check_device(device: Any, adding: bool) -> dict[str, Any]:
+    if not isinstance(device, dict):
+        raise _ValidationError("device", "device must be an object", "required")
+    token = device.get("token")
+    if not isinstance(token, str) or not token:
+        raise _ValidationError("device.token", "device.token must be a non-empty string")
+    if adding:
+        if device.get("platform") not in ("ios", "android"):
+            raise _ValidationError("device.platform", "device.platform must be ios or android")
+        last_used = device.get("last_used")
+        if "last_used" in device and (
+            not isinstance(last_used, int) or isinstance(last_used, bool)
+        ):
+            raise _ValidationError("device.last_used", "device.last_used must be an integer")
+        attributes = device.get("attributes", {})
+        if not isinstance(attributes, dict) or not all(
+            isinstance(value, str) for value in attributes.values()
+        ):
+            raise _ValidationError(
+                "device.attributes", "device.attributes must be an object of strings"
+            )
+        if attributes.get("push_enabled", "true") not in ("true", "false"):
+            raise _ValidationError("device.attributes.push_enabled", "must be true or false")
+    return device
+
+
+def _check_relationships(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _ValidationError(
+            "cio_relationships", "cio_relationships must be an array", "required"
+        )
+    for index, relationship in enumerate(value):
+        where = f"cio_relationships[{index}]"
+        if not isinstance(relationship, dict):
+            raise _ValidationError(where, f"{where} must be an object")
+        identifiers = relationship.get("identifiers")
+        # The spec's oneOf: object_type_id and object_id, or cio_object_id (not both).
+        names = set(identifiers) if isinstance(identifiers, dict) else set()
+        by_type = {"object_type_id", "object_id"} <= names and "cio_object_id" not in names
+        by_cio_id = "cio_object_id" in names and not names & {"object_type_id", "object_id"}
+        if not (by_type or by_cio_id):
+            raise _ValidationError(
+                f"{where}.identifiers",
+                "name the object by object_type_id and object_id, or by cio_object_id",
+            )
+        assert isinstance(identifiers, dict)
+        for name in names & {"object_type_id", "object_id", "cio_object_id"}:
+            if not isinstance(identifiers[name], str):
+                raise _ValidationError(f"{where}.identifiers.{name}", f"{name} must be a string")
+        attributes = relationship.get("relationship_attributes", {})
+        if not isinstance(attributes, dict):
+            raise _ValidationError(
+                f"{where}.relationship_attributes", "relationship_attributes must be an object"
+            )
+    return value
+
+
+def _v2_draft(raw_item: _Raw, route: str, poison: Collection[str]) -> _Draft | None:
     """Validate one v2 operation; return the person call it records (None for others)."""
+    item = raw_item.value
     if not isinstance(item, dict):
         raise _ValidationError("item", "each operation must be a JSON object")
-    size = _json_size(item, "item")
+    size = raw_item.size
     if size > MAX_V2_ITEM_BYTES:
-        raise _ValidationError("item", f"the operation is {size} bytes, over 32768", "too_long")
+        raise _ValidationError(
+            "item", f"the operation is {size} bytes as received, over 32768", "too_long"
+        )
+    _check_text(raw_item, "item")
     kind, action = item.get("type"), item.get("action")
     if kind not in _ACTIONS:
         raise _ValidationError("type", "type must be one of person, object, delivery")
     if action not in _ACTIONS[kind]:
         raise _ValidationError("action", f"action {action!r} is not valid for type {kind}")
+    raw = {"raw": raw_item.text}
     if action == "merge":  # the one operation that names two people instead of identifiers
-        if not (isinstance(item.get("primary"), dict) and isinstance(item.get("secondary"), dict)):
+        if "primary" not in item or "secondary" not in item:
             raise _ValidationError("primary", "merge needs primary and secondary", "required")
-        return None
+        kinds = ("id", "email", "cio_id")
+        _, primary = _one_identifier(item["primary"], "primary", kinds)
+        _, secondary = _one_identifier(item["secondary"], "secondary", kinds)
+        merged = {"primary": item["primary"], "secondary": item["secondary"]}
+        return _Draft(
+            None,
+            "merge",
+            secondary,
+            None,
+            merged,
+            None,
+            route,
+            "merge",
+            **raw,
+            other_person=primary,
+        )
     identifiers = item.get("identifiers")
     if not isinstance(identifiers, dict) or not identifiers:
         raise _ValidationError("identifiers", "identifiers must be a non-empty object", "required")
     if kind != "person":
         return None  # objects and deliveries are accepted but are not person events
-    if len(identifiers) != 1 or not identifiers.keys() <= _PERSON_IDENTIFIERS:
-        raise _ValidationError("identifiers", "give exactly one of id, email, phone, cio_id")
-    ((key, value),) = identifiers.items()
-    person = _check_identifier(value, f"identifiers.{key}")
+    _, person = _one_identifier(identifiers, "identifiers", _PERSON_IDENTIFIERS)
+    attributes = raw_item.member("attributes")
+    raw["raw_data"] = "" if attributes is None else attributes.text
     if action in ("event", "page", "screen"):
-        name, event_id, timestamp, data = _event_fields(item, "attributes", poison)
-        return _Draft(event_id, name, person, None, data, timestamp, route, action)
+        name, event_id, timestamp, data = _event_fields(raw_item, "attributes", poison)
+        _check_reserved(data, "track", action, "attributes")
+        return _Draft(event_id, name, person, None, data, timestamp, route, action, **raw)
     if action in _V2_PERSON_CALLS:
-        event_id, timestamp, data = _track_fields(item, "attributes")
-        return _Draft(event_id, action, person, None, data, timestamp, route, action)
+        event_id, timestamp, data = _track_fields(raw_item, "attributes")
+        _check_reserved(data, "track", action, "attributes")
+        return _Draft(event_id, action, person, None, data, timestamp, route, action, **raw)
+    if action in ("add_device", "delete_device"):
+        device = _check_device(item.get("device"), action == "add_device")
+        return _Draft(None, action, person, None, device, None, route, action, **raw)
+    if action in ("add_relationships", "delete_relationships"):
+        relationships = _check_relationships(item.get("cio_relationships"))
+        data = {"cio_relationships": relationships}
+        return _Draft(None, action, person, None, data, None, route, action, **raw)
     if "attributes" in item and not isinstance(item["attributes"], dict):
         raise _ValidationError("attributes", "attributes must be an object")
     return None
@@ -450,15 +795,22 @@ def _pipelines_name(call: dict[str, Any], key: str, poison: Collection[str]) -> 
     return name
 
 
+def _date_time(value: str) -> datetime | None:
+    """An RFC 3339 date-time (the JSON Schema meaning of ``format: date-time``), or None."""
+    if not _DATE_TIME.fullmatch(value.upper()):
+        return None
+    try:
+        return datetime.fromisoformat(value.upper())
+    except ValueError:  # the shape is right, the date is not: 02-30
+        return None
+
+
 def _pipelines_timestamp(call: dict[str, Any]) -> int | None:
     """The ISO 8601 ``timestamp`` in whole Unix seconds (floored); None when absent."""
     if "timestamp" not in call:
         return None
     value = call["timestamp"]
-    instant = None
-    if isinstance(value, str) and _DATE_TIME.fullmatch(value.upper()):
-        with contextlib.suppress(ValueError):  # the shape is right, the date is not: 02-30
-            instant = datetime.fromisoformat(value.upper())
+    instant = _date_time(value) if isinstance(value, str) else None
     if instant is None:
         raise _ValidationError(
             "timestamp", "timestamp must be an ISO 8601 date-time with a zone offset or Z"
@@ -466,19 +818,23 @@ def _pipelines_timestamp(call: dict[str, Any]) -> int | None:
     return (instant - _EPOCH) // timedelta(seconds=1)
 
 
-def _pipelines_draft(call: Any, implied: str | None, route: str, poison: Collection[str]) -> _Draft:
+def _pipelines_draft(
+    raw_call: _Raw, implied: str | None, route: str, poison: Collection[str]
+) -> _Draft:
     """Validate one Pipelines call; ``implied``: the type its single-call route sets.
 
     Errors name a field of the call, or "" for the call as a whole.
     """
+    call = raw_call.value
     if not isinstance(call, dict):
         raise _ValidationError("", "each call must be a JSON object")
+    size = raw_call.size
+    if size > MAX_PIPELINES_CALL_BYTES:
+        raise _ValidationError("", f"the call is {size} bytes as received, over 32768", "too_long")
     try:
-        size = _json_size(call, "call")
+        _check_text(raw_call, "call")
     except _ValidationError:
         raise _ValidationError("", "the call is not valid UTF-8") from None
-    if size > MAX_PIPELINES_CALL_BYTES:
-        raise _ValidationError("", f"the call is {size} bytes, over 32768", "too_long")
     kind = call.get("type", implied)
     allowed = _PIPELINES_BATCH_TYPES if implied is None else (implied,)
     if not isinstance(kind, str) or kind not in allowed:
@@ -498,14 +854,32 @@ def _pipelines_draft(call: Any, implied: str | None, route: str, poison: Collect
     for key in ("properties", "traits", "context"):
         if key in call and not isinstance(call[key], dict):
             raise _ValidationError(key, f"{key} must be an object")
+    if "context" in call and (kind == "identify" or (implied is not None and kind != "alias")):
+        # Where the spec reads a call's context through all_common_fields, a oneOf of
+        # "Non-mobile" and "Mobile" that every context matches both of: read as
+        # published, no such call with a context is valid, and the context can be left
+        # out (a batched track, page, screen or group, and an alias, take any context).
+        raise _ValidationError(
+            "context",
+            f"a context on this {kind} call matches both the mobile and the non-mobile "
+            "context of the spec's oneOf: leave it out",
+        )
     if kind == "alias":
         previous_id = _pipelines_string(call, "previousId")
         for key, value in (("previousId", previous_id), ("userId", user_id)):
             if not value:
                 raise _ValidationError(key, f"alias needs {key}", "required")
-        data = {"previousId": previous_id}
         return _Draft(
-            message_id, kind, user_id, anonymous_id, data, timestamp, route, kind, "pipelines"
+            message_id,
+            kind,
+            user_id,
+            anonymous_id,
+            {"previousId": previous_id},
+            timestamp,
+            route,
+            kind,
+            "pipelines",
+            raw=raw_call.text,
         )
     group_id = _pipelines_string(call, "groupId")
     if kind == "group" and not group_id:
@@ -521,6 +895,8 @@ def _pipelines_draft(call: Any, implied: str | None, route: str, poison: Collect
     if not (user_id or anonymous_id or named_otherwise):
         raise _ValidationError("userId", "userId or anonymousId is required", "required")
     name, recorded = kind, kind
+    data_key = "traits" if kind in ("identify", "group") else "properties"
+    data: dict[str, Any] = call.get(data_key, {})
     if kind == "track":
         name = _pipelines_name(call, "event", poison)
         recorded = _SEMANTIC_CALLS.get(name, "event")
@@ -528,35 +904,73 @@ def _pipelines_draft(call: Any, implied: str | None, route: str, poison: Collect
             if not user_id:
                 raise _ValidationError("userId", f"{name!r} needs a userId", "required")
             name = recorded
+        if recorded in ("add_device", "delete_device"):
+            data = {"device": _pipelines_device(call.get("context")), "properties": data}
     elif kind in ("page", "screen"):
         name = _pipelines_name(call, "name", poison)
-    data = traits if kind in ("identify", "group") else call.get("properties", {})
+    _check_reserved(data, "pipelines", kind, data_key)
+    raw_data = raw_call.member(data_key)
     return _Draft(
-        message_id, name, user_id, anonymous_id, data, timestamp, route, recorded, "pipelines"
+        message_id,
+        name,
+        user_id,
+        anonymous_id,
+        data,
+        timestamp,
+        route,
+        recorded,
+        "pipelines",
+        raw=raw_call.text,
+        raw_data="" if raw_data is None else raw_data.text,
     )
 
 
+def _pipelines_device(context: Any) -> dict[str, Any]:
+    """A device event's ``context.device``, as the spec's device events require it."""
+    device = context.get("device") if isinstance(context, dict) else None
+    if not isinstance(device, dict):
+        raise _ValidationError("context.device", "a device event needs context.device", "required")
+    if not isinstance(device.get("token"), str) or not device["token"]:
+        raise _ValidationError(
+            "context.device.token", "context.device.token must be a non-empty string", "required"
+        )
+    if "type" in device and device["type"] not in ("ios", "android"):
+        raise _ValidationError("context.device.type", "context.device.type must be ios or android")
+    return device
+
+
 def _pipelines_calls(
-    route: _Route, payload: Any, size: int, poison: Collection[str]
+    route: _Route, payload: _Raw | _NotJSON, size: int, poison: Collection[str]
 ) -> tuple[list[_Draft], list[str], int]:
     """Validate one Pipelines request.
 
     Returns the calls it records, its errors as "<field>: <message>", and how many calls
     those errors drop (a body that holds no calls at all counts as one).
     """
-    if payload is _NOT_JSON:
-        return [], ["body: the body is not valid JSON"], 1
-    calls: list[tuple[str, Any]] = [("", payload)]
+    if isinstance(payload, _NotJSON):
+        return [], [f"body: {payload.reason}"], 1
+    calls: list[tuple[str, _Raw]] = [("", payload)]
     if route.call_type is None:
-        batch = payload.get("batch") if isinstance(payload, dict) else None
-        dropped = len(batch) if isinstance(batch, list) else 1
-        if size > MAX_PIPELINES_REQUEST_BYTES:
-            return [], [f"body: the request is {size} bytes, over 512000"], dropped
-        if not isinstance(payload, dict) or not isinstance(batch, list):
+        body = payload.value
+        raw_batch = payload.member("batch")
+        batch = None if raw_batch is None else raw_batch.elements
+        dropped = len(batch) if batch is not None else 1
+        if size >= REQUEST_BYTES_LIMIT:
+            return [], [f"body: the request is {size:,} bytes, not under 500,000"], dropped
+        if not isinstance(body, dict) or batch is None:
             return [], ['batch: the body must be {"batch": [call, ...]}'], dropped
-        if "context" in payload and not isinstance(payload["context"], dict):
-            return [], ["context: context must be an object"], dropped
+        if "context" in body:
+            return (
+                [],
+                [
+                    "context: a batch's context matches both the mobile and the non-mobile "
+                    "context of the spec's oneOf: leave it out"
+                ],
+                dropped,
+            )
         calls = [(f"batch[{index}]", call) for index, call in enumerate(batch)]
+    elif size > MAX_PIPELINES_CALL_BYTES:
+        return [], [f"body: the request is {size:,} bytes, over 32,768"], 1
     drafts: list[_Draft] = []
     errors: list[str] = []
     for where, call in calls:
@@ -745,7 +1159,11 @@ class TrackAPISimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         state_dir: str | Path | None = None,
+        server_names: Collection[str] = (),
     ) -> None:
+        """``server_names``: more host names its certificate is valid for, beside
+        ``127.0.0.1``, ``localhost`` and ``host`` (a name such as ``my_host``, resolved
+        to the address it listens on by whoever connects)."""
         trustme = _trustme()  # first: nothing to clean up when it is missing
         self.site_id, self.api_key = site_id, api_key
         self.poison_names: set[str] = set()
@@ -761,8 +1179,12 @@ class TrackAPISimulator:
         self._ca_file = directory.resolve() / "cio-track-simulator-ca.pem"
         ca.cert_pem.write_to_path(self._ca_file)
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        names = dict.fromkeys(["127.0.0.1", "localhost", host])  # ordered, without repeats
-        ca.issue_cert(*names).configure_cert(self._context)
+        # Ordered, without repeats.
+        names = dict.fromkeys(["127.0.0.1", "localhost", host, *server_names])
+        if any("_" in name for name in names):
+            _issue_cert_for_any_names(ca, list(names), directory, self._context)
+        else:
+            ca.issue_cert(*names).configure_cert(self._context)
         # One lock guards records, faults and credentials; the condition wakes wait_for_events.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -1038,7 +1460,11 @@ class TrackAPISimulator:
             started = time.perf_counter()
         match = _V1_IDENTIFIED.fullmatch(path)
         route = _Route("track", "v1") if match else _ROUTES.get(path)
-        payload = _loads(body) if route else None
+        # Batches are read down to each call's members, other bodies to their members.
+        parsed = (
+            None if route is None else _read_json(body, 3 if route.name in _BATCH_ROUTES else 1)
+        )
+        payload = None if parsed is None or isinstance(parsed, _NotJSON) else parsed.value
         with self._lock:
             latency = self._latency
         if latency:
@@ -1065,10 +1491,10 @@ class TrackAPISimulator:
         elif not self._authorized(authorization, route.api):
             answer = _Answer(401, {"meta": {"error": _UNAUTHORIZED}}, _CHALLENGES[route.api])
         elif route.api == "pipelines":
-            answer = self._pipelines(route, payload, len(body), strict)
+            answer = self._pipelines(route, parsed, len(body), strict)
         else:
             raw_identifier = match.group(1) if match else None
-            answer = self._route(route.name, raw_identifier, payload, len(body))
+            answer = self._route(route.name, raw_identifier, parsed, len(body))
         status = 0 if answer is None else answer.status
         record = RequestRecord(
             received,
@@ -1100,7 +1526,10 @@ class TrackAPISimulator:
         expected = f"{user}:{password}".encode()
         return scheme.lower() == "basic" and hmac.compare_digest(given, expected)
 
-    def _pipelines(self, route: _Route, payload: Any, size: int, strict: bool) -> _Answer:
+    def _pipelines(
+        self, route: _Route, payload: _Raw | _NotJSON | None, size: int, strict: bool
+    ) -> _Answer:
+        assert payload is not None  # a known route's body is always read
         drafts, errors, dropped = _pipelines_calls(route, payload, size, self.poison_names)
         if errors and strict:
             return _Answer(400, {"meta": {"errors": errors}})
@@ -1108,7 +1537,10 @@ class TrackAPISimulator:
         self._accept(drafts, dropped)
         return _Answer(200, {})
 
-    def _route(self, route: str, raw_identifier: str | None, payload: Any, size: int) -> _Answer:
+    def _route(
+        self, route: str, raw_identifier: str | None, payload: _Raw | _NotJSON | None, size: int
+    ) -> _Answer:
+        assert payload is not None  # a known route's body is always read
         poison = self.poison_names
         if route.startswith("v1"):
             try:
@@ -1119,26 +1551,31 @@ class TrackAPISimulator:
                     except UnicodeDecodeError:
                         raise _ValidationError("identifier", "identifier is not UTF-8") from None
                     customer_id = _check_identifier(decoded, "identifier")
-                if payload is _NOT_JSON:
-                    raise _ValidationError("body", "the body is not valid JSON")
+                if isinstance(payload, _NotJSON):
+                    raise _ValidationError("body", payload.reason)
                 draft = _v1_draft(payload, customer_id, route, poison)
             except _ValidationError as exc:
                 return _Answer(400, {"meta": {"error": exc.message}})
             self._accept([draft])
             return _Answer(200, {})
-        if size > MAX_V2_REQUEST_BYTES:
-            return _whole_request_error(f"the request is {size} bytes, over 512000")
-        if payload is _NOT_JSON or not isinstance(payload, dict):
+        if size >= REQUEST_BYTES_LIMIT:
+            return _whole_request_error(f"the request is {size:,} bytes, not under 500,000")
+        if isinstance(payload, _NotJSON):
+            return _whole_request_error(payload.reason)
+        if not isinstance(payload.value, dict):
             return _whole_request_error("the body must be a JSON object")
         if route == "v2_entity":
+            if size > MAX_V2_ITEM_BYTES:  # "/entity is limited to requests 32kb or smaller"
+                return _whole_request_error(f"the request is {size:,} bytes, over 32,768")
             try:
                 entity = _v2_draft(payload, route, poison)
             except _ValidationError as exc:
                 return _whole_request_error(exc.message, exc.field, exc.reason)
             self._accept([] if entity is None else [entity])
             return _Answer(200, {})
-        batch = payload.get("batch")
-        if not isinstance(batch, list) or not batch:
+        raw_batch = payload.member("batch")
+        batch = None if raw_batch is None else raw_batch.elements
+        if not batch:
             return _whole_request_error("batch must be a non-empty array")
         drafts: list[_Draft] = []
         errors: list[dict[str, Any]] = []
@@ -1166,9 +1603,11 @@ class TrackAPISimulator:
                         self._duplicates += 1
                         continue
                     self._seen_ids.add(key)
-                accepted = AcceptedEvent(received_at=now, **draft._asdict())
+                fields = draft._asdict()
+                other = fields.pop("other_person")
+                accepted = AcceptedEvent(received_at=now, **fields)
                 self._accepted.append(accepted)
-                people = (accepted.customer_id, accepted.anonymous_id)
+                people = (accepted.customer_id, accepted.anonymous_id, other)
                 for person in {person for person in people if person is not None}:
                     self._history.setdefault(person, []).append(accepted)
             self._changed.notify_all()

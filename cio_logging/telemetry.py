@@ -135,6 +135,12 @@ class Telemetry:
             unit="{event}",
             description="Events dropped at emit (cio.drop.reason)",
         )
+        self.past_window = meter.create_counter(
+            "cio.events.past_window",
+            unit="{event}",
+            description="Events sent past Customer.io's 72-hour window: recorded there, "
+            "but they trigger no campaign",
+        )
         self.delivery_duration = meter.create_histogram(
             "cio.delivery.duration",
             unit="s",
@@ -160,6 +166,9 @@ class Telemetry:
         self.dropped.add(1, attributes)
 
     # -- the flush thread -------------------------------------------------------------
+
+    def events_past_window(self, count: int) -> None:
+        self.past_window.add(count)
 
     @contextlib.contextmanager
     def request(self, route: str, message_count: int) -> Iterator[RequestSpan]:

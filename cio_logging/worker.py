@@ -646,7 +646,9 @@ class DeliveryWorker:
                     for queued in allowed:
                         person = queued.event.person
                         accounted.setdefault(person, set()).add(queued.position)
-                        if person in busy or person in held:
+                        # A merge waits for either person's request in flight.
+                        people = queued.event.people
+                        if person in held or any(other in busy for other in people):
                             held.setdefault(person, []).append(queued)
                         else:
                             ready.append(queued)
@@ -655,7 +657,8 @@ class DeliveryWorker:
                         break  # wait for an answer: it frees people or shows new rows
                     continue  # all held back: read on, past them
                 for queued in ready:
-                    busy.setdefault(queued.event.person, set()).add(queued.position)
+                    for person in queued.event.people:
+                        busy.setdefault(person, set()).add(queued.position)
                 in_flight.append((client.submit(ready), ready))
             if not in_flight:
                 break
@@ -663,12 +666,16 @@ class DeliveryWorker:
             report = future.result()
             for queued in sent:
                 person = queued.event.person
-                for on_the_way in (busy, accounted):
-                    positions = on_the_way.get(person)
-                    if positions is not None:
-                        positions.discard(queued.position)
-                        if not positions:
-                            del on_the_way[person]
+                for on_the_way, people in (
+                    (busy, queued.event.people),
+                    (accounted, (person,)),
+                ):
+                    for someone in people:
+                        positions = on_the_way.get(someone)
+                        if positions is not None:
+                            positions.discard(queued.position)
+                            if not positions:
+                                del on_the_way[someone]
             self._apply(report)
             failed = failed or report.failure is not None
             exhausted = False
@@ -745,8 +752,34 @@ class DeliveryWorker:
                 if queued.event.person in listed_people and queued.position not in listed
             ]
         allowed.sort(key=_by_position)
+        allowed = self._merges_in_order(allowed, accounted)
         positions = {queued.position for queued in events}
         return allowed, read - sum(1 for queued in allowed if queued.position in positions)
+
+    def _merges_in_order(
+        self, allowed: list[QueuedEvent], accounted: dict[str, set[int]]
+    ) -> list[QueuedEvent]:
+        """Hold back a merge until every earlier call of the person it merges into is
+        accounted for, and with it the later calls of the person merged away.
+
+        A merge is stored under the person merged away, so that person's order holds
+        it already; ``Event.people`` names the other person. Rare: one query per merge.
+        """
+        if all(len(queued.event.people) == 1 for queued in allowed):
+            return allowed
+        kept: list[QueuedEvent] = []
+        stopped: set[str] = set()
+        for queued in allowed:
+            person, *others = queued.event.people
+            if person in stopped:
+                continue
+            if others:
+                earlier = self._wal.earlier_rows(others, queued.position - 1)
+                if any(position not in accounted.get(other, ()) for other, position, *_ in earlier):
+                    stopped.add(person)
+                    continue
+            kept.append(queued)
+        return kept
 
     def _take_due(
         self, limit: int, now: float, after: tuple[float, int] | None
@@ -1086,7 +1119,9 @@ def _released(
     for person in list(held):
         if len(ready) >= limit:
             break
-        if person not in busy:
+        if person not in busy and not any(
+            other in busy for queued in held[person] for other in queued.event.people[1:]
+        ):
             ready.extend(held.pop(person))
     return ready
 

@@ -30,7 +30,14 @@ from .helpers import (
     running_in_ci,
 )
 from .pg_cluster import Cluster, server_binaries
-from .spec_check import PIPELINES_SPEC_PATH, SPEC_PATH, Spec, load_pipelines_spec, load_spec
+from .spec_check import (
+    PIPELINES_SPEC_PATH,
+    SPEC_PATH,
+    Spec,
+    load_as_published,
+    load_pipelines_spec,
+    load_spec,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +105,16 @@ def pipelines_spec() -> Spec:
     """Customer.io's published Pipelines API spec (its ``oneOf`` read as ``anyOf``, formats
     checked): skipped with the reason when absent, or failed under CI=true."""
     return _required_spec(load_pipelines_spec(), PIPELINES_SPEC_MISSING)
+
+
+@pytest.fixture(scope="session")
+def published_specs() -> dict[str, Spec]:
+    """Both APIs' specs read literally except where their oneOf alternatives overlap
+    (``spec_check.TRACK_OVERLAPS``, ``PIPELINES_OVERLAPS``), by API name."""
+    return {
+        "track": _required_spec(load_as_published("track"), SPEC_MISSING),
+        "pipelines": _required_spec(load_as_published("pipelines"), PIPELINES_SPEC_MISSING),
+    }
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -35,6 +35,7 @@ from ..metadata import PACKAGE_VERSION
 from ..resilience import DeliveryBreaker, RequestRateCap
 from ..store import QueuedEvent
 from ..telemetry import Telemetry
+from ..window import WindowWatch
 from .batching import Item, plan_requests
 
 # Answers that mean the payload is at fault: retrying the same bytes cannot succeed.
@@ -182,6 +183,8 @@ class HTTPDelivery:
         self._local = threading.local()
         self._thread_initializer = thread_initializer
         self._senders: ThreadPoolExecutor | None = None
+        #: Events sent past Customer.io's 72-hour window: counted, and warned about.
+        self.window = WindowWatch(None if telemetry is None else telemetry.events_past_window)
         self._open()
         background.guard_loggers()  # requests', urllib3's (and the SDK's) loggers exist now
 
@@ -228,6 +231,7 @@ class HTTPDelivery:
         :meth:`submit`, never two with calls of the same person.
         """
         report = DeliveryReport()
+        self.window.check(queued.event for queued in events)
         for request in plan_requests(self._items(events), self._settings.batch_size):
             if report.failure is not None:
                 report.deferred.extend(item.queued for item in request.items)

@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from .. import wire
 from ..store import QueuedEvent
 
-MAX_BATCH_BYTES = 500 * 1024
-MAX_ITEM_BYTES = 32 * 1024
-# Headroom for the {"batch":[...]} wrapper.
-BATCH_BUDGET = MAX_BATCH_BYTES - 4 * 1024
+#: A request body must be smaller than this (see ``wire``: the one rule both APIs share).
+MAX_BATCH_BYTES = wire.REQUEST_BYTES_LIMIT
+MAX_ITEM_BYTES = wire.MAX_CALL_BYTES
+# What the items of a batch may take, each counted with the comma before it: the body
+# is {"batch":[ + items + ]}, so with `used` bytes of items and commas it is
+# used - 1 + 12 bytes, under MAX_BATCH_BYTES exactly while used <= this budget.
+BATCH_BUDGET = MAX_BATCH_BYTES - wire.BATCH_FRAME_BYTES
 
 
 class Item(NamedTuple):

@@ -4,49 +4,42 @@ Every request goes out on the SDK's session, which :mod:`.base` builds: no urlli
 retries, a pinned CA bundle, a response hook that keeps the last response, because
 ``CustomerIOException`` carries no status code and its text holds the request data
 (personal data). That text is never logged: failures are described from the status,
-the response body and the exception's type. v1 events go through the SDK's
-``send_request``; a v2 batch body is built here from the JSON text stored at emit (the
-data spliced in, never decoded and encoded again) and posted as bytes on the same
-session, to the URL ``CustomerIO.batch`` would use, with the same auth and timeout.
+the response body and the exception's type. Every body is built by :mod:`..wire` from
+the JSON text stored at emit (the data spliced in, never decoded and encoded again),
+compact and UTF-8, and posted as bytes on the SDK's session, to the URLs the SDK would
+use, with the same auth and timeout. Not the SDK's ``send_request`` for v1: it encodes
+with ``ensure_ascii`` and ``", "`` separators, so 100,000 bytes of data counted at emit
+could go out as 300,000.
 
-Routing: events, identifies, page and screen views and the person actions (delete,
-suppress, unsuppress) of identified people go in v2 ``/api/v2/batch`` requests (at
-most 500 KB a request, 32 KB an item, 207 answers read item by item); anonymous
-events, page and screen views, which v2 batches cannot carry, and events, pages and
-screens over 32 KB go one by one through v1 (the others are refused at emit: see
-``events.check_for_api``).
+Routing (``wire.route_of``): identified events, identifies, page and screen views,
+the person actions, devices, merges and relationships go in v2 ``/api/v2/batch``
+requests (each body under 500,000 bytes, each item at most 32,768 bytes, 207 answers
+read item by item); anonymous events, page and screen views, which v2 batches cannot
+carry, and identified events and page views over 32 KB go one by one through v1
+(what no route carries is refused at emit: see ``wire.check_for_api``).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
-from json.encoder import encode_basestring
+from collections.abc import Sequence
 from typing import Any
 
 import requests
-from customerio import CustomerIO, CustomerIOException
+from customerio import CustomerIO
 
+from .. import wire
 from ..config import Settings
-from ..events import DELETE, EVENT, IDENTIFY, PAGE, SCREEN, SUPPRESS, UNSUPPRESS, Event
+from ..events import TRACK_API
 from ..metadata import SDK_VERSION
 from ..store import QueuedEvent
-from .base import Failure, HTTPDelivery, TransportError, build_session
-from .batching import MAX_ITEM_BYTES, Item
+from .base import Failure, HTTPDelivery, build_session
+from .batching import Item
 
 __all__ = ["TrackClient", "item_text"]
 
-# v1 events carry a type; v2 actions name the call.
-_V1_TYPES = {EVENT: None, PAGE: "page", SCREEN: "screen"}
-_ACTIONS = {
-    EVENT: "event",
-    IDENTIFY: "identify",
-    PAGE: "page",
-    SCREEN: "screen",
-    DELETE: "delete",
-    SUPPRESS: "suppress",
-    UNSUPPRESS: "unsuppress",
-}
+#: One v2 batch item's text (see ``wire.track_item``).
+item_text = wire.track_item
 
 
 class _SDKClient(CustomerIO):  # type: ignore[misc]  # the SDK is untyped
@@ -102,16 +95,12 @@ class TrackClient(HTTPDelivery):
     def _items(self, events: Sequence[QueuedEvent]) -> list[Item | QueuedEvent]:
         entries: list[Item | QueuedEvent] = []
         for queued in events:
-            if queued.event.customer_id is None:
-                entries.append(queued)  # v2 batches carry no anonymous person
+            event = queued.event
+            if wire.route_of(event, TRACK_API) != wire.V2_BATCH:
+                entries.append(queued)  # v1, one by one
                 continue
-            text = item_text(queued.event)
-            # What Customer.io's 32 KB counts: the item's bytes as sent.
-            size = len(text) if text.isascii() else len(text.encode("utf-8"))
-            if size > MAX_ITEM_BYTES and queued.event.call in _V1_TYPES:
-                entries.append(queued)  # v1 takes up to 100 KB of data
-            else:
-                entries.append(Item(queued, text, size))
+            text = wire.track_item(event)
+            entries.append(Item(queued, text, wire.utf8_size(text)))
         return entries
 
     def _post_batch(self, items: Sequence[Item]) -> requests.Response:
@@ -119,46 +108,25 @@ class TrackClient(HTTPDelivery):
         # item's data again, in one json.dumps that holds the GIL for milliseconds
         # while the application's threads wait. A requests exception is mapped by
         # the caller (HTTPDelivery._attempt), as the SDK's cause was.
-        body = '{"batch":[' + ",".join([item.wire for item in items]) + "]}"
-        session: requests.Session = self._sdk.http
-        return session.post(
-            self._batch_url,
-            data=body.encode("utf-8"),
-            headers=_JSON_HEADERS,
-            timeout=self._sdk.timeout,
-        )
+        body = wire.BATCH_OPEN + ",".join([item.wire for item in items]) + wire.BATCH_CLOSE
+        return self._post(self._batch_url, body)
 
     def _single_route(self, queued: QueuedEvent) -> str:
-        return "v1" if queued.event.customer_id is not None else "v1_anonymous"
+        return wire.route_of(queued.event, TRACK_API)
 
     def _post_single(self, queued: QueuedEvent) -> requests.Response:
         event = queued.event
-        body: dict[str, Any] = {"name": event.name, "data": event.data, "id": event.id}
-        body["timestamp"] = event.timestamp
-        kind = _V1_TYPES.get(event.call)
-        if kind is not None:
-            body["type"] = kind
         if event.customer_id is not None:
             url = self._sdk.get_event_query_string(event.customer_id)
         else:
             url = self._sdk.get_events_query_string()
-            body["anonymous_id"] = event.anonymous_id
-        return self._through_sdk(lambda: self._sdk.send_request("POST", url, body))
+        return self._post(url, wire.track_v1_body(event))
 
-    def _through_sdk(self, send: Callable[[], Any]) -> requests.Response:
-        """Run an SDK call; the answer its response hook saw, whatever it raised."""
-        self._local.response = None
-        try:
-            send()
-        except CustomerIOException as exc:
-            answer: requests.Response | None = self._local.response
-            if answer is None:
-                raise TransportError(exc.__cause__) from None
-            return answer
-        answer = self._local.response
-        if answer is None:  # cannot happen: a return means an answer came
-            raise TransportError(None)
-        return answer
+    def _post(self, url: str, body: str) -> requests.Response:
+        session: requests.Session = self._sdk.http
+        return session.post(
+            url, data=body.encode("utf-8"), headers=_JSON_HEADERS, timeout=self._sdk.timeout
+        )
 
     def _secrets(self) -> set[str]:
         settings = self._settings
@@ -171,28 +139,6 @@ class TrackClient(HTTPDelivery):
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
-# The item kinds that name the call and carry its id; those that carry data.
-_NAMED = frozenset({EVENT, PAGE, SCREEN})
-_WITH_DATA = frozenset({EVENT, PAGE, SCREEN, IDENTIFY})
-
-
-def item_text(event: Event) -> str:
-    """One v2 batch item as compact JSON text, the stored data spliced in as it is.
-
-    ``{"type": "person", "identifiers": {"id": ...}, "action": ..., "name": ...,
-    "id": ..., "timestamp": ..., "attributes": {data}}``; person actions without data
-    (delete, suppress, unsuppress) stop after the action. Strings are encoded by
-    json's own encoder (UTF-8, not ASCII escapes: lone surrogates were refused at
-    emit), so the text is what ``json.dumps`` would give, only without decoding
-    the data.
-    """
-    person, action = encode_basestring(event.customer_id or ""), _ACTIONS[event.call]
-    head = f'{{"type":"person","identifiers":{{"id":{person}}},"action":"{action}"'
-    if event.call in _NAMED:
-        head += f',"name":{encode_basestring(event.name)},"id":{encode_basestring(event.id)}'
-    if event.call in _WITH_DATA:
-        return f'{head},"timestamp":{int(event.timestamp)},"attributes":{event.data_json}}}'
-    return head + "}"
 
 
 def _rejected_items(response: requests.Response, count: int) -> dict[int, Failure] | None:

@@ -154,6 +154,13 @@ _HELPERS = {
     "cio_delete": "delete",
     "cio_suppress": "suppress",
     "cio_unsuppress": "unsuppress",
+    "cio_add_device": "add_device",
+    "cio_delete_device": "delete_device",
+    "cio_merge": "merge",
+    "cio_add_relationships": "add_relationships",
+    "cio_delete_relationships": "delete_relationships",
+    "cio_group": "group",
+    "cio_alias": "alias",
 }
 
 

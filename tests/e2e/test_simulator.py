@@ -180,7 +180,7 @@ class TestV2Batch:
     def test_valid_batch_is_200_and_person_calls_are_recorded(
         self, sim: TrackAPISimulator, client: Any
     ) -> None:
-        """A person's identify is recorded beside the events; objects and merges are not."""
+        """A person's identify and a merge are recorded beside the events; objects are not."""
         event_id = ulid()
         response = client.batch(
             [
@@ -201,10 +201,26 @@ class TestV2Batch:
             ]
         )
         assert (response.status_code, response.json()) == (200, {})
-        first, identify, second = sim.accepted
-        assert first == AcceptedEvent(
-            event_id, "purchase", "42", None, {"n": 1}, 1764300000, "v2_batch", first.received_at
+        first, identify, merge, second = sim.accepted
+        assert (merge.call, merge.customer_id, merge.data) == (
+            "merge",
+            "2",
+            {"primary": {"id": "1"}, "secondary": {"id": "2"}},
         )
+        assert sim.history("1") == sim.history("2") == [merge]
+        assert first == AcceptedEvent(
+            event_id,
+            "purchase",
+            "42",
+            None,
+            {"n": 1},
+            1764300000,
+            "v2_batch",
+            first.received_at,
+            raw=first.raw,
+            raw_data='{"n": 1}',  # as the SDK sent it, with json.dumps's spaces
+        )
+        assert json.loads(first.raw)["name"] == "purchase"
         assert (first.call, first.api) == ("event", "track")
         assert (identify.call, identify.name, identify.customer_id, identify.id) == (
             "identify",
@@ -269,12 +285,12 @@ class TestV2Batch:
     def test_request_over_500_kb_is_a_whole_request_400(
         self, sim: TrackAPISimulator, spec: Spec
     ) -> None:
-        """Valid items do not save a request over 512,000 bytes: nothing is accepted."""
+        """Valid items do not save a request of 500,000 bytes or more: nothing is accepted."""
         items = [event_item(attributes={"blob": "x" * 20_000}) for _ in range(26)]
         response = call(sim, "/api/v2/batch", {"batch": items})
         assert response.status_code == 400
         body = response.json()
-        assert "over 512000" in body["meta"]["errors"][0]
+        assert "not under 500,000" in body["meta"]["errors"][0]
         assert spec.errors(BATCH_400, body) == []
         assert spec.errors(RESPONSE_400, body) == []
         assert sim.accepted == []

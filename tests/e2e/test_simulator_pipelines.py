@@ -373,22 +373,26 @@ class TestStrictMode:
         call = without_type(track(properties={"blob": "x" * 33_000}))
         response = post(sim, "/v1/track", call, strict=True)
         [error] = response.json()["meta"]["errors"]
-        assert (response.status_code, error.split(" is ")[0]) == (400, "body: the call")
-        assert error.endswith("bytes, over 32768")
+        assert (response.status_code, error.split(" is ")[0]) == (400, "body: the request")
+        assert error.endswith("bytes, over 32,768")
         assert post(sim, "/v1/track", call).status_code == 200
         assert (sim.accepted, sim.silently_dropped) == ([], 1)
 
     def test_a_call_of_exactly_32_kb_is_taken(self, sim: TrackAPISimulator) -> None:
-        """The limit is measured on compact JSON, as on the Track v2 routes."""
+        """The limit is measured on the call's bytes as received, as on the Track v2 routes."""
         call = track(properties={"blob": ""})
         call["properties"]["blob"] = "x" * (32_768 - compact_size(call))
-        assert post(sim, "/v1/batch", batch(call), strict=True).status_code == 200
-        call["properties"]["blob"] += "x"
+        compact = json.dumps(batch(call), separators=(",", ":")).encode()
+        assert post(sim, "/v1/batch", raw=compact, strict=True).status_code == 200
+        # The same call with json.dumps's default ", " and ": " is bigger as received.
         assert post(sim, "/v1/batch", batch(call), strict=True).status_code == 400
+        call["properties"]["blob"] += "x"
+        compact = json.dumps(batch(call), separators=(",", ":")).encode()
+        assert post(sim, "/v1/batch", raw=compact, strict=True).status_code == 400
 
     @pytest.mark.parametrize("strict", [True, False], ids=["strict", "permissive"])
     def test_a_request_over_500_kb_is_refused(self, sim: TrackAPISimulator, strict: bool) -> None:
-        """Valid calls do not save a request over 512,000 bytes: none is accepted."""
+        """Valid calls do not save a request of 500,000 bytes or more: none is accepted."""
         calls = [track(properties={"blob": "x" * 20_000}) for _ in range(26)]
         response = post(sim, "/v1/batch", batch(*calls), strict=strict)
         assert sim.accepted == []
@@ -397,7 +401,7 @@ class TestStrictMode:
             assert response.status_code == 400
             [error] = response.json()["meta"]["errors"]
             assert error.startswith("body: the request is ")
-            assert error.endswith("over 512000")
+            assert error.endswith("not under 500,000")
         else:
             assert (response.status_code, sim.silently_dropped) == (200, 26)
 
@@ -413,7 +417,17 @@ class TestStrictMode:
             (b"{nope", "body: the body is not valid JSON", 1),
             (b"[]", 'batch: the body must be {"batch": [call, ...]}', 1),
             (b'{"batch": {}}', 'batch: the body must be {"batch": [call, ...]}', 1),
-            (b'{"batch": [{}, {}], "context": 1}', "context: context must be an object", 2),
+            (
+                b'{"batch": [{}, {}], "context": {}}',
+                "context: a batch's context matches both the mobile and the non-mobile "
+                "context of the spec's oneOf: leave it out",
+                2,
+            ),
+            (
+                b'{"batch": [{}], "b": 1, "b": 2}',
+                "body: the body is not valid JSON for this API: an object names a key twice",
+                1,
+            ),
         ],
     )
     def test_a_malformed_request(
@@ -521,7 +535,7 @@ class TestTrackPersonCalls:
     """Track API v2 person actions, and v1 page and screen views, are recorded too."""
 
     def test_v2_person_actions_are_recorded(self, sim: TrackAPISimulator) -> None:
-        """identify, delete, suppress, unsuppress, page and screen, in order; devices are not."""
+        """identify, delete, suppress, unsuppress, page, screen and devices, in order."""
         page_id = str(ULID())
         items = [
             v2_person("identify", attributes={"plan": "pro"}, timestamp=WHEN_SECONDS),
@@ -539,6 +553,7 @@ class TestTrackPersonCalls:
             ("identify", "identify", "42", None, {"plan": "pro"}),
             ("page", "/pricing", "42", None, {"ref": "ad"}),
             ("screen", "feed", "42", None, {}),
+            ("add_device", "add_device", "42", None, {"token": "t", "platform": "ios"}),
             ("suppress", "suppress", "42", None, {}),
             ("unsuppress", "unsuppress", "42", None, {}),
             ("delete", "delete", "42", None, {}),
@@ -690,14 +705,34 @@ class TestAgainstThePublishedSpec:
             ("identify", identify(anonymousId="anon-1")),
             ("identify", identify(user="", traits={"email": "a@example.com"})),
             ("page", {"type": "page", "anonymousId": "anon-1"}),
-            ("track", track(timestamp="2026-11-28T11:00:00.5+01:00", context={"ip": "8.8.8.8"})),
+            ("track", track(timestamp="2026-11-28T11:00:00.5+01:00")),
         ]
         for kind, body in bodies:
             assert post(sim, f"/v1/{kind}", body, strict=True).status_code == 200
             assert pipelines_spec.errors(PIPELINES_CALLS[kind], body) == [], body
-        with_context = batch(track(), page()) | {"context": {"ip": "8.8.8.8"}}
-        assert post(sim, "/v1/batch", with_context, strict=True).status_code == 200
-        assert pipelines_spec.errors(PIPELINES_BATCH_BODY, with_context) == []
+        batched = batch(track(context={"ip": "8.8.8.8"}), page())
+        assert post(sim, "/v1/batch", batched, strict=True).status_code == 200
+        assert pipelines_spec.errors(PIPELINES_BATCH_BODY, batched) == []
+
+    def test_a_context_the_published_schema_refuses_is_refused(
+        self, sim: TrackAPISimulator, pipelines_spec: Spec
+    ) -> None:
+        """Where the spec reads a context through its mobile/non-mobile oneOf (a batch's,
+        an identify's, a single-call route's), every context matches both alternatives:
+        read as published, such a call is invalid, and the simulator refuses it."""
+        literal = load_pipelines_spec(literal=True)
+        assert literal is not None
+        refused = [
+            ("/v1/batch", batch(track()) | {"context": {"ip": "8.8.8.8"}}, PIPELINES_BATCH_BODY),
+            ("/v1/batch", batch(identify(context={"ip": "1"})), PIPELINES_BATCH_BODY),
+            ("/v1/identify", identify(context={"ip": "1"}), PIPELINES_CALLS["identify"]),
+            ("/v1/track", track(context={"ip": "1"}), PIPELINES_CALLS["track"]),
+        ]
+        for path, body, schema in refused:
+            assert literal.errors(schema, body) != [], body
+            response = post(sim, path, body, strict=True)
+            assert response.status_code == 400, body
+            assert "context" in response.json()["meta"]["errors"][0]
 
     @pytest.mark.parametrize(("call", "field", "spec_says"), INVALID_CALLS)
     def test_what_the_spec_can_say_is_invalid_it_says_too(
@@ -750,6 +785,71 @@ class TestAgainstThePublishedSpec:
         assert spec.errors(BATCH_BODY, batch(*items)) == []
         assert len(sim.accepted) == len(items)
 
+    @pytest.mark.parametrize(
+        ("item", "field"),
+        [
+            (v2_person("add_device"), "device"),
+            (v2_person("add_device", device={"token": "t"}), "device.platform"),
+            (
+                v2_person("add_device", device={"token": "t", "platform": "windows"}),
+                "device.platform",
+            ),
+            (
+                v2_person(
+                    "add_device", device={"token": "t", "platform": "ios", "attributes": {"n": 1}}
+                ),
+                "device.attributes",
+            ),
+            (v2_person("delete_device", device={"platform": "ios"}), "device.token"),
+            (
+                {
+                    "type": "person",
+                    "action": "merge",
+                    "primary": {"id": "1", "email": "a@b.c"},
+                    "secondary": {"id": "2"},
+                },
+                "primary",
+            ),
+            ({"type": "person", "action": "merge", "primary": {"id": "1"}}, "primary"),
+            (v2_person("add_relationships"), "cio_relationships"),
+            (
+                v2_person(
+                    "add_relationships",
+                    cio_relationships=[
+                        {
+                            "identifiers": {
+                                "object_type_id": "1",
+                                "object_id": "a",
+                                "cio_object_id": "b",
+                            }
+                        }
+                    ],
+                ),
+                "cio_relationships[0].identifiers",
+            ),
+            (
+                v2_person(
+                    "delete_relationships",
+                    cio_relationships=[
+                        {"identifiers": {"cio_object_id": "b"}, "relationship_attributes": 1}
+                    ],
+                ),
+                "cio_relationships[0].relationship_attributes",
+            ),
+        ],
+    )
+    def test_the_track_person_actions_the_spec_refuses_are_refused(
+        self, sim: TrackAPISimulator, spec: Spec, item: dict[str, Any], field: str
+    ) -> None:
+        """Devices, merges and relationships: each invalid shape is a 207 item error
+        naming the field, and the published batch schema refuses it too."""
+        response = post(sim, "/api/v2/batch", batch(item), auth=TRACK_AUTH)
+        assert response.status_code == 207
+        [error] = response.json()["errors"]
+        assert (error["batch_index"], error["field"]) == (0, field)
+        assert sim.accepted == []
+        assert spec.errors(BATCH_BODY, batch(item)) != []
+
 
 class TestWithoutThePipelinesSpec:
     """A fresh clone, with no shared/spec beside it: the skip says why, and CI=true fails."""
@@ -761,7 +861,7 @@ class TestWithoutThePipelinesSpec:
             tmp_path, "tests/e2e/test_simulator_pipelines.py", self.SELECTION
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        skipped = 4 + len(INVALID_CALLS)
+        skipped = 5 + len(INVALID_CALLS)
         assert f"{skipped} skipped" in result.stdout
         summary = " ".join(result.stdout.split())
         assert f"{skipped} test(s) skipped: Customer.io's Pipelines API spec is absent" in summary
@@ -773,6 +873,6 @@ class TestWithoutThePipelinesSpec:
             tmp_path, "tests/e2e/test_simulator_pipelines.py", self.SELECTION, CI="true"
         )
         assert result.returncode == 1, result.stdout + result.stderr
-        assert f"{4 + len(INVALID_CALLS)} errors" in result.stdout
+        assert f"{5 + len(INVALID_CALLS)} errors" in result.stdout
         assert "Pipelines API spec is absent" in result.stdout
         assert "skipped" not in result.stdout

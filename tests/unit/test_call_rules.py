@@ -22,11 +22,12 @@ from cio_logging import (
     cio_unsuppress,
 )
 from cio_logging.errors import InvalidEventError
-from cio_logging.events import Event, check_for_api, event_from_record
+from cio_logging.events import Event, event_from_record
 from cio_logging.store import QueuedEvent, encode_row
 from cio_logging.store.rows import decode_row
 from cio_logging.transport.batching import Item, plan_requests
 from cio_logging.transport.pipelines import call_text, iso_timestamp
+from cio_logging.wire import check_for_api
 
 
 def _record(extra: dict[str, Any], message: str = "msg") -> logging.LogRecord:
@@ -71,7 +72,7 @@ class TestHelpers:
 
     def test_an_unknown_call_is_refused(self) -> None:
         with pytest.raises(InvalidEventError, match="unknown call"):
-            _event({"cio": {"customer_id": "u1", "call": "merge"}})
+            _event({"cio": {"customer_id": "u1", "call": "transmogrify"}})
 
     def test_a_call_needs_a_person(self) -> None:
         with pytest.raises(InvalidEventError, match="a identify call needs exactly one"):
