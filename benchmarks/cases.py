@@ -28,6 +28,7 @@ import cio_logging
 from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
 
 from .workload import (
+    ESSENTIAL_NAME,
     NON_ESSENTIAL_NAME,
     Control,
     Prepared,
@@ -636,8 +637,45 @@ def fleet_log(arguments: dict[str, Any]) -> dict[str, Any]:
     return {"log_seconds": logged, "started_at": started_at, "sender": sender}
 
 
+def fleet_log_timed(arguments: dict[str, Any]) -> dict[str, Any]:
+    """One of a fleet's processes (issue 21's eight): log N events timing each call
+    (essential ones are committed into PostgreSQL before the call returns), write the
+    time logging ended into ``logged_file``, then stay up as a possible sender until the
+    orchestrator creates ``release_file``."""
+    release = Path(arguments["release_file"])
+    name = arguments.get("name", ESSENTIAL_NAME)
+    offset = int(arguments.get("offset", 0))
+    with tempfile.TemporaryDirectory(prefix="cio-bench-q-") as work:
+        options = {"queue_url": arguments["queue_url"], "flush_interval": 0.05}
+        handler, _ = build_handler(arguments["url"], arguments["ca_file"], Path(work), options)
+        logger = event_logger(handler)
+        costs: list[float] = []
+        started_at = time.time()
+        for number in range(offset, offset + arguments["events"]):
+            extra = cio_event(customer_id(number), **attributes(number))
+            began = time.perf_counter()
+            logger.info(name, extra=extra)
+            costs.append(time.perf_counter() - began)
+        ended_at = time.time()
+        commit(handler)
+        Path(arguments["logged_file"]).write_text(repr(ended_at))
+        wait_until(release.exists, 1800, interval=0.1)
+        sender = handler.status()["delivering_process"]
+        handler.close()
+    costs.sort()
+    return {
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "p50_ms": costs[len(costs) // 2] * 1000,
+        "p99_ms": costs[int(len(costs) * 0.99)] * 1000,
+        "max_ms": costs[-1] * 1000,
+        "sender": sender,
+    }
+
+
 CASES = {
     "fleet_log": fleet_log,
+    "fleet_log_timed": fleet_log_timed,
     "emit_cio": emit_cio,
     "emit_queue_handler": emit_queue_handler,
     "emit_diskcache_push": emit_diskcache_push,

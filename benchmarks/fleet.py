@@ -1,8 +1,15 @@
-"""Fleet mode's figures (issue 12), on a throwaway PostgreSQL cluster of this machine:
+"""Fleet mode's figures (issues 12 and 21), on a throwaway PostgreSQL cluster of this
+machine:
 
 - the caller's cost of one ``logger.info``, essential and non-essential, on the
   PostgreSQL store against the diskcache store;
 - delivered events/s with 50 ms added to every answer, one process and four;
+- eight processes logging essential events, directly and through PgBouncer in
+  transaction mode, with one process beside them in the same run: delivery counted
+  from the first emit and for the backlog left once logging stopped, and the logging
+  call's p50/p99/worst per process;
+- the queue table's size after 200,000 events, before and after autovacuum, twice
+  (whether its space is reused);
 - the time another process takes the lease over after the sender is SIGKILLed.
 
 The cluster is started as tests/pg_cluster.py does (as the postgres user when root).
@@ -27,6 +34,8 @@ from .workload import ESSENTIAL_NAME, NON_ESSENTIAL_NAME, Control, wait_until
 
 LATENCY = 0.05
 LEASE_SECONDS = 3.0
+#: Issue 21's fleet: eight processes of 5,000 events each (a fifth with --quick).
+FLEET_PROCESSES = 8
 
 
 def _cluster() -> Any:
@@ -48,10 +57,14 @@ def fleet_section(run: Any, attempt: Any) -> Section:
     section = Section("6. Fleet mode on PostgreSQL")
     calls = max(run.sizes.emit_calls // 4, 1_000)
     events = max(run.sizes.delivery_events // 5, 4_000)
+    per_process = 1_000 if run.quick else 5_000
+    table_events = 40_000 if run.quick else 200_000
     cluster = _cluster()
     try:
         _emit_rows(section, cluster, calls, attempt)
         _delivery_rows(section, cluster, events, attempt)
+        _scale_rows(section, cluster, per_process, attempt)
+        _table_rows(section, cluster, table_events, attempt)
         _takeover_rows(section, cluster, attempt)
     finally:
         cluster.destroy()
@@ -161,7 +174,9 @@ def _delivery_rows(section: Section, cluster: Any, events: int, attempt: Any) ->
     )
 
 
-def _deliver_with(sim: Any, url: str, events: int, processes: int) -> dict[str, Any]:
+def _deliver_with(
+    sim: Any, url: str, events: int, processes: int, already: int = 0
+) -> dict[str, Any]:
     control = Control(sim.url, sim.ca_file, "/_simulator/")
     share = events // processes
     release = Path(tempfile.mkdtemp(prefix="cio-bench-release-")) / "release"
@@ -188,7 +203,7 @@ def _deliver_with(sim: Any, url: str, events: int, processes: int) -> dict[str, 
     def done() -> bool:
         nonlocal accepted
         records = control.call("requests")["requests"]
-        accepted = sum(r["item_count"] for r in records if r["status"] == 200)
+        accepted = int(sum(r["item_count"] for r in records if r["status"] == 200)) - already
         return accepted >= total
 
     wait_until(done, 600, interval=0.05)
@@ -289,3 +304,255 @@ def _takeover(sim: Any, url: str, runs: int = 3) -> dict[str, Any]:
                 host.wait()
     times.sort()
     return {"median": times[len(times) // 2], "runs": len(times), "all": times}
+
+
+# -- eight processes, directly and through PgBouncer (issue 21) -------------------------
+
+
+def _bouncer(cluster: Any) -> Any:
+    """A PgBouncer in transaction mode in front of ``cluster``, or None (not installed)."""
+    from tests.pg_cluster import Bouncer, pgbouncer_binary
+
+    binary = pgbouncer_binary()
+    return None if binary is None else Bouncer(binary, cluster)
+
+
+def _scale_rows(section: Section, cluster: Any, per_process: int, attempt: Any) -> None:
+    bouncer = _bouncer(cluster)
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    try:
+        for route in ("direct", "pgbouncer"):
+            if route == "pgbouncer" and bouncer is None:
+                section.note("PgBouncer is not installed: its rows are missing.")
+                continue
+            for processes in (1, FLEET_PROCESSES):
+                with simulator(LATENCY) as sim:
+                    url = _database(cluster, "scale")
+                    if route == "pgbouncer":
+                        url = bouncer.url(url.rsplit("/", 1)[1])
+                    result = attempt(
+                        f"fleet scale: {processes} process(es), {route}",
+                        functools.partial(_fleet_run, sim, url, processes, per_process),
+                    )
+                if result is not None:
+                    results[(route, processes)] = result
+    finally:
+        if bouncer is not None:
+            bouncer.destroy()
+    rows = []
+    for (route, processes), result in results.items():
+        rows.append(
+            [
+                route,
+                str(processes),
+                f"{result['accepted']:,} / {result['logged']:,}",
+                number(result["from_first_emit"], 0),
+                number(result["backlog_rate"], 0),
+                f"{result['backlog']:,}",
+                number(result["p50_ms"], 2),
+                number(result["p99_ms"], 2),
+                number(result["worst_p99_ms"], 2),
+                number(result["max_ms"], 1),
+            ]
+        )
+    section.table(
+        [
+            "route",
+            "processes",
+            "accepted / logged",
+            "events/s from first emit",
+            "backlog events/s",
+            "backlog at end of logging",
+            "emit p50 ms (median of processes)",
+            "emit p99 ms (median of processes)",
+            "emit p99 ms (worst process)",
+            "emit worst ms",
+        ],
+        rows,
+    )
+    section.note(
+        f"Each process logs {per_process:,} essential events as fast as it can (each "
+        "committed into PostgreSQL before the call returns), then stays up; one of them "
+        f"holds the lease and sends for all. {LATENCY * 1000:.0f} ms added to every "
+        "answer. The backlog is what was not yet accepted when the last process stopped "
+        "logging; its rate is counted from then to the last acceptance."
+    )
+    for route in ("direct", "pgbouncer"):
+        one, many = results.get((route, 1)), results.get((route, FLEET_PROCESSES))
+        if one is None or many is None:
+            continue
+        section.checks.append(
+            Check(
+                f"{route}: backlog drain with {FLEET_PROCESSES} processes / one alone",
+                f"{number(many['backlog_rate'], 0)} vs {number(one['backlog_rate'], 0)} events/s",
+                many["backlog_rate"] / one["backlog_rate"] if one["backlog_rate"] else None,
+                1.0,
+                at_most=False,
+            )
+        )
+        section.checks.append(
+            Check(
+                f"{route}: emit p99 with {FLEET_PROCESSES} processes (worst process), ms / 5 ms",
+                f"{number(many['worst_p99_ms'], 2)} ms",
+                many["worst_p99_ms"] / 5.0,
+                1.0,
+            )
+        )
+
+
+def _fleet_run(sim: Any, url: str, processes: int, per_process: int) -> dict[str, Any]:
+    control = Control(sim.url, sim.ca_file, "/_simulator/")
+    work = Path(tempfile.mkdtemp(prefix="cio-bench-scale-"))
+    release = work / "release"
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def one(index: int) -> None:
+        arguments = {
+            "url": sim.url,
+            "ca_file": sim.ca_file,
+            "queue_url": url,
+            "events": per_process,
+            "offset": index * per_process,
+            "release_file": str(release),
+            "logged_file": str(work / f"logged-{index}"),
+        }
+        try:
+            results.append(run_case("benchmarks.cases", "fleet_log_timed", arguments))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(processes)]
+    for thread in threads:
+        thread.start()
+    total = per_process * processes
+
+    def accepted() -> int:
+        records = control.call("requests")["requests"]
+        return sum(r["item_count"] for r in records if r["status"] == 200)
+
+    try:
+        wait_until(lambda: accepted() >= total or bool(errors), 1800, interval=0.2)
+    finally:
+        release.touch()
+        for thread in threads:
+            thread.join(300)
+    if errors:
+        raise errors[0]
+    records = [r for r in control.call("requests")["requests"] if r["status"] == 200]
+    first_emit = min(r["started_at"] for r in results)
+    logging_ended = max(r["ended_at"] for r in results)
+    last = max(r["time"] for r in records)
+    backlog = sum(r["item_count"] for r in records if r["time"] > logging_ended)
+    p50s = sorted(r["p50_ms"] for r in results)
+    p99s = sorted(r["p99_ms"] for r in results)
+    return {
+        "logged": total,
+        "accepted": sum(r["item_count"] for r in records),
+        "from_first_emit": total / (last - first_emit),
+        "backlog": backlog,
+        "backlog_rate": backlog / (last - logging_ended) if backlog else 0.0,
+        "p50_ms": p50s[len(p50s) // 2],
+        "p99_ms": p99s[len(p99s) // 2],
+        "worst_p99_ms": p99s[-1],
+        "max_ms": max(r["max_ms"] for r in results),
+    }
+
+
+# -- the queue table's size after 200,000 events (issue 21) ----------------------------
+
+_SIZES = """
+SELECT pg_total_relation_size('cio_queue'), pg_relation_size('cio_queue'),
+       pg_indexes_size('cio_queue'),
+       (SELECT coalesce(sum(pg_column_size(q.*)), 0) FROM cio_queue AS q),
+       (SELECT count(*) FROM cio_queue),
+       s.n_dead_tup, s.autovacuum_count
+FROM pg_stat_user_tables AS s WHERE s.relname = 'cio_queue'
+"""
+
+
+def _table_rows(section: Section, cluster: Any, events: int, attempt: Any) -> None:
+    with simulator() as sim:
+        url = _database(cluster, "table")
+        result = attempt(
+            f"fleet table size: twice {events:,} events",
+            functools.partial(_table_sizes, sim, cluster, url, events),
+        )
+    if result is None:
+        return
+    rows = []
+    for label, sizes in result["readings"]:
+        total, heap, indexes, live_bytes, live_rows, dead, vacuums = sizes
+        rows.append(
+            [
+                label,
+                number(total / 1e6, 1),
+                number(heap / 1e6, 1),
+                number(indexes / 1e6, 1),
+                f"{live_rows:,}",
+                number(live_bytes / 1e6, 2),
+                f"{dead:,}",
+                str(vacuums),
+            ]
+        )
+    section.table(
+        [
+            "cio_queue",
+            "total MB",
+            "heap MB",
+            "indexes MB",
+            "live rows",
+            "live rows MB",
+            "dead tuples",
+            "autovacuums",
+        ],
+        rows,
+    )
+    section.note(
+        f"{events:,} non-essential events logged by {FLEET_PROCESSES} processes and "
+        "delivered (no latency added), then the table as autovacuum leaves it (the "
+        "cluster's defaults: a pass a minute at most); then the same again. Once every "
+        "event is delivered no row is live, so the live rows' size is nil and no table "
+        "is within twice it: what shows whether the table leaks is the second round, "
+        "which reuses the space the first one freed."
+    )
+    first, second = result["after_vacuum"]
+    section.checks.append(
+        Check(
+            "cio_queue after a second 200,000 events and autovacuum / after the first",
+            f"{number(second / 1e6, 1)} MB vs {number(first / 1e6, 1)} MB",
+            second / first if first else None,
+            1.5,
+        )
+    )
+
+
+def _table_sizes(sim: Any, cluster: Any, url: str, events: int) -> dict[str, Any]:
+    import psycopg
+
+    readings: list[tuple[str, tuple[int, ...]]] = []
+    after_vacuum: list[int] = []
+    per_process = events // FLEET_PROCESSES
+    for round_ in (1, 2):
+        control = Control(sim.url, sim.ca_file, "/_simulator/")
+        before = sum(
+            r["item_count"] for r in control.call("requests")["requests"] if r["status"] == 200
+        )
+        _deliver_with(sim, url, per_process * FLEET_PROCESSES, FLEET_PROCESSES, before)
+        with psycopg.connect(url, autocommit=True) as conn:
+            sizes = tuple(int(value or 0) for value in conn.execute(_SIZES).fetchone() or ())
+            readings.append((f"round {round_}: all delivered", sizes))
+            vacuums = sizes[6]
+
+            def vacuumed(conn: Any = conn, vacuums: int = vacuums) -> bool:
+                row = conn.execute(
+                    "SELECT autovacuum_count, n_dead_tup FROM pg_stat_user_tables"
+                    " WHERE relname = 'cio_queue'"
+                ).fetchone()
+                return row is not None and int(row[0]) > vacuums and int(row[1]) == 0
+
+            wait_until(vacuumed, 300, interval=1.0)
+            sizes = tuple(int(value or 0) for value in conn.execute(_SIZES).fetchone() or ())
+            readings.append((f"round {round_}: after autovacuum", sizes))
+            after_vacuum.append(sizes[0])
+    return {"readings": readings, "after_vacuum": after_vacuum}

@@ -677,6 +677,7 @@ def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
         ("workspace", status["workspace"]),
         ("queued", f"{status['queued']}{_oldest(oldest)}"),
         ("dead letters", str(status["dead_letters"])),
+        ("spilled", _spills(status["spilled"])),
         ("sender", sending),
         ("breaker", breaker),
         ("last error", last_error),
@@ -685,6 +686,17 @@ def _run_fleet_status(fleet: FleetLocation, out: _Output) -> int:
     for label, value in rows:
         out.line(f"{label:<16} {value}")
     return ExitCode.OK
+
+
+def _spills(spills: list[dict[str, Any]]) -> str:
+    """Fleet status: rows waiting in hosts' local spills, per host."""
+    if not spills:
+        return "0"
+    return "; ".join(
+        f"{spill['rows']} on {spill['host']} ({spill['directory']}, reported "
+        f"{_age(spill['reported_age_seconds'])} ago)"
+        for spill in spills
+    )
 
 
 def _run_status(args: argparse.Namespace, out: _Output) -> int:
@@ -726,6 +738,10 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         ("queue directory", status.queue_dir),
         ("queued", f"{status.queued}{oldest}"),
         ("dead letters", str(status.dead_letters)),
+    ]
+    if status.delivered_total is not None:  # counted by the queue itself: always current
+        rows.append(("delivered", f"{status.delivered_total} from this directory, by any process"))
+    rows += [
         (
             "disk",
             f"queue {_size(status.queue_bytes)}, directory {_size(status.disk_bytes)}, "
@@ -740,10 +756,11 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         counters = status.counters
         rows.append(
             (
-                "counters",
-                f"delivered {counters.get('delivered', 0)}, dead-lettered "
+                "last recorded",
+                f"by pid {status.recorded_by_pid} {_age(status.recorded_age_seconds)} ago, "
+                f"since it started: delivered {counters.get('delivered', 0)}, dead-lettered "
                 f"{counters.get('dead_lettered', 0)}, requests {counters.get('requests', 0)} "
-                f"({counters.get('failed_requests', 0)} failed), by pid {status.recorded_by_pid}",
+                f"({counters.get('failed_requests', 0)} failed)",
             )
         )
     for label, value in rows:

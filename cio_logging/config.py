@@ -415,7 +415,11 @@ def _queue_url(value: object) -> str | None:
         raise ConfigurationError(
             "queue_url must be a postgresql:// URL (leave it unset for the local store)"
         )
-    return value
+    # A password given as typed (p@ss:w/rd?) is percent-encoded, so libpq reads the URL
+    # as meant instead of quoting pieces of the password in its errors.
+    from .store.queue_url import normalized
+
+    return normalized(value)
 
 
 def _ca_bundle(value: str | os.PathLike[str] | None) -> Path | None:

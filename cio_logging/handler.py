@@ -37,7 +37,7 @@ from .config import (
     resolve_settings,
 )
 from .errors import ConfigurationError, InvalidEventError, QueueError, UnreadableTagError
-from .events import EXTRA_KEY, carries_tag, event_from_record
+from .events import EXTRA_KEY, carries_tag
 from .sender_process import SenderSupervisor
 from .signals import install_commit_on_signals, reraises_with_default_action
 from .store import (
@@ -48,8 +48,9 @@ from .store import (
     encode_row,
     secure_directory,
 )
+from .store.owner import claim as claim_queue_dir
 from .telemetry import QueueProbes, Telemetry
-from .wire import check_for_api
+from .wire import call_from_record
 from .worker import DeliveryWorker, flush_thread_marker
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class CustomerIOHandler(logging.Handler):
         queue_dir_path = self.settings.queue_dir
         try:
             secure_directory(queue_dir_path)
+            # One workspace per queue directory: its rows go out with our credentials.
+            claim_queue_dir(queue_dir_path, self.settings.account)
             self._wal: EventLog
             self._dead_letters: DeadLetterArchive
             self._lease: PostgresLease | None = None
@@ -279,22 +282,9 @@ class CustomerIOHandler(logging.Handler):
             if self._degradation == DISABLED:
                 self._count_drop(DROP_DISABLED, None)
                 return
-            try:
-                event = event_from_record(record)
-                if event is None:
-                    return
-                check_for_api(event, self._api)
-            except InvalidEventError:
-                raise
-            except Exception as exc:
-                # The application's objects raised while the record was read (a tag
-                # whose methods raise): refused like any other bad record, named by
-                # the exception's type only, since its text may quote the value.
-                raise InvalidEventError(
-                    f"the record could not be read as a call ({type(exc).__name__} "
-                    "while reading its tag)",
-                    "unreadable_record",
-                ) from None
+            event = call_from_record(record, self._api)
+            if event is None:
+                return
             essential = event.is_essential(self._essential_events)
             if self._degradation == ESSENTIAL_ONLY and not essential:
                 self._count_drop(DROP_NON_ESSENTIAL, essential)
@@ -478,9 +468,22 @@ class CustomerIOHandler(logging.Handler):
                 self._committer.disk_error or "timed out",
             )
             return False
+        # Fleet mode: rows in the local spill are not in the database yet; move them
+        # now if it answers (whatever "deliver" is: no sender of ours may exist).
+        settle = getattr(self._wal, "settle", None)
+        spilled = 0 if settle is None else settle(max(0.0, deadline - time.monotonic()))
+        if spilled:
+            internal_log.warning(
+                "flush: PostgreSQL does not answer; %d event(s) wait in the local spill "
+                "and move to the database once it answers",
+                spilled,
+            )
+            return False
         # Every row this process committed has a rowid at most this one: a process that
         # does not deliver waits until none of them is left to go now.
         last_rowid = self._committer.last_rowid
+        # Fleet mode: rows moved from the spill into the database are ours too.
+        last_rowid = max(last_rowid, getattr(self._wal, "moved_through", 0))
         if self._deliver == DELIVER_NONE:
             return True
         if background.interpreter_exiting():

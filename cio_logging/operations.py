@@ -61,6 +61,7 @@ from .store import (
     ReplayRecord,
     WriteAheadLog,
 )
+from .store.owner import check as check_owner
 from .transport import AUTH, CONFIG, TRANSIENT, Failure, make_client
 from .window import WINDOW_SECONDS, past_window
 
@@ -357,6 +358,10 @@ class QueueStatus:
     oldest_logged_at: str | None
     oldest_age_seconds: float | None
     dead_letters: int
+    # Read from the queue itself (counted with each acknowledgement): events delivered
+    # from this directory by every process since it was created; None for a queue
+    # written before it was counted.
+    delivered_total: int | None
     queue_bytes: int  # what the shedding limits compare with (SQLite pages of wal/)
     disk_bytes: int  # every file in the directory
     disk_free_bytes: int  # on the file system that holds it
@@ -392,12 +397,14 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
     moment = time.time() if now is None else now
     queued = queue_bytes = dead_letters = 0
     oldest: float | None = None
+    delivered: int | None = None
     if (queue_dir / WAL_DIR).is_dir():
         # fsync=None: keep the application's durability setting; read, never change.
         wal = WriteAheadLog(queue_dir / WAL_DIR, fsync=None)
         try:
             queued, queue_bytes = len(wal), wal.volume()
             oldest = wal.oldest_logged_at()
+            delivered = wal.delivered_total()
         finally:
             wal.close()
     if (queue_dir / DEAD_DIR).is_dir():
@@ -421,6 +428,7 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         oldest_logged_at=iso_time(oldest),
         oldest_age_seconds=None if oldest is None else round(max(0.0, moment - oldest), 3),
         dead_letters=dead_letters,
+        delivered_total=delivered,
         queue_bytes=queue_bytes,
         disk_bytes=_directory_bytes(queue_dir),
         disk_free_bytes=shutil.disk_usage(queue_dir).free,
@@ -447,13 +455,15 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
     Raises:
         QueueError: the database cannot be reached (the text holds no password).
     """
-    from .store.postgres import PostgresLease, SenderState, display_url
+    from .store.postgres import PostgresLease, SenderState, display_url, fleet_summary
 
     moment = time.time() if now is None else now
     database = location.database()
     try:
         workspace = location.workspace
-        ((queued, oldest),) = database.run("queue_summary", {"workspace": workspace})
+        # Times on this host's clock, from the database's (one clock for the fleet).
+        summary = fleet_summary(database, workspace)
+        queued, oldest = summary["queued"], summary["oldest_logged_at"]
         ((dead,),) = database.run("count_dead_letters", {"workspace": workspace})
         info = PostgresLease(database, workspace, seconds=1.0, log=None).info()
         state = SenderState(database, workspace, None).read() or {}
@@ -469,6 +479,18 @@ def fleet_status(location: FleetLocation, now: float | None = None) -> dict[str,
         "oldest_age_seconds": None if oldest is None else round(max(0.0, moment - oldest), 3),
         "oldest_past_window": oldest is not None and moment - float(oldest) > WINDOW_SECONDS,
         "dead_letters": int(dead),
+        # Rows in hosts' local spills (committed there while the database did not
+        # answer), as each host last reported them: on their way into the queue.
+        "spilled": [
+            {
+                "host": spill["host"],
+                "directory": spill["directory"],
+                "rows": spill["rows"],
+                "oldest_logged_at": iso_time(spill["oldest_logged_at"]),
+                "reported_age_seconds": round(max(0.0, moment - spill["reported_at"]), 3),
+            }
+            for spill in summary["spills"]
+        ],
         "sender": None
         if info is None
         else {
@@ -802,6 +824,9 @@ def replay_dead_letters(
     report = ReplayReport(dry_run=dry_run)
     started = time.monotonic()
     _check(location, writable=not dry_run)
+    if isinstance(location, Path) and not dry_run:
+        # Sent with these credentials: only a directory of this workspace.
+        check_owner(location, settings.account)
     stop = stop or threading.Event()
     with contextlib.ExitStack() as cleanup:
         if not dry_run and isinstance(location, Path):

@@ -74,7 +74,10 @@ class DeliveryLock:
         # parent's lock too (flock locks belong to the shared open file description).
         self._guard = threading.Lock()
         if self._descriptor is not None:
-            os.close(self._descriptor)
+            # EBADF: another thread of the parent was releasing it at the fork (closed,
+            # not yet forgotten).
+            with contextlib.suppress(OSError):
+                os.close(self._descriptor)
             self._descriptor = None
 
 

@@ -235,6 +235,15 @@ def _issue_cert_for_any_names(
         .not_valid_after(now + timedelta(days=30))
         .add_extension(x509.SubjectAlternativeName(alternatives), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # What Python 3.13's strict verification (VERIFY_X509_STRICT) requires of a leaf.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
     )
     chain = directory / "cio-track-simulator-server.pem"

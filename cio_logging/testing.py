@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config import ENV_API_KEY, ENV_CA_BUNDLE, ENV_QUEUE_DIR, ENV_SITE_ID, ENV_TRACK_URL
 from .errors import InvalidEventError, UnreadableTagError
-from .events import EXTRA_KEY, Event, carries_tag, event_from_record
+from .events import EXTRA_KEY, TRACK_API, Event, carries_tag
 from .handler import CustomerIOHandler
+from .wire import call_from_record
 
 if TYPE_CHECKING:
     from .simulator import AcceptedEvent, TrackAPISimulator
@@ -70,9 +71,9 @@ class CapturedEvents:
 class _CapturingHandler(logging.Handler):
     """Maps and validates records as ``CustomerIOHandler`` does, and keeps the outcome."""
 
-    def __init__(self, captured: CapturedEvents) -> None:
+    def __init__(self, captured: CapturedEvents, api: str) -> None:
         super().__init__(logging.NOTSET)
-        self.captured = captured
+        self.captured, self.api = captured, api
 
     def handle(self, record: logging.LogRecord) -> Any:
         # CustomerIOHandler.handle's own test: the same records reach emit.
@@ -82,7 +83,7 @@ class _CapturingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            event = event_from_record(record)
+            event = call_from_record(record, self.api)
         except UnreadableTagError as exc:
             self.captured.refusals.append(Refusal(record, str(exc), exc.shape))
         except InvalidEventError as exc:
@@ -94,7 +95,10 @@ class _CapturingHandler(logging.Handler):
 
 @contextmanager
 def capture_cio_events(
-    logger: str | logging.Logger | None = None, *, level: int | str | None = None
+    logger: str | logging.Logger | None = None,
+    *,
+    level: int | str | None = None,
+    api: str = TRACK_API,
 ) -> Iterator[CapturedEvents]:
     """Capture the Customer.io events logged inside the ``with`` block.
 
@@ -109,13 +113,16 @@ def capture_cio_events(
             default levels are left alone, so a record the application's logging
             configuration would drop (``log.info`` under a WARNING root) is not
             captured, just as it would not be sent.
+        api: the API the application's handler speaks (``"track"`` or
+            ``"pipelines"``): what one carries the other may refuse (a merge, a
+            group), and their limits are counted on their own bytes.
 
     Yields:
         A `CapturedEvents`, filled as records are logged.
     """
     target = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
     captured = CapturedEvents()
-    handler = _CapturingHandler(captured)
+    handler = _CapturingHandler(captured, api)
     saved_level = target.level
     if level is not None:
         target.setLevel(level)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from collections.abc import Iterable
 from json.encoder import encode_basestring
@@ -50,6 +51,7 @@ from .events import (
     TRACK_API,
     UNSUPPRESS,
     Event,
+    event_from_record,
 )
 from .metadata import PACKAGE_VERSION
 
@@ -65,8 +67,6 @@ BATCH_FRAME_BYTES = len(BATCH_OPEN) + len(BATCH_CLOSE)
 #: The routes a call can take (the names the telemetry and the simulator use).
 V2_BATCH, V1, V1_ANONYMOUS = "v2_batch", "v1", "v1_anonymous"
 PIPELINES_BATCH, PIPELINES_ALIAS = "pipelines_batch", "pipelines_alias"
-#: The routes that carry many calls in one request.
-BATCH_ROUTES = frozenset({V2_BATCH, PIPELINES_BATCH})
 
 #: The semantic events (a Pipelines ``track`` with a reserved name) calls become.
 SEMANTIC_EVENTS = {
@@ -91,13 +91,6 @@ def batch_body_size(item_sizes: Iterable[int]) -> int:
     return BATCH_FRAME_BYTES + sum(sizes) + max(0, len(sizes) - 1)
 
 
-def fits_in_request(body_bytes: int, item_bytes: int, items: int) -> bool:
-    """Whether an item of ``item_bytes`` joins a batch body of ``body_bytes`` (holding
-    ``items`` items already; 0: an empty ``{"batch":[]}``) and the body stays under
-    :data:`REQUEST_BYTES_LIMIT`."""
-    return body_bytes + item_bytes + (1 if items else 0) < REQUEST_BYTES_LIMIT
-
-
 # -- routes -------------------------------------------------------------------------------
 
 # The v1 type of the calls v1 carries (an event has none).
@@ -114,8 +107,9 @@ _NOT_ON = {
         "destinations such as Mixpanel): send merges through the Track API",
         ADD_RELATIONSHIPS: "the Pipelines API relates a person to an object with a group "
         "call: use cio_group",
-        DELETE_RELATIONSHIPS: "the Pipelines API has no call that removes relationships: "
-        "send it through the Track API",
+        DELETE_RELATIONSHIPS: "on the Pipelines API a relationship is removed by a "
+        "'Relationship Deleted' event for one object at a time, which this library does not "
+        "send: send it through the Track API",
     },
 }
 # Calls that name a known person on each API (the rest also take an anonymous one).
@@ -135,6 +129,32 @@ _HEAD_BOUND = 2_048
 
 def _surely_fits(event: Event) -> bool:
     return 4 * len(event.data_json) + _HEAD_BOUND <= MAX_CALL_BYTES
+
+
+def call_from_record(record: logging.LogRecord, api: str) -> Event | None:
+    """The call a tagged record becomes on ``api``, checked; None for an untagged one.
+
+    What the handler queues, and what ``testing.capture_cio_events`` shows.
+
+    Raises:
+        UnreadableTagError: the tag is where it cannot be read.
+        InvalidEventError: the call breaks a rule or the API cannot carry it; an
+            exception the application's objects raised while the tag was read (a
+            mapping whose methods raise) is one, rule ``unreadable_record``, named by its
+            type only, since its text may quote the value.
+    """
+    try:
+        event = event_from_record(record)
+        if event is not None:
+            check_for_api(event, api)
+    except InvalidEventError:
+        raise
+    except Exception as exc:
+        raise InvalidEventError(
+            f"the record could not be read as a call ({type(exc).__name__} while reading its tag)",
+            "unreadable_record",
+        ) from None
+    return event
 
 
 def route_of(event: Event, api: str) -> str:
@@ -168,7 +188,16 @@ def check_for_api(event: Event, api: str) -> str:
             ``unsupported_call``, ``anonymous_person_call``, ``call_too_large``,
             ``reserved_attribute``.
     """
-    call = event.call
+    call, data = event.call, event.data_json
+    if call == EVENT and 4 * len(data) + _HEAD_BOUND <= MAX_CALL_BYTES:
+        # Most calls: an event too small to outgrow any route, with no typed key. This
+        # runs on the caller's thread for every event: the general path below costs
+        # four times as much.
+        search = _EVENT_SEARCH[api]
+        if search is None or search.search(data) is None:
+            if api == PIPELINES_API:
+                return PIPELINES_BATCH
+            return V2_BATCH if event.customer_id is not None else V1_ANONYMOUS
     refusal = _NOT_ON[api].get(call)
     if refusal is not None:
         raise InvalidEventError(refusal, "unsupported_call")
@@ -224,19 +253,23 @@ _RESERVED: dict[tuple[str, str], dict[str, str]] = {
     (PIPELINES_API, PAGE): {"category": _STRING},
     (PIPELINES_API, GROUP): {"object_type_id": _STRING, "relationshipAttributes": _OBJECT},
 }
+# One search a call for any of its reserved keys (with their quotes and colon).
+_RESERVED_SEARCH = {
+    kind: re.compile('"(?:' + "|".join(map(re.escape, keys)) + ')":')
+    for kind, keys in _RESERVED.items()
+}
+_EVENT_SEARCH = {api: _RESERVED_SEARCH.get((api, EVENT)) for api in (TRACK_API, PIPELINES_API)}
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(?:\.\d+)?(?:[Zz]|[+-]\d\d:\d\d)")
 
 
 def _check_reserved(event: Event, api: str) -> None:
-    rules = _RESERVED.get((api, event.call))
-    if not rules:
+    search = _RESERVED_SEARCH.get((api, event.call))
+    # The keys' text (with quotes and colon) is absent from almost every call: then
+    # the data is never decoded here.
+    if search is None or search.search(event.data_json) is None:
         return
-    text = event.data_json
-    # The key's text (with its quotes and colon) is absent from almost every call:
-    # then the data is never decoded here.
-    present = [key for key in rules if f'"{key}":' in text]
-    if not present:
-        return
+    rules = _RESERVED[(api, event.call)]
+    present = [key for key in rules if f'"{key}":' in event.data_json]
     data = event.data
     if event.call == GROUP:
         data = data.get("traits", {})

@@ -379,6 +379,12 @@ class DeliveryWorker:
                     if client is not None:
                         client.close()
                         client = None
+                except DatabaseError as exc:
+                    # Fleet mode, the database away (a restart, a failover): expected,
+                    # said in a line (at most once a minute), no traceback. The rows are
+                    # in the database; sending resumes when it answers.
+                    self._report_database_away(exc)
+                    self._stop.wait(max(self._settings.flush_interval, 1.0))
                 except Exception:
                     # A locked database (another process held it past the timeout), a
                     # full disk, a bug: never let the thread die. Events stay on disk;
@@ -546,6 +552,12 @@ class DeliveryWorker:
                 error.strerror,
                 owner,
             )
+
+    def _report_database_away(self, error: DatabaseError) -> None:
+        now = time.monotonic()
+        if now - self._unexpected_reported_at >= _ERROR_REPEAT_SECONDS:
+            self._unexpected_reported_at = now
+            internal_log.warning("sending paused: %s; it resumes once the database answers", error)
 
     def _report_unexpected(self) -> None:
         now = time.monotonic()
@@ -794,7 +806,10 @@ class DeliveryWorker:
             )
         events: list[QueuedEvent] = []
         for queued in batch.events:
-            since = max(queued.event.logged_at, queued.replayed_at or 0.0)
+            # Fleet mode: logged_at_here is on the database's clock (a host whose clock
+            # is off ages nothing); keep it when porting (see store/postgres.py).
+            logged_at = queued.logged_at_here or queued.event.logged_at
+            since = max(logged_at, queued.replayed_at or 0.0)
             if self.retry.expired(since, now, uncounted=self._clock.uncounted_since(since)):
                 self._give_up(
                     queued,
@@ -811,7 +826,10 @@ class DeliveryWorker:
             self._dead_letter(queued.key, queued.event, rejection, queued, remove=False)
         # Dead letters are written before the log entries are removed: a crash in
         # between leaves an event in both places, never in neither.
-        self._wal.remove([q.key for q in report.accepted] + [q.key for q, _ in report.rejected])
+        self._wal.remove(
+            [q.key for q in report.accepted] + [q.key for q, _ in report.rejected],
+            delivered=len(report.accepted),
+        )
         self.stats.delivered += len(report.accepted)
         if self._telemetry is not None and report.accepted:
             essentials = self._settings.essential_events
@@ -1015,6 +1033,8 @@ class DeliveryWorker:
         state["host"] = socket.gethostname()
         try:
             self._fleet_state.write(state)
+        except LeaseLostError:
+            raise  # fenced: another sender took over; _run stops this one
         except DatabaseError as exc:
             internal_log.debug("sender state not recorded: %s", exc)
 
@@ -1043,7 +1063,10 @@ class DeliveryWorker:
     def _breaker_changed(self, old: str, new: str) -> None:
         self.stats.breaker_transitions.append((old, new))
         if self._lock.held:
-            self._record_state(now=True, breaker=new)
+            # A listener's exception would reach the request: a lost lease shows at the
+            # sender's next fenced write instead.
+            with contextlib.suppress(LeaseLostError):
+                self._record_state(now=True, breaker=new)
         if new == OPEN:
             internal_log.warning(
                 "circuit breaker opened (%s -> %s): Customer.io keeps failing; "

@@ -29,7 +29,7 @@ from .helpers import (
     leaked_secrets,
     running_in_ci,
 )
-from .pg_cluster import Cluster, server_binaries
+from .pg_cluster import Bouncer, Cluster, pgbouncer_binary, server_binaries
 from .spec_check import (
     PIPELINES_SPEC_PATH,
     SPEC_PATH,
@@ -299,3 +299,45 @@ def own_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+def _pgbouncer_or_skip() -> Any:
+    binary = pgbouncer_binary()
+    if binary is None:
+        reason = "PgBouncer is not installed (apt-get install pgbouncer)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}, and CI=true: the fleet tests through PgBouncer must run")
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def pg_bouncer(pg_cluster: Cluster) -> Iterator[Bouncer]:
+    """PgBouncer in transaction pooling mode in front of the session's cluster: four
+    server connections shared by every client, as fleets reach PostgreSQL."""
+    bouncer = Bouncer(_pgbouncer_or_skip(), pg_cluster)
+    try:
+        yield bouncer
+    finally:
+        bouncer.destroy()
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+def fleet_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    """A fresh database's URL, straight to PostgreSQL and through PgBouncer: the fleet
+    tests that use it run both ways."""
+    if request.param == "direct":
+        return pg_url
+    bouncer: Bouncer = request.getfixturevalue("pg_bouncer")
+    return bouncer.url(pg_url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def one_session_bouncer(pg_cluster: Cluster) -> Iterator[Bouncer]:
+    """A PgBouncer of this test's own with one server connection: every client's
+    transactions run in the same server session, one after the other."""
+    bouncer = Bouncer(_pgbouncer_or_skip(), pg_cluster, pool_size=1)
+    try:
+        yield bouncer
+    finally:
+        bouncer.destroy()

@@ -40,6 +40,8 @@ PIPELINES_SEMANTIC = {
     "delete": "/components/schemas/delete_person",
     "suppress": "/components/schemas/suppress_person",
     "unsuppress": "/components/schemas/unsuppress_person",
+    "add_device": "/components/schemas/create_update_device",
+    "delete_device": "/components/schemas/delete_device",
 }
 PIPELINES_RESPONSE_400 = "/components/responses/400/content/application~1json/schema"
 

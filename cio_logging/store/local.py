@@ -61,6 +61,7 @@ from .rows import (
     decode_row,
     encode_row,
     matching_letters,
+    storable_key,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class WriteAheadLog:
     def _open(self, cache: diskcache.Cache) -> None:
         """Start using ``cache``; remember which file it is, and keep a connection to it."""
         _add_person_column(cache)
+        cache._sql(_CREATE_COUNTS)
         self._cache = cache
         self._identity = database_identity(self.directory)
         self._identity_checked_at = time.monotonic()
@@ -304,8 +306,13 @@ class WriteAheadLog:
         return counts
 
     @sqlite_section
-    def remove(self, keys: Iterable[str]) -> None:
-        """Delete delivered (or dead-lettered) events, in one transaction."""
+    def remove(self, keys: Iterable[str], *, delivered: int = 0) -> None:
+        """Delete delivered (or dead-lettered) events, in one transaction.
+
+        ``delivered``: how many of them Customer.io accepted; added to the queue's count
+        of delivered events in the same transaction, so the count is exact whatever
+        happens to the process after (see :meth:`delivered_total`).
+        """
         doomed = list(keys)
         if not doomed:
             return
@@ -317,6 +324,14 @@ class WriteAheadLog:
             for start in range(0, len(doomed), _KEYS_PER_STATEMENT):
                 chunk = doomed[start : start + _KEYS_PER_STATEMENT]
                 connection.execute(_delete_keys_sql(len(chunk)), chunk)
+            if delivered:
+                connection.execute(_COUNT_DELIVERED, (delivered,))
+
+    @sqlite_section
+    def delivered_total(self) -> int | None:
+        """Events delivered from this queue, by every process, since it was created."""
+        rows = self._cache._sql(_READ_DELIVERED).fetchall()
+        return int(rows[0][0]) if rows else 0
 
     @sqlite_section
     def record_failure(
@@ -392,6 +407,8 @@ class WriteAheadLog:
     @sqlite_section
     def get(self, key: str) -> QueuedEvent | None:
         """One waiting event by key, or None (gone, or not readable: left for the worker)."""
+        if not storable_key(key):
+            return None
         # fetchall, not fetchone: a statement left unfinished keeps its read snapshot
         # open, and this connection would not see later commits.
         rows = self._cache._sql(_SELECT_KEY, (key,)).fetchall()
@@ -605,6 +622,16 @@ def _flatten(rows: Sequence[Row]) -> list[object]:
 # SQLite takes at most 999 parameters in older builds: stay well under.
 _PEOPLE_PER_STATEMENT = 500
 _KEYS_PER_STATEMENT = 500
+# The queue's own counts, kept in the log's database: a count changes in the same
+# transaction as the rows it counts.
+_CREATE_COUNTS = (
+    "CREATE TABLE IF NOT EXISTS cio_counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+)
+_COUNT_DELIVERED = (
+    "INSERT INTO cio_counts (name, value) VALUES ('delivered', ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+)
+_READ_DELIVERED = "SELECT value FROM cio_counts WHERE name = 'delivered'"
 _POSITION = operator.itemgetter(1)
 
 
@@ -737,6 +764,8 @@ class DeadLetterStore:
     @sqlite_section
     def get(self, key: str) -> DeadLetter | None:
         """One entry by its key (the event id, in either case), or None."""
+        if not storable_key(key):
+            return None
         try:
             text = self._cache.get(key)
             if text is None and key != key.upper():  # ULIDs are case-insensitive

@@ -38,17 +38,18 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .. import background
 from ..errors import ConfigurationError, DatabaseError, InvalidEventError, LeaseLostError
 from ..events import Event, event_from_dict
-from .local import WriteAheadLog
+from ..process_lock import DeliveryLock
+from . import queue_url
+from .local import DeadLetterStore, WriteAheadLog
+from .queue_url import display_url, scrub
 from .rows import (
     Batch,
     CorruptEntry,
@@ -64,89 +65,32 @@ from .rows import (
     decode_row,
     encode_row,
     matching_letters,
+    storable_key,
 )
+from .rows import _split_row as _split_row
 
 if TYPE_CHECKING:
     import psycopg
-    from psycopg_pool import ConnectionPool
 
     from . import EventLog
 
 internal_log = logging.getLogger("cio_logging")
 
 #: The schema version this release writes; ``sql/migrations`` holds one file per version.
-SCHEMA_VERSION = 2
-
-# Passwords of every queue URL this process opened: scrubbed from any text we let out
-# (our exceptions, our log lines, the driver's log lines).
-_PASSWORDS: set[str] = set()
-_PASSWORDS_GUARD = threading.Lock()
-_REDACTED = "***"
-
-
-def scrub(text: str) -> str:
-    """``text`` with every known queue password replaced by ``***``."""
-    with _PASSWORDS_GUARD:
-        passwords = sorted(_PASSWORDS, key=len, reverse=True)
-    for password in passwords:
-        text = text.replace(password, _REDACTED)
-    return text
-
-
-def display_url(url: str) -> str:
-    """The URL without its password (``postgresql://user:***@host/db``, also one given
-    as a ``password=`` parameter), for people."""
-    _remember_password(url)
-    parts = urlsplit(url)
-    if parts.password is None:
-        return scrub(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    netloc = f"{user}:{_REDACTED}@{host}"
-    return scrub(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
-
-
-def _remember_password(url: str) -> None:
-    password = None
-    with contextlib.suppress(ValueError):
-        password = urlsplit(url).password
-    if not password:
-        # A password given as a query parameter (password=...) or in a keyword string.
-        match = re.search(r"(?:[?&\s]|^)password=([^&\s]+)", url)
-        password = match.group(1) if match else None
-    if password:
-        with _PASSWORDS_GUARD:
-            _PASSWORDS.add(password)
-            # The URL-decoded form too, which is what the server may quote.
-            _PASSWORDS.add(unquote(password))
+SCHEMA_VERSION = 3
 
 
 class _ScrubDriverLogs(logging.Filter):
-    """The driver's own log lines with passwords scrubbed; our pool's reconnection
-    warnings at most once a minute (an outage would otherwise log one per attempt; our
-    own warning says what happens to the events)."""
-
-    _REPEAT_SECONDS = 60.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._reported_at = float("-inf")
+    """The driver's own log lines with passwords scrubbed."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _PASSWORDS:
+        if queue_url.known():
             record.msg = scrub(record.getMessage())
             record.args = None
-        if record.levelno <= logging.WARNING and "'cio_logging'" in str(record.msg):
-            now = time.monotonic()
-            if now - self._reported_at < self._REPEAT_SECONDS:
-                return False
-            self._reported_at = now
         return True
 
 
-for _name in ("psycopg", "psycopg.pool"):
+for _name in ("psycopg",):
     logging.getLogger(_name).addFilter(_ScrubDriverLogs())
 
 
@@ -187,48 +131,71 @@ _DRIVER: tuple[Any, Any] | None = None
 
 
 def _driver() -> Any:
-    """psycopg and psycopg_pool, imported once. Never an import statement on the hot
-    path: a fork while another thread is inside one leaves the child's import lock
-    held (seen here: a multiprocessing child hung in its first commit)."""
+    """psycopg and our connection module (:mod:`._pgconn`), imported once. Never an
+    import statement on the hot path: a fork while another thread is inside one leaves
+    the child's import lock held (seen here: a multiprocessing child hung in its first
+    commit)."""
     global _DRIVER
     if _DRIVER is not None:
         return _DRIVER
     try:
         import psycopg
+        import psycopg.conninfo
         import psycopg.types.json
-        import psycopg_pool
+
+        from . import _pgconn
     except ImportError as exc:
         raise ConfigurationError(
             "queue_url needs the PostgreSQL driver: pip install 'cio-logging[postgres]'"
         ) from exc
-    _DRIVER = (psycopg, psycopg_pool)
+    _DRIVER = (psycopg, _pgconn)
     return _DRIVER
 
 
-# Connections (and pools) a forked child inherited: kept referenced and never closed
-# there, since closing one would end the parent's session on the shared socket.
+# Connections a forked child inherited: kept referenced and never closed there, since
+# closing one would end the parent's session on the shared socket.
 _INHERITED: list[object] = []
+
+# The clock shift (see Database.clock_shift) is measured again this often, and at once
+# when this host's wall clock steps by more than _CLOCK_STEP_SECONDS; a measurement
+# whose round trip is this short is kept without a second one.
+_CLOCK_REFRESH_SECONDS = 60.0
+_CLOCK_STEP_SECONDS = 0.05
+_CLOCK_GOOD_ENOUGH_SECONDS = 0.005
+
+# The schema's first creation may wait for another process's (an advisory lock) and
+# build indexes: it gets longer than a statement.
+_MIGRATION_SECONDS = 60.0
 
 
 class Database:
-    """One PostgreSQL database: a small pool, the schema, statements by name.
+    """One PostgreSQL database: a few connections, the schema, statements by name.
 
-    Thread-safe. Every failure is a :class:`DatabaseError` whose text and cause hold no
-    password. ``timeout`` bounds the wait for a connection; each statement is bounded
-    by ``statement_timeout`` on the server and ``tcp_user_timeout`` on the socket, so
-    a database that vanished from the network cannot hold a thread for long.
+    Thread-safe, and runs no thread of its own (see :mod:`._pgconn`): whatever thread
+    calls, at interpreter exit included, does the work and waits at most its deadline.
+
+    Works through a pooler in transaction mode (PgBouncer): no server-side prepared
+    statement (``prepare_threshold=None``), no session state (no ``SET``, advisory
+    lock, temporary table or ``LISTEN`` outliving a transaction). A statement's time
+    is bounded on the client (the deadline; the connection is closed past it) and, in
+    a :meth:`transaction`, on the server too (``SET LOCAL statement_timeout``).
+
+    Every failure is a :class:`DatabaseError` whose text and cause hold no password.
+    ``timeout`` bounds the wait for a connection (connecting: libpq's least is 2 s);
+    a statement gets twice it (at least 2 s) unless the caller gives its own bound.
     """
 
     def __init__(self, url: str, *, timeout: float = 5.0, max_size: int = 4) -> None:
         _driver()  # imported now, on the constructing thread (see _driver)
-        _remember_password(url)
-        self.url = url
+        self.url = queue_url.normalized(url)
         self.timeout = timeout
+        self.statement_seconds = max(timeout, 1.0) * 2
         self._max_size = max_size
         self._guard = threading.Lock()
-        self._pool: ConnectionPool[Any] | None = None
-        self._pool_pid = 0
+        self._slots: Any = None
+        self._slots_pid = 0
         self._schema_ready = False
+        self._clock: tuple[float, float, float, float] | None = None
         reference = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_database_in_child(reference))
 
@@ -239,72 +206,171 @@ class Database:
     def display_url(self) -> str:
         return display_url(self.url)
 
-    def _get_pool(self) -> ConnectionPool[Any]:
+    def _connect_options(self) -> dict[str, Any]:
+        psycopg, _ = _driver()
+        options: dict[str, Any] = {
+            "autocommit": True,
+            # No server-side prepared statements: through PgBouncer in transaction
+            # mode the next statement may reach another server session, where the
+            # name is unknown or means another statement.
+            "prepare_threshold": None,
+            "connect_timeout": max(2, math.ceil(self.timeout)),
+            # A server that vanished from the network: the kernel gives up on
+            # unacknowledged data after this long (milliseconds).
+            "tcp_user_timeout": int(self.statement_seconds * 1000),
+        }
+        # Which process holds a connection, for pg_stat_activity (unless the URL names
+        # one of its own).
+        with contextlib.suppress(psycopg.ProgrammingError):
+            if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
+                options["application_name"] = f"cio_logging pid {os.getpid()}"
+        return options
+
+    def _get_slots(self) -> Any:
         with self._guard:
-            if self._pool is not None and self._pool_pid == os.getpid():
-                return self._pool
-            if self._pool is not None:  # a forked child: the parent's is not ours
-                _INHERITED.append(self._pool)
+            if self._slots is not None and self._slots_pid == os.getpid():
+                return self._slots
+            if self._slots is not None:  # a forked child: the parent's are not ours
+                _INHERITED.append(self._slots)
                 self._schema_ready = False
-            _, psycopg_pool = _driver()
-            statement_ms = int(max(self.timeout, 1.0) * 2000)
-
-            def configure(connection: Any) -> None:
-                connection.execute(f"SET statement_timeout = {statement_ms}")
-
-            pool: ConnectionPool[Any] = psycopg_pool.ConnectionPool(
-                self.url,
-                min_size=1,
-                max_size=self._max_size,
-                open=False,
-                timeout=self.timeout,
-                name="cio_logging",
-                kwargs={
-                    "autocommit": True,
-                    "connect_timeout": max(2, math.ceil(self.timeout)),
-                    "tcp_user_timeout": statement_ms,
-                    "application_name": "cio_logging",
-                },
-                configure=configure,
-                reconnect_timeout=0,  # keep trying for ever; each try is bounded
+            _, pgconn = _driver()
+            self._slots = pgconn.ConnectionSlots(
+                self.url, max_size=self._max_size, kwargs=self._connect_options()
             )
-            pool.open(wait=False)
-            self._pool, self._pool_pid = pool, os.getpid()
-            return pool
+            self._slots_pid = os.getpid()
+            return self._slots
+
+    def _checked_out(self, deadline: float) -> tuple[Any, Any, bool]:
+        """(slots, connection, reused) with the schema in place; the connection's
+        deadline set. Raises the driver's error."""
+        slots = self._get_slots()
+        conn, reused = slots.get(deadline)
+        try:
+            if not self._schema_ready:
+                conn.deadline = time.monotonic() + _MIGRATION_SECONDS
+                self._migrate(conn)
+            conn.deadline = deadline
+        except BaseException:
+            slots.put(conn, healthy=False)
+            raise
+        return slots, conn, reused
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.statement_seconds if timeout is None else timeout)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
-        """A connection of the pool (autocommit; ``with conn.transaction():`` for more).
-        After :meth:`close` a new pool is opened: a handler used after close works."""
-        psycopg, psycopg_pool = _driver()
+        """A connection (autocommit; ``with conn.transaction():`` for more) whose every
+        statement must be answered within ``timeout`` from now (default: twice the
+        database timeout). After :meth:`close` new connections are opened."""
+        psycopg, pgconn = _driver()
+        deadline = self._deadline(timeout)
         try:
-            pool = self._get_pool()
-            with pool.connection(timeout=self.timeout if timeout is None else timeout) as conn:
-                if not self._schema_ready:
-                    self._migrate(conn)
-                yield conn
-        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
-            raise _mapped(exc) from exc
-
-    def check(self) -> None:
-        """Connect once, outside the pool, so a failure says why (the pool only says
-        it timed out); creates the schema if needed. Raises :class:`DatabaseError`."""
-        psycopg, _ = _driver()
-        try:
-            with psycopg.connect(
-                self.url, connect_timeout=max(2, math.ceil(self.timeout)), autocommit=True
-            ) as conn:
-                self._migrate(conn)
+            slots, conn, _ = self._checked_out(deadline)
         except (psycopg.Error, OSError) as exc:
-            raise _mapped(exc) from exc
+            raise _mapped(exc, deadline) from exc
+        healthy = False
+        try:
+            yield conn
+            healthy = True
+        except (psycopg.Error, OSError) as exc:
+            healthy = not isinstance(exc, pgconn.DeadlineExceeded)
+            raise _mapped(exc, deadline) from exc
+        finally:
+            slots.put(conn, healthy=healthy)
+
+    @contextlib.contextmanager
+    def transaction(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction whose statements the server also stops at the deadline
+        (``SET LOCAL``: it ends with the transaction, so no pooled session keeps it)."""
+        seconds = self.statement_seconds if timeout is None else timeout
+        with self.connection(seconds) as conn, conn.transaction():
+            milliseconds = str(max(1, int(seconds * 1000)))
+            conn.execute(QUERIES["limit_transaction"], {"ms": milliseconds})
+            yield conn
 
     def run(
         self, name: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> list[tuple[Any, ...]]:
-        """Run the statement ``name`` in its own transaction; its rows (if it has any)."""
-        with self.connection(timeout) as conn:
-            cursor = conn.execute(QUERIES[name], params or {})
-            return cursor.fetchall() if cursor.description is not None else []
+        """Run the statement ``name`` on its own (autocommit); its rows, if it has any.
+
+        A connection kept from an earlier use that turns out dead (the server
+        restarted) is replaced and the statement sent again, once: every statement
+        run this way may run twice (inserts ignore ids already there).
+        """
+        psycopg, pgconn = _driver()
+        deadline = self._deadline(timeout)
+        query = QUERIES[name]
+        for attempt in (1, 2):
+            try:
+                slots, conn, reused = self._checked_out(deadline)
+            except (psycopg.Error, OSError) as exc:
+                raise _mapped(exc, deadline) from exc
+            healthy = False
+            try:
+                cursor = conn.execute(query, params or {})
+                rows = cursor.fetchall() if cursor.description is not None else []
+                healthy = True
+                return rows
+            except (psycopg.Error, OSError, ValueError) as exc:
+                # ValueError: a value the driver cannot send (text that is not Unicode).
+                timed_out = isinstance(exc, pgconn.DeadlineExceeded)
+                healthy = not timed_out
+                if attempt == 1 and reused and conn.broken and not timed_out:
+                    slots.discard_idle()  # they were opened before the same restart
+                    continue
+                raise _mapped(exc, deadline) from exc
+            finally:
+                slots.put(conn, healthy=healthy)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def clock_shift(self) -> tuple[float, float]:
+        """``(shift, slack)``: the database's clock minus this host's, and how far off
+        that may be (half the round trip it was measured with), in seconds.
+
+        Measured with one statement, kept for a minute, and measured again at once when
+        this host's wall clock steps (against its monotonic clock). The fleet's due
+        times, ages and lease expiries are on the database's clock; a host's times are
+        moved onto it by ``shift`` (see ``sql/queries.sql``).
+
+        Raises:
+            DatabaseError: the database does not answer.
+        """
+        wall, steady = time.time(), time.monotonic()
+        cached = self._clock
+        if cached is not None:
+            shift, slack, wall_minus_steady, measured_at = cached
+            if (
+                steady - measured_at < _CLOCK_REFRESH_SECONDS
+                and abs((wall - steady) - wall_minus_steady) < _CLOCK_STEP_SECONDS
+            ):
+                return shift, slack
+        best: tuple[float, float] | None = None
+        for _ in range(2):  # the first may have paid for a connection: keep the tighter
+            before, sent = time.time(), time.monotonic()
+            ((database_now,),) = self.run("clock")
+            after, answered = time.time(), time.monotonic()
+            measured = (float(database_now) - (before + after) / 2, (answered - sent) / 2)
+            if best is None or measured[1] < best[1]:
+                best = measured
+            if best[1] < _CLOCK_GOOD_ENOUGH_SECONDS:
+                break
+        assert best is not None
+        shift, slack = best[0], best[1] + 0.001
+        self._clock = (shift, slack, time.time() - time.monotonic(), time.monotonic())
+        return shift, slack
+
+    def check(self) -> None:
+        """Connect once, outside the pool, so a failure says why; creates the schema
+        if needed. Raises :class:`DatabaseError`."""
+        psycopg, pgconn = _driver()
+        deadline = time.monotonic() + _MIGRATION_SECONDS
+        try:
+            with pgconn.connect(self.url, **self._connect_options()) as conn:
+                conn.deadline = deadline
+                self._migrate(conn)
+        except (psycopg.Error, OSError) as exc:
+            raise _mapped(exc, deadline) from exc
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> None:
         """Bring the schema to :data:`SCHEMA_VERSION`; nothing when it is already there
@@ -328,33 +394,24 @@ class Database:
         self._schema_ready = True
 
     def close(self) -> None:
-        """Close the pool's connections (a later use opens a new pool)."""
+        """Close the connections (a later use opens new ones)."""
         with self._guard:
-            pool, self._pool = self._pool, None
-        if pool is not None and self._pool_pid == os.getpid():
-            with contextlib.suppress(Exception):
-                pool.close(timeout=1.0)
-        elif pool is not None:
-            _INHERITED.append(pool)
+            slots, self._slots = self._slots, None
+        if slots is not None and self._slots_pid == os.getpid():
+            slots.close()
+        elif slots is not None:
+            _INHERITED.append(slots)
 
 
 def _reset_database_in_child(reference: weakref.ref[Database]) -> None:
     # Another thread of the parent may have held the guard at the fork: it would stay
-    # held here. The parent's pool is left alone (see _get_pool).
+    # held here. The parent's connections are left alone (see _get_slots).
     database = reference()
     if database is not None:
         database._guard = threading.Lock()
 
 
-def _reset_passwords_guard() -> None:
-    global _PASSWORDS_GUARD
-    _PASSWORDS_GUARD = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_passwords_guard)
-
-
-def _mapped(exc: BaseException) -> DatabaseError:
+def _mapped(exc: BaseException, deadline: float | None = None) -> DatabaseError:
     """Our error for a driver's, texts scrubbed; the driver's error (scrubbed in place)
     becomes its cause."""
     if isinstance(exc, DatabaseError):
@@ -363,6 +420,9 @@ def _mapped(exc: BaseException) -> DatabaseError:
     summary = text[0] if text else ""
     with contextlib.suppress(Exception):
         exc.args = tuple(scrub(str(arg)) for arg in exc.args)
+    if type(exc).__name__ == "DeadlineExceeded":
+        summary = "no answer in time (the connection was closed)"
+        return DatabaseError(f"PostgreSQL: {summary}")
     return DatabaseError(f"PostgreSQL: {type(exc).__name__}: {summary}")
 
 
@@ -374,19 +434,87 @@ class Fence:
     term: int
 
 
+# The spill mover's waits between tries while the database does not answer.
+_MOVE_RETRY_FIRST = 0.5
+_MOVE_RETRY_MAX = 5.0
+# Rows moved from the spill per read of it, and bytes per statement.
+_MOVE_BATCH = 500
+_MOVE_BYTES = 4 << 20
+# At exit, how long moving the spill may take in all (on the calling thread).
+_EXIT_MOVE_SECONDS = 10.0
+
+
+def _pg_text(text: str) -> str:
+    """``text`` for a column people read (an event name, an error): PostgreSQL's text
+    cannot hold NUL, which is written as the six characters ``\\u0000``."""
+    return text.replace("\x00", "\\u0000") if "\x00" in text else text
+
+
+def _pg_optional(text: str | None) -> str | None:
+    return None if text is None else _pg_text(text)
+
+
+def _person_column(person: str | None) -> str | None:
+    """The ``person`` column of a row: the person itself, unless it holds a NUL, then
+    ``n`` and the person with ``\\`` and NUL escaped (persons start ``c:`` or ``a:``,
+    so the two forms never meet). Read back by :func:`_person_from_column`."""
+    if person is None or "\x00" not in person:
+        return person
+    return "n" + person.replace("\\", "\\\\").replace("\x00", "\\0")
+
+
+def _person_from_column(value: str) -> str:
+    if not value.startswith("n"):
+        return value
+    return re.sub(r"\\(.)", lambda m: "\x00" if m.group(1) == "0" else m.group(1), value[1:])
+
+
+def _jsonb_safe(value: Any) -> Any:
+    """A copy of a JSON value that jsonb accepts: NUL in keys and strings written out."""
+    if isinstance(value, str):
+        return _pg_text(value)
+    if isinstance(value, dict):
+        return {_pg_text(str(key)): _jsonb_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_jsonb_safe(item) for item in value]
+    return value
+
+
+def _refused_by_data(error: DatabaseError) -> bool:
+    """Whether PostgreSQL (or the driver, before sending) refused what a statement
+    carried (a value its types cannot hold: class 22, data exception; class 23,
+    integrity), rather than failing to answer or to let us in: sending the rows in
+    halves then finds which."""
+    psycopg, pgconn = _driver()
+    cause = error.__cause__
+    if isinstance(cause, pgconn.DeadlineExceeded | pgconn.PoolExhausted):
+        return False
+    return isinstance(cause, psycopg.DataError | psycopg.IntegrityError | ValueError)
+
+
 class PostgresLog:
     """The :class:`~cio_logging.store.EventLog` on PostgreSQL, with a local spill.
 
-    ``spill``: a diskcache log in the queue directory. A commit goes to the database
-    while it answers within ``timeout``; otherwise to the spill, and for the next
-    while straight to the spill (no caller waits on a database known to
-    be away) until the worker's :meth:`probe` finds it answering; :meth:`move_spilled`
-    moves spilled rows to the database.
+    Appending runs on the calling thread (no thread pool: a commit at interpreter exit
+    works on every Python) and waits at most ``timeout``. When the database does not
+    answer in time, rows go to ``spill`` (a diskcache log in the queue directory), and
+    so do the next commits while spilled rows wait there (a person's calls keep their
+    order). The spill is moved into the database by whichever process of the
+    directory can reach it, whatever its ``deliver``: a thread of this store's own,
+    started when rows are spilled or found in the spill at start, which ends once the
+    spill is empty; :meth:`sendable_through` (``flush()``) and :meth:`close` (exit)
+    move it on the calling thread. A row the database refuses (its text) never holds
+    up the others: it goes to the dead letters with the reason.
 
-    Fencing: while :attr:`fence` is set (the worker holds the lease), an
-    acknowledgement (remove, record_failure) commits only if the lease's term is
-    still the fence's, under a shared lock on the lease row, so no takeover can
-    interleave; otherwise it raises :class:`LeaseLostError` and changes nothing.
+    One clock: due times and logging times are stored on the database's clock (see
+    ``sql/queries.sql``); this class takes and gives this host's.
+
+    Fencing: once :attr:`fence` is set (the worker took the lease), each sender write
+    (remove, record_failure, adjust_due_times, a dead letter, the sender state)
+    commits only if the lease's term is still the fence's, under a shared lock on the
+    lease row, so no takeover can interleave; otherwise it raises
+    :class:`LeaseLostError` and changes nothing. The fence stays set when the lease is
+    lost, so a sender that was paused past it cannot write after a takeover.
     """
 
     def __init__(
@@ -398,16 +526,33 @@ class PostgresLog:
         self.directory = spill.directory
         self.timeout = timeout
         self.fence: Fence | None = None
-        self._unavailable_until = 0.0
+        #: Dead letters for rows the database refuses (set by open_fleet_store).
+        self.dead_letters: PostgresDeadLetters | None = None
+        self._spill_lock = DeliveryLock(spill.directory.parent / "spill.lock")
+        self._host = socket.gethostname()
+        # Commits go to the database (True), or to the spill while it is away or rows
+        # wait in the spill (False).
+        self._direct = True
+        self._answered = True  # the last try of the database's (mover, commit) worked
+        self._moved_through = 0  # the largest position a move from the spill gave
+        self._closing = False
         self._reset_threads()
         reference = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_log_in_child(reference))
+        with contextlib.suppress(Exception):
+            if len(spill):
+                # An earlier process left rows here: they go first, moved in the
+                # background (nothing here waits for the database).
+                self._direct = False
+                self._start_mover()
 
     def _reset_threads(self) -> None:
-        # One thread runs the commits, so a caller can stop waiting for one that hangs.
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_guard = threading.Lock()
-        self._running: Future[int] | None = None
+        # Called at construction and in a forked child (the parent's mover is not ours).
+        self._spill_guard = threading.Lock()
+        self._move_guard = threading.Lock()
+        self._mover: threading.Thread | None = None
+        self._mover_stop = threading.Event()
+        self._mover_guard = threading.Lock()
 
     def __repr__(self) -> str:
         return f"PostgresLog({self.database.display_url!r}, workspace={self.workspace!r})"
@@ -425,42 +570,54 @@ class PostgresLog:
 
     def append_rows(self, rows: Sequence[Row]) -> int:
         """Commit ``rows`` to the database, or to the spill when it does not answer in
-        time; returns the largest sequence number the database gave (0 if spilled).
-        Raises only when the spill fails too (the local disk)."""
+        time (or rows wait there); returns the largest position the database gave (0
+        if spilled). Raises only when the spill fails too (the local disk)."""
         if not rows:
             return 0
-        if self.available():
-            future = self._submit(rows)
-            if future is not None:
-                try:
-                    return future.result(timeout=self.timeout)
-                except FutureTimeout:
-                    self._mark_unavailable(None)
-                except DatabaseError as exc:
-                    self._mark_unavailable(exc)
-        self.spill.append_rows(rows)
+        if self._direct:
+            try:
+                return self._insert_or_dead_letter(rows, self.timeout)
+            except DatabaseError as exc:
+                self._divert(exc)
+        with self._spill_guard:
+            self.spill.append_rows(rows)
+            self._direct = False
+        self._start_mover()
         return 0
 
+    @property
+    def moved_through(self) -> int:
+        """The largest position a row moved from the spill by this process got (0:
+        none): ``flush()`` waits for those rows too."""
+        return self._moved_through
+
     def available(self) -> bool:
-        """Whether a commit should try the database: not after one failed, until
-        :meth:`probe` (the worker's, never a caller's) finds it answering again."""
-        return time.monotonic() >= self._unavailable_until
+        """Whether the database answered the last time it was tried (while it does
+        not, commits go to the spill and figures are not asked of it)."""
+        return self._answered
+
+    def settle(self, timeout: float) -> int:
+        """Move what waits in the spill into the database now (the caller waits, at
+        most ``timeout``): ``flush()`` counts rows in the spill as not yet committed.
+        Returns how many rows are still in the spill (0: all in the database)."""
+        deadline = time.monotonic() + timeout
+        while len(self.spill) and not self._move_all(deadline):
+            if not self._answered or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)  # another process of this directory is moving it
+        return len(self.spill)
 
     def probe(self) -> bool:
-        """When commits go to the spill: whether the database answers again (then
-        commits go to it again). Run by the worker, so no caller waits on it."""
-        if self.available():
+        """Whether the database answers; when it does, the spill is moved into it
+        first (then commits go to the database again)."""
+        if self._direct:
             return True
-        try:
-            self.database.run("ping", timeout=self.timeout)
-        except DatabaseError:
-            return False
-        self._unavailable_until = 0.0
-        return True
+        return self._move_all()
 
-    def _mark_unavailable(self, error: BaseException | None) -> None:
-        first = self.available()
-        self._unavailable_until = math.inf
+    def _divert(self, error: BaseException | None) -> None:
+        first = self._direct
+        self._direct = False
+        self._answered = False
         if first:
             internal_log.warning(
                 "PostgreSQL (%s) did not take a commit (%s); events go to the "
@@ -470,35 +627,89 @@ class PostgresLog:
                 self.spill.directory,
             )
 
-    def _submit(self, rows: Sequence[Row]) -> Future[int] | None:
-        with self._executor_guard:
-            running = self._running
-            if running is not None and not running.done():
-                return None  # a commit still hangs: spill rather than queue behind it
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="cio_logging-db")
-            self._running = self._executor.submit(self._insert, list(rows))
-            return self._running
-
-    def _insert(self, rows: Sequence[Row]) -> int:
+    def _insert(self, rows: Sequence[Row], timeout: float | None) -> int:
+        heads = [_row_head(row[2], row[1]) for row in rows]
         params = {
             "workspace": self.workspace,
             "ids": [row[0] for row in rows],
-            "events": [_event_name(row[2]) for row in rows],
+            "events": [_pg_text(name) for name, _ in heads],
             "due": [row[1] for row in rows],
-            "logged": [_logged_at(row[2], row[1]) for row in rows],
+            "logged": [logged for _, logged in heads],
             "bodies": [row[2] for row in rows],
-            "persons": [row[3] for row in rows],
+            "persons": [_person_column(row[3]) for row in rows],
+            "shift": self.database.clock_shift()[0],
+            "host_now": time.time(),
         }
-        result = self.database.run("insert_rows", params, timeout=self.timeout)
-        return max((int(seq) for (seq,) in result), default=0)
+        ((seq,),) = self.database.run("insert_rows", params, timeout=timeout)
+        return int(seq)
 
-    def move_spilled(self, limit: int = 500) -> int:
-        """Move up to ``limit`` spilled rows to the database; returns how many moved.
+    def _insert_or_dead_letter(self, rows: Sequence[Row], timeout: float | None) -> int:
+        """Insert ``rows``; when the database refuses some of them (not when it does not
+        answer), find which by halves and dead-letter those with the reason."""
+        try:
+            return self._insert(rows, timeout)
+        except DatabaseError as exc:
+            if not _refused_by_data(exc):
+                raise
+            if len(rows) == 1:
+                self._refuse(rows[0], exc)
+                return 0
+        half = len(rows) // 2
+        first = self._insert_or_dead_letter(rows[:half], timeout)
+        return max(first, self._insert_or_dead_letter(rows[half:], timeout))
+
+    def _refuse(self, row: Row, error: DatabaseError) -> None:
+        """A row the database cannot store: a dead letter with the reason, so it holds
+        up nothing behind it. The dead letter keeps any event exactly (see
+        :class:`PostgresDeadLetters`); an id the database cannot hold (ours are ULIDs:
+        a damaged or foreign spill) is written with its NUL spelled out. Should the
+        database refuse even that, the row goes to the queue directory's own
+        dead-letter store (``cio-logging dlq --queue-dir``), never away."""
+        reason = f"PostgreSQL refused the row: {scrub(str(error))}"
+        key = _pg_text(row[0])
+        try:
+            event: Event | None = decode_row(row[0], row[1], row[2]).event
+        except InvalidEventError:
+            event = None
+        kind = "refused_by_database"
+        try:
+            if self.dead_letters is None:
+                raise error
+            self.dead_letters.add(
+                key, event, status=None, error_type=kind, message=reason, attempts=0, fenced=False
+            )
+            where = "the dead-letter table"
+        except DatabaseError as exc:
+            if not _refused_by_data(exc):
+                raise
+            local = DeadLetterStore(self.spill.directory.parent / "dead", fsync=True)
+            try:
+                local.add(key, event, status=None, error_type=kind, message=reason, attempts=0)
+            finally:
+                local.close()
+            where = f"the local dead-letter store in {local.directory}"
+        internal_log.error("event %s moved to %s: %s", key, where, reason)
+
+    # -- the spill ---------------------------------------------------------------------
+
+    def move_spilled(self, limit: int = _MOVE_BATCH) -> int:
+        """Move up to ``limit`` spilled rows to the database; returns how many moved
+        (0 also when another process of this directory is moving them).
 
         Inserted first (an id already there is left as it is), removed from the spill
         after: a crash in between leaves a row in both, and the id deduplicates.
         """
+        if not len(self.spill):
+            return 0  # the usual answer: no lock taken
+        with self._move_guard:
+            if not self._spill_lock.try_acquire():
+                return 0
+            try:
+                return self._move_batch(limit, None)
+            finally:
+                self._spill_lock.release()
+
+    def _move_batch(self, limit: int, timeout: float | None) -> int:
         if not len(self.spill):
             return 0
         batch = self.spill.read_due(limit, math.inf)
@@ -520,22 +731,131 @@ class PostgresLog:
         ]
         for corrupt in batch.corrupt:
             internal_log.error(
-                "a spilled row could not be read and was dropped: %s",
-                corrupt.reason,
+                "a spilled row could not be read and was dropped: %s", corrupt.reason
             )
-        if rows:
-            self._insert(rows)
-            self.spill.remove([row[0] for row in rows])
-            self._unavailable_until = 0.0  # it answered: commits go to it again
-        return len(rows)
+        # Large events: a statement of at most _MOVE_BYTES, so each fits its deadline.
+        chunk: list[Row] = []
+        size = 0
+        for row in rows:
+            if chunk and size + len(row[2]) > _MOVE_BYTES:
+                self._move_rows(chunk, timeout)
+                chunk, size = [], 0
+            chunk.append(row)
+            size += len(row[2])
+        if chunk:
+            self._move_rows(chunk, timeout)
+        return len(rows) + len(batch.corrupt)
+
+    def _move_rows(self, rows: list[Row], timeout: float | None) -> None:
+        seq = self._insert_or_dead_letter(rows, timeout)
+        self._moved_through = max(self._moved_through, seq)
+        self._answered = True
+        self.spill.remove([row[0] for row in rows])
+
+    def _move_all(self, deadline: float | None = None) -> bool:
+        """Move the whole spill (another process of the directory may be doing it);
+        True once it is empty and commits go to the database again. Raises nothing."""
+        with self._move_guard:
+            try:
+                if not self._spill_lock.try_acquire():
+                    return False
+            except OSError as exc:
+                internal_log.debug("spill lock not taken: %s", exc)
+                return False
+            try:
+                reported = False
+                while True:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    if not reported and len(self.spill):
+                        self._report_spill()
+                        reported = True
+                    if self._move_batch(_MOVE_BATCH, None):
+                        continue
+                    with self._spill_guard:
+                        if len(self.spill):
+                            continue  # a commit spilled meanwhile
+                        was_direct, self._direct = self._direct, True
+                    self._answered = True
+                    if reported:
+                        self._report_spill()
+                    if not was_direct:
+                        internal_log.warning(
+                            "PostgreSQL (%s) answers again; the events spilled in %s "
+                            "are in the database",
+                            self.database.display_url,
+                            self.spill.directory,
+                        )
+                    return True
+            except DatabaseError as exc:
+                self._answered = False
+                internal_log.debug("spilled rows not moved yet: %s", exc)
+                return False
+            except Exception:
+                self._answered = False
+                internal_log.exception("spilled rows not moved (they stay in the spill)")
+                return False
+            finally:
+                self._spill_lock.release()
+
+    def _report_spill(self) -> None:
+        """Tell the fleet (status on any host) how many rows this host's spill holds."""
+        with contextlib.suppress(Exception):
+            self.database.run(
+                "report_spill",
+                {
+                    "workspace": self.workspace,
+                    "host": self._host,
+                    "directory": str(self.spill.directory),
+                    "rows": len(self.spill),
+                    "oldest": self.spill.oldest_logged_at(),
+                    "shift": self.database.clock_shift()[0],
+                },
+            )
+
+    def _start_mover(self) -> None:
+        """A thread that moves the spill once the database answers, then ends. Never
+        at interpreter exit (threads are refused there): :meth:`close` moves it."""
+        with self._mover_guard:
+            mover = self._mover
+            if mover is not None and mover.is_alive():
+                return
+            if self._closing or not threading.main_thread().is_alive():
+                return
+            self._mover_stop.clear()
+            thread = threading.Thread(
+                target=self._move_in_background, name="cio_logging-spill", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # the interpreter is shutting down
+                return
+            self._mover = thread
+
+    def _move_in_background(self) -> None:
+        background.mark_current_thread()
+        wait = _MOVE_RETRY_FIRST
+        while not self._mover_stop.is_set():
+            if self._move_all():
+                return
+            self._mover_stop.wait(wait)
+            wait = min(wait * 2, _MOVE_RETRY_MAX)
 
     # -- reading and acknowledging (the sender) ----------------------------------------
 
     def read_due(
         self, limit: int, now: float | None = None, *, after: tuple[float, int] | None = None
     ) -> Batch:
+        shift, slack = self.database.clock_shift()
         moment = time.time() if now is None else now
-        params: dict[str, Any] = {"workspace": self.workspace, "now": moment, "limit": limit}
+        params: dict[str, Any] = {
+            "workspace": self.workspace,
+            # A row committed just now is due on the database's clock: by as much as
+            # the shift may be off, rows come due early rather than late.
+            "now": moment + slack,
+            "shift": shift,
+            "limit": limit,
+        }
         if after is None:
             found = self.database.run("read_due", params)
         else:
@@ -544,14 +864,17 @@ class PostgresLog:
         events: list[QueuedEvent] = []
         corrupt: list[CorruptEntry] = []
         bad: list[str] = []
-        positions = [(float(due), int(seq)) for _, due, _, seq in found]
+        # The cursor is the database's (due time as stored, position): opaque to callers.
+        positions = [(float(due), int(seq)) for _, due, _, seq, _, _ in found]
         cursor = max([*positions, after] if after is not None else positions, default=None)
-        for key, due, body, seq in found:
+        for key, _, body, seq, due_here, logged_here in found:
             try:
-                events.append(decode_row(key, due, body, int(seq)))
+                queued = decode_row(key, float(due_here), body, int(seq))
             except InvalidEventError as exc:
                 corrupt.append(CorruptEntry(key, str(exc)))
                 bad.append(key)
+                continue
+            events.append(queued._replace(logged_at_here=float(logged_here)))
         if bad:
             self._fenced("delete_rows", {"ids": bad})
         return Batch(events, corrupt, cursor)
@@ -561,20 +884,39 @@ class PostgresLog:
     ) -> list[tuple[str, int, float, str]]:
         if not people:
             return []
-        params = {"workspace": self.workspace, "people": list(people), "through": through}
+        params = {
+            "workspace": self.workspace,
+            "people": [_person_column(person) for person in people],
+            "through": through,
+            "shift": self.database.clock_shift()[0],
+        }
         found = self.database.run("earlier_rows", params)
-        return [(str(person), int(seq), float(due), str(key)) for person, seq, due, key in found]
+        return [
+            (_person_from_column(str(person)), int(seq), float(due), str(key))
+            for person, seq, due, key in found
+        ]
 
     def person_counts(self, people: Collection[str], through: int) -> dict[str, int]:
         if not people:
             return {}
-        params = {"workspace": self.workspace, "people": list(people), "through": through}
-        return {str(person): int(n) for person, n in self.database.run("person_counts", params)}
+        params = {
+            "workspace": self.workspace,
+            "people": [_person_column(person) for person in people],
+            "through": through,
+        }
+        return {
+            _person_from_column(str(person)): int(n)
+            for person, n in self.database.run("person_counts", params)
+        }
 
-    def remove(self, keys: Iterable[str]) -> None:
+    def remove(self, keys: Iterable[str], *, delivered: int = 0) -> None:
+        # A fleet's deliveries are counted in the sender's state row (cio_sender_state).
         ids = list(keys)
         if ids:
             self._fenced("delete_rows", {"ids": ids})
+
+    def delivered_total(self) -> int | None:
+        return None  # counted per sender, in cio_sender_state
 
     def record_failure(
         self,
@@ -610,18 +952,19 @@ class PostgresLog:
                 "bodies": bodies,
                 "attempts": attempts,
                 "first": first,
-                "error": error,
+                "error": _pg_text(error),
+                "shift": self.database.clock_shift()[0],
             }
             self._fenced("record_failure", params)
 
     def _fenced(self, name: str, params: dict[str, Any]) -> None:
         """Run a sender's write, checked against :attr:`fence` when one is set."""
         params = {"workspace": self.workspace, **params}
-        with self._fenced_transaction() as conn:
+        with self.fenced_transaction() as conn:
             conn.execute(QUERIES[name], params)
 
     @contextlib.contextmanager
-    def _fenced_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+    def fenced_transaction(self) -> Iterator[psycopg.Connection[Any]]:
         """A transaction that first checks :attr:`fence` (when set) under a shared lock
         on the lease row, so no take-over commits between the check and the writes.
 
@@ -629,7 +972,7 @@ class PostgresLog:
             LeaseLostError: the lease's term or holder is no longer the fence's.
         """
         fence = self.fence
-        with self.database.connection() as conn, conn.transaction():
+        with self.database.transaction() as conn:
             if fence is not None:
                 lease = conn.execute(
                     QUERIES["lease_for_share"], {"workspace": self.workspace}
@@ -642,39 +985,44 @@ class PostgresLog:
             yield conn
 
     def adjust_due_times(self, step: float, now: float, horizon: float) -> int:
-        moved = 0
-        base = {"workspace": self.workspace}
-        with self._fenced_transaction() as conn:
-            if step < 0:
-                moved += conn.execute(
-                    QUERIES["shift_later_due"], {**base, "step": step, "now": now}
-                ).rowcount
-            elif step > 0:
-                window = {**base, "step": step, "low": now - step, "high": now - step + horizon}
-                moved += conn.execute(QUERIES["shift_waiting_retries"], window).rowcount
-            moved += conn.execute(
-                QUERIES["due_now_if_after"], {**base, "now": now, "horizon": now + horizon}
-            ).rowcount
-        return moved
+        """Due times are on the database's clock: a step of this host's clock moves
+        none. Rows due further ahead than ``horizon`` (an earlier version stored hosts'
+        own clocks) are made due now."""
+        params = {"workspace": self.workspace, "horizon": horizon}
+        with self.fenced_transaction() as conn:
+            return int(conn.execute(QUERIES["due_now_if_after"], params).rowcount)
 
     # -- looking -----------------------------------------------------------------------
 
     def get(self, key: str) -> QueuedEvent | None:
-        found = self.database.run("get_row", {"workspace": self.workspace, "id": key})
+        if not storable_key(key):
+            return None
+        params = {"workspace": self.workspace, "id": key, "shift": self.database.clock_shift()[0]}
+        found = self.database.run("get_row", params)
         if found:
+            key, due, body, seq, logged = found[0]
             with contextlib.suppress(InvalidEventError):
-                return decode_row(found[0][0], found[0][1], found[0][2], int(found[0][3]))
+                return decode_row(key, float(due), body, int(seq))._replace(
+                    logged_at_here=float(logged)
+                )
             return None
         return self.spill.get(key)
 
     def sendable_through(self, rowid: int, now: float, horizon: float) -> bool:
-        """Also True while rows wait in the spill for a database that answers; False
-        when it does not answer (nothing can go now: the rows are safe in the spill)."""
-        if not self.available():
-            return False
+        """Whether a row this process committed (at or before ``rowid``, or moved from
+        its spill) still waits and can go now. Rows in the spill are moved first, here
+        if no mover runs: False while the database does not answer (nothing can go
+        now: the rows are safe in the spill)."""
         if len(self.spill):
-            return True
-        params = {"workspace": self.workspace, "seq": rowid, "now": now, "horizon": now + horizon}
+            mover = self._mover
+            if mover is not None and mover.is_alive():
+                return self._answered
+            if not self._move_all():
+                return False
+        if not self._direct:
+            return False
+        through = max(rowid, self._moved_through)
+        params = {"workspace": self.workspace, "seq": through, "horizon": horizon}
         try:
             return bool(self.database.run("sendable_through", params))
         except DatabaseError:
@@ -682,9 +1030,10 @@ class PostgresLog:
 
     def oldest_logged_at(self) -> float | None:
         self._require_available()
-        ((oldest,),) = self.database.run("oldest_logged_at", {"workspace": self.workspace})
+        params = {"workspace": self.workspace, "shift": self.database.clock_shift()[0]}
+        ((oldest,),) = self.database.run("oldest_logged_at", params)
         spilled = self.spill.oldest_logged_at()
-        candidates = [value for value in (oldest, spilled) if value is not None]
+        candidates = [float(value) for value in (oldest, spilled) if value is not None]
         return min(candidates) if candidates else None
 
     def volume(self) -> int:
@@ -699,8 +1048,8 @@ class PostgresLog:
 
     def _require_available(self) -> None:
         # Figures for status() and the gauges: answered at once while commits spill,
-        # rather than each waiting for the pool's timeout.
-        if not self.available():
+        # rather than each waiting for a timeout.
+        if not self._answered:
             raise DatabaseError("PostgreSQL does not answer (commits go to the local spill)")
 
     def __len__(self) -> int:
@@ -712,10 +1061,17 @@ class PostgresLog:
         return isinstance(key, str) and self.get(key) is not None
 
     def close(self) -> None:
-        with self._executor_guard:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False)
+        """Move what the spill holds, if the database answers (on this thread: at exit
+        no thread may start), then release the spill and the connections."""
+        self._closing = True
+        self._mover_stop.set()
+        mover = self._mover
+        if mover is not None and mover is not threading.current_thread():
+            mover.join(self.timeout * 2)
+        with contextlib.suppress(Exception):
+            if len(self.spill):
+                self._move_all(time.monotonic() + _EXIT_MOVE_SECONDS)
+        self._closing = False  # a handler used after close works (and reopens)
         self.spill.close()
         self.database.close()  # shared with the lease and the dead letters: reopens on use
 
@@ -724,24 +1080,26 @@ def _reset_log_in_child(reference: weakref.ref[PostgresLog]) -> None:
     log = reference()
     if log is not None:
         log._reset_threads()
+        log._closing = False
+        if not log._direct:
+            with contextlib.suppress(Exception):
+                log._start_mover()
 
 
-def _event_name(body: str) -> str:
-    with contextlib.suppress(ValueError, TypeError, IndexError):
-        entry = json.loads(body)
-        if type(entry) is list:
-            return str(entry[1])
-        return str(entry["event"]["name"])
-    return ""
-
-
-def _logged_at(body: str, due: float) -> float:
+def _row_head(body: str, due: float) -> tuple[str, float]:
+    """The event name and logging time of a row text, read from its head (the data,
+    which may be large, is not decoded)."""
+    split = _split_row(body)
+    if split is not None:
+        fields = split[0]
+        with contextlib.suppress(TypeError, ValueError):
+            return str(fields[1]), float(fields[5])
     with contextlib.suppress(ValueError, TypeError, IndexError, KeyError):
         entry = json.loads(body)
         if type(entry) is list:
-            return float(entry[5])
-        return float(entry["event"]["logged_at"])
-    return due
+            return str(entry[1]), float(entry[5])
+        return str(entry["event"]["name"]), float(entry["event"]["logged_at"])
+    return "", due
 
 
 class PostgresDeadLetters:
@@ -749,13 +1107,21 @@ class PostgresDeadLetters:
 
     Besides the whole entry (``entry``, jsonb) each row has columns to read with psql:
     ``event``, ``customer_id``, ``anonymous_id``, ``data`` (jsonb), ``error``,
-    ``error_type``, ``status``, ``attempts``, ``created_at``.
+    ``error_type``, ``status``, ``attempts``, ``created_at``. An event holding a NUL
+    character (which jsonb and text refuse) keeps its exact entry in ``entry_text``;
+    the other columns then show each NUL as ``\\u0000``.
+
+    A dead letter added by the sender is fenced by the lease's term (see
+    :class:`PostgresLog`): ``log`` holds the fence.
     """
 
-    def __init__(self, database: Database, workspace: str, directory: Path) -> None:
+    def __init__(
+        self, database: Database, workspace: str, directory: Path, log: PostgresLog | None = None
+    ) -> None:
         self.database = database
         self.workspace = workspace
         self.directory = directory
+        self._log = log
 
     def __repr__(self) -> str:
         return f"PostgresDeadLetters({self.database.display_url!r}, workspace={self.workspace!r})"
@@ -774,7 +1140,10 @@ class PostgresDeadLetters:
         original: DeadLetterReason | None = None,
         replays: Sequence[ReplayRecord] = (),
         replay_count: int | None = None,
+        fenced: bool = True,
     ) -> None:
+        """Store the entry; ``fenced`` (the sender's writes): only while this process's
+        lease term is current, else :class:`LeaseLostError` and nothing written."""
         psycopg, _ = _driver()
         moment = time.time() if now is None else now
         entry = dead_letter_entry(
@@ -791,24 +1160,30 @@ class PostgresDeadLetters:
             replay_count=replay_count,
             existing=lambda: self.get(key),
         )
+        exact = json.dumps(entry, separators=(",", ":"))
         jsonb = psycopg.types.json.Jsonb
-        self.database.run(
-            "add_dead_letter",
-            {
-                "workspace": self.workspace,
-                "id": key,
-                "event": None if event is None else event.name,
-                "customer_id": None if event is None else event.customer_id,
-                "anonymous_id": None if event is None else event.anonymous_id,
-                "data": None if event is None else jsonb(json.loads(event.data_json)),
-                "error": message,
-                "error_type": error_type,
-                "status": status,
-                "attempts": attempts,
-                "last_failure_at": moment,
-                "entry": jsonb(entry),
-            },
-        )
+        data = None if event is None else json.loads(event.data_json)
+        params = {
+            "workspace": self.workspace,
+            "id": key,
+            "event": None if event is None else _pg_text(event.name),
+            "customer_id": None if event is None else _pg_optional(event.customer_id),
+            "anonymous_id": None if event is None else _pg_optional(event.anonymous_id),
+            "data": None if data is None else jsonb(_jsonb_safe(data)),
+            "error": _pg_text(message),
+            "error_type": _pg_text(error_type),
+            "status": status,
+            "attempts": attempts,
+            "last_failure_at": moment,
+            "entry": jsonb(_jsonb_safe(entry)),
+            # json.dumps writes a NUL as \u0000: the text column holds it exactly.
+            "entry_text": exact if "\\u0000" in exact else None,
+        }
+        if fenced and self._log is not None:
+            with self._log.fenced_transaction() as conn:
+                conn.execute(QUERIES["add_dead_letter"], params)
+        else:
+            self.database.run("add_dead_letter", params)
 
     def __iter__(self) -> Iterator[DeadLetter]:
         found = self.database.run("all_dead_letters", {"workspace": self.workspace})
@@ -816,6 +1191,8 @@ class PostgresDeadLetters:
             yield dead_letter_from_text(key, text)
 
     def get(self, key: str) -> DeadLetter | None:
+        if not storable_key(key):
+            return None  # no id in the database holds it
         found = self.database.run("get_dead_letter", {"workspace": self.workspace, "id": key})
         return dead_letter_from_text(key, found[0][0]) if found else None
 
@@ -879,7 +1256,7 @@ class PostgresDeadLetters:
 
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
-    """Who holds a workspace's lease, as the database says."""
+    """Who holds a workspace's lease, as the database says (times on this host's clock)."""
 
     term: int
     host: str
@@ -894,11 +1271,13 @@ class PostgresLease:
 
     The same face as :class:`~cio_logging.process_lock.DeliveryLock` (``try_acquire``,
     ``held``, ``release``), so the worker runs alike on both stores. A heartbeat
-    thread renews it every third of ``seconds``. This process trusts it only until a
-    safety margin before it would expire (measured from before the renewal was sent,
-    on the monotonic clock): a holder paused or cut off stops sending before the
-    database lets anyone take over. Each take-over increments the term, which
-    :class:`PostgresLog` checks on every acknowledgement (the fencing token).
+    thread renews it every third of ``seconds``. The expiry is judged by the
+    database's clock alone; this process trusts the lease only until a safety margin
+    before it would expire (measured from before the renewal was sent, on the
+    monotonic clock): a holder paused or cut off stops sending before the database
+    lets anyone take over. Each take-over increments the term, which fences every
+    write of the sender (see :class:`PostgresLog`); a lost lease leaves the fence at
+    the old term, so whatever the stale sender still tries to write is refused.
     """
 
     def __init__(
@@ -923,6 +1302,8 @@ class PostgresLease:
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self.taken_over = 0  # times this process took the lease
+        if self._log is not None:
+            self._log.fence = None  # a forked child holds no lease (yet)
 
     def __repr__(self) -> str:
         return f"PostgresLease({self.workspace!r}, term={self._term})"
@@ -948,11 +1329,12 @@ class PostgresLease:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "seconds": self.seconds,
+                "shift": 0.0,  # read_lease's times are not used here
             }
             try:
                 # A read first: while another holder's lease runs (the usual answer for
                 # every process but one), no process of the fleet writes or locks the row.
-                current = self.database.run("read_lease", {"workspace": self.workspace})
+                current = self.database.run("read_lease", params)
                 if current and current[0][5]:
                     self._lose()
                     return False
@@ -986,6 +1368,7 @@ class PostgresLease:
         self._heartbeat.start()
 
     def _beat(self) -> None:
+        background.mark_current_thread()
         while not self._stop.wait(self.seconds / 3):
             term = self._term
             if term is None:
@@ -1010,6 +1393,8 @@ class PostgresLease:
                     return
 
     def _lose(self) -> None:
+        # The log's fence stays at the lost term: the sender's writes still in progress
+        # (a paused process waking up) are refused once another process took over.
         if self._term is not None:
             internal_log.warning(
                 "this process (%s) no longer holds the lease of %s (term %d)",
@@ -1019,13 +1404,11 @@ class PostgresLease:
             )
         self._term = None
         self._trusted_until = 0.0
-        if self._log is not None:
-            self._log.fence = None
         if self.on_lost is not None:
             self.on_lost()
 
     def lost(self) -> None:
-        """Called when an acknowledgement was refused (another holder's term)."""
+        """Called when a fenced write was refused (another holder's term)."""
         with self._guard:
             self._lose()
 
@@ -1036,8 +1419,6 @@ class PostgresLease:
             term = self._term
             self._term = None
             self._trusted_until = 0.0
-            if self._log is not None:
-                self._log.fence = None
         if term is not None:
             params = {"workspace": self.workspace, "holder": self.holder, "term": term}
             with contextlib.suppress(DatabaseError):
@@ -1045,7 +1426,8 @@ class PostgresLease:
 
     def info(self) -> LeaseInfo | None:
         """The lease as the database has it (any holder), or None if never taken."""
-        found = self.database.run("read_lease", {"workspace": self.workspace})
+        params = {"workspace": self.workspace, "shift": self.database.clock_shift()[0]}
+        found = self.database.run("read_lease", params)
         if not found:
             return None
         term, host, pid, since, expires_at, valid = found[0]
@@ -1058,34 +1440,89 @@ def _reset_lease_in_child(reference: weakref.ref[PostgresLease]) -> None:
         lease._reset()
 
 
+#: Times in the sender's state, on its host's clock when written; read back on the
+#: reader's (see SenderState.read).
+_STATE_TIMES = ("updated_at", "last_error_at", "hold_until", "probe_at")
+
+
 class SenderState:
     """The sender's state (breaker, pauses, last error, counters) in ``cio_sender_state``,
-    written by the lease holder, read by ``status`` on any host."""
+    written by the lease holder (fenced by its term), read by ``status`` on any host
+    and by the next sender, with its times moved onto the reader's clock."""
 
-    def __init__(self, database: Database, workspace: str, lease: PostgresLease | None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        workspace: str,
+        lease: PostgresLease | None,
+        log: PostgresLog | None = None,
+    ) -> None:
         self.database = database
         self.workspace = workspace
         self.lease = lease
+        self._log = log
 
     def write(self, state: dict[str, Any]) -> None:
+        """Record ``state`` while this process holds the lease.
+
+        Raises:
+            LeaseLostError: another process took the lease over since (nothing written).
+        """
         psycopg, _ = _driver()
-        term = self.lease.term if self.lease is not None else None
-        if term is None:
+        lease = self.lease
+        term = lease.term if lease is not None else None
+        if lease is None or term is None:
             return  # only the holder speaks for the fleet
         params = {
             "workspace": self.workspace,
             "term": term,
-            "state": psycopg.types.json.Jsonb(state),
+            "holder": lease.holder,
+            "state": psycopg.types.json.Jsonb(_jsonb_safe(state)),
+            "shift": self.database.clock_shift()[0],
         }
-        self.database.run("write_sender_state", params)
+        if not self.database.run("write_sender_state", params):
+            raise LeaseLostError(
+                f"the lease of this workspace moved past term {term}: another sender took over"
+            )
 
     def read(self) -> dict[str, Any] | None:
-        found = self.database.run("read_sender_state", {"workspace": self.workspace})
+        reader_shift = self.database.clock_shift()[0]
+        params = {"workspace": self.workspace, "shift": reader_shift}
+        found = self.database.run("read_sender_state", params)
         if not found:
             return None
-        state = dict(found[0][0])
-        state["recorded_at"] = float(found[0][1])
+        raw, recorded_at = found[0]
+        state = dict(raw)
+        # The writer's clock -> the database's -> this host's.
+        move = float(state.pop("clock_offset", 0.0) or 0.0) - reader_shift
+        for name in _STATE_TIMES:
+            value = state.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                state[name] = float(value) + move
+        state["recorded_at"] = float(recorded_at)
         return state
+
+
+def fleet_summary(database: Database, workspace: str) -> dict[str, Any]:
+    """What waits for a workspace: rows, the oldest's logging time (this host's clock),
+    and each host's spill that held rows when last reported."""
+    params = {"workspace": workspace, "shift": database.clock_shift()[0]}
+    ((queued, oldest),) = database.run("queue_summary", params)
+    spills = [
+        {
+            "host": host,
+            "directory": directory,
+            "rows": int(rows),
+            "oldest_logged_at": None if spilled_oldest is None else float(spilled_oldest),
+            "reported_at": float(reported_at),
+        }
+        for host, directory, rows, spilled_oldest, reported_at in database.run("spills", params)
+    ]
+    return {
+        "queued": int(queued),
+        "oldest_logged_at": None if oldest is None else float(oldest),
+        "spills": spills,
+    }
 
 
 def open_fleet_store(
@@ -1097,13 +1534,14 @@ def open_fleet_store(
     timeout: float,
     lease_seconds: float,
 ) -> tuple[PostgresLog, PostgresDeadLetters, PostgresLease, SenderState]:
-    """The four parts of fleet mode for one workspace, on one pool."""
+    """The four parts of fleet mode for one workspace, on one set of connections."""
     database = Database(url, timeout=max(timeout, 2.0))
     spill = WriteAheadLog(queue_dir / "spill", fsync=fsync)
     log = PostgresLog(database, workspace, spill, timeout=timeout)
-    dead = PostgresDeadLetters(database, workspace, queue_dir / "spill")
+    dead = PostgresDeadLetters(database, workspace, queue_dir / "spill", log)
+    log.dead_letters = dead
     lease = PostgresLease(database, workspace, seconds=lease_seconds, log=log)
-    return log, dead, lease, SenderState(database, workspace, lease)
+    return log, dead, lease, SenderState(database, workspace, lease, log)
 
 
 __all__ = [
@@ -1116,6 +1554,7 @@ __all__ = [
     "SenderState",
     "dead_letter_from_json",
     "display_url",
+    "fleet_summary",
     "open_fleet_store",
     "scrub",
 ]

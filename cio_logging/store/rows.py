@@ -40,6 +40,10 @@ class QueuedEvent(NamedTuple):
     #: Where the row sits in commit order (SQLite rowid, PostgreSQL seq): the order a
     #: person's calls are sent in (see EventLog.earlier_rows). 0: not known.
     position: int = 0
+    #: When the event was logged on this process's clock, where the store knows it
+    #: better than the event's own stamp: fleet mode measures ages on the database's
+    #: clock, so a host whose clock is off ages no event (None: use event.logged_at).
+    logged_at_here: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,18 @@ _ROW_VERSION = 2
 _CALL_ROW_VERSION = 3
 # Built once: json.dumps with options builds a new encoder on every call.
 _ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def storable_key(key: str) -> bool:
+    """Whether ``key`` can be an id in a store (an id given on the command line may hold
+    anything: bytes that are not UTF-8, a NUL); no stored row has one that is not."""
+    if "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_row(

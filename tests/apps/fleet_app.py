@@ -8,7 +8,8 @@ prints ``done`` after its last event and ``emit-max <seconds>`` with the slowest
 
 Usage: python tests/apps/fleet_app.py COUNT [--pause SECONDS] [--lease SECONDS]
        [--reset-timeout SECONDS] [--batch-size N] [--exit-after] [--max-rps N]
-       [--data-bytes N]
+       [--data-bytes N] [--poison-every N] [--max-in-flight N]
+       [--max-event-age SECONDS]
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> int:
     parser.add_argument("--exit-after", action="store_true", help="close once logged")
     parser.add_argument("--max-rps", type=float, default=50)
     parser.add_argument("--data-bytes", type=int, default=0, help="pad each event's data")
+    parser.add_argument("--poison-every", type=int, default=0, help="name every Nth event 'broken'")
+    parser.add_argument("--max-in-flight", type=int, default=4)
+    parser.add_argument("--max-event-age", type=float, default=72 * 3600.0)
     args = parser.parse_args()
 
     handler = CustomerIOHandler(
@@ -46,6 +50,8 @@ def main() -> int:
         batch_size=args.batch_size,
         database_timeout=0.5,
         max_requests_per_second=args.max_rps,
+        max_in_flight=args.max_in_flight,
+        max_event_age=args.max_event_age,
     )
     logger = logging.getLogger("fleet.events")
     logger.setLevel(logging.INFO)
@@ -57,8 +63,9 @@ def main() -> int:
     for number in range(args.count):
         event_id = str(ULID())
         started = time.monotonic()
+        poisoned = args.poison_every and number % args.poison_every == 0
         logger.info(
-            "purchase",
+            "broken" if poisoned else "purchase",
             extra={
                 "cio": {
                     "customer_id": f"host-{os.getpid()}",

@@ -33,8 +33,9 @@ class TestFleetHandler:
     """The handler with queue_url: same API, the queue in the database."""
 
     def test_delivers_and_leaves_nothing_queued(
-        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, pg_url: str
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, fleet_url: str
     ) -> None:
+        pg_url = fleet_url  # straight to PostgreSQL, then through PgBouncer
         handler = make_handler(queue_url=pg_url, lease_seconds=3)
         logger = attach(handler)
         for number in range(30):
@@ -73,8 +74,9 @@ class TestFleetHandler:
             handler.close()
 
     def test_dead_letters_land_in_the_table(
-        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, pg_url: str
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, fleet_url: str
     ) -> None:
+        pg_url = fleet_url  # straight to PostgreSQL, then through PgBouncer
         simulator.poison_names.add("broken")
         handler = make_handler(queue_url=pg_url)
         logger = attach(handler)

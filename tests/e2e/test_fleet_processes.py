@@ -27,6 +27,7 @@ from ..pg_cluster import APP_PASSWORD, Cluster
 pytestmark = pytest.mark.postgres
 
 FLEET_APP = str(PROJECT_ROOT / "tests" / "apps" / "fleet_app.py")
+SKEWED_CLOCK = str(PROJECT_ROOT / "tests" / "apps" / "skewed_clock")
 CLI = [PYTHON, "-m", "cio_logging.cli"]
 
 
@@ -34,10 +35,20 @@ class Host:
     """One fleet_app.py process and what it printed so far."""
 
     def __init__(
-        self, sim: TrackAPISimulator, url: str, queue_dir: Path, count: int, *args: str
+        self,
+        sim: TrackAPISimulator,
+        url: str,
+        queue_dir: Path,
+        count: int,
+        *args: str,
+        clock_skew: float = 0.0,
     ) -> None:
         self.queue_dir = queue_dir
         env = child_environment(sim, queue_dir, CIO_LOGGING_QUEUE_URL=url)
+        if clock_skew:
+            # This host's wall clock is off (see tests/apps/skewed_clock).
+            env["PYTHONPATH"] = os.pathsep.join([SKEWED_CLOCK, env["PYTHONPATH"]])
+            env["CIO_TEST_CLOCK_SKEW"] = str(clock_skew)
         self.process = subprocess.Popen(
             [PYTHON, FLEET_APP, str(count), *args],
             env=env,
@@ -528,3 +539,209 @@ class TestForkedChildren:
         assert wait_for(lambda: simulator.accepted_ids() >= set(ids), 30), (
             f"missing {len(set(ids) - simulator.accepted_ids())}"
         )
+
+
+class TestThroughPgBouncer:
+    """Fleets reach PostgreSQL through PgBouncer in transaction pooling mode: server
+    sessions are shared between clients, so nothing may rely on session state (a
+    prepared statement, a SET) surviving from one transaction to the next."""
+
+    def test_three_apps_then_the_sender_killed_lose_nothing(
+        self,
+        simulator: TrackAPISimulator,
+        pg_bouncer: Any,
+        pg_url: str,
+        tmp_path: Path,
+        hosts: list[Host],
+    ) -> None:
+        url = pg_bouncer.url(pg_url.rsplit("/", 1)[1])
+        lease_seconds = 2.0
+        for number in range(3):
+            hosts.append(
+                Host(
+                    simulator,
+                    url,
+                    tmp_path / f"host{number}",
+                    400,
+                    "--pause",
+                    "0.005",
+                    "--lease",
+                    str(lease_seconds),
+                )
+            )
+        sender = _sender(pg_url, hosts)
+        assert wait_for(lambda: len(simulator.accepted) >= 100, 60), "\n".join(
+            line for host in hosts for line in host.errors[-5:]
+        )
+        killed_ids = set(sender.ids)
+        sender.kill()
+        survivors = [host for host in hosts if host is not sender]
+        assert wait_for(lambda: all(host.done for host in survivors), 60)
+        expected = killed_ids | {i for host in survivors for i in host.ids}
+        assert wait_for(lambda: expected <= simulator.accepted_ids(), 60), (
+            f"{len(expected - simulator.accepted_ids())} of {len(expected)} events lost; "
+            + "\n".join(line for host in hosts for line in host.errors[-5:])
+        )
+        for host in survivors:
+            assert host.finish() == 0
+        errors = "\n".join(line for host in survivors for line in host.errors)
+        assert "prepared statement" not in errors, errors[-3000:]
+        assert "Traceback" not in errors, errors[-3000:]
+
+
+# A record of every write to the dead letters and the sender state, with who wrote it
+# (application_name is "cio_logging pid N") and who held the lease at that moment.
+_AUDIT = """
+CREATE TABLE cio_audit (
+    tbl text, op text, at timestamptz DEFAULT clock_timestamp(), app text,
+    holder_pid int, holder_term bigint, row_id text, state_pid int
+);
+CREATE FUNCTION cio_audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO cio_audit (tbl, op, app, holder_pid, holder_term, row_id, state_pid)
+    SELECT TG_TABLE_NAME, TG_OP, current_setting('application_name'), l.pid, l.term,
+           to_jsonb(NEW) ->> 'id', (to_jsonb(NEW) -> 'state' ->> 'pid')::int
+    FROM (SELECT 1) AS one LEFT JOIN cio_lease AS l ON l.workspace = NEW.workspace;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE ON cio_dead_letter
+    FOR EACH ROW EXECUTE FUNCTION cio_audit_write();
+CREATE TRIGGER audit AFTER INSERT OR UPDATE ON cio_sender_state
+    FOR EACH ROW EXECUTE FUNCTION cio_audit_write();
+"""
+
+
+class TestFencedWrites:
+    """A sender paused past its lease (SIGSTOP), a takeover, then SIGCONT: whatever it
+    still had in hand (answers to requests in flight, with rejections to dead-letter,
+    its state to record) is refused by the term, and it stops. Every write to the dead
+    letters and the sender state comes from the lease's holder of that moment, and no
+    event is both delivered and dead-lettered."""
+
+    def test_a_stale_sender_writes_nothing(
+        self, simulator: TrackAPISimulator, fleet_url: str, tmp_path: Path, hosts: list[Host]
+    ) -> None:
+        from cio_logging.store.postgres import Database
+
+        database = Database(fleet_url)
+        database.check()  # the schema, for the audit triggers
+        database.close()
+        with psycopg.connect(fleet_url, autocommit=True, prepare_threshold=None) as conn:
+            conn.execute(_AUDIT)
+        simulator.poison_names.add("broken")
+        simulator.set_latency(1.0)  # requests in flight when the sender is stopped
+        lease_seconds = 2.0
+        for number in range(2):
+            hosts.append(
+                Host(
+                    simulator,
+                    fleet_url,
+                    tmp_path / f"host{number}",
+                    300,
+                    "--pause",
+                    "0.005",
+                    "--lease",
+                    str(lease_seconds),
+                    "--poison-every",
+                    "3",
+                    "--batch-size",
+                    "20",
+                )
+            )
+        sender = _sender(fleet_url, hosts)
+        other = next(host for host in hosts if host is not sender)
+        assert wait_for(lambda: len(simulator.accepted) >= 40, 60)
+        os.kill(sender.pid, signal.SIGSTOP)
+        try:
+
+            def moved() -> bool:
+                current = lease(fleet_url)
+                return current is not None and current[1] == other.pid and current[2]
+
+            assert wait_for(moved, lease_seconds + 15)
+            # The new sender works (sends, writes dead letters and its state) meanwhile.
+            sent = len(simulator.accepted)
+            assert wait_for(lambda: len(simulator.accepted) >= sent + 20, 30)
+        finally:
+            os.kill(sender.pid, signal.SIGCONT)
+        assert wait_for(lambda: sender.done and other.done, 60)
+        printed = set(sender.ids) | set(other.ids)
+        assert len(printed) == 600
+        assert wait_for(lambda: _queue_rows(fleet_url) == 0, 90)
+        with psycopg.connect(fleet_url, prepare_threshold=None) as conn:
+            audit = conn.execute(
+                "SELECT tbl, op, app, holder_pid, holder_term, row_id, state_pid"
+                " FROM cio_audit ORDER BY at"
+            ).fetchall()
+            dead = {key for (key,) in conn.execute("SELECT id FROM cio_dead_letter").fetchall()}
+        # Every write by the lease's holder of that moment: the sender state names its
+        # writer; connections name their process (application_name "cio_logging pid N").
+        stale = [
+            row
+            for row in audit
+            if (row[6] is not None and row[6] != row[3])
+            or (row[2].startswith("cio_logging pid ") and row[2] != f"cio_logging pid {row[3]}")
+        ]
+        assert stale == [], f"{len(stale)} write(s) by a process not holding the lease: {stale[:5]}"
+        # Each dead letter written once: a stale sender's answers are the new sender's
+        # rows too, which it dead-letters (or delivers) itself.
+        rewritten = [row for row in audit if row[0] == "cio_dead_letter" and row[1] == "UPDATE"]
+        assert rewritten == [], f"{len(rewritten)} dead letter(s) written twice"
+        both = dead & simulator.accepted_ids()
+        assert both == set(), f"{len(both)} event(s) delivered and dead-lettered"
+        assert printed <= dead | simulator.accepted_ids()
+        assert sender.finish() == 0
+        assert other.finish() == 0
+
+
+class TestClocksThatDisagree:
+    """One clock for a fleet: the database's. Three hosts whose wall clocks are five
+    minutes fast, five minutes slow and right; the sender is killed halfway, so hosts of
+    two different clocks send. Nothing waits for a clock to catch up (a due time five
+    minutes ahead), and nothing ages early (max_event_age of two minutes against a
+    clock five minutes behind): every event is delivered, none dead-lettered."""
+
+    def test_opposite_skews_delay_and_lose_nothing(
+        self, simulator: TrackAPISimulator, pg_url: str, tmp_path: Path, hosts: list[Host]
+    ) -> None:
+        lease_seconds = 2.0
+        for number, skew in enumerate([300.0, -300.0, 0.0]):
+            hosts.append(
+                Host(
+                    simulator,
+                    pg_url,
+                    tmp_path / f"host{number}",
+                    150,
+                    "--pause",
+                    "0.01",
+                    "--lease",
+                    str(lease_seconds),
+                    "--max-event-age",
+                    "120",
+                    clock_skew=skew,
+                )
+            )
+        first = _sender(pg_url, hosts)
+        assert wait_for(lambda: len(simulator.accepted) >= 60, 60)
+        term = lease(pg_url)
+        assert term is not None
+        first.kill()
+        survivors = [host for host in hosts if host is not first]
+
+        def taken_over() -> bool:
+            current = lease(pg_url)
+            return current is not None and current[0] > term[0] and current[2]
+
+        assert wait_for(taken_over, lease_seconds + 15)
+        assert wait_for(lambda: all(host.done for host in survivors), 60)
+        printed = set(first.ids) | {i for host in survivors for i in host.ids}
+        # Well within the five minutes a host's clock is off by (a due time on the
+        # sender's clock would wait that long, or past max_event_age).
+        assert wait_for(lambda: printed <= simulator.accepted_ids(), 90), (
+            f"{len(printed - simulator.accepted_ids())} of {len(printed)} not delivered"
+        )
+        with psycopg.connect(pg_url) as conn:
+            (dead,) = conn.execute("SELECT count(*) FROM cio_dead_letter").fetchall()[0]
+        assert dead == 0
+        for host in survivors:
+            assert host.finish() == 0

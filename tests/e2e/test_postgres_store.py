@@ -24,7 +24,7 @@ from cio_logging.store.postgres import (
 )
 
 from ..helpers import make_event
-from ..pg_cluster import APP_PASSWORD, Cluster
+from ..pg_cluster import APP_PASSWORD, Bouncer, Cluster
 
 pytestmark = pytest.mark.postgres
 
@@ -65,6 +65,7 @@ class TestSchema:
             "cio_dead_letter",
             "cio_lease",
             "cio_sender_state",
+            "cio_spill",
         }
         columns = dict(_columns(pg_url, "cio_dead_letter"))
         for name in ("event", "customer_id", "data", "error", "attempts", "created_at"):
@@ -309,3 +310,32 @@ class TestTLSOptions:
         assert "ssl" in text.lower() or "root certificate" in text.lower(), text
         assert APP_PASSWORD not in text
         demanding.close()
+
+
+class TestThroughAPooler:
+    """PgBouncer in transaction mode hands a server session to one client after another:
+    the store leaves nothing in it for the next (no prepared statement, no setting)."""
+
+    def test_nothing_is_left_in_the_session(
+        self, one_session_bouncer: Bouncer, pg_url: str, tmp_path: Path
+    ) -> None:
+        dbname = pg_url.rsplit("/", 1)[1]
+        database = Database(one_session_bouncer.url(dbname))
+        log = PostgresLog(database, _workspace(), WriteAheadLog(tmp_path / "spill"))
+        events = [make_event(n) for n in range(12)]
+        for event in events:  # the same statements, again and again (psycopg prepares
+            log.append(event)  # a statement after five by default)
+            log.read_due(5)
+        log.remove([event.id for event in events[:6]])  # a transaction
+        assert len(log) == 6
+        with psycopg.connect(
+            one_session_bouncer.url(dbname), autocommit=True, prepare_threshold=None
+        ) as other:
+            settings = other.execute(
+                "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+            ).fetchall()
+            (prepared,) = other.execute("SELECT count(*) FROM pg_prepared_statements").fetchall()[0]
+        assert settings == [("0", "0")]
+        assert prepared == 0
+        log.close()
+        database.close()

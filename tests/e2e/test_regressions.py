@@ -307,7 +307,8 @@ def test_replay_stops_at_once_on_a_tls_failure(
     """It retried silently at the rate cap until its timeout."""
     store = DeadLetterStore(queue_dir / "dead")
     WriteAheadLog(queue_dir / "wal")
-    handler = CustomerIOHandler("s", "k", queue_dir=queue_dir)
+    # The queue directory is the replaying site's (a directory belongs to one workspace).
+    handler = CustomerIOHandler(simulator.site_id, "k", queue_dir=queue_dir)
     record = attach(handler).makeRecord(
         "r", logging.INFO, "f", 1, "purchase", (), None, extra=cio_event("u1")
     )

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from cio_logging import cio_event
+from cio_logging import cio_event, cio_group, cio_merge, cio_screen
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.testing import CioSimulator, capture_cio_events
 
-from ..helpers import PROJECT_ROOT, HandlerFactory
+from ..helpers import APIS, PROJECT_ROOT, HandlerFactory
 
 pytest_plugins = ["pytester"]
 
@@ -22,6 +22,13 @@ EXAMPLE = PROJECT_ROOT / "examples" / "testing"
 
 #: An ini file as strict as the project's own: any warning fails the inner session.
 STRICT_INI = "[pytest]\nfilterwarnings = error\naddopts = --strict-markers -p no:cacheprovider\n"
+
+
+class _RaisingTag(dict[str, object]):
+    """A tag whose lookups raise, as a lazy object might."""
+
+    def get(self, key: str, default: object = None) -> object:
+        raise RuntimeError("secret")
 
 
 def fresh_logger() -> logging.Logger:
@@ -64,6 +71,29 @@ class TestCaptureCioEvents:
         assert [r.shape for r in captured.refusals] == [None, None, "args", "rendered"]
         assert "Out of range float" in captured.refusals[0].reason
         assert captured.refusals[0].record.getMessage() == "bad"
+
+    @pytest.mark.parametrize("api", APIS)
+    def test_agrees_with_the_handler_on_what_each_api_carries(
+        self, make_handler: HandlerFactory, simulator: TrackAPISimulator, api: str
+    ) -> None:
+        """What one API carries the other refuses (a merge, a group, a large screen
+        view), and a record whose tag raises while read: the same refusals, by rule."""
+        logger = fresh_logger()
+        handler = make_handler()
+        logger.addHandler(handler)
+        with capture_cio_events(logger, api=api) as captured:
+            logger.info("merged", extra=cio_merge("user-1", "user-2"))
+            logger.info("joined", extra=cio_group("user-1", "acme"))
+            logger.info("feed", extra=cio_screen("user-1", blob="x" * 40_000))
+            logger.info("late", extra={"cio": _RaisingTag()})
+            logger.info("fine", extra=cio_event("user-1"))
+        handler.flush()
+        assert sorted(captured.names) == sorted(e.name for e in simulator.accepted)
+        refused = handler.status()["refused"]
+        assert len(captured.refusals) == sum(refused.values()) == 3
+        assert refused["unreadable_record"] == 1
+        assert refused["unsupported_call"] == 1
+        assert "secret" not in " ".join(refusal.reason for refusal in captured.refusals)
 
     def test_the_event_is_the_one_the_handler_would_queue(self) -> None:
         logger = fresh_logger()

@@ -1,5 +1,14 @@
 -- Every statement of the PostgreSQL store, each under "-- name: NAME", used by name
 -- (cio_logging/store/postgres.py). Parameters are psycopg's %(name)s.
+--
+-- One clock for the fleet: due times, logging times and lease expiries are stored on
+-- the database's clock. A time a host computed arrives with %(shift)s, the database's
+-- clock minus that host's (measured by Database.clock_shift), and is moved by it; a
+-- time read back is moved the other way. So hosts whose clocks disagree by minutes
+-- neither delay nor age each other's rows.
+--
+-- Nothing here leaves state in the session (PgBouncer in transaction mode may hand it
+-- to another client next): locks and settings are transaction-scoped.
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM cio_schema_version;
@@ -21,29 +30,52 @@ INSERT INTO cio_schema_version (version) VALUES (%(version)s) ON CONFLICT DO NOT
 -- name: ping
 SELECT 1;
 
+-- name: limit_transaction
+-- The server stops this transaction's statements past the client's deadline too;
+-- SET LOCAL ends with the transaction, so no pooled session keeps it.
+SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout', %(ms)s, true);
+
+-- name: clock
+-- The database's clock (Database.clock_shift brackets it with this host's).
+SELECT extract(epoch FROM clock_timestamp())::float8;
+
 -- name: insert_rows
-INSERT INTO cio_queue (workspace, id, event, due_at, logged_at, body, person)
-SELECT %(workspace)s, r.id, r.event, r.due_at, r.logged_at, r.body, r.person
-FROM unnest(%(ids)s::text[], %(events)s::text[], %(due)s::float8[], %(logged)s::float8[],
-            %(bodies)s::text[], %(persons)s::text[])
-     AS r(id, event, due_at, logged_at, body, person)
-ON CONFLICT (workspace, id) DO NOTHING
-RETURNING seq;
+-- The largest position given (0 when every id was already queued). A row due now is
+-- due at this statement's time: rows come due in commit order (a clock offset measured
+-- at each statement varies by its round trip, and would reorder rows logged within it).
+WITH inserted AS (
+    INSERT INTO cio_queue (workspace, id, event, due_at, logged_at, body, person)
+    SELECT %(workspace)s, r.id, r.event,
+           CASE WHEN r.due_at <= %(host_now)s::float8 THEN c.now ELSE r.due_at + %(shift)s::float8 END,
+           r.logged_at + %(shift)s::float8, r.body, r.person
+    FROM unnest(%(ids)s::text[], %(events)s::text[], %(due)s::float8[], %(logged)s::float8[],
+                %(bodies)s::text[], %(persons)s::text[])
+         AS r(id, event, due_at, logged_at, body, person),
+         (SELECT extract(epoch FROM statement_timestamp())::float8 AS now) AS c
+    ON CONFLICT (workspace, id) DO NOTHING
+    RETURNING seq
+)
+SELECT coalesce(max(seq), 0) FROM inserted;
 
 -- name: read_due
-SELECT id, due_at, body, seq FROM cio_queue
-WHERE workspace = %(workspace)s AND due_at <= %(now)s
+-- due_at as stored (the cursor of the next read) and on the reader's clock.
+SELECT id, due_at, body, seq, due_at - %(shift)s::float8, logged_at - %(shift)s::float8
+FROM cio_queue
+WHERE workspace = %(workspace)s AND due_at <= %(now)s::float8 + %(shift)s::float8
 ORDER BY due_at, seq LIMIT %(limit)s;
 
 -- name: read_due_after
-SELECT id, due_at, body, seq FROM cio_queue
-WHERE workspace = %(workspace)s AND due_at <= %(now)s AND (due_at, seq) > (%(due)s, %(seq)s)
+SELECT id, due_at, body, seq, due_at - %(shift)s::float8, logged_at - %(shift)s::float8
+FROM cio_queue
+WHERE workspace = %(workspace)s AND due_at <= %(now)s::float8 + %(shift)s::float8
+  AND (due_at, seq) > (%(due)s, %(seq)s)
 ORDER BY due_at, seq LIMIT %(limit)s;
 
 -- The rows of these people up to a position, in commit order: the sender sends a
 -- person's call only once every earlier one is accounted for (see worker.py).
 -- name: earlier_rows
-SELECT person, seq, due_at, id FROM cio_queue
+SELECT person, seq, due_at - %(shift)s::float8, id
+FROM cio_queue
 WHERE workspace = %(workspace)s AND person = ANY(%(people)s) AND seq <= %(through)s
 ORDER BY seq;
 
@@ -57,40 +89,47 @@ DELETE FROM cio_queue WHERE workspace = %(workspace)s AND id = ANY(%(ids)s);
 
 -- name: record_failure
 UPDATE cio_queue AS q
-SET due_at = r.due_at, body = r.body, attempts = r.attempts,
+SET due_at = r.due_at + %(shift)s::float8, body = r.body, attempts = r.attempts,
     first_failure_at = r.first_failure_at, last_error = %(error)s
 FROM unnest(%(ids)s::text[], %(due)s::float8[], %(bodies)s::text[], %(attempts)s::int[],
             %(first)s::float8[]) AS r(id, due_at, body, attempts, first_failure_at)
 WHERE q.workspace = %(workspace)s AND q.id = r.id;
 
 -- name: get_row
-SELECT id, due_at, body, seq FROM cio_queue WHERE workspace = %(workspace)s AND id = %(id)s;
+SELECT id, due_at - %(shift)s::float8, body, seq, logged_at - %(shift)s::float8
+FROM cio_queue
+WHERE workspace = %(workspace)s AND id = %(id)s;
 
 -- name: count_rows
 SELECT count(*) FROM cio_queue WHERE workspace = %(workspace)s;
 
 -- name: queue_summary
-SELECT count(*), min(logged_at) FROM cio_queue WHERE workspace = %(workspace)s;
+-- How many rows wait, and when the oldest was logged (on the reader's clock).
+SELECT count(*), min(logged_at) - %(shift)s::float8
+FROM cio_queue
+WHERE workspace = %(workspace)s;
 
 -- name: oldest_logged_at
-SELECT min(logged_at) FROM cio_queue WHERE workspace = %(workspace)s;
+SELECT min(logged_at) - %(shift)s::float8
+FROM cio_queue
+WHERE workspace = %(workspace)s;
 
 -- name: sendable_through
+-- A row at or before a position still waiting that can go now (due, or never tried,
+-- or due further ahead than any retry: not of this clock).
 SELECT 1 FROM cio_queue
 WHERE workspace = %(workspace)s AND seq <= %(seq)s
-  AND (due_at <= %(now)s OR due_at > %(horizon)s OR last_error IS NULL)
+  AND (due_at <= extract(epoch FROM statement_timestamp())
+       OR due_at > extract(epoch FROM statement_timestamp()) + %(horizon)s
+       OR last_error IS NULL)
 LIMIT 1;
 
--- name: shift_later_due
-UPDATE cio_queue SET due_at = due_at + %(step)s WHERE workspace = %(workspace)s AND due_at > %(now)s;
-
--- name: shift_waiting_retries
-UPDATE cio_queue SET due_at = due_at + %(step)s
-WHERE workspace = %(workspace)s AND due_at > %(low)s AND due_at <= %(high)s
-  AND last_error IS NOT NULL;
-
 -- name: due_now_if_after
-UPDATE cio_queue SET due_at = %(now)s WHERE workspace = %(workspace)s AND due_at > %(horizon)s;
+-- Rows due further ahead than any retry the sender schedules were not scheduled on
+-- this clock (an earlier version wrote hosts' own clocks): they are due now.
+UPDATE cio_queue SET due_at = extract(epoch FROM statement_timestamp())
+WHERE workspace = %(workspace)s
+  AND due_at > extract(epoch FROM statement_timestamp()) + %(horizon)s;
 
 -- name: lease_for_share
 -- Held until the transaction ends: a takeover (an UPDATE of this row) waits for the
@@ -119,37 +158,58 @@ UPDATE cio_lease SET expires_at = now()
 WHERE workspace = %(workspace)s AND holder = %(holder)s AND term = %(term)s;
 
 -- name: read_lease
-SELECT term, host, pid, extract(epoch FROM since), extract(epoch FROM expires_at),
+-- Times on the reader's clock.
+SELECT term, host, pid,
+       extract(epoch FROM since)::float8 - %(shift)s::float8,
+       extract(epoch FROM expires_at)::float8 - %(shift)s::float8,
        expires_at > now()
-FROM cio_lease WHERE workspace = %(workspace)s;
+FROM cio_lease
+WHERE workspace = %(workspace)s;
 
 -- name: write_sender_state
+-- Fenced: written only while the writer's term is the lease's (a sender paused past
+-- its lease writes nothing once another took over). The state's times are on the
+-- writer's clock; clock_offset (database minus writer) lets a reader move them.
 INSERT INTO cio_sender_state AS s (workspace, term, state, updated_at)
-VALUES (%(workspace)s, %(term)s, %(state)s, now())
+SELECT %(workspace)s, %(term)s,
+       %(state)s::jsonb || jsonb_build_object('clock_offset', %(shift)s::float8),
+       now()
+FROM cio_lease AS l
+WHERE l.workspace = %(workspace)s AND l.term = %(term)s AND l.holder = %(holder)s
+FOR SHARE OF l
 ON CONFLICT (workspace) DO UPDATE
-SET term = excluded.term, state = excluded.state, updated_at = now()
-WHERE s.term <= excluded.term;
+SET term = excluded.term, state = excluded.state, updated_at = excluded.updated_at
+WHERE s.term <= excluded.term
+RETURNING 1;
 
 -- name: read_sender_state
-SELECT state, extract(epoch FROM updated_at) FROM cio_sender_state
+-- The state, and when it was written (on the reader's clock).
+SELECT state, extract(epoch FROM updated_at)::float8 - %(shift)s::float8
+FROM cio_sender_state
 WHERE workspace = %(workspace)s;
 
 -- name: add_dead_letter
 INSERT INTO cio_dead_letter AS d (workspace, id, event, customer_id, anonymous_id, data, error,
-                                  error_type, status, attempts, last_failure_at, entry)
+                                  error_type, status, attempts, last_failure_at, entry,
+                                  entry_text)
 VALUES (%(workspace)s, %(id)s, %(event)s, %(customer_id)s, %(anonymous_id)s, %(data)s,
-        %(error)s, %(error_type)s, %(status)s, %(attempts)s, %(last_failure_at)s, %(entry)s)
+        %(error)s, %(error_type)s, %(status)s, %(attempts)s, %(last_failure_at)s, %(entry)s,
+        %(entry_text)s)
 ON CONFLICT (workspace, id) DO UPDATE
 SET event = excluded.event, customer_id = excluded.customer_id,
     anonymous_id = excluded.anonymous_id, data = excluded.data, error = excluded.error,
     error_type = excluded.error_type, status = excluded.status, attempts = excluded.attempts,
-    last_failure_at = excluded.last_failure_at, entry = excluded.entry;
+    last_failure_at = excluded.last_failure_at, entry = excluded.entry,
+    entry_text = excluded.entry_text;
 
 -- name: get_dead_letter
-SELECT entry::text FROM cio_dead_letter WHERE workspace = %(workspace)s AND id = %(id)s;
+-- entry_text holds the exact entry when jsonb could not (a NUL character).
+SELECT coalesce(entry_text, entry::text) FROM cio_dead_letter
+WHERE workspace = %(workspace)s AND id = %(id)s;
 
 -- name: all_dead_letters
-SELECT id, entry::text FROM cio_dead_letter WHERE workspace = %(workspace)s ORDER BY id;
+SELECT id, coalesce(entry_text, entry::text) FROM cio_dead_letter
+WHERE workspace = %(workspace)s ORDER BY id;
 
 -- name: delete_dead_letters
 DELETE FROM cio_dead_letter WHERE workspace = %(workspace)s AND id = ANY(%(ids)s);
@@ -163,3 +223,21 @@ WHERE workspace = %(workspace)s GROUP BY 1;
 
 -- name: count_dead_letters_by_reason
 SELECT error_type, count(*) FROM cio_dead_letter WHERE workspace = %(workspace)s GROUP BY 1;
+
+-- name: report_spill
+-- What a host's local spill holds (0 once moved), for status on any host.
+INSERT INTO cio_spill AS s (workspace, host, directory, rows, oldest_logged_at, updated_at)
+VALUES (%(workspace)s, %(host)s, %(directory)s, %(rows)s,
+        %(oldest)s::float8 + %(shift)s::float8,
+        now())
+ON CONFLICT (workspace, host, directory) DO UPDATE
+SET rows = excluded.rows, oldest_logged_at = excluded.oldest_logged_at,
+    updated_at = excluded.updated_at;
+
+-- name: spills
+-- Every host's spill that held rows when last reported; times on the reader's clock.
+SELECT host, directory, rows, oldest_logged_at - %(shift)s::float8,
+       extract(epoch FROM updated_at)::float8 - %(shift)s::float8
+FROM cio_spill
+WHERE workspace = %(workspace)s AND rows > 0
+ORDER BY host, directory;
