@@ -120,8 +120,7 @@ class WriteAheadLog:
 
     def _open(self, cache: diskcache.Cache) -> None:
         """Start using ``cache``; remember which file it is, and keep a connection to it."""
-        _add_person_column(cache)
-        cache._sql(_CREATE_COUNTS)
+        _upgrade_schema(cache)
         self._cache = cache
         self._identity = database_identity(self.directory)
         self._identity_checked_at = time.monotonic()
@@ -557,13 +556,19 @@ class WriteAheadLog:
                 self._anchor = None
 
 
-def _add_person_column(cache: diskcache.Cache) -> None:
-    """Give a log the ``person`` column and its index, once (a log of an earlier
-    version: its waiting rows get their person from their text)."""
+def _upgrade_schema(cache: diskcache.Cache) -> None:
+    """Give a log what this version adds to diskcache's schema, once: the ``person``
+    column and its index (a log of an earlier version: its waiting rows get their
+    person from their text), and the table of the queue's counts."""
     sql = cache._sql
     columns = {row[1] for row in sql("PRAGMA table_info(Cache)").fetchall()}
-    indexed = sql("SELECT 1 FROM sqlite_master WHERE name = 'Cache_person'").fetchall()
-    if "person" in columns and indexed:
+    present = {
+        row[0]
+        for row in sql(
+            "SELECT name FROM sqlite_master WHERE name IN ('Cache_person', 'cio_counts')"
+        ).fetchall()
+    }
+    if "person" in columns and present == {"Cache_person", "cio_counts"}:
         return  # every open but the first
     if "person" not in columns:
         try:
@@ -574,6 +579,7 @@ def _add_person_column(cache: diskcache.Cache) -> None:
             if "duplicate column" not in str(exc):  # another process added it first
                 raise
     sql("CREATE INDEX IF NOT EXISTS Cache_person ON Cache(person)")
+    sql(_CREATE_COUNTS)
     # The schema change lives in SQLite's -wal file until a checkpoint, and so does the
     # database's first page: write it back now, so the file on disk is the whole truth
     # (damage to it is then seen at once, not masked until a checkpoint long after).
