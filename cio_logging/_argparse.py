@@ -45,8 +45,9 @@ def _plainer(message: str) -> str:
     """argparse's wording for a missing or unknown command, said plainly."""
     unknown = _CHOICES.match(message)
     if unknown:
-        return f"unknown command {unknown.group(2)} (choose from {unknown.group(1)})"
+        choices = unknown.group(1).replace(",", ", ")
+        return f"unknown command {unknown.group(2)} (choose from {choices})"
     missing = _REQUIRED.match(message)
     if missing:
-        return f"a command is required (one of {missing.group(1)})"
+        return f"a command is required (one of {missing.group(1).replace(',', ', ')})"
     return message

@@ -738,6 +738,10 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         ("queue directory", status.queue_dir),
         ("queued", f"{status.queued}{oldest}"),
         ("dead letters", str(status.dead_letters)),
+    ]
+    if status.delivered_total is not None:  # counted by the queue itself: always current
+        rows.append(("delivered", f"{status.delivered_total} from this directory, by any process"))
+    rows += [
         (
             "disk",
             f"queue {_size(status.queue_bytes)}, directory {_size(status.disk_bytes)}, "
@@ -752,10 +756,11 @@ def _run_status(args: argparse.Namespace, out: _Output) -> int:
         counters = status.counters
         rows.append(
             (
-                "counters",
-                f"delivered {counters.get('delivered', 0)}, dead-lettered "
+                "last recorded",
+                f"by pid {status.recorded_by_pid} {_age(status.recorded_age_seconds)} ago, "
+                f"since it started: delivered {counters.get('delivered', 0)}, dead-lettered "
                 f"{counters.get('dead_lettered', 0)}, requests {counters.get('requests', 0)} "
-                f"({counters.get('failed_requests', 0)} failed), by pid {status.recorded_by_pid}",
+                f"({counters.get('failed_requests', 0)} failed)",
             )
         )
     for label, value in rows:

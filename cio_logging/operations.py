@@ -358,6 +358,10 @@ class QueueStatus:
     oldest_logged_at: str | None
     oldest_age_seconds: float | None
     dead_letters: int
+    # Read from the queue itself (counted with each acknowledgement): events delivered
+    # from this directory by every process since it was created; None for a queue
+    # written before it was counted.
+    delivered_total: int | None
     queue_bytes: int  # what the shedding limits compare with (SQLite pages of wal/)
     disk_bytes: int  # every file in the directory
     disk_free_bytes: int  # on the file system that holds it
@@ -393,12 +397,14 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
     moment = time.time() if now is None else now
     queued = queue_bytes = dead_letters = 0
     oldest: float | None = None
+    delivered: int | None = None
     if (queue_dir / WAL_DIR).is_dir():
         # fsync=None: keep the application's durability setting; read, never change.
         wal = WriteAheadLog(queue_dir / WAL_DIR, fsync=None)
         try:
             queued, queue_bytes = len(wal), wal.volume()
             oldest = wal.oldest_logged_at()
+            delivered = wal.delivered_total()
         finally:
             wal.close()
     if (queue_dir / DEAD_DIR).is_dir():
@@ -422,6 +428,7 @@ def queue_status(queue_dir: Path, now: float | None = None) -> QueueStatus:
         oldest_logged_at=iso_time(oldest),
         oldest_age_seconds=None if oldest is None else round(max(0.0, moment - oldest), 3),
         dead_letters=dead_letters,
+        delivered_total=delivered,
         queue_bytes=queue_bytes,
         disk_bytes=_directory_bytes(queue_dir),
         disk_free_bytes=shutil.disk_usage(queue_dir).free,

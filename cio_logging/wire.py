@@ -67,8 +67,6 @@ BATCH_FRAME_BYTES = len(BATCH_OPEN) + len(BATCH_CLOSE)
 #: The routes a call can take (the names the telemetry and the simulator use).
 V2_BATCH, V1, V1_ANONYMOUS = "v2_batch", "v1", "v1_anonymous"
 PIPELINES_BATCH, PIPELINES_ALIAS = "pipelines_batch", "pipelines_alias"
-#: The routes that carry many calls in one request.
-BATCH_ROUTES = frozenset({V2_BATCH, PIPELINES_BATCH})
 
 #: The semantic events (a Pipelines ``track`` with a reserved name) calls become.
 SEMANTIC_EVENTS = {
@@ -93,13 +91,6 @@ def batch_body_size(item_sizes: Iterable[int]) -> int:
     return BATCH_FRAME_BYTES + sum(sizes) + max(0, len(sizes) - 1)
 
 
-def fits_in_request(body_bytes: int, item_bytes: int, items: int) -> bool:
-    """Whether an item of ``item_bytes`` joins a batch body of ``body_bytes`` (holding
-    ``items`` items already; 0: an empty ``{"batch":[]}``) and the body stays under
-    :data:`REQUEST_BYTES_LIMIT`."""
-    return body_bytes + item_bytes + (1 if items else 0) < REQUEST_BYTES_LIMIT
-
-
 # -- routes -------------------------------------------------------------------------------
 
 # The v1 type of the calls v1 carries (an event has none).
@@ -116,8 +107,9 @@ _NOT_ON = {
         "destinations such as Mixpanel): send merges through the Track API",
         ADD_RELATIONSHIPS: "the Pipelines API relates a person to an object with a group "
         "call: use cio_group",
-        DELETE_RELATIONSHIPS: "the Pipelines API has no call that removes relationships: "
-        "send it through the Track API",
+        DELETE_RELATIONSHIPS: "on the Pipelines API a relationship is removed by a "
+        "'Relationship Deleted' event for one object at a time, which this library does not "
+        "send: send it through the Track API",
     },
 }
 # Calls that name a known person on each API (the rest also take an anonymous one).

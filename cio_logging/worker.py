@@ -826,7 +826,10 @@ class DeliveryWorker:
             self._dead_letter(queued.key, queued.event, rejection, queued, remove=False)
         # Dead letters are written before the log entries are removed: a crash in
         # between leaves an event in both places, never in neither.
-        self._wal.remove([q.key for q in report.accepted] + [q.key for q, _ in report.rejected])
+        self._wal.remove(
+            [q.key for q in report.accepted] + [q.key for q, _ in report.rejected],
+            delivered=len(report.accepted),
+        )
         self.stats.delivered += len(report.accepted)
         if self._telemetry is not None and report.accepted:
             essentials = self._settings.essential_events

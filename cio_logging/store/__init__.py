@@ -99,8 +99,12 @@ class EventLog(Protocol):
     def person_counts(self, people: Collection[str], through: int) -> dict[str, int]:
         """How many waiting rows each of ``people`` has at or before ``through``."""
 
-    def remove(self, keys: Iterable[str]) -> None:
-        """Acknowledge: delete delivered (or dead-lettered) events."""
+    def remove(self, keys: Iterable[str], *, delivered: int = 0) -> None:
+        """Acknowledge: delete delivered (or dead-lettered) events; ``delivered`` of them
+        were accepted by Customer.io, and are counted with the deletion."""
+
+    def delivered_total(self) -> int | None:
+        """Events delivered from this queue since it was created (None: not counted)."""
 
     def record_failure(
         self,

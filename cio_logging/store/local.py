@@ -120,7 +120,7 @@ class WriteAheadLog:
 
     def _open(self, cache: diskcache.Cache) -> None:
         """Start using ``cache``; remember which file it is, and keep a connection to it."""
-        _add_person_column(cache)
+        _upgrade_schema(cache)
         self._cache = cache
         self._identity = database_identity(self.directory)
         self._identity_checked_at = time.monotonic()
@@ -305,8 +305,13 @@ class WriteAheadLog:
         return counts
 
     @sqlite_section
-    def remove(self, keys: Iterable[str]) -> None:
-        """Delete delivered (or dead-lettered) events, in one transaction."""
+    def remove(self, keys: Iterable[str], *, delivered: int = 0) -> None:
+        """Delete delivered (or dead-lettered) events, in one transaction.
+
+        ``delivered``: how many of them Customer.io accepted; added to the queue's count
+        of delivered events in the same transaction, so the count is exact whatever
+        happens to the process after (see :meth:`delivered_total`).
+        """
         doomed = list(keys)
         if not doomed:
             return
@@ -318,6 +323,14 @@ class WriteAheadLog:
             for start in range(0, len(doomed), _KEYS_PER_STATEMENT):
                 chunk = doomed[start : start + _KEYS_PER_STATEMENT]
                 connection.execute(_delete_keys_sql(len(chunk)), chunk)
+            if delivered:
+                connection.execute(_COUNT_DELIVERED, (delivered,))
+
+    @sqlite_section
+    def delivered_total(self) -> int | None:
+        """Events delivered from this queue, by every process, since it was created."""
+        rows = self._cache._sql(_READ_DELIVERED).fetchall()
+        return int(rows[0][0]) if rows else 0
 
     @sqlite_section
     def record_failure(
@@ -543,13 +556,19 @@ class WriteAheadLog:
                 self._anchor = None
 
 
-def _add_person_column(cache: diskcache.Cache) -> None:
-    """Give a log the ``person`` column and its index, once (a log of an earlier
-    version: its waiting rows get their person from their text)."""
+def _upgrade_schema(cache: diskcache.Cache) -> None:
+    """Give a log what this version adds to diskcache's schema, once: the ``person``
+    column and its index (a log of an earlier version: its waiting rows get their
+    person from their text), and the table of the queue's counts."""
     sql = cache._sql
     columns = {row[1] for row in sql("PRAGMA table_info(Cache)").fetchall()}
-    indexed = sql("SELECT 1 FROM sqlite_master WHERE name = 'Cache_person'").fetchall()
-    if "person" in columns and indexed:
+    present = {
+        row[0]
+        for row in sql(
+            "SELECT name FROM sqlite_master WHERE name IN ('Cache_person', 'cio_counts')"
+        ).fetchall()
+    }
+    if "person" in columns and present == {"Cache_person", "cio_counts"}:
         return  # every open but the first
     if "person" not in columns:
         try:
@@ -560,6 +579,7 @@ def _add_person_column(cache: diskcache.Cache) -> None:
             if "duplicate column" not in str(exc):  # another process added it first
                 raise
     sql("CREATE INDEX IF NOT EXISTS Cache_person ON Cache(person)")
+    sql(_CREATE_COUNTS)
     # The schema change lives in SQLite's -wal file until a checkpoint, and so does the
     # database's first page: write it back now, so the file on disk is the whole truth
     # (damage to it is then seen at once, not masked until a checkpoint long after).
@@ -608,6 +628,16 @@ def _flatten(rows: Sequence[Row]) -> list[object]:
 # SQLite takes at most 999 parameters in older builds: stay well under.
 _PEOPLE_PER_STATEMENT = 500
 _KEYS_PER_STATEMENT = 500
+# The queue's own counts, kept in the log's database: a count changes in the same
+# transaction as the rows it counts.
+_CREATE_COUNTS = (
+    "CREATE TABLE IF NOT EXISTS cio_counts (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+)
+_COUNT_DELIVERED = (
+    "INSERT INTO cio_counts (name, value) VALUES ('delivered', ?)"
+    " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+)
+_READ_DELIVERED = "SELECT value FROM cio_counts WHERE name = 'delivered'"
 _POSITION = operator.itemgetter(1)
 
 

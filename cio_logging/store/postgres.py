@@ -920,10 +920,14 @@ class PostgresLog:
             for person, n in self.database.run("person_counts", params)
         }
 
-    def remove(self, keys: Iterable[str]) -> None:
+    def remove(self, keys: Iterable[str], *, delivered: int = 0) -> None:
+        # A fleet's deliveries are counted in the sender's state row (cio_sender_state).
         ids = list(keys)
         if ids:
             self._fenced("delete_rows", {"ids": ids})
+
+    def delivered_total(self) -> int | None:
+        return None  # counted per sender, in cio_sender_state
 
     def record_failure(
         self,

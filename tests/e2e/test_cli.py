@@ -93,7 +93,9 @@ def test_demo_says_what_it_does_and_keeps_its_queue_for_the_commands_it_suggests
         assert ran.returncode == 0, (line, ran.stderr)
         outputs.append(ran.stdout)
     assert "dead letters     1" in outputs[0]
-    assert re.search(r"\ncounters +delivered 73, dead-lettered 1, requests \d+", outputs[0])
+    assert re.search(r"\ndelivered +73 from this directory, by any process\n", outputs[0])
+    last = r"\nlast recorded +by pid \d+ .* ago, since it started: delivered 73"
+    assert re.search(last, outputs[0])
     assert "item_rejected  1" in outputs[1]
     assert "poison_pill" in outputs[2]
     assert '"name": "poison_pill"' in outputs[3]

@@ -28,7 +28,15 @@ from cio_logging.cli import main
 from cio_logging.operations import ExitCode
 from cio_logging.simulator import TrackAPISimulator
 
-from ..helpers import PROJECT_ROOT, PYTHON, HandlerFactory, child_environment, wait_for
+from ..helpers import (
+    CHILD_APP,
+    PROJECT_ROOT,
+    PYTHON,
+    HandlerFactory,
+    child_environment,
+    run_child_app,
+    wait_for,
+)
 
 CLI = [PYTHON, "-m", "cio_logging"]
 CLI_REFERENCE = PROJECT_ROOT / "docs" / "reference" / "cli.md"
@@ -201,6 +209,45 @@ class TestTheDefects:
             assert result.returncode == ExitCode.USAGE, (bad, result.stderr)
             assert result.stderr.startswith("cio-logging: error: configuration:")
             assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+class TestStatusCountsFromTheQueue:
+    """status reads what was delivered from the queue itself, not from state.json alone
+    (rewritten at most every 2 s, and by nobody once its process is killed)."""
+
+    def test_delivered_so_far_counts_every_process_even_one_killed(
+        self,
+        simulator: TrackAPISimulator,
+        queue_dir: Path,
+        processes: list[subprocess.Popen[str]],
+    ) -> None:
+        env = child_environment(simulator, queue_dir)
+        first = run_child_app(simulator, queue_dir, "30")  # delivers, exits normally
+        assert len(first) == 30
+        # A second process delivers 20 more and is SIGKILLed once the queue is empty,
+        # before it would rewrite state.json.
+        second = subprocess.Popen(
+            [PYTHON, CHILD_APP, "20", "--linger", "60"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(second)
+        assert wait_for(lambda: len(simulator.accepted) == 50, 60)
+
+        def queue_empty() -> bool:
+            report = json.loads(run("--json", "status", env=env).stdout)
+            return bool(report["queued"] == 0)
+
+        assert wait_for(queue_empty, 60)
+        second.kill()
+        second.communicate(timeout=30)
+        report = json.loads(run("--json", "status", env=env).stdout)
+        assert report["delivered_total"] == 50, report
+        assert report["queued"] == 0
+        shown = run("status", env=env).stdout
+        assert re.search(r"^delivered +50 from this directory", shown, re.M), shown
 
 
 def documented_exit_codes() -> dict[int, str]:

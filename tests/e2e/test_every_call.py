@@ -753,6 +753,9 @@ _json_data = st.dictionaries(
 )
 
 
+_TRACK_EVENT_STRINGS = ("recipient", "from_address", "reply_to")
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_arbitrary_json_data_arrives_byte_for_byte(
     make_handler: HandlerFactory, simulator: TrackAPISimulator, api: str
@@ -761,10 +764,23 @@ def test_arbitrary_json_data_arrives_byte_for_byte(
     text the README says it becomes, on both APIs and by every route (on Track also
     padded past 32 KB, by v1): the receiver's bytes, not a decoding."""
     handler = make_handler()
-    log = logging.getLogger(f"test.every_call.property.{api}")
-    log.propagate = False
-    log.addHandler(handler)
+    events = logging.getLogger(f"test.every_call.property.{api}")
+    events.propagate = False
+    events.addHandler(handler)
     expected: dict[str, str] = {}
+    refused: list[str] = []
+
+    def log(person: str, data: dict[str, Any]) -> None:
+        # The one rule of the docs' that JSON data can break: on the Track API an
+        # event's recipient, from_address and reply_to must be strings (Hypothesis
+        # draws such keys from the library's own source).
+        if api == "track" and any(
+            key in data and not isinstance(data[key], str) for key in _TRACK_EVENT_STRINGS
+        ):
+            refused.append(person)
+        else:
+            expected[person] = json.dumps(data, **COMPACT)  # type: ignore[arg-type]
+        events.info("property", extra=cio_event(person, data=data))
 
     @settings(
         max_examples=60,
@@ -773,20 +789,17 @@ def test_arbitrary_json_data_arrives_byte_for_byte(
     )
     @given(data=_json_data)
     def log_one(data: dict[str, Any]) -> None:
-        person = f"prop-{len(expected)}"
-        expected[person] = json.dumps(data, **COMPACT)  # type: ignore[arg-type]
-        log.info("property", extra=cio_event(person, data=data))
+        person = f"prop-{len(expected) + len(refused)}"
+        log(person, data)
         if api == "track":  # the same data by v1 too, padded past a v2 item's 32 KB
-            padded = {"padding": "x" * MAX_CALL_BYTES, **data}
-            expected[f"{person}-v1"] = json.dumps(padded, **COMPACT)  # type: ignore[arg-type]
-            log.info("property", extra=cio_event(f"{person}-v1", data=padded))
+            log(f"{person}-v1", {"padding": "x" * MAX_CALL_BYTES, **data})
 
     try:
         log_one()
         status = delivered(handler)
     finally:
-        log.removeHandler(handler)
+        events.removeHandler(handler)
     assert status["dead_letters"] == 0
-    assert status["dropped"] == {}
+    assert status["refused"] == ({"reserved_attribute": len(refused)} if refused else {})
     received = {call.customer_id: call.raw_data for call in simulator.accepted}
     assert received == expected

@@ -170,8 +170,8 @@ class TestHelpAndErrors:
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Not "required: dlq_command": the words an operator can type."""
-        top = "demo,simulator,status,dlq,drain,deliver"
-        for command, choices in [([], top), (["dlq"], "count,")]:
+        top = "demo, simulator, status, dlq, drain, deliver"
+        for command, choices in [([], top), (["dlq"], "count, ")]:
             with pytest.raises(SystemExit):
                 main(command)
             error = capsys.readouterr().err.splitlines()[-1]
