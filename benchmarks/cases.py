@@ -26,6 +26,7 @@ from ulid import ULID
 
 import cio_logging
 from cio_logging import ConfigurationError, CustomerIOHandler, cio_event
+from cio_logging.events import event_from_record
 
 from .workload import (
     ESSENTIAL_NAME,
@@ -638,10 +639,10 @@ def fleet_log(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def fleet_log_timed(arguments: dict[str, Any]) -> dict[str, Any]:
-    """One of a fleet's processes (issue 21's eight): log N events timing each call
-    (essential ones are committed into PostgreSQL before the call returns), write the
-    time logging ended into ``logged_file``, then stay up as a possible sender until the
-    orchestrator creates ``release_file``."""
+    """One of a fleet's processes (issue 21's eight): log N events (``rate`` a second, or
+    flat out) timing each call (an essential one is committed into PostgreSQL before the
+    call returns), write the time logging ended into ``logged_file``, then stay up as a
+    possible sender until the orchestrator creates ``release_file``."""
     release = Path(arguments["release_file"])
     name = arguments.get("name", ESSENTIAL_NAME)
     offset = int(arguments.get("offset", 0))
@@ -650,9 +651,15 @@ def fleet_log_timed(arguments: dict[str, Any]) -> dict[str, Any]:
         handler, _ = build_handler(arguments["url"], arguments["ca_file"], Path(work), options)
         logger = event_logger(handler)
         costs: list[float] = []
+        # Paced (events/s of this process), or flat out (0).
+        interval = 1.0 / arguments["rate"] if arguments.get("rate") else 0.0
         started_at = time.time()
+        next_at = time.perf_counter()
         for number in range(offset, offset + arguments["events"]):
             extra = cio_event(customer_id(number), **attributes(number))
+            if interval:
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.perf_counter()))
             began = time.perf_counter()
             logger.info(name, extra=extra)
             costs.append(time.perf_counter() - began)
@@ -673,7 +680,45 @@ def fleet_log_timed(arguments: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def fleet_large_rows(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Large events (issue 21): N events of about 99 KB committed into PostgreSQL by
+    groups of ten, and the same rows moved into another database from a spill."""
+    from cio_logging.store import WriteAheadLog, encode_row
+    from cio_logging.store.postgres import Database, PostgresLog
+
+    logger = logging.getLogger("bench.large")
+    rows = []
+    for number in range(arguments["events"]):
+        extra = cio_event(customer_id(number), pad="x" * 99_000)
+        record = logger.makeRecord(
+            "bench", logging.INFO, "f", 1, ESSENTIAL_NAME, (), None, extra=extra
+        )
+        event = event_from_record(record)
+        assert event is not None
+        rows.append(encode_row(event))
+    timings = {}
+    for label, url in (("direct", arguments["direct_url"]), ("spill", arguments["spill_url"])):
+        with tempfile.TemporaryDirectory(prefix="cio-bench-large-") as work:
+            database = Database(url, timeout=5.0)
+            log = PostgresLog(database, "bench", WriteAheadLog(Path(work) / "spill"), timeout=5.0)
+            if label == "direct":
+                began = time.perf_counter()
+                for start in range(0, len(rows), 10):
+                    log.append_rows(rows[start : start + 10])
+            else:
+                log.spill.append_rows(rows)
+                began = time.perf_counter()
+                left = log.settle(600)
+                assert left == 0, left
+            timings[label] = time.perf_counter() - began
+            assert len(log) == len(rows)
+            log.close()
+            database.close()
+    return timings
+
+
 CASES = {
+    "fleet_large_rows": fleet_large_rows,
     "fleet_log": fleet_log,
     "fleet_log_timed": fleet_log_timed,
     "emit_cio": emit_cio,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from . import background
+from . import background, cooperative
 from .commit import REFUSED, GroupCommitter
 from .config import (
     DELIVER_NONE,
@@ -221,6 +221,7 @@ class CustomerIOHandler(logging.Handler):
         self._degradation = self.settings.degradation
         self._disk_warned_at = float("-inf")
         self._buffer_warned_at = float("-inf")
+        cooperative.resolve_names_on_the_hub_at_exit()
         if self.settings.signal_handlers:
             try:
                 self.install_signal_handlers()
@@ -503,6 +504,9 @@ class CustomerIOHandler(logging.Handler):
             last_rowid = max(last_rowid, spill.moved_through)
         if self._deliver == DELIVER_NONE:
             return True
+        if background.interpreter_exiting():
+            # gevent would resolve the host name in a thread it cannot start now.
+            cooperative.resolve_names_on_the_hub()
         remaining = max(0.0, deadline - time.monotonic())
         if self._deliver == DELIVER_PROCESS:
             delivered = self._sender.wait_for_sender(remaining, last_rowid)

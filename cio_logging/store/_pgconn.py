@@ -23,6 +23,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import psycopg
@@ -114,7 +115,7 @@ class ConnectionSlots:
                     )
                 self._changed.wait(left)
         try:
-            conn = TimedConnection.connect(self._conninfo, **self._kwargs)
+            conn = connect(self._conninfo, **self._kwargs)
         except BaseException:
             with self._changed:
                 self._open -= 1
@@ -159,8 +160,69 @@ class ConnectionSlots:
 
 
 def connect(conninfo: str, **kwargs: Any) -> TimedConnection:
-    """One connection outside any pool (the schema check)."""
-    return TimedConnection.connect(conninfo, **kwargs)
+    """A new connection (fork-safe: see :class:`_ForkGate`)."""
+    with _GATE.connecting():
+        return TimedConnection.connect(conninfo, **kwargs)
+
+
+class _ForkGate:
+    """No fork while a thread of this process is connecting.
+
+    Connecting runs OpenSSL's initialisation inside libpq (psycopg's own copy), which
+    takes write locks; a fork at that moment leaves the child with a lock held by a
+    thread that does not exist there, and the child's first connection waits on it for
+    ever (seen here: forked children hung in ``CRYPTO_THREAD_read_lock``). So a fork
+    waits until the connections being opened are open (at most ``_FORK_WAIT_SECONDS``),
+    and no connection starts while it forks.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._connecting = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def connecting(self) -> Iterator[None]:
+        with self._changed:
+            while self._forking:
+                self._changed.wait()
+            self._connecting += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._connecting -= 1
+                self._changed.notify_all()
+
+    def before_fork(self) -> None:
+        deadline = time.monotonic() + _FORK_WAIT_SECONDS
+        with self._changed:
+            self._forking = True
+            while self._connecting and time.monotonic() < deadline:
+                self._changed.wait(deadline - time.monotonic())
+
+    def after_fork_in_parent(self) -> None:
+        with self._changed:
+            self._forking = False
+            self._changed.notify_all()
+
+
+# A fork waits at most this long for connections being opened (one libpq attempt is
+# bounded by connect_timeout, so this is rarely reached).
+_FORK_WAIT_SECONDS = 10.0
+_GATE = _ForkGate()
+
+
+def _gate_in_child() -> None:
+    global _GATE
+    _GATE = _ForkGate()  # the parent's connecting threads do not exist here
+
+
+os.register_at_fork(
+    before=lambda: _GATE.before_fork(),
+    after_in_parent=lambda: _GATE.after_fork_in_parent(),
+    after_in_child=_gate_in_child,
+)
 
 
 __all__ = ["ConnectionSlots", "DeadlineExceeded", "PoolExhausted", "TimedConnection", "connect"]

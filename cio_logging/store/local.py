@@ -653,7 +653,7 @@ class WriteAheadLog:
 def _create_queue_table(cache: diskcache.Cache) -> None:
     """The queue table and its indexes, once (every open after the first finds them)."""
     sql = cache._sql
-    if sql("SELECT 1 FROM sqlite_master WHERE name = 'cio_queue_waiting_due'").fetchall():
+    if sql("SELECT 1 FROM sqlite_master WHERE name = 'cio_queue_merges'").fetchall():
         return
     with cache.transact():
         for statement in _SCHEMA:

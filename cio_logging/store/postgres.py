@@ -293,9 +293,19 @@ class Database:
             yield conn
 
     def run(
-        self, name: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        atomic: bool = False,
     ) -> list[tuple[Any, ...]]:
         """Run the statement ``name`` on its own (autocommit); its rows, if it has any.
+
+        ``atomic``: inside BEGIN ... COMMIT, so that a statement whose deadline passes
+        (the connection is closed) is rolled back, not committed behind our back, unless
+        the deadline passed during the COMMIT itself. Two more round trips; for the
+        commits, whose rows would otherwise also go to the spill and be sent twice.
 
         A connection kept from an earlier use that turns out dead (the server
         restarted) is replaced and the statement sent again, once: every statement
@@ -311,8 +321,9 @@ class Database:
                 raise _mapped(exc, deadline) from exc
             healthy = False
             try:
-                cursor = conn.execute(query, params or {})
-                rows = cursor.fetchall() if cursor.description is not None else []
+                with conn.transaction() if atomic else contextlib.nullcontext():
+                    cursor = conn.execute(query, params or {})
+                    rows = cursor.fetchall() if cursor.description is not None else []
                 healthy = True
                 return rows
             except (psycopg.Error, OSError, ValueError) as exc:
@@ -647,7 +658,7 @@ class PostgresLog:
             "shift": self.database.clock_shift()[0],
             "host_now": time.time(),
         }
-        ((seq,),) = self.database.run("insert_rows", params, timeout=timeout)
+        ((seq,),) = self.database.run("insert_rows", params, timeout=timeout, atomic=True)
         return int(seq)
 
     def _insert_or_dead_letter(self, rows: Sequence[Row], timeout: float | None) -> int:
@@ -1233,9 +1244,8 @@ def _reset_log_in_child(reference: weakref.ref[PostgresLog]) -> None:
     if log is not None:
         log._reset_threads()
         log._closing = False
-        if not log._direct:
-            with contextlib.suppress(Exception):
-                log._start_mover()
+        # No thread started here (inside the fork): the child's next spilled commit
+        # starts its mover; the parent's goes on moving the directory's spill.
 
 
 def _with_later(text: str, later: str | None) -> str:

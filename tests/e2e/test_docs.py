@@ -72,6 +72,7 @@ NOT_RUN = {
     ("docs/how-to/flask.md", "waitress-serve --port 8000 shop:app"),
     ("docs/how-to/fastapi-uvicorn.md", "uvicorn shop:app --workers 2"),
     ("docs/how-to/gunicorn.md", "gunicorn --preload --workers 4 shop:app"),
+    ("docs/how-to/gunicorn.md", "gunicorn --worker-class gevent --workers 4 shop:app"),
     ("docs/how-to/celery.md", "celery -A tasks worker --pool prefork --concurrency 4"),
     ("docs/how-to/structlog.md", 'log.info("purchase", extra=cio_event("user-42", amount=9.99))'),
     ("docs/how-to/structlog.md", 'log.info("purchase", **cio_event("user-42", amount=9.99))'),

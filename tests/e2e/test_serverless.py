@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from cio_logging.simulator import TrackAPISimulator
 from cio_logging.store import WriteAheadLog
@@ -56,6 +59,7 @@ def runtime(
     mode: str,
     budget: float = 5.0,
     commit_interval: float = 0.05,
+    queue_url: str | None = None,
 ) -> Iterator[Runtime]:
     env = child_environment(
         simulator,
@@ -63,6 +67,8 @@ def runtime(
         CIO_TEST_BUDGET=str(budget),
         CIO_TEST_HANDLER_OPTIONS=json.dumps({"commit_interval": commit_interval}),
     )
+    if queue_url is not None:
+        env["CIO_LOGGING_QUEUE_URL"] = queue_url
     with subprocess.Popen(
         [PYTHON, SERVERLESS_APP, mode],
         env=env,
@@ -123,5 +129,28 @@ def test_what_the_budget_could_not_send_is_on_disk_and_sent_later(
     assert on_disk(queue_dir, acknowledged) == set(acknowledged)
     simulator.clear_faults()
     make_handler()  # a later process on the same queue
+    assert wait_for(lambda: simulator.accepted_ids() >= set(acknowledged), 30)
+    assert simulator.duplicates == 0
+
+
+@pytest.mark.postgres
+def test_in_the_fleet_store_what_is_left_outlives_the_instance(
+    simulator: TrackAPISimulator,
+    queue_dir: Path,
+    tmp_path: Path,
+    pg_url: str,
+    make_handler: HandlerFactory,
+) -> None:
+    """The same outage on the fleet store: the instance's disk goes with it when it is
+    recycled, and its events wait in PostgreSQL; another instance, on a disk of its
+    own, sends them."""
+    simulator.fail(503)
+    first_disk = tmp_path / "instance-1"  # make_handler's queue_dir is another disk
+    with runtime(simulator, first_disk, "wrapped", budget=0.5, queue_url=pg_url) as instance:
+        acknowledged = instance.invoke(10) + instance.invoke(10, fail=True)
+    assert simulator.accepted == []
+    shutil.rmtree(first_disk)  # recycled: its local disk is gone
+    simulator.clear_faults()
+    make_handler(queue_url=pg_url)  # another instance, on its own disk (queue_dir)
     assert wait_for(lambda: simulator.accepted_ids() >= set(acknowledged), 30)
     assert simulator.duplicates == 0
