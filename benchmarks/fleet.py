@@ -8,7 +8,7 @@ machine:
   transaction mode, with one process beside them in the same run: delivery counted
   from the first emit and for the backlog left once logging stopped, and the logging
   call's p50/p99/worst per process;
-- the queue table's size after 200,000 events, before and after autovacuum, twice
+- the queue table's size after 200,000 events, before and after autovacuum, three times
   (whether its space is reused);
 - the time another process takes the lease over after the sender is SIGKILLed.
 
@@ -545,7 +545,7 @@ def _table_rows(section: Section, cluster: Any, events: int, attempt: Any) -> No
     with simulator() as sim:
         url = _database(cluster, "table")
         result = attempt(
-            f"fleet table size: twice {events:,} events",
+            f"fleet table size: three rounds of {events:,} events",
             functools.partial(_table_sizes, sim, cluster, url, events),
         )
     if result is None:
