@@ -1374,11 +1374,20 @@ class PostgresLease:
             return True
 
     def _start_heartbeat(self) -> None:
+        """Renew the lease from a thread of its own. None is started once the
+        interpreter exits (3.12 refuses new threads there): the last delivery then
+        runs within the lease just taken, and :attr:`held` ends with it."""
         if self._heartbeat is not None and self._heartbeat.is_alive():
             return
+        if background.interpreter_exiting():
+            return
         self._stop.clear()
-        self._heartbeat = threading.Thread(target=self._beat, name="cio_logging-lease", daemon=True)
-        self._heartbeat.start()
+        heartbeat = threading.Thread(target=self._beat, name="cio_logging-lease", daemon=True)
+        try:
+            heartbeat.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return
+        self._heartbeat = heartbeat
 
     def _beat(self) -> None:
         background.mark_current_thread()
