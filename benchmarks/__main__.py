@@ -18,7 +18,7 @@ Sections:
   diskcache store, delivered events/s with one and four processes; eight processes
   logging essential events, directly and through PgBouncer, beside one: delivery from
   the first emit and of the backlog, the logging call's p50/p99 per process; the queue
-  table's size after 200,000 events and autovacuum, twice; takeover time;
+  table's size after 200,000 events and autovacuum, three times; takeover time;
 - ``pipelines``: the Pipelines API (``api="pipelines"``) against customerio-cdp-analytics
   on one stub at 50 ms: the caller's cost, calls delivered per second and calls lost on
   SIGKILL; and the order guarantee's cost in delivered events/s against the release

@@ -30,6 +30,7 @@ import time
 import weakref
 from pathlib import Path
 
+from . import background
 from .config import (
     DELIVER_THREAD,
     ENV_API,
@@ -166,10 +167,16 @@ class SenderSupervisor:
                     exc,
                 )
                 return
-            self._thread = threading.Thread(
+            if background.interpreter_exiting():
+                return
+            supervisor = threading.Thread(
                 target=self._run, name="cio_logging-sender-supervisor", daemon=True
             )
-            self._thread.start()
+            try:
+                supervisor.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return
+            self._thread = supervisor
 
     def _run(self) -> None:
         delay = _FIRST_RESTART_SECONDS

@@ -4,23 +4,26 @@ Selected by ``queue_url="postgresql://..."`` (or ``$CIO_LOGGING_QUEUE_URL``). Ev
 process of every host that logs for a workspace writes its events here; exactly one of
 them, the holder of the workspace's lease, sends them.
 
-* :class:`Database`: the connection pool (opened lazily, new in a forked child), the
-  schema (created on first use from ``sql/migrations``, versioned, never dropping
-  anything), the statements of ``sql/queries.sql`` by name, and errors mapped to
-  :class:`~cio_logging.errors.DatabaseError` with the password scrubbed.
+* :class:`Database`: a few connections kept without a thread (:mod:`._pgconn`; opened
+  on the calling thread, new in a forked child), the schema (created on first use from
+  ``sql/migrations``, versioned, never dropping anything), the statements of
+  ``sql/queries.sql`` by name, the database's clock against this host's, and errors
+  mapped to :class:`~cio_logging.errors.DatabaseError` with the password scrubbed
+  (:mod:`.queue_url`).
 * :class:`PostgresLog`: the :class:`~cio_logging.store.EventLog`. A commit that the
   database does not answer within ``database_timeout`` goes to the local spill (a
-  diskcache log in the queue directory) instead, and rows spilled are moved to the
-  database once it answers, by this process or the next one to open the directory.
+  diskcache log in the queue directory) instead; the spill is moved into the database
+  once it answers, by any process of the directory.
 * :class:`PostgresDeadLetters`: the :class:`~cio_logging.store.DeadLetterArchive`,
   the table ``cio_dead_letter``.
 * :class:`PostgresLease`: the one-sender-per-workspace lease, with its term as the
-  fencing token of every acknowledgement.
+  fencing token of every write of the sender.
 
 Rows are keyed by workspace (site id and endpoint), so applications and workspaces
-share a database without seeing each other's events. Sessions hold no state between
-transactions (no advisory lock, no prepared statement that must survive), so the store
-works through PgBouncer in transaction-pooling mode.
+share a database without seeing each other's events. Times are the database's clock.
+Sessions hold no state between transactions (no server-side prepared statement, no
+``SET`` outliving a transaction, no advisory lock, temporary table or ``LISTEN``), so
+the store works through PgBouncer in transaction-pooling mode (tested).
 """
 
 from __future__ import annotations
@@ -1661,11 +1664,20 @@ class PostgresLease:
             return True
 
     def _start_heartbeat(self) -> None:
+        """Renew the lease from a thread of its own. None is started once the
+        interpreter exits (3.12 refuses new threads there): the last delivery then
+        runs within the lease just taken, and :attr:`held` ends with it."""
         if self._heartbeat is not None and self._heartbeat.is_alive():
             return
+        if background.interpreter_exiting():
+            return
         self._stop.clear()
-        self._heartbeat = threading.Thread(target=self._beat, name="cio_logging-lease", daemon=True)
-        self._heartbeat.start()
+        heartbeat = threading.Thread(target=self._beat, name="cio_logging-lease", daemon=True)
+        try:
+            heartbeat.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return
+        self._heartbeat = heartbeat
 
     def _beat(self) -> None:
         background.mark_current_thread()

@@ -3,6 +3,9 @@ the lease and its fencing, the spill while the database is away, secrets."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -192,6 +195,37 @@ class TestLease:
         assert first.term == 3
         first.release()
         database.close()
+
+    def test_a_lease_taken_at_interpreter_exit_starts_no_thread(self, pg_cluster: Cluster) -> None:
+        # A short script's last delivery may take the lease after the main thread has
+        # ended; Python 3.12 refuses new threads there ("can't create new thread at
+        # interpreter shutdown"), so the heartbeat must not be started then.
+        script = textwrap.dedent(
+            f"""
+            import atexit, threading
+            from cio_logging.store.postgres import Database, PostgresLease
+
+            def last_delivery():
+                assert not threading.main_thread().is_alive()
+                database = Database({pg_cluster.url()!r})
+                lease = PostgresLease(database, {_workspace()!r}, seconds=5.0, log=None)
+                print("acquired", lease.try_acquire(), "held", lease.held, flush=True)
+                lease.release()
+                database.close()
+
+            atexit.register(last_delivery)
+            """
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stdout.strip() == "acquired True held True"
 
     def test_a_stale_holder_cannot_delete_or_reschedule_rows(
         self, pg_cluster: Cluster, tmp_path: Path

@@ -44,18 +44,19 @@ SELECT set_config('statement_timeout', %(ms)s, true), set_config('lock_timeout',
 SELECT extract(epoch FROM clock_timestamp())::float8;
 
 -- name: insert_rows
--- The largest position given (0 when every id was already queued). A row due now is
--- due at this statement's time: rows come due in commit order (a clock offset measured
--- at each statement varies by its round trip, and would reorder rows logged within it).
+-- The largest position given (0 when every id was already queued). A row due at once is
+-- stored due at time 0 (due since always), so rows due at once are read in commit order
+-- (seq), which is also the order the sender keeps for a person: a time taken when
+-- concurrent commits start can disagree with the order their rows get positions in,
+-- and the sender would then fetch each person's earlier rows one by one.
 WITH inserted AS (
     INSERT INTO cio_queue (workspace, id, event, due_at, logged_at, body, person)
     SELECT %(workspace)s, r.id, r.event,
-           CASE WHEN r.due_at <= %(host_now)s::float8 THEN c.now ELSE r.due_at + %(shift)s::float8 END,
+           CASE WHEN r.due_at <= %(host_now)s::float8 THEN 0 ELSE r.due_at + %(shift)s::float8 END,
            r.logged_at + %(shift)s::float8, r.body, r.person
     FROM unnest(%(ids)s::text[], %(events)s::text[], %(due)s::float8[], %(logged)s::float8[],
                 %(bodies)s::text[], %(persons)s::text[])
-         AS r(id, event, due_at, logged_at, body, person),
-         (SELECT extract(epoch FROM statement_timestamp())::float8 AS now) AS c
+         AS r(id, event, due_at, logged_at, body, person)
     ON CONFLICT (workspace, id) DO NOTHING
     RETURNING seq
 )
