@@ -13,13 +13,10 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
@@ -50,6 +47,7 @@ from .operations import (
     show_dead_letter,
 )
 from .sender_process import ENV_OPTIONS, ENV_PARENT, die_with_parent
+from .stop_signal import stop_on_signals
 from .window import WINDOW_SECONDS
 
 EXIT_CODES = """\
@@ -577,24 +575,6 @@ class _Progress:
             self._last = ""
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM ask the command to stop at the next safe point."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {
-        number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield stop
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def _show_library_warnings() -> None:
     # The library's own messages (delivery failures, breaker, dead letters) on stderr.
     library_log = logging.getLogger("cio_logging")
@@ -893,7 +873,7 @@ def _run_replay(args: argparse.Namespace, out: _Output) -> int:
         )
 
     _show_library_warnings()
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         try:
             report = replay_dead_letters(
                 settings,
@@ -1071,7 +1051,7 @@ def _run_drain(args: argparse.Namespace, out: _Output) -> int:
 
     _show_library_warnings()
     started = time.monotonic()
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         try:
             report = drain(
                 handler_arguments,
@@ -1151,7 +1131,7 @@ def _run_deliver(args: argparse.Namespace, out: _Output) -> int:
         out.note(f"{holder} holds {what} and sends; this process takes over when it stops")
 
     _show_library_warnings()
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         report = deliver(
             handler_arguments,
             settings.queue_dir,

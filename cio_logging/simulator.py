@@ -49,7 +49,6 @@ import json
 import re
 import shlex
 import shutil
-import signal
 import socket
 import socketserver
 import ssl
@@ -64,11 +63,11 @@ from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qs, unquote
 
 from ._argparse import OneLineParser
+from .stop_signal import StopRequest, stop_on_signals
 
 __all__ = [
     "CONTROL_API",
@@ -1746,12 +1745,11 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
         "repeat for more; also POST /_simulator/poison",
     )
     args = parser.parse_args(argv)
-    stop = threading.Event()
+    with stop_on_signals() as stop:
+        return _serve_until_stopped(args, stop)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _serve_until_stopped(args: argparse.Namespace, stop: StopRequest) -> int:
     simulator: TrackAPISimulator | None = None
     try:
         simulator = TrackAPISimulator(
@@ -1788,8 +1786,6 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
     finally:
         if simulator is not None:
             simulator.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 
