@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_from_command_line(rest)
     if rest:
-        _command_parser(parser, args).error(f"unrecognised arguments: {' '.join(rest)}")
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         from .demo import run_demo
 

@@ -113,9 +113,13 @@ def run_demo(
         log_events(30, 0)
         _wait_until(lambda: len(simulator.accepted) >= 30 + _PEOPLE, 10)
         for call in simulator.history("user-1")[:3]:
+            # A person call's name is the call itself, and a Track identify has no id:
+            # "identify 'identify' (id None, ...)" said nothing a reader could use.
+            named = f" {call.name!r}" if call.name != call.call else ""
+            ident = f"id {call.id}, " if call.id is not None else ""
             say(
-                f"  Customer.io received {call.call} {call.name!r} for {call.customer_id} "
-                f"(id {call.id}, data {call.data}, via {call.route})"
+                f"  Customer.io received {call.call}{named} for {call.customer_id} "
+                f"({ident}data {call.data}, via {call.route})"
             )
         say("  (each person's calls arrive in the order they were logged)")
         show("")

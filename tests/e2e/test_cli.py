@@ -25,7 +25,10 @@ def test_demo_accounts_for_every_event(tmp_path: Path, api: str) -> None:
     text = out.getvalue()
     assert ("Pipelines API" if api == "pipelines" else "Track API") in text
     # user-1's identify is the first call Customer.io received for them.
-    assert re.search(r"received identify 'identify' for user-1 .*\n.*received event", text)
+    assert re.search(r"received identify for user-1 \(.*\n.*received event 'page_viewed'", text)
+    # A person call is not named twice, and no call shows an id it does not have.
+    assert "'identify'" not in text
+    assert "id None" not in text
     assert "every event accounted for" in text
     assert "closed->open" in text  # the outage opened the breaker ...
     assert "half-open->closed" in text  # ... and a probe closed it

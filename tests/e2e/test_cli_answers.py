@@ -133,6 +133,18 @@ class TestUsageErrorsAreOneLine:
         assert "usage:" not in captured.err
         assert lines[0].endswith("--help)")  # where the usage is
 
+    @pytest.mark.parametrize("command", [["dlq", "count"], ["status"], ["simulator"]])
+    def test_an_unknown_option_reads_the_same_for_every_command(
+        self, command: list[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # The simulator's parser is argparse's own; the others' extras were spelt
+        # "unrecognised" by the command line itself.
+        with pytest.raises(SystemExit):
+            main([*command, "--bogus", "x"])
+        assert "error: " + " ".join(command) + ": unrecognized arguments: --bogus x (see" in (
+            capsys.readouterr().err
+        )
+
     def test_with_json_the_error_is_a_json_document_too(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -9,6 +9,7 @@ process delivers its events, and a child never sends its parent's backlog again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,11 +47,42 @@ CELERY_TASKS = 1000
 UVICORN_WORKERS = 2
 
 
-def stop(server: subprocess.Popen[bytes], how: int = signal.SIGTERM) -> None:
-    """Signal the server and wait for its exit; kill it if it hangs."""
+def _descendants(pid: int) -> list[int]:
+    """The process tree under ``pid`` (read from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    waiting = list(children.get(pid, []))
+    while waiting:
+        child = waiting.pop()
+        found.append(child)
+        waiting.extend(children.get(child, []))
+    return found
+
+
+def stop(
+    server: subprocess.Popen[bytes], how: int = signal.SIGTERM, log: Path | None = None
+) -> None:
+    """Signal the server and wait for its exit. If it hangs, every process of its tree
+    dumps its threads' stacks into ``log`` (the servers run with PYTHONFAULTHANDLER),
+    and the failure shows them."""
     server.send_signal(how)
     try:
         server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(server.pid), server.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(2)
+        stacks = log.read_text(errors="replace")[-20000:] if log is not None else ""
+        raise AssertionError(f"the server did not exit within 60 s of {how!r}:\n{stacks}") from None
     finally:
         if server.poll() is None:
             server.kill()
@@ -312,6 +344,7 @@ def test_celery_prefork_worker_delivers_every_acknowledged_event(
         CIO_TEST_ACK_FILE=str(ack_file),
         CIO_TEST_CELERY_SETUP=setup,
         CIO_TEST_TASK_PAUSE="0.02",
+        PYTHONFAULTHANDLER="1",
     )
     # Queued before the worker starts: kombu's filesystem transport can read a message
     # file its producer has created but not yet written, and the worker then dies of a
@@ -352,7 +385,7 @@ def test_celery_prefork_worker_delivers_every_acknowledged_event(
 
             assert wait_for(replaced, 30), (len(acknowledged(ack_file)), log_lines(log))
     finally:
-        stop(worker)
+        stop(worker, log=log)
     text = log_lines(log)
     assert worker.returncode == 0, text
     assert "Warm shutdown" in text, text
@@ -406,6 +439,7 @@ def test_uvicorn_workers_deliver_every_answered_event(
         simulator,
         queue_dir,
         CIO_TEST_HANDLER_OPTIONS=json.dumps({"reset_timeout": 0.5, "max_attempts": 1000}),
+        PYTHONFAULTHANDLER="1",
     )
     log = tmp_path / "uvicorn.log"
     with log.open("wb") as log_stream:
@@ -442,7 +476,7 @@ def test_uvicorn_workers_deliver_every_answered_event(
                 answers += pool.map(lambda _: request_event(port), range(50))
                 extra += 50
     finally:
-        stop(uvicorn)
+        stop(uvicorn, log=log)
     text = log_lines(log)
     assert uvicorn.returncode == 0, text
     assert "Traceback" not in text, text
