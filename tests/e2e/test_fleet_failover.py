@@ -94,6 +94,10 @@ class TestFailover:
             assert wait_for(lambda: len(simulator.accepted) >= 100, 60)
             primary.stop("immediate")
             replica.promote()
+            at_promotion = simulator.accepted_ids()
+            # The running applications find the new primary through the multi-host URL
+            # and send again by themselves: nothing is restarted for it.
+            resumed = wait_for(lambda: len(simulator.accepted_ids() - at_promotion) >= 50, 90)
             outputs = [app.communicate(timeout=120) for app in apps]
         finally:
             for app in apps:
@@ -104,6 +108,7 @@ class TestFailover:
             assert app.returncode == 0, err[-3000:]
             assert "Traceback" not in err, err[-6000:]
             assert APP_PASSWORD not in err
+        assert resumed, f"{len(simulator.accepted_ids() - at_promotion)} sent after the promotion"
         printed = {line for out, _ in outputs for line in out.splitlines() if len(line) == 26}
         assert len(printed) == 800
         # The apps closed; what they left in the (new) primary is sent by a process
