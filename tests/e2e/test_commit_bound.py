@@ -34,7 +34,7 @@ _BUSY_SENDER = {
     "consecutive_failures": 1_000_000,
     "volume_threshold": 1_000_000,
     "max_backoff": 0.05,
-    "max_attempts": 1_000_000,
+    "max_attempts": 10_000,
     "flush_interval": 0.05,
     "request_timeout": 2,
     "max_requests_per_second": 1_000,
@@ -46,13 +46,14 @@ COMMIT_BOUND_SECONDS = 1.0
 
 def _start_sender(simulator: TrackAPISimulator, queue_dir: Path) -> subprocess.Popen[bytes]:
     env = child_environment(simulator, queue_dir, CIO_LOGGING_OPTIONS=json.dumps(_BUSY_SENDER))
-    return subprocess.Popen(
-        [sys.executable, "-m", "cio_logging", "deliver"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (queue_dir.parent / "sender.err").open("ab") as errors:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cio_logging", "deliver"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
 
 
 @pytest.mark.slow
@@ -77,11 +78,17 @@ def test_commits_are_not_held_back_by_the_senders_bookkeeping_during_an_outage(
     waits: list[float] = []
     kills = 0
     try:
-        assert wait_for(lambda: len(simulator.requests) > 20, timeout=60), "the sender never sent"
-        end = time.monotonic() + 12
+        assert wait_for(lambda: len(simulator.requests) > 20, timeout=60), (
+            queue_dir.parent / "sender.err"
+        ).read_text()[-3000:]
+        # Until the sender has been killed often and has made many failing requests (a
+        # count of work, not a length of time: a busy machine only makes it longer).
+        first = len(simulator.requests)
+        give_up = time.monotonic() + 300
         next_kill = time.monotonic() + 1.0
         n = 0
-        while time.monotonic() < end:
+        while kills < 10 or len(simulator.requests) - first < 100:
+            assert time.monotonic() < give_up, (kills, len(simulator.requests) - first)
             started = time.perf_counter()
             log.info("essential", extra=cio_identify(f"app-{n}", n=n))  # committed on return
             waits.append(time.perf_counter() - started)
@@ -93,7 +100,7 @@ def test_commits_are_not_held_back_by_the_senders_bookkeeping_during_an_outage(
                 sender = _start_sender(simulator, queue_dir)
                 next_kill = time.monotonic() + 0.7
             time.sleep(0.002)
-        requests = len(simulator.requests)
+        requests = len(simulator.requests) - first
     finally:
         log.removeHandler(app)
         if sender.poll() is None:
@@ -108,5 +115,5 @@ def test_commits_are_not_held_back_by_the_senders_bookkeeping_during_an_outage(
         f"p99 {p99 * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms"
     )
     assert kills >= 10
-    assert requests > 100
+    assert requests >= 100
     assert waits[-1] < COMMIT_BOUND_SECONDS
