@@ -557,7 +557,23 @@ class TestMergeOrder:
     def test_a_merge_waits_for_the_primarys_earlier_call(
         self, make_handler: HandlerFactory, simulator: TrackAPISimulator, logger: logging.Logger
     ) -> None:
-        handler = make_handler(max_in_flight=4, max_backoff=0.5)
+        self._merge_waits(make_handler(max_in_flight=4, max_backoff=0.5), simulator, logger)
+
+    @pytest.mark.postgres
+    def test_in_the_fleet_store_too(
+        self,
+        make_handler: HandlerFactory,
+        simulator: TrackAPISimulator,
+        logger: logging.Logger,
+        pg_url: str,
+    ) -> None:
+        handler = make_handler(max_in_flight=4, max_backoff=0.5, queue_url=pg_url)
+        self._merge_waits(handler, simulator, logger)
+
+    @staticmethod
+    def _merge_waits(
+        handler: CustomerIOHandler, simulator: TrackAPISimulator, logger: logging.Logger
+    ) -> None:
         logger.addHandler(handler)
         try:
             simulator.fail(503, count=1)  # the primary's identify waits for a retry
