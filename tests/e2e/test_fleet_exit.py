@@ -1,7 +1,8 @@
 """A short-lived script on the fleet store: whatever ends it (the end of the script, an
 exception, sys.exit), ``logging.shutdown()`` commits every event it logged into
 PostgreSQL, on the calling thread (the interpreter refuses thread pools and new threads
-by then), with ``deliver="none"`` and ``"thread"``. Real processes, a real database."""
+by then), with ``deliver="none"`` and ``"thread"``, straight to PostgreSQL and through
+PgBouncer. Real processes, a real database."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ EXIT_CODES = {"normal": 0, "exception": 1, "exit": 3}
 
 
 def _queued(url: str) -> set[str]:
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url, prepare_threshold=None) as conn:
         return {key for (key,) in conn.execute("SELECT id FROM cio_queue").fetchall()}
 
 
@@ -35,7 +36,7 @@ class TestShortScript:
     def test_every_event_is_committed_at_exit(
         self,
         simulator: TrackAPISimulator,
-        pg_url: str,
+        fleet_url: str,
         tmp_path: Path,
         deliver: str,
         ending: str,
@@ -44,7 +45,7 @@ class TestShortScript:
         result = subprocess.run(
             [PYTHON, SCRIPT, "200", ending],
             env=child_environment(
-                simulator, queue_dir, CIO_LOGGING_QUEUE_URL=pg_url, CIO_LOGGING_DELIVER=deliver
+                simulator, queue_dir, CIO_LOGGING_QUEUE_URL=fleet_url, CIO_LOGGING_DELIVER=deliver
             ),
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -55,7 +56,7 @@ class TestShortScript:
         ids = printed_ids(result.stdout)
         assert len(ids) == 201
         # In the database (or already sent): none lost, none left in the local spill.
-        missing = set(ids) - simulator.accepted_ids() - _queued(pg_url)
+        missing = set(ids) - simulator.accepted_ids() - _queued(fleet_url)
         assert not missing, f"{len(missing)} of 201 lost:\n{result.stderr[-3000:]}"
         spill = WriteAheadLog(queue_dir / "spill")
         assert len(spill) == 0
