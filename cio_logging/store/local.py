@@ -377,7 +377,7 @@ class WriteAheadLog:
     @sqlite_section
     def queued_calls_of(self, person: str) -> int:
         """How many calls of ``person`` are queued (read by an operator's replay)."""
-        ((count,),) = self._cache._sql(_COUNT_PERSON, (person,)).fetchall()
+        ((count,),) = self._cache._sql(_COUNT_PERSON, (person, person)).fetchall()
         return int(count)
 
     @sqlite_section
@@ -788,7 +788,7 @@ _SELECT_ID = f"SELECT {_COLUMNS} FROM cio_queue WHERE id = ?"  # noqa: S608
 _SELECT_ID_EXISTS = "SELECT 1 FROM cio_queue WHERE id = ?"
 _SELECT_OLDEST = f"SELECT {_COLUMNS} FROM cio_queue ORDER BY id LIMIT 1"  # noqa: S608
 _COUNT = "SELECT count(*) FROM cio_queue"
-_COUNT_PERSON = "SELECT count(*) FROM cio_queue WHERE person = ? OR other_person = ?1"
+_COUNT_PERSON = "SELECT count(*) FROM cio_queue WHERE person = ? OR other_person = ?"
 _LOWEST_POSITION = "SELECT min(position) FROM cio_queue"
 _NEXT_DUE = "SELECT min(due) FROM cio_queue WHERE waiting IS NOT NULL AND due > ?"
 _SCANNED = (
@@ -811,7 +811,7 @@ _ATTEMPTS = (
 )
 _SELECT_EXHAUSTED = (
     f"SELECT {_COLUMNS} FROM cio_queue WHERE {_IN_POSITIONS}"  # noqa: S608
-    f" AND {_ATTEMPTS} + 1 >= ?2 ORDER BY position"
+    f" AND {_ATTEMPTS} + 1 >= ? ORDER BY position"
 )
 # One statement for a whole batch: each row's next due time from the policy's delay
 # for its attempt count (chosen by the sender, passed in as a JSON array).

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from .. import background, wire
+from .. import background, cooperative, wire
 from ..config import Settings
 from ..metadata import PACKAGE_VERSION
 from ..resilience import RequestRateCap
@@ -233,6 +233,10 @@ class HTTPDelivery:
     def _answer(
         self, send: Callable[[], requests.Response], count: int, sent: Callable[[], Iterable[str]]
     ) -> Answer:
+        if background.interpreter_exiting():
+            # Under gevent each OS thread has its own hub, whose resolver runs in a
+            # thread it can no longer start: resolve on this thread's hub instead.
+            cooperative.resolve_names_on_the_hub()
         try:
             response = send()
         except TransportError as exc:
