@@ -67,7 +67,12 @@ def test_every_persons_calls_arrive_in_logging_order_through_an_outage_and_a_kil
         if lines == 3000:  # the outage is over; the child sends its backlog as it dies
             break
     child.send_signal(signal.SIGKILL)
-    rest, _ = child.communicate(timeout=30)
+    # Read on through the same text stream: lines the loop above had already buffered
+    # are there (communicate() with a timeout reads the pipe's file descriptor and would
+    # skip them, and their calls would look as if they arrived unprinted).
+    rest = child.stdout.read()
+    child.stdout.close()
+    child.wait(timeout=30)
     # Whole lines only: the kill may cut the last one short (that call may then arrive
     # unprinted, as the person's last: see below).
     for line in rest.split("\n")[:-1]:

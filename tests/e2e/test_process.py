@@ -79,8 +79,12 @@ def test_sigkill_loses_no_event_whose_emit_returned(
         lines += 1
         ids.extend(printed_ids(line))
     child.send_signal(signal.SIGKILL)
-    rest, _ = child.communicate(timeout=30)
-    ids.extend(printed_ids(rest))  # lines printed before the kill, still in the pipe
+    # The same text stream (communicate() with a timeout would skip what readline()
+    # already buffered): every line printed before the kill.
+    rest = child.stdout.read()
+    child.stdout.close()
+    child.wait(timeout=30)
+    ids.extend(printed_ids(rest))
     assert child.returncode == -signal.SIGKILL
     simulator.clear_faults()
     simulator.set_latency(0)
