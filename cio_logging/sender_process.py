@@ -132,7 +132,7 @@ class SenderSupervisor:
         # this process's (DeliveryLock forgets the lock's descriptor by itself).
         self._guard = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = background.OwnThread(self._run, "cio_logging-sender-supervisor")
         self._child: subprocess.Popen[bytes] | None = None
         self._tried_at = float("-inf")
 
@@ -148,14 +148,14 @@ class SenderSupervisor:
     def ensure(self, *, now: bool = False) -> None:
         """Become the supervisor if nobody is (at most every few seconds unless ``now``);
         never blocks and never raises."""
-        if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
+        if self._stop.is_set() or self._thread.is_alive():
             return
         moment = time.monotonic()
         if not now and moment - self._tried_at < _TAKEOVER_SECONDS:
             return
         self._tried_at = moment
         with self._guard:
-            if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
+            if self._stop.is_set() or self._thread.is_alive():
                 return
             try:
                 if not self._lock.try_acquire():
@@ -167,16 +167,7 @@ class SenderSupervisor:
                     exc,
                 )
                 return
-            if background.interpreter_exiting():
-                return
-            supervisor = threading.Thread(
-                target=self._run, name="cio_logging-sender-supervisor", daemon=True
-            )
-            try:
-                supervisor.start()
-            except RuntimeError:  # "can't create new thread at interpreter shutdown"
-                return
-            self._thread = supervisor
+            self._thread.ensure_started()  # none at interpreter exit
 
     def _run(self) -> None:
         delay = _FIRST_RESTART_SECONDS
@@ -239,9 +230,7 @@ class SenderSupervisor:
                 internal_log.warning("the sender process did not stop within %gs; killed", timeout)
                 child.kill()
                 child.wait()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
+        self._thread.join(1.0)
         self._lock.release()
         return stopped
 

@@ -1602,7 +1602,7 @@ class PostgresLease:
         self._guard = threading.Lock()
         self._term: int | None = None
         self._trusted_until = 0.0
-        self._heartbeat: threading.Thread | None = None
+        self._heartbeat = background.OwnThread(self._beat, "cio_logging-lease")
         self._stop = threading.Event()
         self.taken_over = 0  # times this process took the lease
         if self._log is not None:
@@ -1667,17 +1667,9 @@ class PostgresLease:
         """Renew the lease from a thread of its own. None is started once the
         interpreter exits (3.12 refuses new threads there): the last delivery then
         runs within the lease just taken, and :attr:`held` ends with it."""
-        if self._heartbeat is not None and self._heartbeat.is_alive():
-            return
-        if background.interpreter_exiting():
-            return
-        self._stop.clear()
-        heartbeat = threading.Thread(target=self._beat, name="cio_logging-lease", daemon=True)
-        try:
-            heartbeat.start()
-        except RuntimeError:  # "can't create new thread at interpreter shutdown"
-            return
-        self._heartbeat = heartbeat
+        if not self._heartbeat.is_alive():
+            self._stop.clear()
+            self._heartbeat.ensure_started()
 
     def _beat(self) -> None:
         background.mark_current_thread()
