@@ -78,6 +78,11 @@ class Effects:
         self._dead_people: dict[str, list[str]] | None = None
         # Entries that hold their first later calls already: noted again for a delete only.
         self._later_full: set[str] = set()
+        # Calls settled (accepted, or dead-lettered) whose rows the queue could not take
+        # out, with how many of them were delivered: a full disk fails the delete too.
+        # Nothing more is sent until they are out, so a full disk never sends one twice.
+        self._unremoved: list[tuple[list[str | int], int]] = []
+        self._unremoved_reported_at = float("-inf")
 
     # -- before sending: what may not go ----------------------------------------------
 
@@ -127,9 +132,11 @@ class Effects:
         # there, a SIGSTOP past its lease, leaves the least for the next one to redo).
         later = self._later_calls(planned, result.delivered, result.refused, now)
         refused = self._refused(result, now)
-        gone = [batch.positions[index] for index in result.delivered]
+        gone: list[str | int] = [batch.positions[index] for index in result.delivered]
         gone += [batch.positions[index] for index, _ in result.refused]
-        self._queue.acknowledge(gone, delivered=len(result.delivered))
+        if gone:
+            self._unremoved.append((gone, len(result.delivered)))
+            self.remove_settled()
         for key, calls in later.items():
             with contextlib.suppress(LeaseLostError):  # advisory; the loop sees the loss
                 if self._dead_letters.note_later_calls(key, calls) >= LATER_KEPT:
@@ -325,6 +332,44 @@ class Effects:
             event.name if event else "unreadable",
             reason.message,
         )
+
+    @property
+    def unremoved(self) -> int:
+        """Settled calls still in the queue because their rows could not be taken out."""
+        return sum(len(positions) for positions, _ in self._unremoved)
+
+    def remove_settled(self) -> bool:
+        """Take out the rows of settled calls; whether none is left in the queue.
+
+        A failure (a full disk, a locked file, the database away) keeps them here, said
+        at most once a minute, to be tried again before anything more is sent: sent
+        again, they would reach Customer.io twice. A lost lease is raised (the next
+        sender owns the rows now)."""
+        while self._unremoved:
+            positions, delivered = self._unremoved[0]
+            try:
+                self._queue.acknowledge(positions, delivered=delivered)
+            except LeaseLostError:
+                self._unremoved.clear()
+                raise
+            except Exception as exc:
+                now = time.monotonic()
+                if now - self._unremoved_reported_at >= ERROR_REPEAT_SECONDS:
+                    self._unremoved_reported_at = now
+                    internal_log.error(
+                        "the queue cannot take out %d call(s) already sent or dead-lettered "
+                        "(%s: %s); nothing more is sent until it can, so that none is sent twice",
+                        self.unremoved,
+                        type(exc).__name__,
+                        exc,
+                    )
+                return False
+            self._unremoved.pop(0)
+        return True
+
+    def forget_unremoved(self) -> None:
+        """A new lease: the rows are the last sender's business, sent again at worst."""
+        self._unremoved.clear()
 
     def forget_dead_people(self) -> None:
         """Read the dead letters' people again at the next batch (a new sender)."""

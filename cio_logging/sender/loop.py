@@ -285,6 +285,8 @@ class Sender:
                 settings, rate_cap=self._rate_cap, telemetry=self._telemetry
             )
             planner = self._planner(client)
+            if not self._effects.remove_settled():
+                return False
             while self.holds.seconds_left() <= 0 and time.monotonic() < deadline:
                 if not self._pump(planner, client, inline=True, deadline=deadline):
                     break
@@ -418,11 +420,16 @@ class Sender:
             return client
         if not was_held:
             self._effects.forget_dead_people()
+            self._effects.forget_unremoved()
             if self._fleet:
                 self._adopt_fleet_state()
         self._record_state()
         self._log_status()
         self._upkeep.tidy(step)
+        if not self._effects.remove_settled():
+            self._complete(generation)  # flush(): nothing can go now
+            self._wait(max(self._settings.flush_interval, 1.0))
+            return client
         on_hold = self.holds.seconds_left()
         if on_hold > 0:
             self._complete(generation)  # flush(): nothing can go now
@@ -513,7 +520,7 @@ class Sender:
             return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
-        return self._lock.held and self.holds.seconds_left() <= 0
+        return self._lock.held and self.holds.seconds_left() <= 0 and not self._effects.unremoved
 
     def _submit(
         self, planned: Planned, client: DeliveryClient, probe: bool, inline: bool

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import threading
@@ -23,6 +24,7 @@ import pytest
 
 from cio_logging import CustomerIOHandler, cio_event
 from cio_logging.simulator import TrackAPISimulator
+from cio_logging.store.local import WriteAheadLog
 
 from ..helpers import HandlerFactory, handler_settings, wait_for
 
@@ -96,7 +98,10 @@ def test_a_full_disk_holds_events_in_memory_and_recovers(
     simulator: TrackAPISimulator,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with small_tmpfs(tmp_path / "mnt") as mount:
+    # 8 MB: once the filler goes, the backlog (about 700 kB) is written to the -wal
+    # file and deleted from it as it is delivered; SQLite folds that file into the
+    # database only every 4 MB. On 2 MB the deletes filled the disk again.
+    with small_tmpfs(tmp_path / "mnt", size="8M") as mount:
         simulator.fail(503)  # nothing leaves the queue: it must grow on disk
         handler = CustomerIOHandler(
             **handler_settings(
@@ -127,7 +132,53 @@ def test_a_full_disk_holds_events_in_memory_and_recovers(
             sorted(set(range(2100)) - delivered_numbers(simulator))[:20],
             handler.status(),
         )
+        assert simulator.duplicates == 0  # none sent twice
         handler.close()
+
+
+def test_a_sent_call_whose_row_cannot_be_taken_out_is_never_sent_again(
+    make_handler: HandlerFactory,
+    simulator: TrackAPISimulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Customer.io accepted the calls, then the disk filled before their rows could be
+    deleted: the sender must not send them again on every turn (it did, once a second,
+    for as long as the disk stayed full) nor anything else until the rows are out."""
+    disk_full = threading.Event()
+    disk_full.set()
+    tries: list[int] = []
+    deleting = WriteAheadLog.acknowledge
+
+    def acknowledge(self: WriteAheadLog, positions: list[int], *, delivered: int = 0) -> None:
+        if disk_full.is_set() and positions:
+            tries.append(len(positions))
+            raise sqlite3.OperationalError("database or disk is full")
+        deleting(self, positions, delivered=delivered)
+
+    monkeypatch.setattr(WriteAheadLog, "acknowledge", acknowledge)
+    handler = make_handler()
+    logger = attach(handler, "unremovable")
+    with caplog.at_level(logging.ERROR, logger="cio_logging"):
+        log_numbered(logger, range(5))
+        assert wait_for(lambda: len(tries) >= 3, 30)  # three turns of the sender at least
+        log_numbered(logger, range(5, 8))
+        assert wait_for(lambda: len(tries) >= 5, 30)
+    # The first request may hold all five or fewer (the sender may read while they are
+    # logged); either way nothing goes after it, and nothing twice.
+    sent = delivered_numbers(simulator)
+    assert simulator.duplicates == 0, "a call was sent again while its row stayed queued"
+    assert len(simulator.accepted) == len(sent)
+    assert sent, "nothing was sent"
+    assert sent <= set(range(5)), sent
+    message = f"cannot take out {len(sent)} call(s)"
+    assert any(message in r.getMessage() for r in caplog.records)
+    disk_full.clear()
+    assert wait_for(lambda: handler.status()["queued"] == 0, 30), handler.status()
+    assert sorted(delivered_numbers(simulator)) == list(range(8))
+    assert len(simulator.accepted) == 8
+    assert simulator.duplicates == 0
+    assert handler.status()["delivered"] == 8
 
 
 def test_the_memory_buffer_is_bounded_and_sheds_by_importance(

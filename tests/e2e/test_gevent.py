@@ -113,9 +113,14 @@ def test_gunicorn_gevent_workers_deliver_every_answered_event_once(
         wal.close()
     reports = [json.loads(path.read_text()) for path in ticks.glob("*.json")]
     assert reports, "no worker reported its ticks"
+    serving = {pid for _, pid in answers}
     for report in reports:
         assert report["patched"].startswith("gevent"), report  # the worker was patched
-        assert report["ticks"] > 0, report
+        # A worker that answered requests gave its hub to the ticker too. One that
+        # gunicorn started late (it replaces a worker it found slow on a busy
+        # machine) may be stopped before its ticker ever ran: nothing to measure.
+        if report["pid"] in serving:
+            assert report["ticks"] > 0, report
         print(f"gevent worker hub gaps: {report}")
 
 
