@@ -130,9 +130,18 @@ class Effects:
         # Read before the rows go; written after: the dead letters and the one
         # acknowledgement follow each other with nothing in between (a sender stopped
         # there, a SIGSTOP past its lease, leaves the least for the next one to redo).
-        later = self._later_calls(planned, result.delivered, result.refused, now)
-        refused = self._refused(result, now)
         gone: list[str | int] = [batch.positions[index] for index in result.delivered]
+        try:
+            later = self._later_calls(planned, result.delivered, result.refused, now)
+            refused = self._refused(result, now)
+        except BaseException:
+            # The dead letters could not be written (their store is on the same full
+            # disk): the refused calls stay queued, to be refused again, but the
+            # accepted ones must go, or the next turn sends them again.
+            if gone:
+                self._unremoved.append((gone, len(result.delivered)))
+                self.remove_settled()
+            raise
         gone += [batch.positions[index] for index, _ in result.refused]
         if gone:
             self._unremoved.append((gone, len(result.delivered)))

@@ -263,6 +263,37 @@ class TestExchangeAndEffects:
         assert stages.turn() is None
         assert len(client.sent) == 1
 
+    def test_a_failing_dead_letter_write_still_takes_the_delivered_calls_out(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """One call refused, the rest accepted, and the dead-letter store (on the same
+        full disk) fails: the accepted calls must still leave the queue, or the next turn
+        sends them again. The refused one stays queued (it is sent and refused again)."""
+
+        def answer(items: Sequence[str]) -> Answer:
+            if any('"name":"bad"' in item for item in items):
+                return Answer(400, "http_400", "HTTP 400: Bad Request")
+            return Answer(200)
+
+        client = ScriptedClient(answer)
+        stages = Stages(tmp_path, client)
+        calls = [call(f"p{n}", n, name="bad" if n == 3 else "ok") for n in range(8)]
+        stages.log(*calls)
+
+        def disk_full(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(InMemoryStore, "add", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            stages.turn()
+        assert len(stages.store) == 1
+        assert calls[3].id in stages.store
+        monkeypatch.undo()
+        before = len(client.sent)
+        stages.turn()
+        again = [json.loads(item)["name"] for request in client.sent[before:] for item in request]
+        assert again == ["bad"], "an accepted call was sent again"
+
     def test_a_long_retry_after_is_a_hold_and_counts_no_attempt(self, tmp_path: Path) -> None:
         client = ScriptedClient(lambda items: Answer(429, "http_429", "HTTP 429", retry_after=3600))
         stages = Stages(tmp_path, client, max_retry_after=3600)
