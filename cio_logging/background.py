@@ -172,12 +172,14 @@ class OwnThread:
         ``stopped``, at interpreter exit, or when Python refuses a new thread."""
         if self.is_alive():
             return True
-        if stopped or interpreter_exiting():
-            return False
         with self._guard:
+            # Under the guard: another thread may be starting it right now, and the
+            # caller that gave up on it would do the thread's work beside it.
             thread = self._thread
             if thread is not None and thread.is_alive():
                 return True
+            if stopped or interpreter_exiting():
+                return False
             thread = threading.Thread(target=self._target, name=self._name, daemon=True)
             try:
                 thread.start()

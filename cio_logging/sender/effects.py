@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -82,6 +83,7 @@ class Effects:
         # out, with how many of them were delivered: a full disk fails the delete too.
         # Nothing more is sent until they are out, so a full disk never sends one twice.
         self._unremoved: list[tuple[list[str | int], int]] = []
+        self._unremoved_guard = threading.Lock()  # the thread, and flush at exit
         self._unremoved_reported_at = float("-inf")
 
     # -- before sending: what may not go ----------------------------------------------
@@ -138,14 +140,10 @@ class Effects:
             # The dead letters could not be written (their store is on the same full
             # disk): the refused calls stay queued, to be refused again, but the
             # accepted ones must go, or the next turn sends them again.
-            if gone:
-                self._unremoved.append((gone, len(result.delivered)))
-                self.remove_settled()
+            self._settle(gone, len(result.delivered))
             raise
         gone += [batch.positions[index] for index, _ in result.refused]
-        if gone:
-            self._unremoved.append((gone, len(result.delivered)))
-            self.remove_settled()
+        self._settle(gone, len(result.delivered))
         for key, calls in later.items():
             with contextlib.suppress(LeaseLostError):  # advisory; the loop sees the loss
                 if self._dead_letters.note_later_calls(key, calls) >= LATER_KEPT:
@@ -345,7 +343,14 @@ class Effects:
     @property
     def unremoved(self) -> int:
         """Settled calls still in the queue because their rows could not be taken out."""
-        return sum(len(positions) for positions, _ in self._unremoved)
+        with self._unremoved_guard:
+            return sum(len(positions) for positions, _ in self._unremoved)
+
+    def _settle(self, positions: list[str | int], delivered: int) -> None:
+        if positions:
+            with self._unremoved_guard:
+                self._unremoved.append((positions, delivered))
+            self.remove_settled()
 
     def remove_settled(self) -> bool:
         """Take out the rows of settled calls; whether none is left in the queue.
@@ -353,32 +358,37 @@ class Effects:
         A failure (a full disk, a locked file, the database away) keeps them here, said
         at most once a minute, to be tried again before anything more is sent: sent
         again, they would reach Customer.io twice. A lost lease is raised (the next
-        sender owns the rows now)."""
-        while self._unremoved:
-            positions, delivered = self._unremoved[0]
-            try:
-                self._queue.acknowledge(positions, delivered=delivered)
-            except LeaseLostError:
-                self._unremoved.clear()
-                raise
-            except Exception as exc:
-                now = time.monotonic()
-                if now - self._unremoved_reported_at >= ERROR_REPEAT_SECONDS:
-                    self._unremoved_reported_at = now
-                    internal_log.error(
-                        "the queue cannot take out %d call(s) already sent or dead-lettered "
-                        "(%s: %s); nothing more is sent until it can, so that none is sent twice",
-                        self.unremoved,
-                        type(exc).__name__,
-                        exc,
-                    )
-                return False
-            self._unremoved.pop(0)
-        return True
+        sender owns the rows)."""
+        with self._unremoved_guard:
+            while self._unremoved:
+                positions, delivered = self._unremoved[0]
+                try:
+                    self._queue.acknowledge(positions, delivered=delivered)
+                except LeaseLostError:
+                    self._unremoved.clear()
+                    raise
+                except Exception as exc:
+                    self._report_unremoved(exc)
+                    return False
+                del self._unremoved[0]
+            return True
+
+    def _report_unremoved(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._unremoved_reported_at >= ERROR_REPEAT_SECONDS:
+            self._unremoved_reported_at = now
+            internal_log.error(
+                "the queue cannot take out %d call(s) already sent or dead-lettered "
+                "(%s: %s); nothing more is sent until it can, so that none is sent twice",
+                sum(len(positions) for positions, _ in self._unremoved),
+                type(error).__name__,
+                error,
+            )
 
     def forget_unremoved(self) -> None:
         """A new lease: the rows are the last sender's business, sent again at worst."""
-        self._unremoved.clear()
+        with self._unremoved_guard:
+            self._unremoved.clear()
 
     def forget_dead_people(self) -> None:
         """Read the dead letters' people again at the next batch (a new sender)."""

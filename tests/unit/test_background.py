@@ -1,0 +1,57 @@
+"""The sender's own thread: started once, and never doubled by a caller at exit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cio_logging import background
+
+
+def test_a_thread_being_started_elsewhere_is_not_given_up_on_at_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The committer's thread starts the sender's thread just as the interpreter begins
+    to exit; logging.shutdown's flush asks meanwhile. It must be told the thread runs
+    (and wait for it), not that none does: it then delivered on its own thread beside
+    the sender's, and both took the same batch's rows out (an IndexError in CI)."""
+    release = threading.Event()
+
+    def work() -> None:
+        release.wait(30)
+
+    own = background.OwnThread(work, "cio-test-own-thread")
+    starting, go_on = threading.Event(), threading.Event()
+    real_start = threading.Thread.start
+
+    def slow_start(thread: threading.Thread) -> None:
+        real_start(thread)
+        if thread.name == "cio-test-own-thread":
+            starting.set()
+            go_on.wait(30)  # started, but not yet recorded as ours
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    starter = threading.Thread(target=own.ensure_started)
+    starter.start()
+    assert starting.wait(30)
+    monkeypatch.setattr(background, "interpreter_exiting", lambda: True)
+    answers: list[bool] = []
+    asker = threading.Thread(target=lambda: answers.append(own.ensure_started()))
+    asker.start()
+    asker.join(0.5)  # the old code answered at once; the new one waits for the starter
+    go_on.set()
+    asker.join(30)
+    starter.join(30)
+    try:
+        assert answers == [True]
+    finally:
+        release.set()
+        assert own.join(30)
+
+
+def test_no_thread_starts_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "interpreter_exiting", lambda: True)
+    own = background.OwnThread(lambda: None, "cio-test-exit")
+    assert own.ensure_started() is False
+    assert own.thread is None
