@@ -72,6 +72,13 @@ def accept_all(items: Sequence[str]) -> Answer:
     return Answer(200)
 
 
+def refuse_bad(items: Sequence[str]) -> Answer:
+    """A 400 for any request holding a call named "bad" (bisection finds it)."""
+    if any('"name":"bad"' in item for item in items):
+        return Answer(400, "http_400", "HTTP 400: Bad Request")
+    return Answer(200)
+
+
 def settings(tmp_path: Path, **options: object) -> Settings:
     return resolve_settings(
         "site",
@@ -202,12 +209,7 @@ class TestExchangeAndEffects:
     """What the answers do to the store, the holds and the breaker."""
 
     def test_one_bad_call_in_a_thousand_is_dead_lettered_alone(self, tmp_path: Path) -> None:
-        def answer(items: Sequence[str]) -> Answer:
-            if any('"name":"bad"' in item for item in items):
-                return Answer(400, "http_400", "HTTP 400: Bad Request")
-            return Answer(200)
-
-        client = ScriptedClient(answer)
+        client = ScriptedClient(refuse_bad)
         stages = Stages(tmp_path, client)
         calls = [call(f"p{n}", n, name="bad" if n == 617 else "ok") for n in range(1000)]
         stages.log(*calls)
@@ -270,12 +272,7 @@ class TestExchangeAndEffects:
         full disk) fails: the accepted calls must still leave the queue, or the next turn
         sends them again. The refused one stays queued (it is sent and refused again)."""
 
-        def answer(items: Sequence[str]) -> Answer:
-            if any('"name":"bad"' in item for item in items):
-                return Answer(400, "http_400", "HTTP 400: Bad Request")
-            return Answer(200)
-
-        client = ScriptedClient(answer)
+        client = ScriptedClient(refuse_bad)
         stages = Stages(tmp_path, client)
         calls = [call(f"p{n}", n, name="bad" if n == 3 else "ok") for n in range(8)]
         stages.log(*calls)
