@@ -341,10 +341,10 @@ class Effects:
         )
 
     @property
-    def unremoved(self) -> int:
-        """Settled calls still in the queue because their rows could not be taken out."""
-        with self._unremoved_guard:
-            return sum(len(positions) for positions, _ in self._unremoved)
+    def rows_left_behind(self) -> bool:
+        """Whether settled calls are still in the queue (their rows could not be taken
+        out): asked before every batch, so a flag, not a count."""
+        return bool(self._unremoved)  # one read of the list: no lock needed
 
     def _settle(self, positions: list[str | int], delivered: int) -> None:
         if positions:

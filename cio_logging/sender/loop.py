@@ -520,7 +520,11 @@ class Sender:
             return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
-        return self._lock.held and self.holds.seconds_left() <= 0 and not self._effects.unremoved
+        return (
+            self._lock.held
+            and self.holds.seconds_left() <= 0
+            and not self._effects.rows_left_behind
+        )
 
     def _submit(
         self, planned: Planned, client: DeliveryClient, probe: bool, inline: bool
