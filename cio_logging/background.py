@@ -23,6 +23,16 @@ silencing these loggers on our threads would have hidden that. Those handlers' o
 locks are no risk: a reconfiguration holds only the lock of the handler it is flushing,
 and ours takes none in ``handle``. And nothing these threads run calls ``getLogger``.
 
+One path to the lock is not in any code: the garbage collector. A ``logging.Handler``
+that has become garbage in a reference cycle is freed by whichever thread the next
+collection runs on, and freeing it runs logging's clean-up, which takes the module
+lock. On one of our threads, in the middle of a reconfiguration, that stalls the
+thread until the reconfiguration is over, and the reconfiguration waits for the
+thread. An application that reconfigures twice leaves such garbage: the first
+``dictConfig`` drops the handlers it replaced. So before flush or close waits for our
+threads under the module lock, :func:`collect_garbage_here` collects on the calling
+thread, which holds the lock already and frees the garbage at once.
+
 Interpreter exit is the other place where a thread of ours is not to be counted on.
 Once the main thread has finished, ``threading``'s shutdown has run: ``concurrent.futures``
 executors refuse work, and on Python 3.12 so does ``Thread.start`` ("can't create new
@@ -34,6 +44,7 @@ the work on the calling thread instead, on every Python alike.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -53,6 +64,23 @@ GUARDED_PREFIXES = (
     "chardet",
     "opentelemetry",
 )
+
+
+def holding_logging_lock() -> bool:
+    """Whether the calling thread holds ``logging``'s module lock, as ``dictConfig``
+    and ``fileConfig`` do while they flush and close the handlers they replace."""
+    is_owned = getattr(getattr(logging, "_lock", None), "_is_owned", None)
+    return bool(is_owned()) if callable(is_owned) else False
+
+
+def collect_garbage_here() -> None:
+    """Inside a reconfiguration, collect garbage on the calling thread (see above).
+
+    Only while the caller holds logging's lock, and only if the application has
+    automatic collection on: with it off, no collection runs on our threads either.
+    """
+    if gc.isenabled() and holding_logging_lock():
+        gc.collect()
 
 
 def mark_current_thread() -> None:

@@ -477,6 +477,7 @@ class CustomerIOHandler(logging.Handler):
         """
         if self._closed:
             return False
+        background.collect_garbage_here()  # a reconfiguration's flush: see background
         deadline = time.monotonic() + timeout
         if not self._committer.commit(max(timeout, self.settings.close_timeout)):
             internal_log.warning(
@@ -548,6 +549,7 @@ class CustomerIOHandler(logging.Handler):
             first, self._closed = not self._closed, True
         if first:
             self._telemetry.close()
+        background.collect_garbage_here()  # a reconfiguration's close: see background
         unwritten = self._committer.close(self.settings.close_timeout)
         if unwritten:
             with self._counts_guard:

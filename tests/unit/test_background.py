@@ -1,7 +1,8 @@
-"""The sender's own thread: started once, and never doubled by a caller at exit."""
+"""Our background threads: started once, not doubled at exit, not stalled by dictConfig."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -55,3 +56,16 @@ def test_no_thread_starts_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
     own = background.OwnThread(lambda: None, "cio-test-exit")
     assert own.ensure_started() is False
     assert own.thread is None
+
+
+def test_holding_logging_lock_is_true_only_for_the_thread_that_holds_it() -> None:
+    """What tells flush and close they run inside dictConfig or fileConfig."""
+    assert not background.holding_logging_lock()
+    elsewhere: list[bool] = []
+    with logging._lock:  # type: ignore[attr-defined]
+        assert background.holding_logging_lock()
+        other = threading.Thread(target=lambda: elsewhere.append(background.holding_logging_lock()))
+        other.start()
+        other.join(30)
+    assert elsewhere == [False]
+    assert not background.holding_logging_lock()
