@@ -63,6 +63,7 @@ GUARDED_PREFIXES = (
     "charset_normalizer",
     "chardet",
     "opentelemetry",
+    "psycopg",  # fleet mode: the driver logs on every connect
 )
 
 

@@ -173,9 +173,11 @@ class TestLevelChecksOnOurThreads:
         thread.start()
         return thread
 
-    def test_logging_on_our_thread_does_not_wait_for_the_lock(self) -> None:
-        """Our logger and urllib3's, caches just cleared, while another thread holds the lock."""
-        ours, theirs = logging.getLogger("cio_logging"), logging.getLogger("urllib3.connectionpool")
+    @pytest.mark.parametrize("library", ["urllib3.connectionpool", "psycopg", "psycopg.pq"])
+    def test_logging_on_our_thread_does_not_wait_for_the_lock(self, library: str) -> None:
+        """Our logger and a library's (the HTTP client's, the PostgreSQL driver's), caches
+        just cleared, while another thread holds the lock."""
+        ours, theirs = logging.getLogger("cio_logging"), logging.getLogger(library)
         background.guard_loggers()
 
         def log() -> None:
