@@ -224,9 +224,24 @@ def check_queue_dir(path: Path, *, writable: bool = False) -> Path:
     for file in needed:
         if file.name.endswith(".lock") and file.is_symlink():
             raise QueueDirectoryError(_symlink_message(file))
-        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+        if _present_and_not_writable(file):
             raise QueueDirectoryError(not_writable_message(file))
     return path
+
+
+def _present_and_not_writable(file: Path) -> bool:
+    """Whether ``file`` exists and this user cannot read and write it.
+
+    SQLite deletes a store's ``-wal`` and ``-shm`` files when its last connection
+    closes and makes them again on the next open, so with other commands running they
+    come and go between two looks. Asking for access first and for existence second
+    takes a file that vanished in between for a missing one, not an unwritable one; one
+    that appeared in between is asked about again.
+    """
+    return all(
+        not os.access(file, os.R_OK | os.W_OK) and file.exists()
+        for _ in range(5)  # refused and still there, five times running
+    )
 
 
 def _symlink_message(path: Path) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from cio_logging import cio_event
+from cio_logging import cio_event, operations
 from cio_logging.cli import main
 from cio_logging.events import Event
 from cio_logging.operations import ExitCode, parse_time
@@ -234,6 +234,66 @@ class TestHelpAndErrors:
         assert result.returncode == ExitCode.NO_QUEUE
         assert "is not a cio_logging queue directory" in result.stderr
         assert list(tmp_path.iterdir()) == [tmp_path / "simulator"]  # nothing created
+
+    def test_a_store_file_sqlite_deletes_during_the_check_is_not_an_error(
+        self, queue_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A -wal file removed by another command's last close is not "unwritable".
+
+        SQLite deletes a store's -wal and -shm files when its last connection closes.
+        Here that happens at the worst moment: as the check asks for access to it.
+        """
+        WriteAheadLog(queue_dir / "wal").close()
+        dead = DeadLetterStore(queue_dir / "dead")
+        wal_file = queue_dir / "dead" / "cache.db-wal"
+        assert wal_file.exists()
+        real_access = os.access
+
+        def access_after_the_last_close(path: Any, mode: int, **kwargs: Any) -> bool:
+            if Path(path) == wal_file:
+                dead.close()  # the last connection: SQLite removes the file
+                assert not wal_file.exists()
+            return real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access_after_the_last_close)
+        assert operations.check_queue_dir(queue_dir) == queue_dir
+
+    def test_read_only_commands_beside_opening_and_closing_stores(self, queue_dir: Path) -> None:
+        """The check never fails while other processes open and close the stores.
+
+        Seen in CI: one of 15 read-only commands run side by side exited 3, calling a
+        -wal file that had just been deleted "not writable".
+        """
+        WriteAheadLog(queue_dir / "wal").close()
+        DeadLetterStore(queue_dir / "dead").close()
+        churn = (
+            "import sys, diskcache\n"
+            "for done in range(10_000_000):\n"
+            "    cache = diskcache.Cache(sys.argv[1]); cache.get('x'); cache.close()\n"
+            "    if done == 0: print('churning', flush=True)\n"
+        )
+        churners = [
+            subprocess.Popen(
+                [PYTHON, "-c", churn, str(queue_dir / name)], stdout=subprocess.PIPE, text=True
+            )
+            for name in ("wal", "dead")
+        ]
+        try:
+            for churner in churners:
+                assert churner.stdout is not None
+                assert churner.stdout.readline() == "churning\n"
+            refused = []
+            for _ in range(5_000):
+                try:
+                    operations.check_queue_dir(queue_dir)
+                except operations.QueueDirectoryError as exc:
+                    refused.append(str(exc))
+            assert all(churner.poll() is None for churner in churners)  # churned throughout
+        finally:
+            for churner in churners:
+                churner.kill()
+                churner.communicate()
+        assert refused == []
 
     def test_missing_credentials_are_a_usage_error(
         self, simulator: TrackAPISimulator, queue_dir: Path
