@@ -87,16 +87,35 @@ SCHEMA_VERSION = 4
 
 
 class _ScrubDriverLogs(logging.Filter):
-    """The driver's own log lines with passwords scrubbed."""
+    """The driver's own log lines with passwords scrubbed: message, traceback, stack."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if queue_url.known():
             record.msg = scrub(record.getMessage())
             record.args = None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                # Formatters print exc_text when it is set; dropping exc_info keeps a
+                # formatter that renders the exception itself from quoting it unscrubbed.
+                record.exc_text = scrub(record.exc_text)
+                record.exc_info = None
+            if record.stack_info:
+                record.stack_info = scrub(record.stack_info)
         return True
 
 
-for _name in ("psycopg",):
+#: Every logger psycopg logs on. A logger's filter does not see what its children log,
+#: so each one gets its own.
+DRIVER_LOGGERS = (
+    "psycopg",
+    "psycopg.debug",
+    "psycopg.pq",
+    "psycopg.transaction",
+    "psycopg.waiting",
+)
+
+for _name in DRIVER_LOGGERS:
     logging.getLogger(_name).addFilter(_ScrubDriverLogs())
 
 

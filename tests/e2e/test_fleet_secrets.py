@@ -18,7 +18,8 @@ import pytest
 from cio_logging import CustomerIOHandler, cio_event
 from cio_logging.errors import DatabaseError
 from cio_logging.simulator import TrackAPISimulator
-from cio_logging.store.postgres import Database
+from cio_logging.store.postgres import DRIVER_LOGGERS, Database
+from cio_logging.store.queue_url import remember
 
 from ..helpers import CLI, PROJECT_ROOT, PYTHON, child_environment, free_port, handler_settings
 from ..pg_cluster import Cluster
@@ -202,3 +203,28 @@ class TestInProcess:
             assert leaks(repr(caught.value.__cause__)) == []
             database.close()
         assert leaks(caplog.text) == [], [line for line in caplog.text.splitlines() if leaks(line)]
+
+
+class TestDriverLogLines:
+    """What psycopg logs, on any of its loggers, never shows a queue password."""
+
+    @pytest.mark.parametrize("logger_name", DRIVER_LOGGERS)
+    def test_message_arguments_traceback_and_stack_are_scrubbed(
+        self, logger_name: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        password = f"Zq{uuid.uuid4().hex}"
+        remember(f"postgresql://app:{password}@db.example/queue")
+        caplog.set_level(logging.DEBUG, logger=logger_name)
+        driver_log = logging.getLogger(logger_name)
+        try:
+            raise psycopg.OperationalError(f"connection failed: password={password}")
+        except psycopg.OperationalError:
+            driver_log.debug("connect to %s failed", f"app:{password}@db", exc_info=True)
+        driver_log.warning(f"conninfo password={password}", stack_info=True)
+        assert len(caplog.records) == 2
+        formatter = logging.Formatter("%(message)s")
+        output = "\n".join(formatter.format(record) for record in caplog.records)
+        assert "connect to app:***@db failed" in output
+        assert "OperationalError: connection failed: password=***" in output  # kept, scrubbed
+        assert password not in output
+        assert password not in caplog.text
