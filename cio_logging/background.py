@@ -209,6 +209,10 @@ class OwnThread:
                 return True
             if stopped or interpreter_exiting():
                 return False
+            # start() waits for the new thread to say it runs. Under dictConfig, a
+            # collection on that thread freeing a garbage handler would wait for the
+            # lock the caller holds: both would wait for good.
+            collect_garbage_here()
             thread = threading.Thread(target=self._target, name=self._name, daemon=True)
             try:
                 thread.start()

@@ -421,6 +421,7 @@ class GroupCommitter:
                 return True
             if self._stopping or background.interpreter_exiting():
                 return False
+            background.collect_garbage_here()  # see background.OwnThread.ensure_started
             writer = threading.Thread(target=self._run, name="cio_logging-commit", daemon=True)
             try:
                 writer.start()

@@ -863,6 +863,7 @@ class PostgresLog:
             if self._closing or not threading.main_thread().is_alive():
                 return
             self._mover_stop.clear()
+            background.collect_garbage_here()  # see background.OwnThread.ensure_started
             thread = threading.Thread(
                 target=self._move_in_background, name="cio_logging-spill", daemon=True
             )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import weakref
 
 import pytest
 
@@ -69,3 +71,40 @@ def test_holding_logging_lock_is_true_only_for_the_thread_that_holds_it() -> Non
         other.join(30)
     assert elsewhere == [False]
     assert not background.holding_logging_lock()
+
+
+class _HandlerInACycle(logging.Handler):
+    """A handler only the garbage collector can free (it refers to itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.itself = self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def test_a_thread_started_under_logging_lock_leaves_no_garbage_handler_to_free() -> None:
+    """A handler created inside dictConfig may start a thread. Thread.start() waits for
+    the thread to say it runs; had a collection there freed a garbage handler, freeing
+    it would wait for the lock dictConfig holds, and both would wait for good. So the
+    starter collects first, on its own thread."""
+    saved = gc.get_threshold()
+    gc.set_threshold(1_000_000_000)  # no collection but the ones asked for
+    release = threading.Event()
+
+    def work() -> None:
+        release.wait(30)
+
+    own = background.OwnThread(work, "cio-test-under-the-lock")
+    try:
+        garbage = weakref.ref(_HandlerInACycle())
+        assert garbage() is not None
+        with logging._lock:  # type: ignore[attr-defined]
+            assert own.ensure_started()
+            freed_before_the_start = garbage() is None
+    finally:
+        gc.set_threshold(*saved)
+        release.set()
+        own.join(30)
+    assert freed_before_the_start
