@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,12 @@ STATE_FILE = "state.json"
 def write_state(queue_dir: Path, state: dict[str, Any]) -> None:
     """Replace the record atomically; failures are ignored (it is advisory)."""
     target = queue_dir / STATE_FILE
-    temporary = queue_dir / f".{STATE_FILE}.{os.getpid()}"
+    # One temporary file per thread: the sender's loop and its send pool both write
+    # the record, and a name shared by the process let one thread unlink the other's
+    # file and rename a half-written one into place.
+    temporary = queue_dir / f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}"
     try:
-        with contextlib.suppress(FileNotFoundError):  # left by a process with our pid
+        with contextlib.suppress(FileNotFoundError):  # left by a thread with our ids
             temporary.unlink()
         # A new file, never through a link: root writes it in its user's directory.
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from ..errors import ConfigurationError
@@ -85,8 +86,9 @@ def _read(path: Path) -> str | None:
 def _write(path: Path, workspace: str) -> None:
     # Written aside, then linked to its name: link() fails if the name exists, so of
     # two first openers exactly one claims it, and a reader sees no record or a whole
-    # one.
-    temporary = path.with_name(f".{RECORD}.{os.getpid()}")
+    # one. The temporary name is the thread's own, so two threads claiming at once
+    # never write into one file.
+    temporary = path.with_name(f".{RECORD}.{os.getpid()}.{threading.get_ident()}")
     secure_file(temporary)
     try:
         temporary.write_text(json.dumps({"workspace": workspace}) + "\n", "utf-8")
