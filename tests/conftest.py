@@ -17,6 +17,7 @@ from typing import Any
 
 import pluggy
 import pytest
+from hypothesis import HealthCheck, settings
 
 from cio_logging import CustomerIOHandler
 from cio_logging.simulator import TrackAPISimulator
@@ -38,6 +39,11 @@ from .spec_check import (
     load_pipelines_spec,
     load_spec,
 )
+
+# Property tests judge values, never speed: no per-example deadline, and no health check
+# that fails a test because generating its examples was slow on a busy machine.
+settings.register_profile("no-timing", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("no-timing")
 
 
 @pytest.fixture(autouse=True)

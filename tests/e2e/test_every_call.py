@@ -584,8 +584,9 @@ class TestMergeOrder:
             logger.info("before", extra=cio_event("secondary-1", step=1))
             logger.info("merge", extra=cio_merge("primary-1", "secondary-1"))
             logger.info("after", extra=cio_event("secondary-1", step=2))
-            # flush() does not wait for a retry that is not due yet: wait for the queue.
-            assert wait_for(lambda: handler.status()["queued"] == 0, timeout=30)
+            # flush() does not wait for a retry that is not due yet: ask until it says
+            # every call has left the queue ("queued == 0" misses calls not committed).
+            assert wait_for(lambda: handler.flush(1.0), timeout=30)
             status = handler.status()
         finally:
             logger.removeHandler(handler)
