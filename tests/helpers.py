@@ -86,6 +86,18 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return condition()
 
 
+class HandlerInACycle(logging.Handler):
+    """A handler only the garbage collector can free (it refers to itself), as an
+    application's second ``dictConfig`` leaves the handlers of its first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.itself = self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def printed_ids(output: str) -> list[str]:
     """The event ids a child app printed, one a line, once each emit returned."""
     return [line for line in output.splitlines() if len(line) == 26]

@@ -21,6 +21,7 @@ from ..helpers import (
     PROJECT_ROOT,
     PYTHON,
     HandlerFactory,
+    HandlerInACycle,
     child_environment,
     printed_ids,
     wait_for,
@@ -105,17 +106,6 @@ class TestFlushAndCloseUnderTheModuleLock:
         assert len(handler._wal) == 20
 
 
-class _HandlerInACycle(logging.Handler):
-    """A handler only the garbage collector can free (it refers to itself)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.itself = self
-
-    def emit(self, record: logging.LogRecord) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def _collection_only_on_request() -> Iterator[None]:
     """Automatic collection stays on, but no allocation count will start one."""
@@ -141,7 +131,7 @@ class TestGarbageHandlersInAReconfiguration:
     ) -> None:
         handler = make_handler(flush_timeout=5.0, close_timeout=3.0)
         with _collection_only_on_request():
-            garbage = weakref.ref(_HandlerInACycle())
+            garbage = weakref.ref(HandlerInACycle())
             assert garbage() is not None
             with _holding_the_module_lock():
                 getattr(handler, call)()
@@ -154,7 +144,7 @@ class TestGarbageHandlersInAReconfiguration:
         """A flush that does not hold logging's lock leaves collection to Python."""
         handler = make_handler(flush_timeout=5.0)
         with _collection_only_on_request():
-            garbage = weakref.ref(_HandlerInACycle())
+            garbage = weakref.ref(HandlerInACycle())
             handler.flush()
             assert garbage() is not None
         gc.collect()

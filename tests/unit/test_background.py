@@ -11,6 +11,8 @@ import pytest
 
 from cio_logging import background
 
+from ..helpers import HandlerInACycle
+
 
 def test_a_thread_being_started_elsewhere_is_not_given_up_on_at_exit(
     monkeypatch: pytest.MonkeyPatch,
@@ -73,17 +75,6 @@ def test_holding_logging_lock_is_true_only_for_the_thread_that_holds_it() -> Non
     assert not background.holding_logging_lock()
 
 
-class _HandlerInACycle(logging.Handler):
-    """A handler only the garbage collector can free (it refers to itself)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.itself = self
-
-    def emit(self, record: logging.LogRecord) -> None:
-        pass
-
-
 def test_a_thread_started_under_logging_lock_leaves_no_garbage_handler_to_free() -> None:
     """A handler created inside dictConfig may start a thread. Thread.start() waits for
     the thread to say it runs; had a collection there freed a garbage handler, freeing
@@ -98,7 +89,7 @@ def test_a_thread_started_under_logging_lock_leaves_no_garbage_handler_to_free()
 
     own = background.OwnThread(work, "cio-test-under-the-lock")
     try:
-        garbage = weakref.ref(_HandlerInACycle())
+        garbage = weakref.ref(HandlerInACycle())
         assert garbage() is not None
         with logging._lock:  # type: ignore[attr-defined]
             assert own.ensure_started()
