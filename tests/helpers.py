@@ -8,6 +8,8 @@ pg_cluster.py and the published specs' loading in spec_check.py.
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import http.client
 import inspect
 import logging
@@ -17,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,17 @@ class HandlerInACycle(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         pass
+
+
+@contextlib.contextmanager
+def collection_only_on_request() -> Iterator[None]:
+    """Automatic collection stays on, but no allocation count will start one."""
+    saved = gc.get_threshold()
+    gc.set_threshold(1_000_000_000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
 
 
 def printed_ids(output: str) -> list[str]:

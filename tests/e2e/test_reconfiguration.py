@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from ..helpers import (
     HandlerFactory,
     HandlerInACycle,
     child_environment,
+    collection_only_on_request,
     printed_ids,
     wait_for,
 )
@@ -106,17 +106,6 @@ class TestFlushAndCloseUnderTheModuleLock:
         assert len(handler._wal) == 20
 
 
-@contextlib.contextmanager
-def _collection_only_on_request() -> Iterator[None]:
-    """Automatic collection stays on, but no allocation count will start one."""
-    saved = gc.get_threshold()
-    gc.set_threshold(1_000_000_000)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*saved)
-
-
 class TestGarbageHandlersInAReconfiguration:
     """A handler left as garbage (by an earlier dictConfig) is freed by the caller.
 
@@ -130,7 +119,7 @@ class TestGarbageHandlersInAReconfiguration:
         self, call: str, simulator: TrackAPISimulator, make_handler: HandlerFactory
     ) -> None:
         handler = make_handler(flush_timeout=5.0, close_timeout=3.0)
-        with _collection_only_on_request():
+        with collection_only_on_request():
             garbage = weakref.ref(HandlerInACycle())
             assert garbage() is not None
             with _holding_the_module_lock():
@@ -143,7 +132,7 @@ class TestGarbageHandlersInAReconfiguration:
     ) -> None:
         """A flush that does not hold logging's lock leaves collection to Python."""
         handler = make_handler(flush_timeout=5.0)
-        with _collection_only_on_request():
+        with collection_only_on_request():
             garbage = weakref.ref(HandlerInACycle())
             handler.flush()
             assert garbage() is not None
@@ -177,7 +166,7 @@ class TestLevelChecksOnOurThreads:
         # A collection on the thread that frees a garbage handler takes the lock too;
         # that is the class above's case, kept out of this one.
         gc.collect()
-        with _collection_only_on_request(), _holding_the_module_lock():
+        with collection_only_on_request(), _holding_the_module_lock():
             logging.Logger.manager._clear_cache()  # type: ignore[attr-defined]
             thread = self._run_marked(log)
             thread.join(2.0)

@@ -73,18 +73,18 @@ def lock_holder(queue_dir: Path) -> int | None:
         return None
 
 
-def in_flight_at_the_kill(record: RequestRecord, victim: int, killed_at: float) -> bool:
+def in_flight_at_the_kill(record: RequestRecord, victim_pid: int, killed_at: float) -> bool:
     """Whether the killed process may have had ``record`` out when it died.
 
     Its own requests stamped up to two latencies before the kill, or after it: the
     simulator stamps a request once it has read it, on a thread of this busy process,
     so one sent just before the kill may be stamped a moment after.
     """
-    return f"(pid {victim})" in record.user_agent and record.time >= killed_at - 2 * LATENCY
+    return f"(pid {victim_pid})" in record.user_agent and record.time >= killed_at - 2 * LATENCY
 
 
 def overlapping(
-    requests: list[RequestRecord], victim: int, killed_at: float
+    requests: list[RequestRecord], victim_pid: int, killed_at: float
 ) -> list[tuple[float, float]]:
     """Requests of two different processes answered at the same time, other than one
     the killed process had in flight.
@@ -97,7 +97,7 @@ def overlapping(
     timed = sorted(
         (record.time, record.user_agent)
         for record in requests
-        if not in_flight_at_the_kill(record, victim, killed_at)
+        if not in_flight_at_the_kill(record, victim_pid, killed_at)
     )
     return [
         (earlier, later)

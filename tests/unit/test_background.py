@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import weakref
@@ -11,7 +10,7 @@ import pytest
 
 from cio_logging import background
 
-from ..helpers import HandlerInACycle
+from ..helpers import HandlerInACycle, collection_only_on_request
 
 
 def test_a_thread_being_started_elsewhere_is_not_given_up_on_at_exit(
@@ -80,8 +79,6 @@ def test_a_thread_started_under_logging_lock_leaves_no_garbage_handler_to_free()
     the thread to say it runs; had a collection there freed a garbage handler, freeing
     it would wait for the lock dictConfig holds, and both would wait for good. So the
     starter collects first, on its own thread."""
-    saved = gc.get_threshold()
-    gc.set_threshold(1_000_000_000)  # no collection but the ones asked for
     release = threading.Event()
 
     def work() -> None:
@@ -89,13 +86,13 @@ def test_a_thread_started_under_logging_lock_leaves_no_garbage_handler_to_free()
 
     own = background.OwnThread(work, "cio-test-under-the-lock")
     try:
-        garbage = weakref.ref(HandlerInACycle())
-        assert garbage() is not None
-        with logging._lock:  # type: ignore[attr-defined]
-            assert own.ensure_started()
-            freed_before_the_start = garbage() is None
+        with collection_only_on_request():  # no collection but the ones asked for
+            garbage = weakref.ref(HandlerInACycle())
+            assert garbage() is not None
+            with logging._lock:  # type: ignore[attr-defined]
+                assert own.ensure_started()
+                freed_before_the_start = garbage() is None
     finally:
-        gc.set_threshold(*saved)
         release.set()
         own.join(30)
     assert freed_before_the_start
